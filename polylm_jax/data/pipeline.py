@@ -1,0 +1,100 @@
+"""Packed, sharded batches from a seqio Task or Mixture, as numpy dicts the train step consumes.
+
+Each process reads only its shard (seqio ShardInfo) and returns its rows of the global batch; the
+trainer assembles global arrays with `jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+BOS_ID = 1
+
+# Rename seqio's decoder features to the train step's batch keys.
+FEATURE_KEYS = {
+    "decoder_input_tokens": "inputs",
+    "decoder_target_tokens": "targets",
+    "decoder_loss_weights": "weights",
+    "decoder_positions": "positions",
+    "decoder_segment_ids": "segment_ids",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  mixture: str = "polylm_sample"  # a registered seqio Mixture or Task
+  seq_len: int = 128  # packed row length; must not exceed the model's max_length
+  batch_size: int = 8  # global batch, in rows
+  seed: int = 0
+  split: str = "train"
+  shuffle: bool = True
+
+
+class _Once(logging.Filter):
+  """Lets each distinct warning through once: seqio repeats its uncached-FunctionDataSource advice
+  for every task of a mixture (18 times for the sample)."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.WARNING:
+      return True
+    msg = record.getMessage()
+    if msg in self.seen:
+      return False
+    self.seen.add(msg)
+    return True
+
+
+_ONCE = _Once()
+
+
+def _hide_tf_from_accelerators() -> None:
+  # tf.data only needs the CPU; on a GPU host TF would otherwise grab GPU memory JAX needs.
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # already initialised: visible devices can no longer change, nothing to do
+
+
+def packed_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
+                   num_epochs: int | None = None) -> tf.data.Dataset:
+  """This shard's packed rows, batched to batch_size // num_shards rows."""
+  _hide_tf_from_accelerators()
+  absl_logger = logging.getLogger("absl")
+  if _ONCE not in absl_logger.filters:
+    absl_logger.addFilter(_ONCE)
+  if config.batch_size % num_shards:
+    raise ValueError(f"DataConfig.batch_size={config.batch_size} is not divisible by the "
+                     f"{num_shards} data-loading processes")
+  for registry in (seqio.MixtureRegistry, seqio.TaskRegistry):
+    if config.mixture in registry.names():
+      break
+  else:
+    raise ValueError(f"DataConfig.mixture={config.mixture!r} is not a registered seqio Mixture or "
+                     f"Task (import the module that registers it, e.g. polylm_jax.data.tasks)")
+  ds = seqio.get_dataset(
+      config.mixture, task_feature_lengths={"targets": config.seq_len},
+      # Every document's first decoder input is BOS (id 1, as in PolyLM's vocabulary), not seqio's
+      # default 0, which is <unk> here.
+      feature_converter=seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID),
+      dataset_split=config.split, shuffle=config.shuffle, num_epochs=num_epochs,
+      shard_info=seqio.ShardInfo(shard_index, num_shards), seed=config.seed, verbose=False)
+  return ds.batch(config.batch_size // num_shards, drop_remainder=True)
+
+
+def batches(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
+            num_epochs: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  for raw in packed_dataset(config, shard_index=shard_index, num_shards=num_shards,
+                            num_epochs=num_epochs).as_numpy_iterator():
+    batch = {ours: raw[theirs] for theirs, ours in FEATURE_KEYS.items()}
+    batch["weights"] = batch["weights"].astype(np.float32)
+    yield batch

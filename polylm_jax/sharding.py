@@ -1,0 +1,184 @@
+"""The device mesh and the logical-to-mesh axis rules: the only module that knows mesh axis names.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, ...) in its `nnx.Param`
+metadata; activations are constrained with `activation_*` names. `DEFAULT_RULES` maps each logical
+name to mesh axes, as plain data (in the spirit of t5x's `partitioning.py`): to change how a model is
+laid out, change the rules (gin: `MeshConfig.rules`), not the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, Any]]  # (logical name, mesh axis | tuple of mesh axes | None)
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations: batch split over both data-parallel axes, features over `tensor`
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # parameters: ZeRO-3 style over `fsdp` along embed, Megatron-style over `tensor`
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("position", None),
+    ("qkv", None),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh sizes; -1 (at most one axis) means "all the devices the others leave"."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+  def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    for name, size in sizes.items():
+      if size == 0 or size < -1:
+        raise ValueError(f"MeshConfig.{name}={size}: sizes must be positive or -1")
+    free = [n for n, s in sizes.items() if s == -1]
+    if len(free) > 1:
+      raise ValueError(f"MeshConfig: only one axis may be -1, got {free}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+      if num_devices % fixed:
+        raise ValueError(
+            f"MeshConfig({_fmt(sizes)}): the fixed axes multiply to {fixed}, which does not divide "
+            f"the {num_devices} devices, so MeshConfig.{free[0]}=-1 cannot be resolved")
+      sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+      raise ValueError(
+          f"MeshConfig({_fmt(sizes)}): data*fsdp*tensor = {fixed} but there are {num_devices} "
+          f"devices; change MeshConfig.data/fsdp/tensor (or set one of them to -1)")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+  return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config.resolve(len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    # Topology-aware placement only exists for some platforms; a plain reshape is what it would
+    # give on CPU. Logged so a TPU user notices a surprising layout.
+    logging.info("mesh_utils.create_device_mesh(%s) failed (%s); using devices in order", shape, e)
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def check_model_fits_mesh(model_config, mesh: Mesh) -> None:
+  """Fail before compiling when the mesh cannot split the model's heads."""
+  tensor = mesh.shape["tensor"]
+  if model_config.num_heads % tensor:
+    raise ValueError(
+        f"MeshConfig.tensor={tensor} does not divide ModelConfig.num_heads="
+        f"{model_config.num_heads} ({model_config.name}): attention heads are split over `tensor`")
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules: Rules) -> P:
+  """Maps a tuple of logical axis names to a mesh PartitionSpec using `rules`."""
+  if logical is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in logical:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"logical axis {name!r} has no rule; add it to MeshConfig.rules "
+                     f"(known: {sorted(table)})")
+    target = table[name]
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for axis in axes:
+      if axis not in MESH_AXES:
+        raise ValueError(f"rule {name!r} -> {target!r}: {axis!r} is not a mesh axis {MESH_AXES}")
+      if axis in used:
+        raise ValueError(f"logical axes {tuple(logical)} map mesh axis {axis!r} twice")
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
+  """A dimension that a mesh axis cannot split evenly is an error naming the tensor."""
+  for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
+    if axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else axes
+    parts = math.prod(mesh.shape[a] for a in axes)
+    if size % parts:
+      raise ValueError(
+          f"{path}: dimension {dim} (size {size}) cannot be split {parts} ways over mesh axes "
+          f"{axes}; change the mesh or the rules for this logical axis")
+
+
+def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: Rules, *, prefix: str = ""):
+  """NamedShardings for a tree, from a same-structured tree of logical-name tuples (or None)."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(
+      logical_tree, is_leaf=lambda x: x is None or isinstance(x, (tuple, P)))
+  shapes = treedef.flatten_up_to(shapes_tree)
+  out = []
+  for (path, logical), shape in zip(paths, shapes):
+    spec = logical_to_mesh_spec(None if logical is None else tuple(logical), rules)
+    name = prefix + jax.tree_util.keystr(path)
+    check_divisible(name, shape.shape, spec, mesh)
+    out.append(NamedSharding(mesh, spec))
+  return treedef.unflatten(out)
+
+
+# --- activation constraints -------------------------------------------------------------------
+# The model calls `constrain(x, names)`; it is a no-op unless a trainer activated a mesh, so the
+# same model code runs unsharded in tests, notebooks and the export check.
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "polylm_active_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+  token = _ACTIVE.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active_mesh() -> tuple[Mesh, Rules] | None:
+  return _ACTIVE.get()
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh_spec(logical, rules)))

@@ -1,0 +1,1 @@
+"""Training: optimizer, the sharded train step, FLOP accounting, the loop and its metrics."""

@@ -1,0 +1,109 @@
+"""`python -m polylm_jax.train` / `polylm-train`: parse gin, check the setup, run the loop.
+
+Everything a run does is gin: `train.model`, `train.optimizer`, `train.mesh`, `train.data`,
+`train.trainer` (see gin_configs/). The operative config is written to <workdir>/config.gin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import uuid
+
+import gin
+
+from polylm_jax import config as model_configs
+from polylm_jax import sharding
+from polylm_jax.train import loop
+from polylm_jax.train.optimizer import OptimizerConfig
+
+GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
+
+_train_fn = None  # `run` as wrapped by gin
+
+
+def register_configurables() -> None:
+  """Makes the config dataclasses gin-configurable without gin in the library modules."""
+  global _train_fn
+  if _train_fn is not None:
+    return
+  from polylm_jax.data.pipeline import DataConfig
+  gin.external_configurable(model_configs.model_config, "model_config")
+  gin.external_configurable(OptimizerConfig, "OptimizerConfig")
+  gin.external_configurable(sharding.MeshConfig, "MeshConfig")
+  gin.external_configurable(DataConfig, "DataConfig")
+  gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
+  _train_fn = gin.external_configurable(run, "train")
+
+
+def check_workdir(workdir: str) -> pathlib.Path:
+  path = pathlib.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise SystemExit(f"--workdir={workdir} is not writable: {e}") from e
+  return path
+
+
+def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
+  for f in gin_files:
+    if not pathlib.Path(f).is_file() and not (GIN_DIR / f).is_file():
+      raise SystemExit(f"--gin_file={f}: no such file (looked in the current directory and "
+                       f"{GIN_DIR})")
+  gin.add_config_file_search_path(str(GIN_DIR))
+  for f in gin_files:
+    gin.add_config_file_search_path(str(pathlib.Path(f).resolve().parent))
+  try:
+    gin.parse_config_files_and_bindings(
+        [f if pathlib.Path(f).is_file() else str(GIN_DIR / f) for f in gin_files], bindings)
+  except (ValueError, KeyError, IOError, SyntaxError) as e:
+    raise SystemExit(f"gin configuration error: {e}") from e
+
+
+def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
+        data=gin.REQUIRED, trainer=gin.REQUIRED):
+  """The gin entry point: wires the seqio pipeline to the training loop."""
+  import jax
+  from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
+
+  if data.seq_len > model.max_length:
+    raise SystemExit(f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length="
+                     f"{model.max_length}")
+  vocab = tasks.vocabulary()
+  if vocab.vocab_size > model.vocab_size:
+    raise SystemExit(f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
+                     f"{model.vocab_size} ({model.name}); enlarge the model vocabulary")
+  batches = pipeline.batches(data, shard_index=jax.process_index(),
+                             num_shards=jax.process_count())
+  return loop.train(model, optimizer, mesh, trainer, batches, workdir)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(prog="polylm-train", description=__doc__)
+  parser.add_argument("--gin_file", action="append", default=[], required=True,
+                      help="gin file (repeatable); relative paths also resolve under gin_configs/")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="a gin binding such as 'TrainerConfig.num_steps = 10' (repeatable)")
+  parser.add_argument("--workdir", required=True, help="where metrics, events and config go")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before tensorflow is first imported
+  workdir = check_workdir(args.workdir)
+  register_configurables()
+  parse_gin(args.gin_file, args.gin_bindings)
+  (workdir / "config.gin").write_text(gin.config_str())  # as given, before anything can fail
+  result = _train_fn(workdir=str(workdir))
+  (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+  return result
+
+
+def console_main() -> None:
+  main(sys.argv[1:])

@@ -1,0 +1,60 @@
+"""Where step metrics go: a JSONL file and TensorBoard event files in the workdir, and the console
+(a progress bar on a terminal, plain log lines otherwise)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import sys
+from typing import Any
+
+
+def _plain(v: Any):
+  v = float(v) if hasattr(v, "__float__") and not isinstance(v, (int, bool)) else v
+  return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class MetricsWriter:
+
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, total_steps: int = 0,
+               start_step: int = 0, progress_bar: bool | None = None):
+    self.workdir = pathlib.Path(workdir)
+    self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError as e:
+        raise ImportError("TrainerConfig.tensorboard=True needs the tensorboardX package "
+                          "(pip install tensorboardX) or set it to False") from e
+      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    use_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    self._bar = None
+    if use_bar:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+  def write(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> None:
+    record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, step)
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+    elif console:
+      shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in record.items() if k != "step" and v is not None)
+      logging.info("step %d: %s", step, shown)
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,78 @@
+"""AdamW as PolyLM was trained: b=(0.9, 0.95), eps 1e-8, weight decay 1e-4, clip 1.0, warmup + cosine.
+
+The learning rate is applied by the train step (`lr = schedule(step)`), not inside optax, so that the
+schedule follows the data step even when a non-finite update is skipped (PaLM-style skipping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  peak_lr: float = 6e-5
+  end_lr: float = 6e-6  # cosine floor
+  warmup_steps: int = 2000
+  decay_steps: int | None = None  # warmup + cosine length; None = the run's total steps
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 1e-4
+  decay_embeddings: bool = False  # wte / wpe
+  decay_norms_and_biases: bool = False
+  grad_clip_norm: float = 1.0  # global norm; <= 0 disables clipping
+  grad_accum_steps: int = 1  # microbatches per update, each 1/grad_accum_steps of the global batch
+
+  def __post_init__(self):
+    if self.grad_accum_steps < 1:
+      raise ValueError(f"OptimizerConfig.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+    if self.warmup_steps < 0:
+      raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  decay = cfg.decay_steps or total_steps
+  if decay <= cfg.warmup_steps:
+    raise ValueError(f"OptimizerConfig: decay_steps ({decay}, or the run's total steps) must exceed "
+                     f"warmup_steps ({cfg.warmup_steps})")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=cfg.warmup_steps, decay_steps=decay,
+      end_value=cfg.end_lr)
+
+
+def _is_decayed(path, cfg: OptimizerConfig) -> bool:
+  keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+  leaf = keys[-1]
+  if leaf in ("wte", "wpe"):
+    return cfg.decay_embeddings
+  if leaf.endswith("bias") or keys[-2:-1] and keys[-2].startswith("ln_"):
+    return cfg.decay_norms_and_biases
+  return True
+
+
+def decay_mask(params, cfg: OptimizerConfig):
+  return jax.tree_util.tree_map_with_path(lambda p, _: _is_decayed(p, cfg), params)
+
+
+def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
+  """Direction only (clip -> Adam -> + wd * param); the step multiplies by -lr."""
+  parts = []
+  if cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  if cfg.weight_decay:
+    parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(params, cfg)))
+  return optax.chain(*parts)
+
+
+def scale_by_lr(updates, lr: jax.Array):
+  return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+
+
+def global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,160 @@
+"""The train step: loss, gradients (optionally over microbatches), a guarded AdamW update, as one
+`jax.jit` with explicit in/out shardings over the (data, fsdp, tensor) mesh.
+
+Imports only jax/flax/optax, so the GPU check machine (no seqio/tensorflow/gin) can run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from polylm_jax import sharding
+from polylm_jax.config import ModelConfig
+from polylm_jax.model import params as model_params
+from polylm_jax.train.optimizer import (OptimizerConfig, global_norm, lr_schedule, make_optimizer,
+                                        scale_by_lr)
+
+# The batch the step consumes: packed rows with per-document positions and segment ids.
+BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
+BATCH_LOGICAL = ("activation_batch", "activation_length")
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # batches consumed (a skipped update still consumes its batch)
+  params: Any
+  opt_state: Any
+  nonfinite_in_a_row: jax.Array
+  nonfinite_total: jax.Array
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """Summed token-weighted negative log-likelihood and the weight total, both float32."""
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  w = weights.astype(jnp.float32)
+  return jnp.sum((logz - target_logit) * w), jnp.sum(w)
+
+
+@dataclasses.dataclass
+class TrainStep:
+  """Everything needed to initialise and run sharded training for one model/optimizer/mesh."""
+
+  model_config: ModelConfig
+  optimizer_config: OptimizerConfig
+  mesh: Mesh
+  rules: tuple
+  total_steps: int
+
+  def __post_init__(self):
+    sharding.check_model_fits_mesh(self.model_config, self.mesh)
+    self.graphdef = model_params.graphdef(self.model_config)
+    abstract = model_params.abstract_params(self.model_config)
+    self.tx = make_optimizer(self.optimizer_config, abstract)
+    self.schedule = lr_schedule(self.optimizer_config, self.total_steps)
+    self.param_shardings = sharding.tree_shardings(
+        model_params.logical_axes(self.model_config), abstract, self.mesh, self.rules,
+        prefix="params")
+    replicated = NamedSharding(self.mesh, P())
+    abstract_opt = jax.eval_shape(self.tx.init, abstract)
+    # Optimizer moments mirror the parameters and are sharded like them; counters are replicated.
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    self.state_shardings = TrainState(
+        step=replicated, params=self.param_shardings, opt_state=opt_shardings,
+        nonfinite_in_a_row=replicated, nonfinite_total=replicated)
+    self.batch_sharding = NamedSharding(
+        self.mesh, sharding.logical_to_mesh_spec(BATCH_LOGICAL, self.rules))
+    self._init = jax.jit(self._init_state, static_argnums=0, out_shardings=self.state_shardings)
+    self._step = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+
+  def check_batch_shape(self, batch_size: int) -> None:
+    parts = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    accum = self.optimizer_config.grad_accum_steps
+    if batch_size % (parts * accum):
+      raise ValueError(
+          f"global batch size {batch_size} must be divisible by data*fsdp ({parts}) times "
+          f"OptimizerConfig.grad_accum_steps ({accum})")
+
+  # --- init ---------------------------------------------------------------------------------
+  def _init_state(self, seed: int) -> TrainState:
+    params = model_params.init_params(self.model_config, seed)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
+                      nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+  def init(self, seed: int) -> TrainState:
+    with self.mesh, sharding.activate(self.mesh, self.rules):
+      return self._init(seed)
+
+  # --- step ---------------------------------------------------------------------------------
+  def _loss_sums(self, params, batch):
+    logits = model_params.apply(self.graphdef, params, batch["inputs"], batch["positions"],
+                                batch["segment_ids"])
+    return cross_entropy(logits, batch["targets"], batch["weights"])
+
+  def _grads(self, params, batch):
+    """Gradient of the token-mean loss over the whole batch, summed microbatch by microbatch."""
+    grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+    accum = self.optimizer_config.grad_accum_steps
+    if accum == 1:
+      (loss_sum, weight), grads = grad_fn(params, batch)
+    else:
+      # Microbatch m takes rows m, m+accum, ...: every microbatch stays spread over all devices.
+      def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None,) + BATCH_LOGICAL)
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, mb):
+        (l, w), g = grad_fn(params, mb)
+        acc_l, acc_w, acc_g = carry
+        return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (loss_sum, weight, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+    denom = jnp.maximum(weight, 1.0)
+    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), weight
+
+  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    loss, grads, weight = self._grads(state.params, batch)
+    grad_norm = global_norm(grads)
+    lr = self.schedule(state.step)
+    updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, scale_by_lr(updates, lr))
+    # A non-finite loss or gradient leaves parameters and optimizer state untouched.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    bad = (~ok).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
+        nonfinite_total=state.nonfinite_total + bad)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "target_tokens": weight,
+               "skipped": bad, "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+               "nonfinite_total": new_state.nonfinite_total}
+    return new_state, metrics
+
+  def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    with self.mesh, sharding.activate(self.mesh, self.rules):
+      return self._step(state, batch)
+
+  def place_batch(self, local_batch: dict) -> dict:
+    """Global jax.Arrays from this process's rows (identical to device_put on one host)."""
+    missing = [k for k in BATCH_KEYS if k not in local_batch]
+    if missing:
+      raise KeyError(f"batch is missing {missing}; a batch needs {BATCH_KEYS}")
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
+            for k in BATCH_KEYS}
