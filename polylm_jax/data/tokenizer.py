@@ -29,6 +29,9 @@ def train(texts: Mapping[str, Iterable[str]], model_path: str | pathlib.Path, vo
   sampled with `seed`, so memory stays bounded and low-resource languages get vocabulary.
   """
   langs = sorted(texts)
+  unknown = sorted(set(weights or {}) - set(langs))
+  if unknown:
+    raise ValueError(f"tokenizer weights name languages with no text: {unknown}")
   w = {l: float((weights or {}).get(l, 1.0)) for l in langs}
   if any(v < 0 for v in w.values()) or not sum(w.values()):
     raise ValueError(f"tokenizer weights must be >= 0 and not all zero, got {w}")

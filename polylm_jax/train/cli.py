@@ -56,6 +56,7 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
     if not pathlib.Path(f).is_file() and not (GIN_DIR / f).is_file():
       raise SystemExit(f"--gin_file={f}: no such file (looked in the current directory and "
                        f"{GIN_DIR})")
+  gin.clear_config()  # one run per parse: bindings never leak between in-process runs
   gin.add_config_file_search_path(str(GIN_DIR))
   for f in gin_files:
     gin.add_config_file_search_path(str(pathlib.Path(f).resolve().parent))

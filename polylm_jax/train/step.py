@@ -105,7 +105,7 @@ class TrainStep:
                                 batch["segment_ids"])
     return cross_entropy(logits, batch["targets"], batch["weights"])
 
-  def _grads(self, params, batch):
+  def loss_and_grads(self, params, batch):
     """Gradient of the token-mean loss over the whole batch, summed microbatch by microbatch."""
     grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
     accum = self.optimizer_config.grad_accum_steps
@@ -128,7 +128,7 @@ class TrainStep:
     return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), weight
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    loss, grads, weight = self._grads(state.params, batch)
+    loss, grads, weight = self.loss_and_grads(state.params, batch)
     grad_norm = global_norm(grads)
     lr = self.schedule(state.step)
     updates, new_opt = self.tx.update(grads, state.opt_state, state.params)

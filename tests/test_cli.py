@@ -1,0 +1,76 @@
+"""The gin-configured trainer end to end: outputs, determinism, start-up errors, the quickstart."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from polylm_jax.train import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHORT = ["TrainerConfig.num_steps = 6", "TrainerConfig.log_every = 2",
+         "OptimizerConfig.warmup_steps = 2", "DataConfig.seq_len = 64", "DataConfig.batch_size = 8"]
+
+
+def _losses(workdir):
+  return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_writes_metrics_events_and_config(tmp_path):
+  result = cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
+                     *[f"--gin_bindings={b}" for b in SHORT]])
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  for r in records:
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "step_time_s"):
+      assert isinstance(r[key], float) and r[key] == r[key], key
+  assert records[-1]["tokens_per_sec"] > 0 and records[0]["learning_rate"] == 0.0
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert "TrainerConfig.num_steps = 6" in (tmp_path / "config.gin").read_text()
+  assert "model_config.preset = 'tiny'" in (tmp_path / "operative_config.gin").read_text()
+  assert int(result["state"].step) == 6
+
+
+def test_same_config_and_seed_give_the_same_losses(tmp_path):
+  runs = []
+  for name in ("a", "b"):
+    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path / name}",
+              *[f"--gin_bindings={b}" for b in SHORT]])
+    runs.append(_losses(tmp_path / name))
+  assert runs[0] == runs[1]
+  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path / 'c'}",
+            *[f"--gin_bindings={b}" for b in SHORT], "--gin_bindings=DataConfig.seed = 7"])
+  assert _losses(tmp_path / "c") != runs[0]
+
+
+def test_start_up_errors_name_what_is_wrong(tmp_path):
+  with pytest.raises(SystemExit, match="--gin_file=nope.gin: no such file"):
+    cli.main(["--gin_file=nope.gin", f"--workdir={tmp_path}"])
+  with pytest.raises(SystemExit, match="num_stepz"):
+    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
+              "--gin_bindings=TrainerConfig.num_stepz = 3"])
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(SystemExit, match=f"--workdir={blocker}/run is not writable"):
+    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={blocker}/run"])
+  with pytest.raises(SystemExit, match="seq_len=256 exceeds the model's max_length=128"):
+    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
+              "--gin_bindings=DataConfig.seq_len = 256"])
+  with pytest.raises(SystemExit, match="tokenizer has 4096 ids but ModelConfig.vocab_size=1024"):
+    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
+              "--gin_bindings=model_config.overrides = {'vocab_size': 1024}"])
+
+
+def test_quickstart_command_trains_and_the_loss_falls(tmp_path):
+  """The README's main job, as a user runs it (one CPU device, the shipped gin file)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "polylm_jax.train", "--gin_file=gin_configs/quickstart.gin",
+       f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  losses = _losses(tmp_path)
+  assert len(losses) == 500
+  assert losses[-1] <= 0.7 * losses[0], (losses[0], losses[-1])

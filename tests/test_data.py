@@ -1,0 +1,88 @@
+"""The embedded sample corpus, its tokenizer, and packed seqio batches."""
+
+import numpy as np
+import pytest
+
+from polylm_jax.data import sample, tokenizer
+
+
+def test_sample_has_100_sentences_in_each_of_the_18_languages():
+  assert len(sample.LANGUAGES) == 18
+  for lang in sample.LANGUAGES:
+    lines = sample.sample_lines(lang)
+    assert len(lines) >= 100, lang
+    assert len(set(lines)) == len(lines), f"{lang}: duplicate sentences"
+    assert len(sample.sample_lines(lang, "validation")) == 10
+    assert len(sample.sample_lines(lang, "train")) == len(lines) - 10
+  with pytest.raises(ValueError, match="not in the sample corpus"):
+    sample.sample_path("xx")
+
+
+def test_sample_tokenizer_conventions_and_round_trip():
+  sp = tokenizer.load(sample.TOKENIZER_MODEL)
+  assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+  assert [sp.id_to_piece(i) for i in sp.encode("2048")] == ["2", "0", "4", "8"]
+  for lang in sample.LANGUAGES:
+    for line in sample.sample_lines(lang)[:20]:
+      ids = sp.encode(line)
+      assert 0 not in ids, (lang, line)  # byte fallback: never <unk>
+      assert sp.decode(ids) == line
+  odd = "  emoji 🧪🇹🇭, Ge'ez ሰላም, math ∮ x² dx\ttab  "
+  assert sp.decode(sp.encode(odd)) == odd
+
+
+def test_retraining_the_sample_tokenizer_is_deterministic(tmp_path):
+  texts = {lang: sample.sample_lines(lang) for lang in ("en", "de", "ru")}
+  a = tokenizer.train(texts, tmp_path / "a.model", 600, hard_vocab_limit=False)
+  b = tokenizer.train(texts, tmp_path / "b.model", 600, hard_vocab_limit=False)
+  assert open(a, "rb").read() == open(b, "rb").read()
+  with pytest.raises(ValueError, match="weights"):
+    tokenizer.train(texts, tmp_path / "c.model", 600, weights={"en": 0, "de": 0, "ru": 0})
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+  from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the tasks)
+  return pipeline
+
+
+def test_packed_batches_are_consistent(pipeline):
+  cfg = pipeline.DataConfig(seq_len=64, batch_size=4, seed=1)
+  sp = tokenizer.load(sample.TOKENIZER_MODEL)
+  batch = next(pipeline.batches(cfg))
+  assert set(batch) == {"inputs", "targets", "weights", "positions", "segment_ids"}
+  assert batch["segment_ids"].max(axis=1).sum() > 4, "short sentences are packed several to a row"
+  for row in range(4):
+    seg, pos = batch["segment_ids"][row], batch["positions"][row]
+    inp, tgt, w = batch["inputs"][row], batch["targets"][row], batch["weights"][row]
+    np.testing.assert_array_equal(w, (seg > 0).astype(np.float32))
+    for s in range(1, seg.max() + 1):
+      idx = np.flatnonzero(seg == s)
+      np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
+      assert inp[idx[0]] == 1  # each document starts from BOS
+      np.testing.assert_array_equal(inp[idx[1:]], tgt[idx[:-1]])  # inputs are shifted targets
+      assert tgt[idx[-1]] == 2  # ... and end with EOS
+      text = sp.decode(tgt[idx[:-1]].tolist())
+      assert any(text == l for lang in sample.LANGUAGES for l in sample.sample_lines(lang, "train"))
+
+
+def test_same_seed_same_batches_other_seed_other_batches(pipeline):
+  def first(seed, n=3):
+    it = pipeline.batches(pipeline.DataConfig(seq_len=64, batch_size=4, seed=seed))
+    return [next(it)["targets"] for _ in range(n)]
+  a, b, c = first(0), first(0), first(1)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not all(np.array_equal(x, z) for x, z in zip(a, c))
+
+
+def test_unknown_mixture_and_indivisible_batch_fail(pipeline):
+  with pytest.raises(ValueError, match="'no_such_mixture' is not a registered"):
+    pipeline.packed_dataset(pipeline.DataConfig(mixture="no_such_mixture"))
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4"):
+    pipeline.packed_dataset(pipeline.DataConfig(batch_size=6), num_shards=4)
+
+
+def test_tokenizer_weights_must_name_known_languages(tmp_path):
+  with pytest.raises(ValueError, match=r"no text: \['xx'\]"):
+    tokenizer.train({"en": ["a b"]}, tmp_path / "x.model", 300, weights={"xx": 1.0})

@@ -1,0 +1,135 @@
+"""The train step and optimizer: accumulation, skipping non-finite updates, schedule, decay mask."""
+
+import jax
+import numpy as np
+import pytest
+
+from polylm_jax import sharding
+from polylm_jax.config import PRESETS
+from polylm_jax.train import flops
+from polylm_jax.train.loop import NonFiniteError, TrainerConfig, train
+from polylm_jax.train.optimizer import OptimizerConfig, decay_mask, lr_schedule
+from polylm_jax.train.step import TrainStep
+
+TINY = PRESETS["tiny"]
+
+
+def _step(opt=None, mesh_shape=(1, 1, 1)):
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
+  return TrainStep(TINY, opt or OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+
+
+def test_gradient_accumulation_matches_one_big_batch(make_batch):
+  batch = make_batch(0, 8, 32, TINY.vocab_size)
+  batch["weights"][:4, 25:] = 0.0  # unequal token counts per microbatch: the mean is over tokens
+  results = []
+  for accum, mesh_shape in ((1, (1, 1, 1)), (2, (1, 1, 1)), (4, (2, 1, 1))):
+    step = _step(OptimizerConfig(warmup_steps=1, grad_accum_steps=accum), mesh_shape)
+    state = step.init(0)
+    with step.mesh, sharding.activate(step.mesh, step.rules):
+      loss, grads, weight = jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch))
+    state, metrics = step(state, step.place_batch(batch))
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    results.append((float(loss), float(weight), jax.device_get(grads)))
+  for loss, weight, grads in results[1:]:
+    assert weight == results[0][1] == 8 * 32 - 4 * 7
+    np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(results[0][2]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale),
+                 grads, results[0][2])
+  with pytest.raises(ValueError, match="grad_accum_steps"):
+    _step(OptimizerConfig(warmup_steps=1, grad_accum_steps=3)).check_batch_shape(8)
+
+
+def test_nonfinite_update_is_skipped_and_counted(make_batch):
+  step = _step()
+  state = step.init(0)
+  good = make_batch(0, 8, 32, TINY.vocab_size)
+  state, _ = step(state, step.place_batch(good))
+  before = jax.device_get(state)
+  bad = dict(good, weights=np.full_like(good["weights"], np.nan))
+  state, m = step(state, step.place_batch(bad))
+  assert int(m["skipped"]) == 1 and int(m["nonfinite_in_a_row"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before.params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), before.opt_state)
+  assert int(state.step) == int(before.step) + 1  # the batch was consumed
+  state, m = step(state, step.place_batch(bad))
+  assert int(m["nonfinite_in_a_row"]) == 2
+  state, m = step(state, step.place_batch(good))
+  assert int(m["skipped"]) == 0 and int(m["nonfinite_in_a_row"]) == 0
+  assert int(m["nonfinite_total"]) == 2
+  assert np.isfinite(float(m["loss"]))
+
+
+def test_loop_stops_after_k_nonfinite_steps_in_a_row(make_batch, tmp_path):
+  def batches():
+    i = 0
+    while True:
+      b = make_batch(i, 8, 32, TINY.vocab_size)
+      if i >= 2:
+        b["weights"][:] = np.inf
+      i += 1
+      yield b
+  trainer = TrainerConfig(num_steps=20, max_nonfinite_in_a_row=3, tensorboard=False)
+  with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite.*max_nonfinite_in_a_row=3"):
+    train(TINY, OptimizerConfig(warmup_steps=1), sharding.MeshConfig(data=-1), trainer,
+          batches(), str(tmp_path))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 5  # steps 1-2 fine, 3-5 skipped, then stop
+
+
+def test_schedule_is_warmup_then_cosine_to_the_floor():
+  cfg = OptimizerConfig(peak_lr=6e-5, end_lr=6e-6, warmup_steps=100)
+  sched = lr_schedule(cfg, total_steps=1000)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(50)), 3e-5, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(100)), 6e-5, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(550)), (6e-5 + 6e-6) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(1000)), 6e-6, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(5000)), 6e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="must exceed warmup_steps"):
+    lr_schedule(OptimizerConfig(warmup_steps=2000), total_steps=100)
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings_unless_asked():
+  from polylm_jax.model import params as P
+  abstract = P.abstract_params(TINY)
+  mask = decay_mask(abstract, OptimizerConfig())
+  assert mask["blocks"]["attn"]["qkv_kernel"] and mask["blocks"]["mlp"]["fc_kernel"]
+  assert not mask["blocks"]["attn"]["qkv_bias"] and not mask["blocks"]["ln_1"]["scale"]
+  assert not mask["ln_f"]["bias"] and not mask["wte"] and not mask["wpe"]
+  mask = decay_mask(abstract, OptimizerConfig(decay_embeddings=True, decay_norms_and_biases=True))
+  assert mask["wte"] and mask["blocks"]["ln_2"]["bias"]
+
+
+def test_weight_decay_is_applied_to_kernels_only(make_batch):
+  step = _step(OptimizerConfig(warmup_steps=1, weight_decay=0.5, b1=0.0))
+  state = step.init(0)
+  zero = make_batch(0, 8, 32, TINY.vocab_size)
+  zero["weights"][:] = 0.0  # zero loss and gradients: only weight decay moves parameters
+  old = jax.device_get(state.params)  # the step donates (and so deletes) its input state
+  new, _ = step(state, step.place_batch(zero))  # lr(0) = 0
+  new, _ = step(new, step.place_batch(zero))
+  lr = float(lr_schedule(step.optimizer_config, 10)(1))
+  assert lr > 0
+  np.testing.assert_allclose(np.asarray(new.params["blocks"]["mlp"]["fc_kernel"]),
+                             old["blocks"]["mlp"]["fc_kernel"] * (1 - lr * 0.5), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(new.params["wte"]), old["wte"])
+  np.testing.assert_array_equal(np.asarray(new.params["blocks"]["ln_1"]["scale"]),
+                                old["blocks"]["ln_1"]["scale"])
+
+
+def test_flops_formula_and_peak_table():
+  cfg = PRESETS["polylm_1.7b"]
+  d, f, L, V, T = 2048, 8192, 24, 256000, 2048
+  n = L * (4 * d * d + 2 * d * f) + V * d
+  assert flops.matmul_params(cfg) == n
+  assert flops.train_flops_per_token(cfg, T) == 6 * n + 6 * L * T * d
+
+  class FakeDevice:  # only device_kind is read
+    device_kind = "NVIDIA H100 80GB HBM3"
+  assert flops.peak_flops_per_device(FakeDevice()) == 989e12
+  FakeDevice.device_kind = "cpu"
+  assert flops.peak_flops_per_device(FakeDevice()) is None
+  assert flops.peak_flops_per_device(FakeDevice(), 1e12) == 1e12
