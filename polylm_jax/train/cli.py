@@ -92,7 +92,19 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--gin_bindings", action="append", default=[],
                       help="a gin binding such as 'TrainerConfig.num_steps = 10' (repeatable)")
   parser.add_argument("--workdir", required=True, help="where metrics, events and config go")
+  parser.add_argument("--distributed", action="store_true",
+                      help="multi-host: call jax.distributed.initialize() first (auto-detected on "
+                           "TPU pods and SLURM; else pass the three flags below)")
+  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
   args = parser.parse_args(argv)
+  if args.distributed:
+    import jax
+    # CPU processes need a collectives backend to talk to each other; GPU/TPU ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
@@ -100,9 +112,13 @@ def main(argv: list[str] | None = None) -> dict:
   workdir = check_workdir(args.workdir)
   register_configurables()
   parse_gin(args.gin_file, args.gin_bindings)
-  (workdir / "config.gin").write_text(gin.config_str())  # as given, before anything can fail
+  import jax
+  lead = jax.process_index() == 0  # one writer per run, whatever the number of hosts
+  if lead:
+    (workdir / "config.gin").write_text(gin.config_str())  # as given, before anything can fail
   result = _train_fn(workdir=str(workdir))
-  (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+  if lead:
+    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
   return result
 
 

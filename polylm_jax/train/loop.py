@@ -47,7 +47,7 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
   state = step_fn.init(trainer.seed)
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
   writer = MetricsWriter(workdir, tensorboard=trainer.tensorboard, total_steps=trainer.num_steps,
-                         progress_bar=trainer.progress_bar)
+                         progress_bar=trainer.progress_bar, enabled=jax.process_index() == 0)
   pending = None  # (step, metrics on device, rows x length): read one step late so the host
   last_time = time.perf_counter()  # never waits on the device between dispatches
   last: dict[str, Any] = {}

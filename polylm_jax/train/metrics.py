@@ -17,26 +17,30 @@ def _plain(v: Any):
 
 
 class MetricsWriter:
+  """Writes only where `enabled` (process 0 of a multi-host run); a no-op elsewhere."""
 
   def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, total_steps: int = 0,
-               start_step: int = 0, progress_bar: bool | None = None):
+               start_step: int = 0, progress_bar: bool | None = None, enabled: bool = True):
     self.workdir = pathlib.Path(workdir)
-    self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self.enabled = enabled
+    self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
     self._tb = None
-    if tensorboard:
+    if tensorboard and enabled:
       try:
         from tensorboardX import SummaryWriter
       except ImportError as e:
         raise ImportError("TrainerConfig.tensorboard=True needs the tensorboardX package "
                           "(pip install tensorboardX) or set it to False") from e
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-    use_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+    use_bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
     self._bar = None
     if use_bar:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
   def write(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> None:
+    if not self.enabled:
+      return
     record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
@@ -53,7 +57,8 @@ class MetricsWriter:
       logging.info("step %d: %s", step, shown)
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
     if self._bar is not None:

@@ -1,0 +1,15 @@
+# Sourced by the setup scripts: creates (once) and activates the project's virtualenv in .venv and
+# installs the given requirements file plus the package itself (editable, for the console scripts).
+# Usage: source launch/env.sh requirements.txt
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), f"polylm-jax needs Python >= 3.11, found {sys.version}"'
+if [ ! -x "$ROOT/.venv/bin/python" ]; then
+  "$PYTHON" -m venv "$ROOT/.venv"
+fi
+# shellcheck disable=SC1091
+source "$ROOT/.venv/bin/activate"
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet -r "$ROOT/${1:-requirements.txt}" -e "$ROOT"
+cd "$ROOT"
