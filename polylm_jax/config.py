@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla",)  # the Pallas/cuDNN kernels of the kernels issue register here
+ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")  # kernels/dispatch.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -34,6 +34,9 @@ class ModelConfig:
   scan_layers: bool = True  # one compiled layer body (lax.scan) instead of num_layers copies
   remat_policy: str = "none"  # what the backward pass may keep from the forward pass, per layer
   attention_impl: str = "xla"
+  attention_interpret: bool = False  # run Pallas kernels in the interpreter (tests on CPU)
+  attention_block_q: int = 128
+  attention_block_k: int = 128
 
   def __post_init__(self):
     if self.d_model % self.num_heads:

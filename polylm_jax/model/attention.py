@@ -1,28 +1,23 @@
 """The one attention entry point of the model.
 
-Every attention call in the model goes through `attention()`, which dispatches on `impl`. `xla` is the
-plain reference (fp32 scores and softmax); the Pallas kernels of `polylm_jax/kernels` register further
-implementations in `_IMPLS`. An implementation that cannot honour the request (platform, dtype,
-shape, segment ids) must raise, never fall back.
+Every attention call in the model goes through `attention()`. `xla` is the plain reference (fp32
+scores and softmax), defined here; the Pallas kernels (`pallas_gpu`, `pallas_tpu`), `cudnn` and
+`auto` are dispatched by `polylm_jax.kernels.dispatch`. An implementation that cannot honour the
+request (platform, dtype, shape, segment ids) raises; nothing falls back silently.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-AttentionFn = Callable[..., jax.Array]
-_IMPLS: dict[str, AttentionFn] = {}
-
-
-def register(name: str, fn: AttentionFn) -> None:
-  _IMPLS[name] = fn
+from polylm_jax.kernels import dispatch
+from polylm_jax.kernels.common import BlockSizes
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
-              causal: bool = True, impl: str = "xla") -> jax.Array:
+              causal: bool = True, impl: str = "xla", interpret: bool = False,
+              blocks: BlockSizes = BlockSizes()) -> jax.Array:
   """Multi-head attention over packed sequences.
 
   Args:
@@ -30,7 +25,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     segment_ids: [batch, length] int; tokens attend only within their own segment, so documents
       packed into one row never see each other. None means one segment per row.
     causal: mask out future positions.
-    impl: which implementation (`xla`, or a registered kernel).
+    impl: `xla`, `pallas_gpu`, `pallas_tpu`, `cudnn` or `auto` (see kernels/dispatch.py).
+    interpret: run a Pallas kernel in the interpreter (any platform; for tests).
+    blocks: kernel block sizes.
   """
   if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"attention: q, k, v must all be [batch, length, heads, head_dim]; got "
@@ -38,9 +35,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"attention: segment_ids must be [batch, length] = {q.shape[:2]}, "
                      f"got {segment_ids.shape}")
-  if impl not in _IMPLS:
-    raise ValueError(f"attention_impl={impl!r} is not available; registered: {sorted(_IMPLS)}")
-  return _IMPLS[impl](q, k, v, segment_ids, causal=causal)
+  impl = dispatch.resolve(impl, q, interpret=interpret)
+  if impl == "xla":
+    return xla_attention(q, k, v, segment_ids, causal=causal)
+  return dispatch.run_kernel(impl, q, k, v, segment_ids, causal=causal, blocks=blocks,
+                             interpret=interpret)
 
 
 def mask(segment_ids: jax.Array | None, length: int, causal: bool) -> jax.Array | None:
@@ -68,5 +67,3 @@ def xla_attention(q, k, v, segment_ids, *, causal: bool = True) -> jax.Array:
                    preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
 
-
-register("xla", xla_attention)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import layers
+from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.model.attention import attention
 from polylm_jax.sharding import constrain
 
@@ -38,13 +39,16 @@ class Attention(nnx.Module):
     self.out_bias = layers.zeros((d,), ("embed",))
     self.dtype = cfg.compute_dtype
     self.impl = cfg.attention_impl
+    self.interpret = cfg.attention_interpret
+    self.kernel_blocks = BlockSizes(cfg.attention_block_q, cfg.attention_block_k)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     dt = self.dtype
     qkv = jnp.einsum("btd,dchk->cbthk", x.astype(dt), self.qkv_kernel[...].astype(dt))
     qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
     q, k, v = (constrain(t, BTHK) for t in qkv)
-    o = attention(q, k, v, segment_ids, causal=True, impl=self.impl)
+    o = attention(q, k, v, segment_ids, causal=True, impl=self.impl, interpret=self.interpret,
+                  blocks=self.kernel_blocks)
     out = jnp.einsum("bthk,hkd->btd", o, self.out_kernel[...].astype(dt))
     return out + self.out_bias[...].astype(dt)
 

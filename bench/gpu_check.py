@@ -1,0 +1,222 @@
+"""The one-command GPU check for a lent GPU (H100/H200), within about 8 minutes:
+
+1. correctness of this project's Pallas GPU kernel compiled (not interpreted): forward and
+   dq/dk/dv against the XLA reference, float32 and bfloat16, packed rows; packed-segment
+   isolation for pallas_gpu and cudnn (an implementation that ignored segment ids fails here);
+2. attention TFLOP/s, forward and forward+backward, at PolyLM shapes (16 x 2048, heads 16 and 40,
+   head_dim 128, causal, packed and unpacked) for xla, cudnn, pallas_gpu and, when present, JAX's
+   own jax.experimental.pallas.ops.gpu.attention, with the ratios the kernel issue asks for;
+3. train-step tokens/s and MFU of the polylm_1.7b config at length 2048 on this GPU.
+
+Needs only jax/flax/optax (no seqio, tensorflow or gin). `--smoke` runs every section with tiny
+shapes on CPU in the Pallas interpreter (what CI runs, to keep this script working).
+
+  bash bench/gpu_check.sh            # on the GPU
+  python bench/gpu_check.py --smoke  # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polylm_jax.kernels import flash_gpu
+from polylm_jax.kernels.common import BlockSizes
+from polylm_jax.model.attention import attention, xla_attention
+
+
+def timed(fn, *args, reps: int) -> float:
+  """Median seconds per call of a jitted fn (after one compile+warm-up call)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def packed_segments(batch: int, length: int, rng) -> np.ndarray:
+  """Rows of random-length documents (length/32 .. length/2 tokens) and a padded tail."""
+  seg = np.zeros((batch, length), np.int32)
+  shortest = max(length // 32, 2)
+  for b in range(batch):
+    pos, s = 0, 1
+    while pos < length - shortest:
+      n = int(rng.integers(shortest, length // 2))
+      seg[b, pos:pos + n] = s
+      pos, s = pos + n, s + 1
+  return seg
+
+
+def rel_err(x, y) -> float:
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+  return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
+
+
+def correctness(args) -> bool:
+  print("== 1. correctness (compiled kernels vs XLA reference) ==")
+  rng = np.random.default_rng(0)
+  b, t, h, d = (2, 64, 2, 64) if args.smoke else (2, 1024, 4, 128)
+  seg = jnp.asarray(packed_segments(b, t, rng) if not args.smoke else
+                    np.array([[1] * 20 + [2] * 30 + [3] * 10 + [0] * 4, [1] * 64], np.int32))
+  blocks = BlockSizes(16, 32) if args.smoke else BlockSizes(args.block_q, args.block_k)
+  ok = True
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    q, k, v, do = (jnp.asarray(rng.normal(size=(b, t, h, d)), dtype) for _ in range(4))
+    kern = jax.jit(lambda q, k, v: flash_gpu.flash_attention(q, k, v, seg, blocks=blocks,
+                                                             interpret=args.smoke))
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = jax.jit(lambda q, k, v: xla_attention(f32(q), f32(k), f32(v), seg))
+    out, vjp = jax.vjp(kern, q, k, v)
+    ref_out, ref_vjp = jax.vjp(ref, q, k, v)
+    errs = [rel_err(out, ref_out)] + [rel_err(g, w) for g, w in zip(vjp(do), ref_vjp(f32(do)))]
+    passed = max(errs) <= tol
+    ok &= passed
+    print(f"pallas_gpu {jnp.dtype(dtype).name:8s} rel err o/dq/dk/dv "
+          f"{' '.join(f'{e:.1e}' for e in errs)}  (<= {tol:g}) {'PASS' if passed else 'FAIL'}")
+  impls = ["pallas_gpu"] + ([] if args.smoke else ["cudnn"])
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16) for _ in range(3))
+  first = np.asarray(seg) == 1
+  noise = jnp.asarray(rng.normal(size=q.shape), jnp.bfloat16)
+  for impl in impls:
+    run = jax.jit(lambda q, k, v, impl=impl: attention(q, k, v, seg, impl=impl,
+                                                       interpret=args.smoke, blocks=blocks))
+    base = np.asarray(run(q, k, v), np.float32)
+    bumped = [jnp.where(jnp.asarray(first)[:, :, None, None], x + noise, x) for x in (q, k, v)]
+    out = np.asarray(run(*bumped), np.float32)
+    passed = np.array_equal(out[~first], base[~first])
+    ok &= passed
+    print(f"{impl:10s} isolation: other documents unchanged when one is perturbed: "
+          f"{'PASS' if passed else 'FAIL'}")
+  return ok
+
+
+def attention_table(args) -> None:
+  print("\n== 2. attention TFLOP/s (causal; fwd+bwd counted as 3.5x fwd, FlashAttention-2 style) ==")
+  rng = np.random.default_rng(1)
+  if args.smoke:
+    shapes, reps = [(2, 64, 2, 64)], 1
+  else:
+    shapes, reps = [(16, 2048, 16, 128), (16, 2048, 40, 128)], args.reps
+  blocks = BlockSizes(16, 32) if args.smoke else BlockSizes(args.block_q, args.block_k)
+  impls = {
+      "xla": lambda q, k, v, s: xla_attention(q, k, v, s),
+      "pallas_gpu": lambda q, k, v, s: flash_gpu.flash_attention(q, k, v, s, blocks=blocks,
+                                                                 interpret=args.smoke),
+  }
+  if not args.smoke:
+    impls["cudnn"] = lambda q, k, v, s: attention(q, k, v, s, impl="cudnn")
+    try:
+      from jax.experimental.pallas.ops.gpu import attention as jax_ref
+      impls["jax_pallas_ops"] = lambda q, k, v, s: jax_ref.mha(
+          q, k, v, s, sm_scale=q.shape[-1] ** -0.5, causal=True)
+    except ImportError as e:
+      print(f"(jax.experimental.pallas.ops.gpu.attention not present: {e})")
+  print(f"{'B x T':>10} {'H':>3} {'packed':>6} {'impl':>15} {'fwd TF/s':>9} {'fwd+bwd TF/s':>13}")
+  for b, t, h, d in shapes:
+    fwd_flops = 4 * b * h * t * t * d / 2
+    for packed in (False, True):
+      seg = jnp.asarray(packed_segments(b, t, rng) if packed else np.ones((b, t), np.int32))
+      q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16) for _ in range(3))
+      row = {}
+      for name, fn in impls.items():
+        fwd = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, seg))
+        both = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, seg)
+                                                               .astype(jnp.float32)),
+                                argnums=(0, 1, 2)))
+        try:
+          tf = fwd_flops / timed(fwd, q, k, v, reps=reps) / 1e12
+          tb = 3.5 * fwd_flops / timed(both, q, k, v, reps=reps) / 1e12
+        except Exception as e:  # report, keep measuring the others
+          print(f"{b}x{t:>5} {h:>3} {str(packed):>6} {name:>15}  failed: {type(e).__name__}: "
+                f"{str(e)[:200]}")
+          continue
+        row[name] = tb
+        print(f"{b}x{t:>5} {h:>3} {str(packed):>6} {name:>15} {tf:9.1f} {tb:13.1f}")
+      if "pallas_gpu" in row:
+        for base in ("cudnn", "xla"):
+          if base in row:
+            print(f"{'':>27} pallas_gpu / {base} (fwd+bwd): {row['pallas_gpu'] / row[base]:.2f}x")
+
+
+def train_step_mfu(args) -> None:
+  print("\n== 3. train step of the polylm_1.7b config ==")
+  from polylm_jax import sharding
+  from polylm_jax.config import PRESETS
+  from polylm_jax.train import flops
+  from polylm_jax.train.optimizer import OptimizerConfig
+  from polylm_jax.train.step import TrainStep
+  if args.smoke:
+    cfg = PRESETS["tiny"].replace(attention_impl="pallas_gpu", attention_interpret=True,
+                                  attention_block_q=16, attention_block_k=16)
+    batch, length, reps = 2, 64, 1
+  else:
+    cfg = PRESETS["polylm_1.7b"].replace(num_layers=args.layers, attention_impl=args.impl,
+                                         remat_policy=args.remat)
+    batch, length, reps = args.batch, 2048, args.reps
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 1000)
+  state = step.init(0)
+  rng = np.random.default_rng(0)
+  toks = rng.integers(3, cfg.vocab_size, (batch, length + 1)).astype(np.int32)
+  seg = packed_segments(batch, length, rng) if not args.smoke else np.ones((batch, length), np.int32)
+  pos = np.zeros_like(seg)
+  for r in range(batch):
+    for s in np.unique(seg[r]):
+      idx = np.flatnonzero(seg[r] == s)
+      pos[r, idx] = np.arange(len(idx))
+  data = step.place_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
+                           "weights": (seg > 0).astype(np.float32), "positions": pos,
+                           "segment_ids": seg})
+  state, m = step(state, data)  # compile
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(reps):
+    state, m = step(state, data)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t) / reps
+  tokens_per_s = batch * length / dt
+  device = jax.devices()[0]
+  peak = flops.peak_flops_per_device(device, args.peak_flops)
+  mfu = flops.train_flops_per_token(cfg, length) * tokens_per_s / peak if peak else float("nan")
+  print(f"{cfg.name}: {cfg.num_layers} layers (released: 24), batch {batch} x {length}, "
+        f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, device {device.device_kind}")
+  print(f"step {dt * 1e3:.1f} ms, {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, loss "
+        f"{float(m['loss']):.3f}")
+  stats = getattr(device, "memory_stats", lambda: None)()
+  if stats and "peak_bytes_in_use" in stats:
+    print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter")
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--block_q", type=int, default=128)
+  parser.add_argument("--block_k", type=int, default=64)
+  parser.add_argument("--layers", type=int, default=24, help="1.7B depth (lower if memory fails)")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--impl", default="pallas_gpu")
+  parser.add_argument("--remat", default="dots_no_batch")
+  parser.add_argument("--peak_flops", type=float, default=None)
+  parser.add_argument("--sections", default="1,2,3")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, devices {jax.devices()}")
+  sections = set(args.sections.split(","))
+  ok = correctness(args) if "1" in sections else True
+  if "2" in sections:
+    attention_table(args)
+  if "3" in sections:
+    train_step_mfu(args)
+  if not ok:
+    raise SystemExit("correctness check FAILED")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,110 @@
+"""Which attention implementation runs, and how it runs inside a sharded model.
+
+`attention_impl`:
+  xla         the reference (plain XLA, materialises the scores)
+  pallas_gpu  this project's Pallas/Triton flash kernel (CUDA GPUs)
+  pallas_tpu  this project's Pallas/Mosaic flash kernel (TPUs)
+  cudnn       jax.nn.dot_product_attention(implementation="cudnn"); segment ids are honoured by
+              passing them as a mask (cuDNN then adds a [B, 1, T, T] bias: correct, not cheap)
+  auto        per platform: pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; logged once
+An explicit choice that cannot serve the platform, dtype or shape raises; nothing falls back.
+
+Kernels run under `jax.shard_map` over the batch and head mesh axes when a mesh is active
+(Mosaic kernels cannot be partitioned automatically, and a per-device kernel call is what we want
+for Triton too). Sequences must not be split across devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from polylm_jax import sharding
+from polylm_jax.kernels.common import BlockSizes, check_inputs
+
+IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")
+_PLATFORM_OF = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "cudnn": "gpu"}
+_logged: set[tuple] = set()
+
+
+def current_platform() -> str:
+  active = sharding.active_mesh()
+  if active is not None:
+    return active[0].devices.flat[0].platform
+  return jax.default_backend()
+
+
+def resolve(impl: str, q, *, interpret: bool = False) -> str:
+  """The implementation that will run: `auto` resolved, explicit choices checked."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
+  platform = current_platform()
+  if impl == "auto":
+    head_dim_ok = q.shape[-1] % 16 == 0
+    chosen = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla")
+    if chosen != "xla" and not head_dim_ok:
+      chosen = "xla"
+    key = (platform, chosen, q.shape[-1])
+    if key not in _logged:
+      _logged.add(key)
+      logging.info("attention_impl='auto' chose %r on platform %r (head_dim %d)", chosen,
+                   platform, q.shape[-1])
+    return chosen
+  needed = _PLATFORM_OF.get(impl)
+  if needed and platform != needed and not (interpret and impl.startswith("pallas")):
+    hint = (" (set ModelConfig.attention_interpret=True to run the kernel in the Pallas "
+            "interpreter, e.g. in tests)" if impl.startswith("pallas") else "")
+    raise ValueError(f"attention_impl={impl!r} needs a {needed.upper()} but this computation runs "
+                     f"on {platform!r}{hint}")
+  return impl
+
+
+def _cudnn(q, k, v, segment_ids, *, causal):
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; set "
+                     f"ModelConfig.dtype='bfloat16' or use another attention_impl")
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                      implementation="cudnn")
+
+
+def kernel_fn(impl: str, *, causal: bool, blocks: BlockSizes, interpret: bool):
+  """A per-device attention function f(q, k, v, segment_ids) for a resolved non-xla impl."""
+  if impl == "pallas_gpu":
+    from polylm_jax.kernels import flash_gpu
+    return functools.partial(flash_gpu.flash_attention, causal=causal, blocks=blocks,
+                             interpret=interpret)
+  if impl == "pallas_tpu":
+    from polylm_jax.kernels import flash_tpu
+    return functools.partial(flash_tpu.flash_attention, causal=causal, blocks=blocks,
+                             interpret=interpret)
+  if impl == "cudnn":
+    return functools.partial(_cudnn, causal=causal)
+  raise ValueError(f"no kernel for attention_impl={impl!r}")
+
+
+def run_kernel(impl: str, q, k, v, segment_ids, *, causal: bool, blocks: BlockSizes,
+               interpret: bool):
+  if impl.startswith("pallas"):
+    check_inputs(q, k, v, segment_ids, blocks, impl=impl)  # fail at the call, before shard_map
+  fn = kernel_fn(impl, causal=causal, blocks=blocks, interpret=interpret)
+  if segment_ids is None:
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  active = sharding.active_mesh()
+  if active is None:
+    return fn(q, k, v, segment_ids)
+  mesh, rules = active
+  qkv_spec = sharding.logical_to_mesh_spec(
+      ("activation_batch", "activation_length", "activation_heads", "activation_kv"), rules)
+  seg_spec = sharding.logical_to_mesh_spec(("activation_batch", "activation_length"), rules)
+  if qkv_spec[1] is not None or qkv_spec[3] is not None:
+    raise ValueError(f"attention_impl={impl!r} needs whole sequences and head dims per device, "
+                     f"but the rules shard them ({qkv_spec}); map activation_length and "
+                     f"activation_kv to None")
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+                       out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)
