@@ -4,6 +4,7 @@ tested against, and the math of one key block (masking, online softmax)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -91,5 +92,31 @@ def reference_attention(q, k, v, segment_ids, causal: bool = True):
   return xla_attention(q, k, v, segment_ids, causal=causal)
 
 
-def default_segment_ids(q) -> jax.Array:
-  return jnp.ones(q.shape[:2], jnp.int32)
+def segment_ids_or_one(q, segment_ids) -> jax.Array:
+  """int32 segment ids; None means every row is one document."""
+  if segment_ids is None:
+    return jnp.ones(q.shape[:2], jnp.int32)
+  return segment_ids.astype(jnp.int32)
+
+
+def differentiable(forward, backward):
+  """Ties a kernel pair into f(q, k, v, seg, causal, blocks, interpret) with a custom VJP.
+
+  forward(q, k, v, seg, causal, blocks, interpret) -> (o, lse);
+  backward(q, k, v, seg, o, lse, do, causal, blocks, interpret) -> (dq, dk, dv).
+  Only q, k, v, the output and the log-sum-exp are kept for backward (no [T, T] residuals)."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+  def flash(q, k, v, seg, causal, blocks, interpret):
+    return forward(q, k, v, seg, causal, blocks, interpret)[0]
+
+  def flash_fwd(q, k, v, seg, causal, blocks, interpret):
+    o, lse = forward(q, k, v, seg, causal, blocks, interpret)
+    return o, (q, k, v, seg, o, lse)
+
+  def flash_bwd(causal, blocks, interpret, residuals, do):
+    q, k, v, seg, o, lse = residuals
+    return (*backward(q, k, v, seg, o, lse, do, causal, blocks, interpret), None)
+
+  flash.defvjp(flash_fwd, flash_bwd)
+  return flash

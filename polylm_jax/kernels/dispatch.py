@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from polylm_jax import sharding
-from polylm_jax.kernels.common import BlockSizes, check_inputs
+from polylm_jax.kernels.common import BlockSizes, check_inputs, segment_ids_or_one
 
 IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")
 _PLATFORM_OF = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "cudnn": "gpu"}
@@ -93,8 +93,7 @@ def run_kernel(impl: str, q, k, v, segment_ids, *, causal: bool, blocks: BlockSi
   if impl.startswith("pallas"):
     check_inputs(q, k, v, segment_ids, blocks, impl=impl)  # fail at the call, before shard_map
   fn = kernel_fn(impl, causal=causal, blocks=blocks, interpret=interpret)
-  if segment_ids is None:
-    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  segment_ids = segment_ids_or_one(q, segment_ids)
   active = sharding.active_mesh()
   if active is None:
     return fn(q, k, v, segment_ids)

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from polylm_jax.kernels.common import (MASK_VALUE, BlockSizes, block_mask, check_inputs, dot,
-                                       dot_t, dot_tn, online_softmax_step)
+from polylm_jax.kernels.common import (MASK_VALUE, BlockSizes, block_mask, check_inputs,
+                                       differentiable, dot, dot_t, dot_tn, online_softmax_step,
+                                       segment_ids_or_one)
 
 
 def _compiler_params(head_dim: int):
@@ -170,23 +171,7 @@ def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, seg, causal, blocks, interpret):
-  return _forward(q, k, v, seg, causal, blocks, interpret)[0]
-
-
-def _flash_fwd(q, k, v, seg, causal, blocks, interpret):
-  o, lse = _forward(q, k, v, seg, causal, blocks, interpret)
-  return o, (q, k, v, seg, o, lse)
-
-
-def _flash_bwd(causal, blocks, interpret, res, do):
-  q, k, v, seg, o, lse = res
-  dq, dk, dv = _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = differentiable(_forward, _backward)
 
 
 def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True,
@@ -195,6 +180,4 @@ def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True,
 
   `interpret=True` runs the same kernels in the Pallas interpreter (any platform; for tests)."""
   check_inputs(q, k, v, segment_ids, blocks, impl="pallas_gpu")
-  seg = (jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None
-         else segment_ids.astype(jnp.int32))
-  return _flash(q, k, v, seg, causal, blocks, interpret)
+  return _flash(q, k, v, segment_ids_or_one(q, segment_ids), causal, blocks, interpret)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from polylm_jax.kernels.common import MASK_VALUE, BlockSizes, check_inputs, dot, dot_t
+from polylm_jax.kernels.common import (MASK_VALUE, BlockSizes, check_inputs, differentiable, dot,
+                                       dot_t, segment_ids_or_one)
 
 LANES, SUBLANES = 128, 8
 
@@ -230,22 +231,7 @@ def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   return back(dq), back(dk), back(dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, seg, causal, blocks, interpret):
-  return _forward(q, k, v, seg, causal, blocks, interpret)[0]
-
-
-def _flash_fwd(q, k, v, seg, causal, blocks, interpret):
-  o, lse = _forward(q, k, v, seg, causal, blocks, interpret)
-  return o, (q, k, v, seg, o, lse)
-
-
-def _flash_bwd(causal, blocks, interpret, res, do):
-  q, k, v, seg, o, lse = res
-  return (*_backward(q, k, v, seg, o, lse, do, causal, blocks, interpret), None)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = differentiable(_forward, _backward)
 
 
 def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True,
@@ -257,6 +243,4 @@ def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True,
   if not interpret and block_k % LANES:
     raise ValueError(f"pallas_tpu: block_k={block_k} must be a multiple of {LANES} on TPU "
                      f"(segment-id lanes); use a sequence of at least {LANES} tokens")
-  seg = (jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None
-         else segment_ids.astype(jnp.int32))
-  return _flash(q, k, v, seg, causal, blocks, interpret)
+  return _flash(q, k, v, segment_ids_or_one(q, segment_ids), causal, blocks, interpret)
