@@ -87,12 +87,13 @@ def test_model_loss_and_gradients_match_xla(impl, make_batch):
                ref_grads)
 
 
-def test_sharded_model_with_kernel_matches_xla(make_batch):
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_sharded_model_with_kernel_matches_xla(kernel, make_batch):
   """The kernel runs under shard_map over (data, fsdp) x tensor inside the jitted train step."""
   mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
   batch = make_batch(0, 8, 32, PRESETS["tiny"].vocab_size, segments=(13, 11, 5))
   results = {}
-  for impl in ("xla", "pallas_tpu"):
+  for impl in ("xla", kernel):
     cfg = PRESETS["tiny"].replace(attention_impl=impl, attention_interpret=True,
                                   attention_block_q=16, attention_block_k=16)
     step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
@@ -100,7 +101,7 @@ def test_sharded_model_with_kernel_matches_xla(make_batch):
     for _ in range(2):
       state, m = step(state, step.place_batch(batch))
     results[impl] = (float(m["loss"]), float(m["grad_norm"]))
-  np.testing.assert_allclose(results["pallas_tpu"], results["xla"], rtol=1e-5)
+  np.testing.assert_allclose(results[kernel], results["xla"], rtol=1e-5)
 
 
 def test_explicit_choices_that_cannot_run_here_raise(caplog):
