@@ -1,0 +1,131 @@
+"""The mapping between this project's parameters and the Hugging Face GPT-2 layout of the released
+PolyLM checkpoints (`GPT2LMHeadModel`, Conv1D weights stored [in, out], fused `c_attn`).
+
+Every tensor is a reshape (no transposes): `qkv_kernel` [d, 3, heads, head_dim] is `c_attn.weight`
+[d, 3d] with q, k, v and heads in GPT-2's order, `out_kernel` [heads, head_dim, d] is
+`attn.c_proj.weight` [d, d]. The LM head is tied to `wte`, so no `lm_head.weight` is written.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from polylm_jax.config import ModelConfig
+
+PREFIX = "transformer."
+
+# (HF name inside block i, path in one unscanned block, shape of the HF tensor given d, f)
+_BLOCK = (
+    ("ln_1.weight", ("ln_1", "scale"), lambda d, f: (d,)),
+    ("ln_1.bias", ("ln_1", "bias"), lambda d, f: (d,)),
+    ("attn.c_attn.weight", ("attn", "qkv_kernel"), lambda d, f: (d, 3 * d)),
+    ("attn.c_attn.bias", ("attn", "qkv_bias"), lambda d, f: (3 * d,)),
+    ("attn.c_proj.weight", ("attn", "out_kernel"), lambda d, f: (d, d)),
+    ("attn.c_proj.bias", ("attn", "out_bias"), lambda d, f: (d,)),
+    ("ln_2.weight", ("ln_2", "scale"), lambda d, f: (d,)),
+    ("ln_2.bias", ("ln_2", "bias"), lambda d, f: (d,)),
+    ("mlp.c_fc.weight", ("mlp", "fc_kernel"), lambda d, f: (d, f)),
+    ("mlp.c_fc.bias", ("mlp", "fc_bias"), lambda d, f: (f,)),
+    ("mlp.c_proj.weight", ("mlp", "proj_kernel"), lambda d, f: (f, d)),
+    ("mlp.c_proj.bias", ("mlp", "proj_bias"), lambda d, f: (d,)),
+)
+_TOP = (
+    ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.d_model)),
+    ("wpe.weight", ("wpe",), lambda c: (c.max_length, c.d_model)),
+    ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.d_model,)),
+    ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.d_model,)),
+)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  shapes = {PREFIX + name: shape(cfg) for name, _, shape in _TOP}
+  for i in range(cfg.num_layers):
+    for name, _, shape in _BLOCK:
+      shapes[f"{PREFIX}h.{i}.{name}"] = shape(cfg.d_model, cfg.d_ff)
+  return shapes
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def hf_tensors(params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, array) one tensor at a time, from scanned or unscanned parameters."""
+  blocks = params["blocks"]
+  scanned = 0 not in blocks
+  for name, path, shape in _TOP:
+    yield PREFIX + name, np.asarray(_get(params, path)).reshape(shape(cfg))
+  for i in range(cfg.num_layers):
+    for name, path, shape in _BLOCK:
+      leaf = _get(blocks, path)[i] if scanned else _get(blocks[i], path)
+      yield f"{PREFIX}h.{i}.{name}", np.asarray(leaf).reshape(shape(cfg.d_model, cfg.d_ff))
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, scanned: bool = True,
+                   source: str = "checkpoint"):
+  """This project's parameter tree from HF GPT-2 tensors; missing, unexpected or misshapen
+  tensors are an error that names them."""
+  expected = expected_shapes(cfg)
+  # Tolerate checkpoints saved without the "transformer." prefix (GPT2Model) and the tied head.
+  tensors = {(n if n.startswith(PREFIX) or n == "lm_head.weight" else PREFIX + n): v
+             for n, v in tensors.items()}
+  head = tensors.pop("lm_head.weight", None)
+  missing = sorted(set(expected) - set(tensors))
+  unexpected = sorted(n for n in set(tensors) - set(expected) if not n.endswith(".attn.bias")
+                      and not n.endswith(".attn.masked_bias"))
+  wrong = sorted(f"{n}: {tuple(tensors[n].shape)} != {expected[n]}"
+                 for n in set(expected) & set(tensors) if tuple(tensors[n].shape) != expected[n])
+  problems = []
+  if missing:
+    problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+  if unexpected:
+    problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+  if wrong:
+    problems.append(f"shape mismatches {wrong[:8]}")
+  if problems:
+    raise ValueError(f"{source} does not fit ModelConfig({cfg.name}): " + "; ".join(problems))
+  if head is not None and not np.array_equal(head, tensors[PREFIX + "wte.weight"]):
+    raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight, but PolyLM "
+                     f"ties the LM head to the token embedding")
+  d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+  f32 = lambda n: np.asarray(tensors[n], np.float32)
+
+  def block(i):
+    t = lambda name: f32(f"{PREFIX}h.{i}.{name}")
+    return {
+        "ln_1": {"scale": t("ln_1.weight"), "bias": t("ln_1.bias")},
+        "attn": {"qkv_kernel": t("attn.c_attn.weight").reshape(d, 3, h, k),
+                 "qkv_bias": t("attn.c_attn.bias").reshape(3, h, k),
+                 "out_kernel": t("attn.c_proj.weight").reshape(h, k, d),
+                 "out_bias": t("attn.c_proj.bias")},
+        "ln_2": {"scale": t("ln_2.weight"), "bias": t("ln_2.bias")},
+        "mlp": {"fc_kernel": t("mlp.c_fc.weight"), "fc_bias": t("mlp.c_fc.bias"),
+                "proj_kernel": t("mlp.c_proj.weight"), "proj_bias": t("mlp.c_proj.bias")},
+    }
+  per_layer = {i: block(i) for i in range(cfg.num_layers)}
+  if scanned:
+    import jax
+    blocks = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(cfg.num_layers)])
+  else:
+    blocks = per_layer
+  return {"wte": f32(PREFIX + "wte.weight"), "wpe": f32(PREFIX + "wpe.weight"),
+          "ln_f": {"scale": f32(PREFIX + "ln_f.weight"), "bias": f32(PREFIX + "ln_f.bias")},
+          "blocks": blocks}
+
+
+def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+  """config.json for transformers' GPT2LMHeadModel, numerically identical to the JAX model."""
+  return {
+      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+      "vocab_size": cfg.vocab_size, "n_positions": cfg.max_length, "n_ctx": cfg.max_length,
+      "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+      "n_inner": cfg.d_ff, "activation_function": "gelu_new",  # tanh-approximated GeLU
+      "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
+      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0,
+      "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
+      "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype,
+  }
