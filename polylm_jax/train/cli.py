@@ -7,6 +7,7 @@ Everything a run does is gin: `train.model`, `train.optimizer`, `train.mesh`, `t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import pathlib
@@ -18,7 +19,9 @@ import gin
 from polylm_jax import config as model_configs
 from polylm_jax import sharding
 from polylm_jax.train import loop
+from polylm_jax.train.checkpoint import CheckpointConfig, tokenizer_b64
 from polylm_jax.train.optimizer import OptimizerConfig
+from polylm_jax.train.spikes import SpikeConfig
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
 
@@ -36,6 +39,8 @@ def register_configurables() -> None:
   gin.external_configurable(sharding.MeshConfig, "MeshConfig")
   gin.external_configurable(DataConfig, "DataConfig")
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
+  gin.external_configurable(CheckpointConfig, "CheckpointConfig")
+  gin.external_configurable(SpikeConfig, "SpikeConfig")
   _train_fn = gin.external_configurable(run, "train")
 
 
@@ -68,7 +73,8 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
 
 
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
-        data=gin.REQUIRED, trainer=gin.REQUIRED):
+        data=gin.REQUIRED, trainer=gin.REQUIRED, checkpoint=CheckpointConfig(),
+        spikes=SpikeConfig()):
   """The gin entry point: wires the seqio pipeline to the training loop."""
   import jax
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
@@ -80,9 +86,12 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
   if vocab.vocab_size > model.vocab_size:
     raise SystemExit(f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
                      f"{model.vocab_size} ({model.name}); enlarge the model vocabulary")
-  batches = pipeline.batches(data, shard_index=jax.process_index(),
-                             num_shards=jax.process_count())
-  return loop.train(model, optimizer, mesh, trainer, batches, workdir)
+  batches = pipeline.BatchIterator(data, shard_index=jax.process_index(),
+                                   num_shards=jax.process_count())
+  metadata = {"gin_config": gin.config_str(), "tokenizer_model_b64": tokenizer_b64(
+      vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data)}
+  return loop.train(model, optimizer, mesh, trainer, batches, workdir, checkpoint=checkpoint,
+                    spikes=spikes, metadata=metadata)
 
 
 def main(argv: list[str] | None = None) -> dict:

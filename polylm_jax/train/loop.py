@@ -1,11 +1,16 @@
-"""The training loop: build mesh and step, feed batches, log metrics, stop on repeated non-finite
-updates. Takes any iterator of numpy batches, so it runs without seqio (e.g. synthetic data on the
-GPU check machine); `polylm_jax.train.cli` wires it to the seqio pipeline and gin."""
+"""The training loop: build mesh and step, resume from the latest checkpoint, feed batches, log
+metrics, save checkpoints (periodically, at the end, on SIGTERM / preemption), react to loss spikes
+and stop on repeated non-finite updates.
+
+Takes any iterator of numpy batches; checkpointing needs one that can save and restore its state
+(`polylm_jax.data.pipeline.BatchIterator`). Imports no seqio/tensorflow/gin itself.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import time
 from typing import Any, Iterator
 
@@ -15,8 +20,10 @@ import numpy as np
 from polylm_jax import sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
 from polylm_jax.train import flops
+from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer
 from polylm_jax.train.metrics import MetricsWriter
 from polylm_jax.train.optimizer import OptimizerConfig
+from polylm_jax.train.spikes import SpikeConfig
 from polylm_jax.train.step import TrainStep
 
 
@@ -35,43 +42,118 @@ class NonFiniteError(RuntimeError):
   pass
 
 
+class _Preemption:
+  """SIGTERM (how schedulers announce preemption) sets a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, JAX's preemption sync point still works
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.MeshConfig,
-          trainer: TrainerConfig, batches: Iterator[dict[str, np.ndarray]], workdir: str,
-          ) -> dict[str, Any]:
-  """Runs `trainer.num_steps` steps; returns the last step's metrics and the final state."""
+          trainer: TrainerConfig, batches: Iterator[dict[str, np.ndarray]], workdir: str, *,
+          checkpoint: CheckpointConfig | None = None, spikes: SpikeConfig = SpikeConfig(),
+          metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Runs up to `trainer.num_steps` steps; returns the last metrics, final state, step object."""
   mesh = sharding.make_mesh(mesh_config)
-  step_fn = TrainStep(model, optimizer, mesh, mesh_config.rules, trainer.num_steps)
+  step_fn = TrainStep(model, optimizer, mesh, mesh_config.rules, trainer.num_steps, spikes)
   logging.info("mesh %s over %d %s device(s); model %s, %.4g parameters", dict(mesh.shape),
                mesh.devices.size, jax.devices()[0].platform, model.name,
                analytic_param_count(model))
-  state = step_fn.init(trainer.seed)
+  ckpt = None
+  if checkpoint is not None and checkpoint.enabled:
+    for attr in ("save", "restore", "position"):
+      if not hasattr(batches, attr):
+        raise TypeError("checkpointing needs a resumable batch iterator (save/restore/position, "
+                        "e.g. data.pipeline.BatchIterator); set CheckpointConfig.enabled=False")
+    ckpt = Checkpointer(workdir, checkpoint, step_fn)
+  if spikes.mode == "rollback" and ckpt is None:
+    raise ValueError("SpikeConfig.mode='rollback' needs checkpoints (CheckpointConfig.enabled)")
+  meta = dict(metadata or {}, model_config=dataclasses.asdict(model), seed=trainer.seed)
+
+  restored = ckpt.restore_latest(batches) if ckpt else None
+  if restored is not None:
+    state, saved_meta = restored
+    logging.info("resumed from checkpoint step %d (data position %d)", int(state.step),
+                 saved_meta["data_position"])
+  else:
+    state = step_fn.init(trainer.seed)
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
   writer = MetricsWriter(workdir, tensorboard=trainer.tensorboard, total_steps=trainer.num_steps,
-                         progress_bar=trainer.progress_bar, enabled=jax.process_index() == 0)
-  pending = None  # (step, metrics on device, rows x length): read one step late so the host
-  last_time = time.perf_counter()  # never waits on the device between dispatches
+                         start_step=int(state.step), progress_bar=trainer.progress_bar,
+                         enabled=jax.process_index() == 0)
+  pending = None  # (step, metrics on device, rows, length, data position), read one step late so
+  last_time = time.perf_counter()  # the host never waits on the device between dispatches
   last: dict[str, Any] = {}
   try:
-    for step in range(1, trainer.num_steps + 1):
-      local = next(batches)
-      if step == 1:
-        step_fn.check_batch_shape(local["inputs"].shape[0] * jax.process_count())
-      state, metrics = step_fn(state, step_fn.place_batch(local))
-      rows, seq_len = local["inputs"].shape
+    with _Preemption() as preemption:
+      step = int(state.step)
+      while step < trainer.num_steps:
+        local = next(batches)
+        if pending is None:
+          step_fn.check_batch_shape(local["inputs"].shape[0] * jax.process_count())
+        state, metrics = step_fn(state, step_fn.place_batch(local))
+        step += 1
+        rows, seq_len = local["inputs"].shape
+        position = getattr(batches, "position", step)
+        if pending is not None:
+          last, last_time = _report(pending, writer, trainer, model, peak, mesh, last_time)
+          if last["spike"] and spikes.mode == "rollback":
+            state, step = _rollback(ckpt, batches, pending, spikes)
+            pending = None
+            continue
+        pending = (step, metrics, rows * jax.process_count(), seq_len, position)
+        stop = preemption.requested or (ckpt is not None and ckpt.manager.reached_preemption(step))
+        if ckpt is not None and (ckpt.should_save(step) or stop or step == trainer.num_steps):
+          ckpt.save(step, state, batches, meta)
+        if stop:
+          logging.warning("stopped at step %d for preemption; the checkpoint is being finalised",
+                          step)
+          break
       if pending is not None:
-        last = _report(pending, writer, trainer, model, peak, mesh, last_time)
-        last_time = last.pop("_now")
-      pending = (step, metrics, rows * jax.process_count(), seq_len)
-    if pending is not None:
-      last = _report(pending, writer, trainer, model, peak, mesh, last_time)
-      last.pop("_now")
+        last, _ = _report(pending, writer, trainer, model, peak, mesh, last_time)
   finally:
     writer.close()
+    if ckpt is not None:
+      ckpt.close()
   return {"metrics": last, "state": state, "train_step": step_fn}
 
 
-def _report(pending, writer, trainer, model, peak, mesh, last_time) -> dict[str, Any]:
-  step, metrics, rows, seq_len = pending
+def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig):
+  """PaLM-style: back to the last checkpoint, data resumed `rollback_skip_batches` past the spike."""
+  spike_step, spike_position = pending[0], pending[4]
+  ckpt.wait()
+  restored = ckpt.restore_latest(batches)
+  if restored is None:
+    raise RuntimeError(f"loss spike at step {spike_step} but no checkpoint to roll back to; save "
+                       f"more often (CheckpointConfig.every_steps) or use SpikeConfig.mode='skip'")
+  state, meta = restored
+  skip = spike_position + spikes.rollback_skip_batches - batches.position
+  batches.skip(max(skip, 0))
+  logging.warning("loss spike at step %d: rolled back to step %d and skipped %d batches (data "
+                  "resumes at position %d)", spike_step, int(state.step), max(skip, 0),
+                  batches.position)
+  return state, int(state.step)
+
+
+def _report(pending, writer, trainer, model, peak, mesh, last_time):
+  step, metrics, rows, seq_len, _ = pending
   values = {k: v.item() for k, v in jax.device_get(metrics).items()}
   now = time.perf_counter()
   dt = now - last_time
@@ -80,14 +162,22 @@ def _report(pending, writer, trainer, model, peak, mesh, last_time) -> dict[str,
       "loss": values["loss"], "grad_norm": values["grad_norm"],
       "learning_rate": values["learning_rate"], "tokens_per_sec": tokens / dt, "step_time_s": dt,
       "skipped": values["skipped"], "nonfinite_total": values["nonfinite_total"],
+      "spike": values["spike"],
   }
   if peak:
     per_token = flops.train_flops_per_token(model, seq_len)
     out["mfu"] = per_token * out["tokens_per_sec"] / (peak * mesh.devices.size)
-  if values["skipped"]:
+  if values["nonfinite"]:
     logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped "
                     "(%d in a row, %d in total)", step, values["loss"], values["grad_norm"],
                     values["nonfinite_in_a_row"], values["nonfinite_total"])
+  if values["spike"]:
+    logging.warning("step %d: loss spike: loss %.4g (threshold %.4g), grad norm %.4g (threshold "
+                    "%.4g)%s", step, values["loss"], values["loss_threshold"],
+                    values["grad_norm"], values["grad_norm_threshold"],
+                    "; update skipped" if values["skipped"] else "")
+    out["loss_threshold"] = values["loss_threshold"]
+    out["grad_norm_threshold"] = values["grad_norm_threshold"]
   writer.write(step, out, console=step % trainer.log_every == 0 or step == 1
                or step == trainer.num_steps)
   if values["nonfinite_in_a_row"] >= trainer.max_nonfinite_in_a_row:
@@ -95,6 +185,4 @@ def _report(pending, writer, trainer, model, peak, mesh, last_time) -> dict[str,
         f"stopping at step {step}: {values['nonfinite_in_a_row']} consecutive non-finite updates "
         f"(TrainerConfig.max_nonfinite_in_a_row={trainer.max_nonfinite_in_a_row}); the parameters "
         f"are those of the last finite step")
-  out["_now"] = now
-  return out
-
+  return out, now

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from polylm_jax import sharding
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import params as model_params
+from polylm_jax.train import spikes
 from polylm_jax.train.optimizer import (OptimizerConfig, global_norm, lr_schedule, make_optimizer,
                                         scale_by_lr)
 
@@ -33,6 +34,7 @@ class TrainState:
   opt_state: Any
   nonfinite_in_a_row: jax.Array
   nonfinite_total: jax.Array
+  spike_stats: jax.Array  # running loss / grad-norm statistics (train/spikes.py)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
@@ -53,6 +55,7 @@ class TrainStep:
   mesh: Mesh
   rules: tuple
   total_steps: int
+  spike_config: spikes.SpikeConfig = spikes.SpikeConfig()
 
   def __post_init__(self):
     sharding.check_model_fits_mesh(self.model_config, self.mesh)
@@ -72,7 +75,7 @@ class TrainStep:
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     self.state_shardings = TrainState(
         step=replicated, params=self.param_shardings, opt_state=opt_shardings,
-        nonfinite_in_a_row=replicated, nonfinite_total=replicated)
+        nonfinite_in_a_row=replicated, nonfinite_total=replicated, spike_stats=replicated)
     self.batch_sharding = NamedSharding(
         self.mesh, sharding.logical_to_mesh_spec(BATCH_LOGICAL, self.rules))
     self._init = jax.jit(self._init_state, static_argnums=0, out_shardings=self.state_shardings)
@@ -93,7 +96,8 @@ class TrainStep:
     params = model_params.init_params(self.model_config, seed)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
-                      nonfinite_in_a_row=zero, nonfinite_total=zero)
+                      nonfinite_in_a_row=zero, nonfinite_total=zero,
+                      spike_stats=spikes.initial_stats())
 
   def init(self, seed: int) -> TrainState:
     with self.mesh, sharding.activate(self.mesh, self.rules):
@@ -133,18 +137,26 @@ class TrainStep:
     lr = self.schedule(state.step)
     updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, scale_by_lr(updates, lr))
-    # A non-finite loss or gradient leaves parameters and optimizer state untouched.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    bad = (~ok).astype(jnp.int32)
+    # A non-finite loss or gradient leaves parameters and optimizer state untouched; so does a
+    # loss spike when SpikeConfig.mode is skip or rollback.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    spike_stats, spike, spike_info = state.spike_stats, jnp.zeros((), bool), {}
+    if self.spike_config.mode != "off":
+      spike, spike_stats, spike_info = spikes.detect(state.spike_stats, loss, grad_norm, finite,
+                                                     self.spike_config)
+    apply = finite & ~spike if self.spike_config.blocks_update else finite
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    bad = (~finite).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1, params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
-        nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
-        nonfinite_total=state.nonfinite_total + bad)
+        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+        nonfinite_total=state.nonfinite_total + bad, spike_stats=spike_stats)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "target_tokens": weight,
-               "skipped": bad, "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
-               "nonfinite_total": new_state.nonfinite_total}
+               "skipped": (~apply).astype(jnp.int32), "nonfinite": bad,
+               "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+               "nonfinite_total": new_state.nonfinite_total, "spike": spike.astype(jnp.int32),
+               **spike_info}
     return new_state, metrics
 
   def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
