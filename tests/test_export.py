@@ -22,7 +22,7 @@ def _jax_logits(params, cfg=CFG):
 
 
 def _hf_logits(model_dir, dtype=torch.float32):
-  model = transformers.GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=dtype)
+  model = transformers.GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype)
   model.eval()
   with torch.no_grad():
     return model(torch.as_tensor(TOKENS)).logits.float().numpy()

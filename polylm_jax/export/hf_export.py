@@ -34,12 +34,19 @@ def prepare_output_dir(out_dir: str | pathlib.Path, overwrite: bool) -> pathlib.
 def export_params(params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
                   dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
                   overwrite: bool = False) -> pathlib.Path:
+  return export_source(hf_layout.TreeSource(params), cfg, out_dir, dtype=dtype,
+                       max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def export_source(source, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
+                  dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
+                  overwrite: bool = False) -> pathlib.Path:
+  """Writes config and weights from any parameter source (tree or checkpoint reader)."""
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
   out = prepare_output_dir(out_dir, overwrite)
-  cast = EXPORT_DTYPES[dtype]
-  tensors = ((name, arr.astype(cast)) for name, arr in hf_layout.hf_tensors(params, cfg))
-  safetensors_io.write_sharded(out, tensors, max_shard_bytes)
+  sources = hf_layout.hf_sources(source, cfg, EXPORT_DTYPES[dtype])
+  safetensors_io.write_sharded(out, sources, max_shard_bytes)
   (out / "config.json").write_text(json.dumps(hf_layout.hf_config(cfg, dtype), indent=2) + "\n")
   (out / "generation_config.json").write_text(json.dumps(
       {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n")

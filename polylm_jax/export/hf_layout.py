@@ -53,16 +53,69 @@ def _get(tree, path):
   return tree
 
 
-def hf_tensors(params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, array) one tensor at a time, from scanned or unscanned parameters."""
-  blocks = params["blocks"]
-  scanned = 0 not in blocks
-  for name, path, shape in _TOP:
-    yield PREFIX + name, np.asarray(_get(params, path)).reshape(shape(cfg))
+class TreeSource:
+  """Reads parameters from an in-memory tree (scanned or unscanned), like CheckpointReader."""
+
+  def __init__(self, params):
+    self.params = params
+    self.scanned = 0 not in params["blocks"]
+
+  def _leaf(self, path, layer):
+    if layer is None:
+      return _get(self.params, path)
+    if self.scanned:
+      return _get(self.params, path)[layer]
+    return _get(self.params["blocks"][layer], path[1:])
+
+  def read(self, path, layer=None, rows=None) -> np.ndarray:
+    leaf = self._leaf(path, layer)
+    return np.asarray(leaf if rows is None else leaf[rows])
+
+  def param_shape(self, path, layer=None) -> tuple[int, ...]:
+    return tuple(self._leaf(path, layer).shape)
+
+
+def plan(cfg: ModelConfig):
+  """(HF name, parameter path, layer or None, HF shape) for every exported tensor, in order."""
+  out = [(PREFIX + name, path, None, shape(cfg)) for name, path, shape in _TOP]
   for i in range(cfg.num_layers):
     for name, path, shape in _BLOCK:
-      leaf = _get(blocks, path)[i] if scanned else _get(blocks[i], path)
-      yield f"{PREFIX}h.{i}.{name}", np.asarray(leaf).reshape(shape(cfg.d_model, cfg.d_ff))
+      out.append((f"{PREFIX}h.{i}.{name}", ("blocks",) + path, i,
+                  shape(cfg.d_model, cfg.d_ff)))
+  return out
+
+
+def hf_sources(source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**20):
+  """TensorSources for the safetensors writer. Each tensor is read in chunks of whole parameter
+  rows (about `chunk_bytes`) and cast, so host memory stays small whatever the tensor (the
+  256000-row embedding included). `source` has read(path, layer, rows) and param_shape(path, layer)
+  (TreeSource, or export.checkpoint_reader.CheckpointReader)."""
+  from polylm_jax.export.safetensors_io import TensorSource
+  sources = []
+  for name, path, layer, shape in plan(cfg):
+    param_shape = source.param_shape(path, layer)
+    if int(np.prod(param_shape)) != int(np.prod(shape)):
+      raise ValueError(f"{name}: parameter {'/'.join(map(str, path))} has shape {param_shape}, "
+                       f"which does not fit {shape} for ModelConfig({cfg.name})")
+    row_bytes = int(np.prod(param_shape[1:], dtype=np.int64)) * 4
+    rows_per_chunk = max(1, chunk_bytes // max(row_bytes, 1))
+
+    def chunks(path=path, layer=layer, shape=shape, lead=param_shape[0], step=rows_per_chunk):
+      if len(shape) == 1:
+        yield source.read(path, layer).reshape(shape).astype(dtype)
+        return
+      for start in range(0, lead, step):
+        part = source.read(path, layer, slice(start, min(start + step, lead)))
+        yield part.reshape(-1, *shape[1:]).astype(dtype)
+    sources.append(TensorSource(name, tuple(shape), np.dtype(dtype), chunks))
+  return sources
+
+
+def hf_tensors(params, cfg: ModelConfig):
+  """(HF name, float32 array) pairs from an in-memory parameter tree."""
+  source = TreeSource(params)
+  for name, path, layer, shape in plan(cfg):
+    yield name, source.read(path, layer).reshape(shape)
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, scanned: bool = True,

@@ -2,16 +2,17 @@
 
 Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a JSON
 header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the bytes.
-Writing is tensor by tensor into shards of at most `max_shard_bytes`, with the
+Writing streams tensors chunk by chunk into shards of at most `max_shard_bytes`, with the
 `model.safetensors.index.json` that transformers reads for sharded checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import struct
-from typing import Iterable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -23,63 +24,66 @@ CODES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def write_file(path: pathlib.Path, tensors: list[tuple[str, np.ndarray]],
-               metadata: dict[str, str] | None = None) -> None:
-  header, offset = {}, 0
-  for name, arr in tensors:
-    if arr.dtype not in CODES:
-      raise ValueError(f"safetensors: tensor {name!r} has unsupported dtype {arr.dtype}")
-    header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + arr.nbytes]}
-    offset += arr.nbytes
-  if metadata:
-    header["__metadata__"] = metadata
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for _, arr in tensors:
-      f.write(np.ascontiguousarray(arr).tobytes())
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+  """A tensor to write, produced lazily as chunks along its first axis (in order)."""
+
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  chunks: Callable[[], Iterator[np.ndarray]]
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def write_sharded(out_dir: pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]],
+def write_sharded(out_dir: pathlib.Path, sources: Sequence[TensorSource],
                   max_shard_bytes: int) -> list[str]:
-  """Writes shards as tensors arrive (memory: about one shard) and the index; returns file names."""
-  shards: list[list[tuple[str, np.ndarray]]] = [[]]
-  sizes = [0]
-  temp_names: list[str] = []
-  weight_map: dict[str, int] = {}
-  total = 0
-
-  def flush():
-    name = f"shard-{len(temp_names):05d}.tmp"
-    write_file(out_dir / name, shards[-1], {"format": "pt"})
-    temp_names.append(name)
-    shards[-1] = []
-    sizes[-1] = 0
-
-  for name, arr in tensors:
-    if shards[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
-      flush()
-    shards[-1].append((name, arr))
-    sizes[-1] += arr.nbytes
-    weight_map[name] = len(temp_names)
-    total += arr.nbytes
-  if shards[-1]:
-    flush()
-  n = len(temp_names)
-  if n == 1:
-    final = ["model.safetensors"]
-  else:
-    final = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-  for tmp, name in zip(temp_names, final):
-    (out_dir / tmp).rename(out_dir / name)
+  """Writes shards of at most `max_shard_bytes` (one tensor larger than that gets a shard of its
+  own) and, for several shards, the index. Headers are planned from the shapes, then each chunk is
+  written as it is produced: host memory holds one chunk at a time."""
+  shards: list[list[TensorSource]] = [[]]
+  size = 0
+  for src in sources:
+    if np.dtype(src.dtype) not in CODES:
+      raise ValueError(f"safetensors: tensor {src.name!r} has unsupported dtype {src.dtype}")
+    if shards[-1] and size + src.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(src)
+    size += src.nbytes
+  n = len(shards)
+  names = (["model.safetensors"] if n == 1 else
+           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  for name, shard in zip(names, shards):
+    header, offset = {}, 0
+    for src in shard:
+      header[src.name] = {"dtype": CODES[np.dtype(src.dtype)], "shape": list(src.shape),
+                          "data_offsets": [offset, offset + src.nbytes]}
+      offset += src.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    tmp = out_dir / (name + ".partial")
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for src in shard:
+        written = 0
+        for chunk in src.chunks():
+          chunk = np.ascontiguousarray(chunk, dtype=src.dtype)
+          f.write(chunk.tobytes())
+          written += chunk.nbytes
+        if written != src.nbytes:
+          raise ValueError(f"tensor {src.name}: produced {written} bytes, expected {src.nbytes} "
+                           f"for shape {src.shape}")
+    tmp.rename(out_dir / name)
   if n > 1:
-    index = {"metadata": {"total_size": total},
-             "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-  return final
+    index = {"metadata": {"total_size": sum(s.nbytes for s in sources)},
+             "weight_map": {src.name: name for name, shard in zip(names, shards) for src in shard}}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+  return names
 
 
 def read_file(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:

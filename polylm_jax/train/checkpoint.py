@@ -89,24 +89,8 @@ class Checkpointer:
                         abstract, self.train_step.state_shardings)
 
   def check_compatible(self, step: int, meta: dict[str, Any]) -> None:
-    """A checkpoint of another model fails here, naming the mismatched parameters and shapes."""
-    saved = meta.get("model_config")
-    current = self.train_step.model_config
-    if saved is None:
-      return
-    saved_cfg = dataclasses.replace(current, **{k: v for k, v in saved.items()
-                                                 if k in {f.name for f in
-                                                          dataclasses.fields(ModelConfig)}})
-    shapes = lambda c: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
-                        jax.tree_util.tree_leaves_with_path(model_params.abstract_params(c))}
-    old, new = shapes(saved_cfg), shapes(current)
-    diffs = sorted(f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
-                   for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diffs:
-      raise CheckpointMismatchError(
-          f"checkpoint step {step} in {self.workdir / 'checkpoints'} was saved for model "
-          f"{saved.get('name')!r}, which does not match {current.name!r}: "
-          + "; ".join(diffs[:10]) + (" ..." if len(diffs) > 10 else ""))
+    check_model_compatible(meta.get("model_config"), self.train_step.model_config,
+                           f"checkpoint step {step} in {self.workdir / 'checkpoints'}")
 
   def restore(self, step: int, data_iterator) -> tuple[Any, dict[str, Any]]:
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -128,6 +112,40 @@ class Checkpointer:
         logging.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
                         self.workdir / "checkpoints" / str(step), type(e).__name__, e)
     return None
+
+
+def check_model_compatible(saved: dict[str, Any] | None, current: ModelConfig, where: str) -> None:
+  """Parameters saved for another model fail here, naming the mismatched names and shapes."""
+  if saved is None:
+    return
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  saved_cfg = dataclasses.replace(current, **{k: v for k, v in saved.items() if k in known})
+  shapes = lambda c: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+                      jax.tree_util.tree_leaves_with_path(model_params.abstract_params(c))}
+  old, new = shapes(saved_cfg), shapes(current)
+  diffs = sorted(f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
+                 for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diffs:
+    raise CheckpointMismatchError(
+        f"{where} was saved for model {saved.get('name')!r}, which does not match "
+        f"{current.name!r}: " + "; ".join(diffs[:10]) + (" ..." if len(diffs) > 10 else ""))
+
+
+def load_initial_params(directory: str | pathlib.Path, train_step):
+  """Parameters written by `polylm-import` (or any params-only Orbax checkpoint with meta.json),
+  restored straight into the train step's parameter shardings."""
+  import json
+  directory = pathlib.Path(directory)
+  meta_path = directory / "meta.json"
+  if not meta_path.is_file():
+    raise FileNotFoundError(f"TrainerConfig.init_params_from={directory}: no meta.json (write it "
+                            f"with polylm-import)")
+  meta = json.loads(meta_path.read_text())
+  check_model_compatible(meta.get("model_config"), train_step.model_config, str(directory))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          model_params.abstract_params(train_step.model_config),
+                          train_step.param_shardings)
+  return ocp.StandardCheckpointer().restore((directory / "params").absolute(), abstract)
 
 
 def tokenizer_b64(path: str | pathlib.Path) -> str:

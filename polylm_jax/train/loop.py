@@ -20,7 +20,7 @@ import numpy as np
 from polylm_jax import sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
 from polylm_jax.train import flops
-from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer
+from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer, load_initial_params
 from polylm_jax.train.metrics import MetricsWriter
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.spikes import SpikeConfig
@@ -36,6 +36,8 @@ class TrainerConfig:
   peak_flops_per_device: float | None = None  # None: look the device up in flops.PEAK_FLOPS_...
   tensorboard: bool = True
   progress_bar: bool | None = None  # None: only when stderr is a terminal
+  # Start (when the workdir has no checkpoint) from parameters written by polylm-import.
+  init_params_from: str | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -92,6 +94,9 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
     state, saved_meta = restored
     logging.info("resumed from checkpoint step %d (data position %d)", int(state.step),
                  saved_meta["data_position"])
+  elif trainer.init_params_from:
+    state = step_fn.init_from_params(load_initial_params(trainer.init_params_from, step_fn))
+    logging.info("initial parameters from %s", trainer.init_params_from)
   else:
     state = step_fn.init(trainer.seed)
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)

@@ -103,6 +103,16 @@ class TrainStep:
     with self.mesh, sharding.activate(self.mesh, self.rules):
       return self._init(seed)
 
+  def init_from_params(self, params) -> TrainState:
+    """Step 0 with given (already placed) parameters and a fresh optimizer state."""
+    def make(p):
+      zero = jnp.zeros((), jnp.int32)
+      return TrainState(step=zero, params=p, opt_state=self.tx.init(p), nonfinite_in_a_row=zero,
+                        nonfinite_total=zero, spike_stats=spikes.initial_stats())
+    with self.mesh, sharding.activate(self.mesh, self.rules):
+      return jax.jit(make, in_shardings=(self.param_shardings,),
+                     out_shardings=self.state_shardings)(params)
+
   # --- step ---------------------------------------------------------------------------------
   def _loss_sums(self, params, batch):
     logits = model_params.apply(self.graphdef, params, batch["inputs"], batch["positions"],

@@ -1,0 +1,78 @@
+"""Reads a training checkpoint tensor by tensor (and layer by layer) without restoring it whole.
+
+Orbax stores each array of `checkpoints/<step>/state` as a zarr array inside an OCDBT database;
+tensorstore opens one array and reads just the slice asked for (one layer of a scanned
+[layers, ...] parameter, or a block of embedding rows), so exporting a 13B checkpoint needs about
+one tensor slice of host memory, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from polylm_jax.config import ModelConfig
+
+
+def resolve_checkpoint(workdir: str | None = None, step: int | None = None,
+                       checkpoint: str | None = None) -> pathlib.Path:
+  """The `checkpoints/<step>` directory: the latest complete one of a workdir, a chosen step, or
+  an explicit path."""
+  if checkpoint:
+    path = pathlib.Path(checkpoint)
+    if not (path / "state").is_dir():
+      raise FileNotFoundError(f"--checkpoint={path}: not a checkpoint step directory (no state/)")
+    return path
+  if not workdir:
+    raise ValueError("give a training workdir (--workdir) or a checkpoint path (--checkpoint)")
+  root = pathlib.Path(workdir) / "checkpoints"
+  complete = sorted(int(p.name) for p in root.glob("*")
+                    if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir())
+  if not complete:
+    raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint under {root}")
+  if step is None:
+    return root / str(complete[-1])
+  if step not in complete:
+    raise FileNotFoundError(f"--step={step}: no such checkpoint in {root}; have {complete}")
+  return root / str(step)
+
+
+class CheckpointReader:
+
+  def __init__(self, step_dir: str | pathlib.Path):
+    self.step_dir = pathlib.Path(step_dir).absolute()
+    self.meta: dict[str, Any] = json.loads((self.step_dir / "meta" / "metadata").read_text())
+    fields = self.meta.get("model_config")
+    if not fields:
+      raise ValueError(f"{self.step_dir}: checkpoint metadata has no model_config")
+    self.model_config = ModelConfig(**fields)
+    self._open: dict[str, ts.TensorStore] = {}
+
+  def _array(self, path: tuple) -> ts.TensorStore:
+    key = ".".join(("params",) + tuple(str(p) for p in path))
+    if key not in self._open:
+      try:
+        self._open[key] = ts.open({
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{self.step_dir / 'state'}/",
+                        "path": key}}, open=True, read=True).result()
+      except ValueError as e:
+        raise KeyError(f"{self.step_dir}: tensor {key} not found ({e})") from e
+    return self._open[key]
+
+  def read(self, path: tuple, layer: int | None = None, rows: slice | None = None) -> np.ndarray:
+    """One parameter (a layer of it for scanned blocks; a row range if asked) as numpy."""
+    arr = self._array(path)
+    if layer is not None:
+      arr = arr[layer]
+    if rows is not None:
+      arr = arr[rows]
+    return np.asarray(arr.read().result())
+
+  def param_shape(self, path: tuple, layer: int | None = None) -> tuple[int, ...]:
+    shape = tuple(self._array(path).shape)
+    return shape[1:] if layer is not None else shape

@@ -1,0 +1,84 @@
+"""`polylm-export` / `python -m polylm_jax.export`: a training checkpoint -> a Hugging Face directory.
+
+  polylm-export --workdir=RUN [--step=N] --out=DIR [--dtype=bfloat16] [--max_shard_size=2GB]
+                [--overwrite] [--verify]
+  polylm-export --checkpoint=RUN/checkpoints/N --out=DIR ...
+
+Weights stream from the Orbax checkpoint tensor by tensor (tensorstore partial reads) into
+safetensors shards; no torch is needed unless --verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import re
+import sys
+
+from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
+
+
+def parse_size(text: str) -> int:
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+  if not m:
+    raise argparse.ArgumentTypeError(f"--max_shard_size={text!r}: expected e.g. 500MB or 2GB")
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 * 2**30,
+                      overwrite=False):
+  reader = checkpoint_reader.CheckpointReader(step_dir)
+  cfg = reader.model_config
+  out = hf_export.export_source(reader, cfg, out_dir, dtype=dtype,
+                                max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+  sp_model = reader.meta.get("tokenizer_model_b64")
+  if sp_model is None:
+    raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
+  sp_bytes = base64.b64decode(sp_model)
+  _check_vocab(sp_bytes, cfg)
+  tokenizer_files.write_tokenizer(out, sp_bytes, cfg.max_length)
+  tokenizer_files.write_model_card(out, reader.meta, dtype, str(step_dir))
+  return out, reader
+
+
+def _check_vocab(sp_bytes: bytes, cfg) -> None:
+  import sentencepiece as spm
+  size = spm.SentencePieceProcessor(model_proto=sp_bytes).vocab_size()
+  if size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {size} ids but the checkpoint's vocabulary is "
+                     f"{cfg.vocab_size}")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="polylm-export", description=__doc__.splitlines()[0])
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a training workdir (latest complete checkpoint by default)")
+  src.add_argument("--checkpoint", help="a checkpoint step directory, e.g. RUN/checkpoints/1000")
+  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--dtype", default="float32", choices=sorted(hf_export.EXPORT_DTYPES))
+  parser.add_argument("--max_shard_size", type=parse_size, default=2 * 2**30)
+  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--verify", action="store_true",
+                      help="load with transformers and compare logits and tokenizer ids")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  try:
+    step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
+    out, reader = export_checkpoint(step_dir, args.out, dtype=args.dtype,
+                                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    print(f"polylm-export: {e}", file=sys.stderr)
+    return 2
+  print(f"exported {step_dir} -> {out} ({args.dtype})")
+  if args.verify:
+    from polylm_jax.export import verify
+    report = verify.verify_export(out, reader)
+    print(report.text())
+    return 0 if report.ok else 1
+  return 0
+
+
+def console_main() -> None:
+  sys.exit(main())

@@ -1,0 +1,80 @@
+"""`polylm-import`: a local Hugging Face PolyLM / GPT-2 checkpoint -> initial parameters for training.
+
+  polylm-import --hf_dir=polylm-1.7b --out=init/polylm-1.7b [--overwrite] [--verify]
+
+Writes `<out>/params` (an Orbax checkpoint of the parameters, in this project's layout) and
+`<out>/meta.json` (model config, tokenizer, source). Start training from it with
+`TrainerConfig.init_params_from = '<out>'` (continued pre-training or SFT: fresh optimizer state,
+step 0). Nothing is downloaded: fetch the checkpoint yourself first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from polylm_jax.export import hf_export
+
+
+def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True):
+  import orbax.checkpoint as ocp
+  hf_dir = pathlib.Path(hf_dir)
+  cfg = hf_export.config_from_hf(hf_dir, scan_layers=scan_layers)
+  params = hf_export.import_params(hf_dir, cfg, scanned=scan_layers)
+  out = hf_export.prepare_output_dir(out_dir, overwrite)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save((out / "params").absolute(), params)
+  checkpointer.wait_until_finished()
+  meta = {"model_config": dataclasses.asdict(cfg), "source": str(hf_dir.absolute())}
+  if (hf_dir / "tokenizer.model").is_file():
+    meta["tokenizer_model_b64"] = base64.b64encode((hf_dir / "tokenizer.model").read_bytes()).decode()
+  (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+  return out, cfg, params
+
+
+def verify_import(hf_dir, cfg, params, *, seed: int = 0) -> tuple[bool, str]:
+  """Logits of the transformers model and of the imported JAX parameters on the same ids."""
+  import torch
+  import transformers
+  from polylm_jax.model import params as model_params
+  ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, (2, min(64, cfg.max_length)))
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  model.eval()
+  with torch.no_grad():
+    want = model(torch.as_tensor(ids)).logits.numpy()
+  jax_cfg = cfg.replace(dtype="float32", attention_impl="xla")
+  got = np.asarray(model_params.apply(model_params.graphdef(jax_cfg), params, ids))
+  diff = float(np.max(np.abs(got - want)))
+  return diff <= 1e-4, f"logits max abs diff {diff:.2e} (tolerance 1e-4)"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="polylm-import", description=__doc__.splitlines()[0])
+  parser.add_argument("--hf_dir", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--unscanned", action="store_true", help="per-layer (unscanned) layout")
+  parser.add_argument("--verify", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    out, cfg, params = import_checkpoint(args.hf_dir, args.out, overwrite=args.overwrite,
+                                         scan_layers=not args.unscanned)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"polylm-import: {e}", file=sys.stderr)
+    return 2
+  print(f"imported {args.hf_dir} -> {out} ({cfg.num_layers} layers, d_model {cfg.d_model})")
+  if args.verify:
+    ok, line = verify_import(args.hf_dir, cfg, params)
+    print(("PASS " if ok else "FAIL ") + line)
+    return 0 if ok else 1
+  return 0
+
+
+def console_main() -> None:
+  sys.exit(main())
