@@ -105,7 +105,8 @@ def phase(kind: str, directory: str) -> None:
     jax.block_until_ready(params)
     before = peak_rss_gb()
     t = time.perf_counter()
-    ckptr.save(directory, params)
+    from polylm_jax.train.checkpoint import CheckpointConfig, save_args
+    ckptr.save(directory, params, save_args=save_args(params, CheckpointConfig().chunk_bytes, cfg))
     ckptr.wait_until_finished()
     seconds = time.perf_counter() - t
   else:

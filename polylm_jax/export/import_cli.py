@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from polylm_jax.export import hf_export
+from polylm_jax.train.checkpoint import CheckpointConfig, save_args
 
 
 def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True):
@@ -29,7 +30,8 @@ def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True):
   params = hf_export.import_params(hf_dir, cfg, scanned=scan_layers)
   out = hf_export.prepare_output_dir(out_dir, overwrite)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save((out / "params").absolute(), params)
+  checkpointer.save((out / "params").absolute(), params,
+                    save_args=save_args(params, CheckpointConfig().chunk_bytes, cfg))
   checkpointer.wait_until_finished()
   meta = {"model_config": dataclasses.asdict(cfg), "source": str(hf_dir.absolute())}
   if (hf_dir / "tokenizer.model").is_file():

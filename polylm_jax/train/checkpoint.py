@@ -33,6 +33,21 @@ class CheckpointConfig:
   keep_every: int | None = None  # also keep every M-th step for good (None: none)
   async_save: bool = True
   enabled: bool = True
+  # Largest stored chunk of an array. Small chunks let restore and polylm-export read one layer
+  # (or a block of embedding rows) without decompressing a whole [layers, ...] array.
+  chunk_bytes: int = 64 * 2**20
+
+
+def save_args(tree, chunk_bytes: int, model_config: ModelConfig | None = None):
+  """Orbax SaveArgs bounding every array's storage chunks to `chunk_bytes`; the [layers, ...]
+  arrays of a scanned model are chunked layer by layer, so one layer reads alone."""
+  layers = model_config.num_layers if model_config is not None and model_config.scan_layers else None
+
+  def args(path, x):
+    layered = (layers is not None and "blocks" in jax.tree_util.keystr(path)
+               and getattr(x, "ndim", 0) >= 2 and x.shape[0] == layers)
+    return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if layered else ())
+  return jax.tree_util.tree_map_with_path(args, tree)
 
 
 class CheckpointMismatchError(ValueError):
@@ -61,7 +76,9 @@ class Checkpointer:
     data_iterator.save(str(self.data_dir / str(step)))
     meta = dict(meta, step=step, data_position=data_iterator.position)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(state, save_args=save_args(
+            state, self.config.chunk_bytes, self.train_step.model_config)),
+        meta=ocp.args.JsonSave(meta)), force=True)
     self._drop_orphan_data_states(keep=step)
 
   def wait(self) -> None:
