@@ -1,0 +1,135 @@
+"""`polylm-tokenizer`: train a PolyLM-style SentencePiece model, and report compression by language.
+
+  polylm-tokenizer train --input en='corpus/en/*.txt' --input th=th.jsonl --weight th=3 \\
+      --vocab_size 256000 --out tok/polylm.model
+  polylm-tokenizer report --model tok/polylm.model [--model other.model] \\
+      --dir ../shared/data/ud_text [--csv report.csv]
+
+`report` prints, per language: sentences, UTF-8 bytes per token, tokens per sentence and the ratio of
+tokens per sentence to English (meaningful on a parallel corpus: the same sentences in every
+language), for one model or side by side for two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import pathlib
+import sys
+from typing import Iterator
+
+from polylm_jax.data import tokenizer
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise SystemExit(f"{flag} {item!r}: expected LANG=VALUE")
+    lang, value = item.split("=", 1)
+    out[lang] = value
+  return out
+
+
+def read_lines(pattern: str, text_field: str = "text") -> Iterator[str]:
+  """Lines of text files, or a field of JSONL records, from every file the glob matches."""
+  paths = sorted(glob.glob(pattern))
+  if not paths:
+    raise SystemExit(f"input {pattern!r} matches no file")
+  for path in paths:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if path.endswith(".jsonl"):
+          text = json.loads(line).get(text_field, "")
+        else:
+          text = line.rstrip("\n")
+        if text.strip():
+          yield text
+
+
+def report_rows(model_paths: list[str], inputs: dict[str, str]) -> list[dict]:
+  models = [tokenizer.load(p) for p in model_paths]
+  texts = {lang: list(read_lines(path)) for lang, path in sorted(inputs.items())}
+  rows = []
+  for lang, lines in texts.items():
+    row = {"language": lang, "sentences": len(lines),
+           "utf8_bytes": sum(len(l.encode("utf-8")) for l in lines)}
+    for i, sp in enumerate(models):
+      tokens = sum(len(ids) for ids in sp.encode(lines))
+      row[f"tokens_{i}"] = tokens
+      row[f"bytes_per_token_{i}"] = row["utf8_bytes"] / max(tokens, 1)
+      row[f"tokens_per_sentence_{i}"] = tokens / max(len(lines), 1)
+    rows.append(row)
+  english = next((r for r in rows if r["language"] == "en"), None)
+  for row in rows:
+    for i in range(len(models)):
+      base = english[f"tokens_per_sentence_{i}"] if english else None
+      row[f"ratio_to_en_{i}"] = row[f"tokens_per_sentence_{i}"] / base if base else float("nan")
+  return rows
+
+
+def format_table(rows: list[dict], model_paths: list[str]) -> str:
+  out = ["models: " + "  ".join(f"[{i}] {p}" for i, p in enumerate(model_paths))]
+  head = f"{'lang':>4} {'sents':>6}"
+  for i in range(len(model_paths)):
+    head += f" | {f'B/tok[{i}]':>9} {f'tok/sent[{i}]':>12} {f'vs en[{i}]':>9}"
+  out += [head, "-" * len(head)]
+  for r in rows:
+    line = f"{r['language']:>4} {r['sentences']:>6}"
+    for i in range(len(model_paths)):
+      line += (f" | {r[f'bytes_per_token_{i}']:9.2f} {r[f'tokens_per_sentence_{i}']:12.1f} "
+               f"{r[f'ratio_to_en_{i}']:9.2f}")
+    out.append(line)
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="polylm-tokenizer", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train a SentencePiece BPE model")
+  t.add_argument("--input", action="append", required=True, help="LANG=GLOB (text or .jsonl)")
+  t.add_argument("--text_field", default="text", help="JSONL field holding the text")
+  t.add_argument("--weight", action="append", default=[], help="LANG=WEIGHT (default 1)")
+  t.add_argument("--vocab_size", type=int, required=True)
+  t.add_argument("--max_sentences", type=int, default=10_000_000)
+  t.add_argument("--seed", type=int, default=0)
+  t.add_argument("--out", required=True, help="path of the .model file")
+  r = sub.add_parser("report", help="compression per language, one or two models")
+  r.add_argument("--model", action="append", required=True)
+  r.add_argument("--input", action="append", default=[], help="LANG=PATH")
+  r.add_argument("--dir", help="a directory of <lang>.txt files (e.g. a parallel corpus)")
+  r.add_argument("--csv", help="also write the table as CSV")
+  args = parser.parse_args(argv)
+  if args.command == "train":
+    inputs = _pairs(args.input, "--input")
+    weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
+    texts = {lang: read_lines(pattern, args.text_field) for lang, pattern in inputs.items()}
+    path = tokenizer.train(texts, args.out, args.vocab_size, weights=weights,
+                           max_sentences=args.max_sentences, seed=args.seed)
+    print(f"wrote {path} ({tokenizer.load(path).vocab_size()} pieces)")
+    return 0
+  if len(args.model) > 2:
+    raise SystemExit("report compares at most two models")
+  inputs = _pairs(args.input, "--input")
+  if args.dir:
+    inputs.update({p.stem: str(p) for p in sorted(pathlib.Path(args.dir).glob("*.txt"))})
+  if not inputs:
+    raise SystemExit("report needs --dir or --input LANG=PATH")
+  rows = report_rows(args.model, inputs)
+  print(format_table(rows, args.model))
+  if args.csv:
+    with open(args.csv, "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+  return 0
+
+
+def console_main() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  console_main()
