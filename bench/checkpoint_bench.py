@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -24,9 +23,7 @@ import time
 import jax
 import numpy as np
 
-
-def peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+import memory  # bench/memory.py
 
 
 def step_time_with_async_save(steps: int) -> None:
@@ -103,7 +100,8 @@ def phase(kind: str, directory: str) -> None:
   if kind == "save":
     params = jax.jit(lambda: P.init_params(cfg, 0))()
     jax.block_until_ready(params)
-    before = peak_rss_gb()
+    before = memory.current_gib()
+    memory.reset_peak()
     t = time.perf_counter()
     from polylm_jax.train.checkpoint import CheckpointConfig, save_args
     ckptr.save(directory, params, save_args=save_args(params, CheckpointConfig().chunk_bytes, cfg))
@@ -114,12 +112,13 @@ def phase(kind: str, directory: str) -> None:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                             abstract)
-    before = peak_rss_gb()
+    before = memory.current_gib()
+    memory.reset_peak()
     t = time.perf_counter()
     params = ckptr.restore(directory, abstract)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t
-  print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": before}))
+  print(json.dumps({"seconds": seconds, "peak_rss_gb": memory.peak_gib(), "rss_before_gb": before}))
 
 
 def one_point_seven_b() -> None:
@@ -134,13 +133,15 @@ def one_point_seven_b() -> None:
   print(f"polylm_1.7b parameters only (float32, {size / 2**30:.2f} GiB on disk):")
   for kind, r in results.items():
     print(f"  {kind:7s}: {r['seconds']:.1f} s, {size / 2**30 / r['seconds']:.2f} GiB/s; peak RSS "
-          f"{r['peak_rss_gb']:.1f} GiB (process before {kind}: {r['rss_before_gb']:.1f} GiB)")
+          f"{r['peak_rss_gb']:.1f} GiB during the {kind} (resident before it: "
+          f"{r['rss_before_gb']:.1f} GiB)")
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--skip_1p7b", action="store_true")
+  parser.add_argument("--only_1p7b", action="store_true")
   parser.add_argument("--phase", choices=("save", "restore"))
   parser.add_argument("--dir")
   args = parser.parse_args()
@@ -148,7 +149,8 @@ def main():
     phase(args.phase, args.dir)
     return
   print(f"machine: {os.cpu_count()} cores; jax {jax.__version__}")
-  step_time_with_async_save(args.steps)
+  if not args.only_1p7b:
+    step_time_with_async_save(args.steps)
   if not args.skip_1p7b:
     one_point_seven_b()
 

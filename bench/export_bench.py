@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,12 +45,14 @@ def write_checkpoint(workdir: str) -> None:
 
 def export(workdir: str, out: str, dtype: str) -> None:
   from polylm_jax.export import checkpoint_reader, cli
-  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  import memory  # bench/memory.py
+  rss_before = memory.current_gib()
+  memory.reset_peak()
   t = time.perf_counter()
   cli.export_checkpoint(checkpoint_reader.resolve_checkpoint(workdir), out, dtype=dtype)
   seconds = time.perf_counter() - t
   print(json.dumps({"seconds": seconds, "rss_before_gb": rss_before,
-                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                    "peak_rss_gb": memory.peak_gib()}))
 
 
 def main():
@@ -80,7 +81,7 @@ def main():
   print(f"machine: {os.cpu_count()} cores")
   print(f"polylm_1.7b export to {args.dtype} safetensors ({written:.2f} GiB written): "
         f"{r['seconds']:.1f} s")
-  print(f"peak RSS {r['peak_rss_gb']:.2f} GiB (process before export {r['rss_before_gb']:.2f} GiB)"
+  print(f"peak RSS {r['peak_rss_gb']:.2f} GiB (resident before the export {r['rss_before_gb']:.2f} GiB)"
         f" = {r['peak_rss_gb'] / f32_gb:.1%} of the float32 checkpoint ({f32_gb:.2f} GiB); "
         f"goal < 40%")
 

@@ -7,6 +7,7 @@ trainer assembles global arrays with `jax.make_array_from_process_local_data`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Iterator
 
@@ -143,3 +144,66 @@ def batches(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
     return BatchIterator(config, shard_index=shard_index, num_shards=num_shards)
   return (_to_numpy(raw) for raw in packed_dataset(
       config, shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs))
+
+
+class StagedBatches:
+  """Batches that follow a curriculum: stage i's mixture feeds steps from its start_step on.
+
+  Resumable exactly, also across stage boundaries: the state is the stage index plus the current
+  stage's `BatchIterator` state; a stage's iterator always starts fresh (seeded with seed + stage)
+  when the stage begins, so where a run restarts does not change what it sees.
+  """
+
+  def __init__(self, curriculum, config: DataConfig, *, shard_index: int = 0,
+               num_shards: int = 1):
+    self.curriculum = curriculum
+    self.config = config
+    self.shard_index, self.num_shards = shard_index, num_shards
+    self.mixtures = curriculum.mixtures(config.split)
+    self.position = 0
+    self.stage: int | None = None
+    self._inner: BatchIterator | None = None
+
+  def _stage_iterator(self, stage: int) -> BatchIterator:
+    cfg = dataclasses.replace(self.config, mixture=self.mixtures[stage],
+                              seed=self.config.seed + stage)
+    return BatchIterator(cfg, shard_index=self.shard_index, num_shards=self.num_shards)
+
+  def _enter(self, stage: int) -> None:
+    if stage != self.stage:
+      s = self.curriculum.stages[stage]
+      logging.info("curriculum: stage %d %r feeds steps from %d (batch %d on): mixture %s",
+                   stage, s.name, s.start_step + 1, self.position, self.mixtures[stage])
+      self._inner = self._stage_iterator(stage)
+      self.stage = stage
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._enter(self.curriculum.stage_at(self.position))
+    batch = next(self._inner)
+    self.position += 1
+    return batch
+
+  def skip(self, n: int) -> None:
+    for _ in range(n):
+      next(self)
+
+  def save(self, directory: str) -> None:
+    tf.io.gfile.makedirs(directory)
+    if self._inner is not None:
+      self._inner.save(directory)
+    with tf.io.gfile.GFile(f"{directory}/stage_{self.shard_index}.json", "w") as f:
+      f.write(json.dumps({"stage": self.stage, "inner_position":
+                          self._inner.position if self._inner else 0}))
+
+  def restore(self, directory: str, position: int) -> None:
+    with tf.io.gfile.GFile(f"{directory}/stage_{self.shard_index}.json") as f:
+      saved = json.loads(f.read())
+    self.position = position
+    self.stage, self._inner = None, None
+    stage = self.curriculum.stage_at(position)
+    self._enter(stage)
+    if saved["stage"] == stage:
+      self._inner.restore(directory, saved["inner_position"])

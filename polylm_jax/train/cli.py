@@ -33,11 +33,14 @@ def register_configurables() -> None:
   global _train_fn
   if _train_fn is not None:
     return
+  from polylm_jax.data.curriculum import Curriculum, Stage
   from polylm_jax.data.pipeline import DataConfig
   gin.external_configurable(model_configs.model_config, "model_config")
   gin.external_configurable(OptimizerConfig, "OptimizerConfig")
   gin.external_configurable(sharding.MeshConfig, "MeshConfig")
   gin.external_configurable(DataConfig, "DataConfig")
+  gin.external_configurable(Curriculum, "Curriculum")
+  gin.external_configurable(Stage, "Stage")
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
   gin.external_configurable(CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(SpikeConfig, "SpikeConfig")
@@ -74,7 +77,7 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
 
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
         data=gin.REQUIRED, trainer=gin.REQUIRED, checkpoint=CheckpointConfig(),
-        spikes=SpikeConfig()):
+        spikes=SpikeConfig(), curriculum=None):
   """The gin entry point: wires the seqio pipeline to the training loop."""
   import jax
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
@@ -86,8 +89,16 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
   if vocab.vocab_size > model.vocab_size:
     raise SystemExit(f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
                      f"{model.vocab_size} ({model.name}); enlarge the model vocabulary")
-  batches = pipeline.BatchIterator(data, shard_index=jax.process_index(),
-                                   num_shards=jax.process_count())
+  if curriculum is not None:
+    from polylm_jax.data import curriculum as curricula
+    logging.info("curriculum (DataConfig.mixture=%r is not used):\n%s", data.mixture,
+                 curriculum.table(data.split))
+    batches = pipeline.StagedBatches(curriculum, data, shard_index=jax.process_index(),
+                                     num_shards=jax.process_count())
+    curricula.check_has_data(batches.mixtures, data.split)
+  else:
+    batches = pipeline.BatchIterator(data, shard_index=jax.process_index(),
+                                     num_shards=jax.process_count())
   metadata = {"gin_config": gin.config_str(), "tokenizer_model_b64": tokenizer_b64(
       vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data)}
   return loop.train(model, optimizer, mesh, trainer, batches, workdir, checkpoint=checkpoint,
@@ -117,6 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
+  # gin looks for an include in package resources before its search path and logs an ERROR when
+  # it is not there, though the include is then found: drop that misleading line.
+  logging.getLogger("absl").addFilter(
+      lambda r: not (r.pathname.endswith("resource_reader.py") and "Path not found" in r.msg))
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before tensorflow is first imported
   workdir = check_workdir(args.workdir)
   register_configurables()
