@@ -1,0 +1,113 @@
+"""Staged curricula: rate resolution and its errors, stage switching, exact resume across stage
+boundaries, and per-host data shards."""
+
+import functools
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from polylm_jax.data import pipeline, sample, tasks, tokenizer
+from polylm_jax.data.curriculum import Curriculum, Stage, check_has_data, resolve_rates
+
+SP = tokenizer.load(sample.TOKENIZER_MODEL)
+CFG = pipeline.DataConfig(seq_len=64, batch_size=4, seed=3)
+
+
+def test_rates_explicit_plus_temperature():
+  rates = resolve_rates(Stage(rates={"en": 0.7}, temperature=0.3))
+  assert rates[tasks.TASK_PREFIX + "en"] == pytest.approx(0.7)
+  others = [v for k, v in rates.items() if not k.endswith("_en")]
+  assert len(others) == 17 and sum(others) == pytest.approx(0.3)
+  # Temperature sampling from counts: p ~ n^alpha, so alpha < 1 flattens the distribution.
+  counts = {"de": 1000.0, "th": 10.0}
+  flat = resolve_rates(Stage(temperature=0.3, tasks=("de", "th"), counts=counts))
+  sharp = resolve_rates(Stage(temperature=1.0, tasks=("de", "th"), counts=counts))
+  assert sharp["polylm_pt_de"] == pytest.approx(1000 / 1010)
+  assert flat["polylm_pt_th"] == pytest.approx(10 ** 0.3 / (10 ** 0.3 + 1000 ** 0.3))
+  assert flat["polylm_pt_th"] > sharp["polylm_pt_th"]
+
+
+def test_bad_rates_fail_naming_the_problem():
+  with pytest.raises(ValueError, match="rate of 'polylm_pt_de' is negative"):
+    resolve_rates(Stage(rates={"de": -1.0, "en": 1.0}))
+  with pytest.raises(ValueError, match="all rates are zero"):
+    resolve_rates(Stage(rates={"de": 0.0}))
+  with pytest.raises(ValueError, match="'xx' is neither a registered task nor a language"):
+    resolve_rates(Stage(rates={"xx": 1.0}))
+  with pytest.raises(ValueError, match="start at step 0 and have increasing"):
+    Curriculum(stages=(Stage(start_step=0), Stage(start_step=0)))
+
+
+def test_a_language_with_a_rate_but_no_data_fails_at_start():
+  name = "polylm_test_empty"
+  if name not in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(
+            lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"text": [""]}).take(0),
+            splits=("train",)),
+        preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+                       seqio.preprocessors.tokenize],
+        output_features=tasks.output_features(tasks.vocabulary()))
+  mixtures = Curriculum(stages=(Stage(rates={"en": 0.5, name: 0.5}),)).mixtures()
+  with pytest.raises(ValueError, match="'polylm_test_empty' has a positive rate but no train data"):
+    check_has_data(mixtures)
+
+
+def _languages(batch):
+  """The sample languages of the documents packed in a batch."""
+  found = set()
+  for row in range(batch["targets"].shape[0]):
+    seg = batch["segment_ids"][row]
+    for s in range(1, seg.max() + 1):
+      text = SP.decode(batch["targets"][row][seg == s][:-1].tolist())
+      found |= {l for l in sample.LANGUAGES if text in sample.sample_lines(l, "train")}
+  return found
+
+
+TWO_STAGES = Curriculum(stages=(Stage(start_step=0, rates={"th": 1.0}, name="thai"),
+                                Stage(start_step=3, rates={"ko": 1.0}, name="korean")))
+
+
+def test_batches_switch_stage_at_the_boundary():
+  batches = pipeline.StagedBatches(TWO_STAGES, CFG)
+  seen = [_languages(next(batches)) for _ in range(5)]
+  assert seen[:3] == [{"th"}] * 3 and seen[3:] == [{"ko"}] * 2
+  assert batches.stage == 1 and batches.position == 5
+
+
+def _fingerprint(batch):
+  return hash(batch["targets"].tobytes() + batch["segment_ids"].tobytes())
+
+
+@pytest.mark.parametrize("restart_at", [2, 3, 4])  # before, at and after the stage boundary
+def test_resume_gives_the_uninterrupted_batches(tmp_path, restart_at):
+  reference = pipeline.StagedBatches(TWO_STAGES, CFG)
+  expected = [_fingerprint(next(reference)) for _ in range(6)]
+  first = pipeline.StagedBatches(TWO_STAGES, CFG)
+  for _ in range(restart_at):
+    next(first)
+  first.save(str(tmp_path))
+  resumed = pipeline.StagedBatches(TWO_STAGES, CFG)
+  resumed.restore(str(tmp_path), restart_at)
+  assert [_fingerprint(next(resumed)) for _ in range(6 - restart_at)] == expected[restart_at:]
+
+
+def test_host_shards_are_disjoint_and_cover_the_data():
+  config = pipeline.DataConfig(mixture="polylm_pt_de", seq_len=64, batch_size=4, shuffle=False)
+
+  def documents(index, shards):
+    docs = []
+    for batch in pipeline.batches(config, shard_index=index, num_shards=shards, num_epochs=1):
+      for row in range(batch["targets"].shape[0]):
+        seg = batch["segment_ids"][row]
+        docs += [SP.decode(batch["targets"][row][seg == s][:-1].tolist())
+                 for s in range(1, seg.max() + 1)]
+    return docs
+  whole, a, b = documents(0, 1), documents(0, 2), documents(1, 2)
+  assert not set(a) & set(b)
+  assert len(a) + len(b) == len(set(a) | set(b))
+  # drop_remainder may leave out the last partial batch of each shard, nothing else.
+  assert set(a) | set(b) <= set(sample.sample_lines("de", "train"))
+  assert len(set(a) | set(b)) >= len(set(whole)) - 2 * 4 * 3
