@@ -94,3 +94,15 @@ def test_two_processes_train_one_run(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   assert "'data': 8" in outs[0]  # one mesh over both processes' devices
   assert len(_losses(tmp_path)) == 6  # process 0 alone writes the metrics
+
+
+def test_held_out_loss_is_logged_per_language(tmp_path):
+  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
+            *[f"--gin_bindings={b}" for b in SHORT], "--gin_bindings=TrainerConfig.eval_every = 3"])
+  records = [json.loads(l) for l in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [3, 6]
+  from polylm_jax.data import sample
+  for r in records:
+    assert sorted(k.split("/")[1] for k in r if k != "step") == sorted(sample.LANGUAGES)
+    assert all(5.0 < r[f"val_loss/{lang}"] < 9.0 for lang in sample.LANGUAGES)
+  assert records[1]["val_loss/en"] < records[0]["val_loss/en"]  # still learning

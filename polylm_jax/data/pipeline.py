@@ -146,6 +146,30 @@ def batches(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
       config, shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs))
 
 
+def eval_batches(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
+                 max_batches: int = 4) -> list[dict[str, np.ndarray]]:
+  """Up to `max_batches` packed batches of one pass over a (validation) split, the last one
+  padded with zero-weight rows, so held-out loss is computed on the same tokens every time."""
+  rows = config.batch_size // num_shards
+  config = dataclasses.replace(config, shuffle=False)
+  ds = seqio.get_dataset(
+      config.mixture, task_feature_lengths={"targets": config.seq_len},
+      feature_converter=seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID),
+      dataset_split=config.split, shuffle=False, num_epochs=1,
+      shard_info=seqio.ShardInfo(shard_index, num_shards), seed=config.seed, verbose=False)
+  out = []
+  for raw in ds.batch(rows).take(max_batches):
+    batch = _to_numpy(raw)
+    short = rows - batch["inputs"].shape[0]
+    if short:
+      batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    out.append(batch)
+  if not out:
+    raise ValueError(f"{config.mixture!r} has no {config.split!r} data for evaluation")
+  return out
+
+
 class StagedBatches:
   """Batches that follow a curriculum: stage i's mixture feeds steps from its start_step on.
 

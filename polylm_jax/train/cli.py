@@ -80,6 +80,7 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
         spikes=SpikeConfig(), curriculum=None):
   """The gin entry point: wires the seqio pipeline to the training loop."""
   import jax
+  import seqio
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
 
   if data.seq_len > model.max_length:
@@ -99,10 +100,21 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
   else:
     batches = pipeline.BatchIterator(data, shard_index=jax.process_index(),
                                      num_shards=jax.process_count())
+  eval_sets = None
+  if trainer.eval_every:
+    # Held-out loss per language: the validation split of every task the run trains on.
+    names = batches.mixtures if curriculum is not None else [data.mixture]
+    task_names = sorted({t.name for n in names
+                         for t in getattr(seqio.get_mixture_or_task(n), "tasks",
+                                          [seqio.get_mixture_or_task(n)])})
+    eval_sets = {tasks.task_language(t): pipeline.eval_batches(
+        dataclasses.replace(data, mixture=t, split="validation"),
+        shard_index=jax.process_index(), num_shards=jax.process_count()) for t in task_names
+        if "validation" in seqio.get_mixture_or_task(t).splits}
   metadata = {"gin_config": gin.config_str(), "tokenizer_model_b64": tokenizer_b64(
       vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data)}
   return loop.train(model, optimizer, mesh, trainer, batches, workdir, checkpoint=checkpoint,
-                    spikes=spikes, metadata=metadata)
+                    spikes=spikes, metadata=metadata, eval_sets=eval_sets)
 
 
 def main(argv: list[str] | None = None) -> dict:

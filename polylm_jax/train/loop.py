@@ -38,6 +38,7 @@ class TrainerConfig:
   progress_bar: bool | None = None  # None: only when stderr is a terminal
   # Start (when the workdir has no checkpoint) from parameters written by polylm-import.
   init_params_from: str | None = None
+  eval_every: int = 0  # held-out loss per language every N steps and at the end (0: never)
 
 
 class NonFiniteError(RuntimeError):
@@ -71,7 +72,8 @@ class _Preemption:
 def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.MeshConfig,
           trainer: TrainerConfig, batches: Iterator[dict[str, np.ndarray]], workdir: str, *,
           checkpoint: CheckpointConfig | None = None, spikes: SpikeConfig = SpikeConfig(),
-          metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+          metadata: dict[str, Any] | None = None,
+          eval_sets: dict[str, list[dict[str, np.ndarray]]] | None = None) -> dict[str, Any]:
   """Runs up to `trainer.num_steps` steps; returns the last metrics, final state, step object."""
   mesh = sharding.make_mesh(mesh_config)
   step_fn = TrainStep(model, optimizer, mesh, mesh_config.rules, trainer.num_steps, spikes)
@@ -103,6 +105,10 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
   writer = MetricsWriter(workdir, tensorboard=trainer.tensorboard, total_steps=trainer.num_steps,
                          start_step=int(state.step), progress_bar=trainer.progress_bar,
                          enabled=jax.process_index() == 0)
+  eval_writer = None
+  if eval_sets and trainer.eval_every:
+    eval_writer = MetricsWriter(workdir, filename="eval_metrics.jsonl", progress_bar=False,
+                                tensorboard=trainer.tensorboard, enabled=jax.process_index() == 0)
   pending = None  # (step, metrics on device, rows, length, data position), read one step late so
   last_time = time.perf_counter()  # the host never waits on the device between dispatches
   last: dict[str, Any] = {}
@@ -127,6 +133,9 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
         stop = preemption.requested or (ckpt is not None and ckpt.manager.reached_preemption(step))
         if ckpt is not None and (ckpt.should_save(step) or stop or step == trainer.num_steps):
           ckpt.save(step, state, batches, meta)
+        if eval_writer is not None and (step % trainer.eval_every == 0
+                                        or step == trainer.num_steps):
+          eval_writer.write(step, evaluate(step_fn, state.params, eval_sets))
         if stop:
           logging.warning("stopped at step %d for preemption; the checkpoint is being finalised",
                           step)
@@ -135,9 +144,23 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
         last, _ = _report(pending, writer, trainer, model, peak, mesh, last_time)
   finally:
     writer.close()
+    if eval_writer is not None:
+      eval_writer.close()
     if ckpt is not None:
       ckpt.close()
   return {"metrics": last, "state": state, "train_step": step_fn}
+
+
+def evaluate(step_fn: TrainStep, params, eval_sets) -> dict[str, float]:
+  """Held-out loss per evaluation set (e.g. per language): token-mean NLL over its batches."""
+  out = {}
+  for name, batches in eval_sets.items():
+    total, weight = 0.0, 0.0
+    for local in batches:
+      loss_sum, w = step_fn.eval_sums(params, step_fn.place_batch(local))
+      total, weight = total + float(loss_sum), weight + float(w)
+    out[f"val_loss/{name}"] = total / max(weight, 1.0)
+  return out
 
 
 def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig):

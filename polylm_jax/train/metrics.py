@@ -20,10 +20,11 @@ class MetricsWriter:
   """Writes only where `enabled` (process 0 of a multi-host run); a no-op elsewhere."""
 
   def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, total_steps: int = 0,
-               start_step: int = 0, progress_bar: bool | None = None, enabled: bool = True):
+               start_step: int = 0, progress_bar: bool | None = None, enabled: bool = True,
+               filename: str = "metrics.jsonl"):
     self.workdir = pathlib.Path(workdir)
     self.enabled = enabled
-    self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+    self._jsonl = open(self.workdir / filename, "a", encoding="utf-8") if enabled else None
     self._tb = None
     if tensorboard and enabled:
       try:

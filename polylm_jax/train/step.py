@@ -82,6 +82,8 @@ class TrainStep:
     self._step = jax.jit(
         self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self._eval = jax.jit(self._loss_sums, in_shardings=(self.param_shardings, self.batch_sharding),
+                         out_shardings=(replicated, replicated))
 
   def check_batch_shape(self, batch_size: int) -> None:
     parts = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -172,6 +174,11 @@ class TrainStep:
   def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     with self.mesh, sharding.activate(self.mesh, self.rules):
       return self._step(state, batch)
+
+  def eval_sums(self, params, batch) -> tuple[jax.Array, jax.Array]:
+    """Summed held-out NLL and the number of target tokens of one placed batch."""
+    with self.mesh, sharding.activate(self.mesh, self.rules):
+      return self._eval(params, batch)
 
   def place_batch(self, local_batch: dict) -> dict:
     """Global jax.Arrays from this process's rows (identical to device_put on one host)."""
