@@ -28,6 +28,12 @@ def test_short_run_writes_metrics_events_and_config(tmp_path):
     for key in ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "step_time_s"):
       assert isinstance(r[key], float) and r[key] == r[key], key
   assert records[-1]["tokens_per_sec"] > 0 and records[0]["learning_rate"] == 0.0
+  # Training loss per language (tags carried through packing): the batch loss is their
+  # token-weighted mean, so it lies between the smallest and the largest.
+  for r in records:
+    per_language = [v for k, v in r.items() if k.startswith("loss/")]
+    assert len(per_language) >= 3
+    assert min(per_language) - 1e-5 <= r["loss"] <= max(per_language) + 1e-5
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert "TrainerConfig.num_steps = 6" in (tmp_path / "config.gin").read_text()
   assert "model_config.preset = 'tiny'" in (tmp_path / "operative_config.gin").read_text()

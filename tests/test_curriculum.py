@@ -48,7 +48,7 @@ def test_a_language_with_a_rate_but_no_data_fails_at_start():
             lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"text": [""]}).take(0),
             splits=("train",)),
         preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-                       seqio.preprocessors.tokenize],
+                       seqio.preprocessors.tokenize, tasks.tag_language("en")],
         output_features=tasks.output_features(tasks.vocabulary()))
   mixtures = Curriculum(stages=(Stage(rates={"en": 0.5, name: 0.5}),)).mixtures()
   with pytest.raises(ValueError, match="'polylm_test_empty' has a positive rate but no train data"):

@@ -50,7 +50,7 @@ def test_packed_batches_are_consistent(pipeline):
   cfg = pipeline.DataConfig(seq_len=64, batch_size=4, seed=1)
   sp = tokenizer.load(sample.TOKENIZER_MODEL)
   batch = next(pipeline.batches(cfg))
-  assert set(batch) == {"inputs", "targets", "weights", "positions", "segment_ids"}
+  assert set(batch) == {"inputs", "targets", "weights", "positions", "segment_ids", "languages"}
   assert batch["segment_ids"].max(axis=1).sum() > 4, "short sentences are packed several to a row"
   for row in range(4):
     seg, pos = batch["segment_ids"][row], batch["positions"][row]
@@ -63,7 +63,12 @@ def test_packed_batches_are_consistent(pipeline):
       np.testing.assert_array_equal(inp[idx[1:]], tgt[idx[:-1]])  # inputs are shifted targets
       assert tgt[idx[-1]] == 2  # ... and end with EOS
       text = sp.decode(tgt[idx[:-1]].tolist())
-      assert any(text == l for lang in sample.LANGUAGES for l in sample.sample_lines(lang, "train"))
+      # The language tag survives packing: one tag per document, the document's own language.
+      tags = set(batch["languages"][row][idx].tolist())
+      assert len(tags) == 1
+      lang = sample.LANGUAGES[tags.pop() - 1]
+      assert text in sample.sample_lines(lang, "train")
+    assert not batch["languages"][row][seg == 0].any()
 
 
 def test_same_seed_same_batches_other_seed_other_batches(pipeline):

@@ -28,7 +28,8 @@ def test_gradient_accumulation_matches_one_big_batch(make_batch):
     step = _step(OptimizerConfig(warmup_steps=1, grad_accum_steps=accum), mesh_shape)
     state = step.init(0)
     with step.mesh, sharding.activate(step.mesh, step.rules):
-      loss, grads, weight = jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch))
+      loss, grads, aux = jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch))
+      weight = aux["weight"]
     state, metrics = step(state, step.place_batch(batch))
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
     results.append((float(loss), float(weight), jax.device_get(grads)))

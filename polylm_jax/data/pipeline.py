@@ -17,6 +17,53 @@ import tensorflow as tf
 
 BOS_ID = 1
 
+
+class LanguageTaggedLMConverter(seqio.LMFeatureConverter):
+  """seqio's LM converter that also packs the per-token language tag (`lang`) alongside
+  `targets`, so every packed token still knows its language (`decoder_languages`)."""
+
+  TASK_FEATURES = {"targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                   "lang": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+  MODEL_FEATURES = {**seqio.LMFeatureConverter.MODEL_FEATURES,
+                    "decoder_languages": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+
+  def _convert_example(self, features):
+    out = dict(super()._convert_example(features))
+    out["decoder_languages"] = features["lang"]
+    return out
+
+  def _convert_features(self, ds, task_feature_lengths):
+    lengths = dict(task_feature_lengths, lang=task_feature_lengths["targets"])
+    return super()._convert_features(ds, lengths)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    out = dict(super().get_model_feature_lengths(task_feature_lengths))
+    out["decoder_languages"] = task_feature_lengths["targets"]
+    return out
+
+
+def language_tagged(name: str) -> bool:
+  """Whether every task of a mixture (or the task) carries the `lang` feature."""
+  provider = seqio.get_mixture_or_task(name)
+  return all("lang" in t.output_features for t in getattr(provider, "tasks", [provider]))
+
+
+def _get_dataset(config: DataConfig, *, shard_index: int, num_shards: int, shuffle: bool,
+                 num_epochs: int | None) -> tf.data.Dataset:
+  """Packed rows (seqio), language-tagged when every task carries `lang`."""
+  tagged = language_tagged(config.mixture)
+  lengths = {"targets": config.seq_len}
+  if tagged:
+    lengths["lang"] = config.seq_len
+  # Every document's first decoder input is BOS (id 1, as in PolyLM's vocabulary), not seqio's
+  # default 0, which is <unk> here.
+  converter = (LanguageTaggedLMConverter(pack=True, bos_id=BOS_ID) if tagged
+               else seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID))
+  return seqio.get_dataset(
+      config.mixture, task_feature_lengths=lengths, feature_converter=converter,
+      dataset_split=config.split, shuffle=shuffle, num_epochs=num_epochs,
+      shard_info=seqio.ShardInfo(shard_index, num_shards), seed=config.seed, verbose=False)
+
 # Rename seqio's decoder features to the train step's batch keys.
 FEATURE_KEYS = {
     "decoder_input_tokens": "inputs",
@@ -24,6 +71,7 @@ FEATURE_KEYS = {
     "decoder_loss_weights": "weights",
     "decoder_positions": "positions",
     "decoder_segment_ids": "segment_ids",
+    "decoder_languages": "languages",  # only for language-tagged tasks
 }
 
 
@@ -82,18 +130,13 @@ def packed_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int 
   else:
     raise ValueError(f"DataConfig.mixture={config.mixture!r} is not a registered seqio Mixture or "
                      f"Task (import the module that registers it, e.g. polylm_jax.data.tasks)")
-  ds = seqio.get_dataset(
-      config.mixture, task_feature_lengths={"targets": config.seq_len},
-      # Every document's first decoder input is BOS (id 1, as in PolyLM's vocabulary), not seqio's
-      # default 0, which is <unk> here.
-      feature_converter=seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID),
-      dataset_split=config.split, shuffle=config.shuffle, num_epochs=num_epochs,
-      shard_info=seqio.ShardInfo(shard_index, num_shards), seed=config.seed, verbose=False)
+  ds = _get_dataset(config, shard_index=shard_index, num_shards=num_shards,
+                    shuffle=config.shuffle, num_epochs=num_epochs)
   return ds.batch(config.batch_size // num_shards, drop_remainder=True)
 
 
 def _to_numpy(raw) -> dict[str, np.ndarray]:
-  batch = {ours: raw[theirs].numpy() for theirs, ours in FEATURE_KEYS.items()}
+  batch = {ours: raw[theirs].numpy() for theirs, ours in FEATURE_KEYS.items() if theirs in raw}
   batch["weights"] = batch["weights"].astype(np.float32)
   return batch
 
@@ -152,11 +195,8 @@ def eval_batches(config: DataConfig, *, shard_index: int = 0, num_shards: int = 
   padded with zero-weight rows, so held-out loss is computed on the same tokens every time."""
   rows = config.batch_size // num_shards
   config = dataclasses.replace(config, shuffle=False)
-  ds = seqio.get_dataset(
-      config.mixture, task_feature_lengths={"targets": config.seq_len},
-      feature_converter=seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID),
-      dataset_split=config.split, shuffle=False, num_epochs=1,
-      shard_info=seqio.ShardInfo(shard_index, num_shards), seed=config.seed, verbose=False)
+  ds = _get_dataset(config, shard_index=shard_index, num_shards=num_shards, shuffle=False,
+                    num_epochs=1)
   out = []
   for raw in ds.batch(rows).take(max_batches):
     batch = _to_numpy(raw)

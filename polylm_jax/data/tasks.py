@@ -24,8 +24,31 @@ def vocabulary(model_path: str = str(sample.TOKENIZER_MODEL)) -> seqio.SentenceP
   return seqio.SentencePieceVocabulary(model_path)
 
 
-def output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
-  return {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)}
+LANGUAGE_FEATURE = "lang"
+
+
+def output_features(vocab: seqio.Vocabulary, *, language_tagged: bool = True
+                    ) -> dict[str, seqio.Feature]:
+  """`targets`, plus the per-token language tag `lang` (1 + index in sample.LANGUAGES; 0 none)
+  that lets the trainer report training loss per language through packing."""
+  features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)}
+  if language_tagged:
+    features[LANGUAGE_FEATURE] = seqio.Feature(
+        vocabulary=seqio.PassThroughVocabulary(len(sample.LANGUAGES) + 1), add_eos=False,
+        dtype=tf.int32)
+  return features
+
+
+def tag_language(lang: str):
+  """Preprocessor (after tokenize + EOS): every target token is tagged with `lang`."""
+  if lang not in sample.LANGUAGES:
+    raise ValueError(f"tag_language: {lang!r} is not one of {sample.LANGUAGES}")
+  tag = sample.LANGUAGES.index(lang) + 1
+
+  def fn(ds):
+    return ds.map(lambda ex: dict(ex, **{LANGUAGE_FEATURE: tf.fill(tf.shape(ex["targets"]), tag)}),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+  return fn
 
 
 def _sample_dataset_fn(lang: str):
@@ -52,6 +75,7 @@ def register_sample_tasks(vocab: seqio.Vocabulary | None = None) -> list[str]:
               functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
               seqio.preprocessors.tokenize,
               seqio.preprocessors.append_eos_after_trim,
+              tag_language(lang),
           ],
           output_features=output_features(vocab))
     names.append(name)

@@ -19,6 +19,7 @@ import numpy as np
 
 from polylm_jax import sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
+from polylm_jax.data.sample import LANGUAGES
 from polylm_jax.train import flops
 from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer, load_initial_params
 from polylm_jax.train.metrics import MetricsWriter
@@ -182,7 +183,8 @@ def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig):
 
 def _report(pending, writer, trainer, model, peak, mesh, last_time):
   step, metrics, rows, seq_len, _ = pending
-  values = {k: v.item() for k, v in jax.device_get(metrics).items()}
+  fetched = jax.device_get(metrics)
+  values = {k: v.item() for k, v in fetched.items() if np.ndim(v) == 0}
   now = time.perf_counter()
   dt = now - last_time
   tokens = rows * seq_len
@@ -192,6 +194,11 @@ def _report(pending, writer, trainer, model, peak, mesh, last_time):
       "skipped": values["skipped"], "nonfinite_total": values["nonfinite_total"],
       "spike": values["spike"],
   }
+  if "language_tokens" in fetched:  # training loss per language (slot 0: untagged tokens)
+    for i, (total, count) in enumerate(zip(fetched["language_loss"][1:],
+                                           fetched["language_tokens"][1:])):
+      if count > 0:
+        out[f"loss/{LANGUAGES[i]}"] = float(total / count)
   if peak:
     per_token = flops.train_flops_per_token(model, seq_len)
     out["mfu"] = per_token * out["tokens_per_sec"] / (peak * mesh.devices.size)

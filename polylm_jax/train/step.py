@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from polylm_jax import sharding
 from polylm_jax.config import ModelConfig
+from polylm_jax.data.sample import LANGUAGES
 from polylm_jax.model import params as model_params
 from polylm_jax.train import spikes
 from polylm_jax.train.optimizer import (OptimizerConfig, global_norm, lr_schedule, make_optimizer,
@@ -37,13 +38,22 @@ class TrainState:
   spike_stats: jax.Array  # running loss / grad-norm statistics (train/spikes.py)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-  """Summed token-weighted negative log-likelihood and the weight total, both float32."""
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood, float32."""
   logits = logits.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """Summed token-weighted negative log-likelihood and the weight total, both float32."""
   w = weights.astype(jnp.float32)
-  return jnp.sum((logz - target_logit) * w), jnp.sum(w)
+  return jnp.sum(token_nll(logits, targets) * w), jnp.sum(w)
+
+
+# Optional batch key "languages": per token 0 (none/padding) or 1 + index in LANGUAGES, carried
+# through packing (data/pipeline.py); the step then also reports loss per language.
+LANGUAGE_SLOTS = len(LANGUAGES) + 1
 
 
 @dataclasses.dataclass
@@ -82,7 +92,8 @@ class TrainStep:
     self._step = jax.jit(
         self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    self._eval = jax.jit(self._loss_sums, in_shardings=(self.param_shardings, self.batch_sharding),
+    self._eval = jax.jit(lambda p, b: (lambda s, a: (s, a["weight"]))(*self._loss_sums(p, b)),
+                         in_shardings=(self.param_shardings, self.batch_sharding),
                          out_shardings=(replicated, replicated))
 
   def check_batch_shape(self, batch_size: int) -> None:
@@ -117,16 +128,24 @@ class TrainStep:
 
   # --- step ---------------------------------------------------------------------------------
   def _loss_sums(self, params, batch):
+    """(summed NLL, aux): aux holds the token count and, given "languages", per-language sums."""
     logits = model_params.apply(self.graphdef, params, batch["inputs"], batch["positions"],
                                 batch["segment_ids"])
-    return cross_entropy(logits, batch["targets"], batch["weights"])
+    nll = token_nll(logits, batch["targets"])
+    w = batch["weights"].astype(jnp.float32)
+    aux = {"weight": jnp.sum(w)}
+    if "languages" in batch:
+      onehot = jax.nn.one_hot(batch["languages"], LANGUAGE_SLOTS, dtype=jnp.float32) * w[..., None]
+      aux["language_loss"] = jnp.einsum("btl,bt->l", onehot, nll)
+      aux["language_tokens"] = jnp.sum(onehot, axis=(0, 1))
+    return jnp.sum(nll * w), aux
 
   def loss_and_grads(self, params, batch):
     """Gradient of the token-mean loss over the whole batch, summed microbatch by microbatch."""
     grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
     accum = self.optimizer_config.grad_accum_steps
     if accum == 1:
-      (loss_sum, weight), grads = grad_fn(params, batch)
+      (loss_sum, aux), grads = grad_fn(params, batch)
     else:
       # Microbatch m takes rows m, m+accum, ...: every microbatch stays spread over all devices.
       def split(x):
@@ -135,16 +154,18 @@ class TrainStep:
       micro = jax.tree.map(split, batch)
 
       def body(carry, mb):
-        (l, w), g = grad_fn(params, mb)
-        acc_l, acc_w, acc_g = carry
-        return (acc_l + l, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss_sum, weight, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
-    denom = jnp.maximum(weight, 1.0)
-    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), weight
+        (l, a), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+      zero_aux = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: self._loss_sums(params, jax.tree.map(lambda x: x[0], micro))[1]))
+      init = (jnp.zeros((), jnp.float32), zero_aux, jax.tree.map(jnp.zeros_like, params))
+      (loss_sum, aux, grads), _ = jax.lax.scan(body, init, micro)
+    denom = jnp.maximum(aux["weight"], 1.0)
+    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), aux
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    loss, grads, weight = self.loss_and_grads(state.params, batch)
+    loss, grads, aux = self.loss_and_grads(state.params, batch)
+    weight = aux["weight"]
     grad_norm = global_norm(grads)
     lr = self.schedule(state.step)
     updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
@@ -168,7 +189,8 @@ class TrainStep:
                "skipped": (~apply).astype(jnp.int32), "nonfinite": bad,
                "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
                "nonfinite_total": new_state.nonfinite_total, "spike": spike.astype(jnp.int32),
-               **spike_info}
+               **spike_info,
+               **{k: v for k, v in aux.items() if k.startswith("language_")}}
     return new_state, metrics
 
   def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -185,5 +207,6 @@ class TrainStep:
     missing = [k for k in BATCH_KEYS if k not in local_batch]
     if missing:
       raise KeyError(f"batch is missing {missing}; a batch needs {BATCH_KEYS}")
+    keys = BATCH_KEYS + (("languages",) if "languages" in local_batch else ())
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-            for k in BATCH_KEYS}
+            for k in keys}
