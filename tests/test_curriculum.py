@@ -111,3 +111,20 @@ def test_host_shards_are_disjoint_and_cover_the_data():
   # drop_remainder may leave out the last partial batch of each shard, nothing else.
   assert set(a) | set(b) <= set(sample.sample_lines("de", "train"))
   assert len(set(a) | set(b)) >= len(set(whole)) - 2 * 4 * 3
+
+
+def test_bitext_tasks_pair_parallel_sentences_with_a_configurable_format():
+  names = tasks.register_bitext_tasks([("de", "ja")], template="<{src_lang}> {src} <{tgt_lang}> {tgt}",
+                                      prefix="polylm_test_bitext_")
+  assert names == ["polylm_test_bitext_de_ja"]
+  assert "polylm_bitext_en_th" in seqio.TaskRegistry.names()
+  assert "polylm_bitext_th_en" in seqio.TaskRegistry.names()
+  ds = seqio.get_mixture_or_task(names[0]).get_dataset(
+      sequence_length={"targets": 256, "lang": 256}, split="train", shuffle=False)
+  first = next(iter(ds))
+  de, ja = sample.sample_lines("de", "train")[0], sample.sample_lines("ja", "train")[0]
+  assert SP.decode(first["targets"].numpy()[:-1].tolist()) == f"<de> {de} <ja> {ja}"
+  assert set(first["lang"].numpy().tolist()) == {sample.LANGUAGES.index("de") + 1}
+  # Bilingual data mixes into a curriculum stage like any task.
+  rates = resolve_rates(Stage(rates={"en": 0.5, "polylm_bitext_en_th": 0.5}))
+  assert rates == {"polylm_pt_en": 0.5, "polylm_bitext_en_th": 0.5}

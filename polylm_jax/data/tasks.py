@@ -1,7 +1,9 @@
 """The seqio registry: one pretraining Task per language and the Mixtures over them.
 
 Importing this module registers, for each of the 18 PolyLM languages, `polylm_pt_<lang>` over the
-embedded sample corpus (splits `train` / `validation`) and the mixture `polylm_sample` (equal rates).
+embedded sample corpus (splits `train` / `validation`), the mixture `polylm_sample` (equal rates),
+and the bilingual tasks `polylm_bitext_<src>_<tgt>` (English <-> each language) over its parallel
+sentences.
 Register your own corpora the same way: a seqio Task whose output feature is `targets`, tokenized
 with the same vocabulary, then a Mixture naming the tasks (see README, "Your own data").
 """
@@ -84,8 +86,50 @@ def register_sample_tasks(vocab: seqio.Vocabulary | None = None) -> list[str]:
   return names
 
 
+BITEXT_PREFIX = "polylm_bitext_"
+BITEXT_TEMPLATE = "{src}\n{tgt}"
+
+
+def register_bitext_tasks(pairs=None, *, template: str = BITEXT_TEMPLATE,
+                          vocab: seqio.Vocabulary | None = None, prefix: str = BITEXT_PREFIX
+                          ) -> list[str]:
+  """Bilingual documents from the parallel sample: `<prefix><src>_<tgt>`, one document per
+  sentence pair, formatted by `template` ({src}, {tgt}, {src_lang}, {tgt_lang}). Every token is
+  tagged with the non-English language of the pair. Default pairs: English <-> each other language.
+  """
+  vocab = vocab or vocabulary()
+  pairs = pairs or [p for lang in sample.LANGUAGES if lang != "en"
+                    for p in (("en", lang), (lang, "en"))]
+  names = []
+  for src, tgt in pairs:
+    name = f"{prefix}{src}_{tgt}"
+    names.append(name)
+    if name in seqio.TaskRegistry.names():
+      continue
+
+    def dataset_fn(split, shuffle_files, seed=None, src=src, tgt=tgt):
+      del shuffle_files, seed
+      docs = [template.format(src=a, tgt=b, src_lang=src, tgt_lang=tgt)
+              for a, b in zip(sample.sample_lines(src, split), sample.sample_lines(tgt, split))]
+      return tf.data.Dataset.from_tensor_slices({"text": docs})
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"),
+                                        num_input_examples={s: len(sample.sample_lines(src, s))
+                                                            for s in ("train", "validation")}),
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            seqio.preprocessors.tokenize,
+            seqio.preprocessors.append_eos_after_trim,
+            tag_language(tgt if src == "en" else src),
+        ],
+        output_features=output_features(vocab))
+  return names
+
+
 def task_language(task_name: str) -> str:
   return task_name[len(TASK_PREFIX):] if task_name.startswith(TASK_PREFIX) else task_name
 
 
 register_sample_tasks()
+register_bitext_tasks()
