@@ -41,6 +41,8 @@ def register_configurables() -> None:
   gin.external_configurable(DataConfig, "DataConfig")
   gin.external_configurable(Curriculum, "Curriculum")
   gin.external_configurable(Stage, "Stage")
+  from polylm_jax.data.sources import TextCorpora
+  gin.external_configurable(TextCorpora, "TextCorpora")
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
   gin.external_configurable(CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(SpikeConfig, "SpikeConfig")
@@ -77,12 +79,14 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
 
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
         data=gin.REQUIRED, trainer=gin.REQUIRED, checkpoint=CheckpointConfig(),
-        spikes=SpikeConfig(), curriculum=None):
+        spikes=SpikeConfig(), curriculum=None, corpora=None):
   """The gin entry point: wires the seqio pipeline to the training loop."""
   import jax
   import seqio
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
 
+  if corpora is not None:
+    corpora.register()  # before anything names the tasks
   if data.seq_len > model.max_length:
     raise SystemExit(f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length="
                      f"{model.max_length}")
@@ -113,8 +117,12 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
         if "validation" in seqio.get_mixture_or_task(t).splits}
   metadata = {"gin_config": gin.config_str(), "tokenizer_model_b64": tokenizer_b64(
       vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data)}
-  return loop.train(model, optimizer, mesh, trainer, batches, workdir, checkpoint=checkpoint,
-                    spikes=spikes, metadata=metadata, eval_sets=eval_sets)
+  result = loop.train(model, optimizer, mesh, trainer, batches, workdir, checkpoint=checkpoint,
+                      spikes=spikes, metadata=metadata, eval_sets=eval_sets)
+  from polylm_jax.data import sources
+  for task, counts in sources.dropped_records().items():
+    logging.warning("data: task %s dropped records %s", task, counts)
+  return result
 
 
 def main(argv: list[str] | None = None) -> dict:
