@@ -71,6 +71,10 @@ def test_export_errors_name_the_problem(run_dir, tmp_path):
   with pytest.raises(ValueError, match="the tokenizer has 4096 ids but the checkpoint's "
                                        "vocabulary is 1024"):
     export_cli._check_vocab(sp, PRESETS["tiny"].replace(vocab_size=1024))
+  with pytest.raises(ValueError, match="has 4096 ids but the checkpoint's vocabulary is 8192; "
+                                       "pass --allow_vocab_padding"):
+    export_cli._check_vocab(sp, PRESETS["tiny"].replace(vocab_size=8192))
+  export_cli._check_vocab(sp, PRESETS["tiny"].replace(vocab_size=8192), allow_vocab_padding=True)
 
 
 def _random_gpt2(directory, cfg):

@@ -27,7 +27,7 @@ def parse_size(text: str) -> int:
 
 
 def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 * 2**30,
-                      overwrite=False):
+                      overwrite=False, allow_vocab_padding=False):
   reader = checkpoint_reader.CheckpointReader(step_dir)
   cfg = reader.model_config
   out = hf_export.export_source(reader, cfg, out_dir, dtype=dtype,
@@ -36,18 +36,22 @@ def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 *
   if sp_model is None:
     raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
   sp_bytes = base64.b64decode(sp_model)
-  _check_vocab(sp_bytes, cfg)
+  _check_vocab(sp_bytes, cfg, allow_vocab_padding)
   tokenizer_files.write_tokenizer(out, sp_bytes, cfg.max_length)
   tokenizer_files.write_model_card(out, reader.meta, dtype, str(step_dir))
   return out, reader
 
 
-def _check_vocab(sp_bytes: bytes, cfg) -> None:
+def _check_vocab(sp_bytes: bytes, cfg, allow_vocab_padding: bool = False) -> None:
+  """The tokenizer must match the embedding: a larger tokenizer can never work, a smaller one
+  (a padded embedding) only when asked for with --allow_vocab_padding."""
   import sentencepiece as spm
   size = spm.SentencePieceProcessor(model_proto=sp_bytes).vocab_size()
-  if size > cfg.vocab_size:
+  if size > cfg.vocab_size or (size < cfg.vocab_size and not allow_vocab_padding):
     raise ValueError(f"the tokenizer has {size} ids but the checkpoint's vocabulary is "
-                     f"{cfg.vocab_size}")
+                     f"{cfg.vocab_size}" + ("" if size > cfg.vocab_size else
+                                             "; pass --allow_vocab_padding if the embedding was "
+                                             "padded on purpose"))
 
 
 def main(argv=None) -> int:
@@ -60,6 +64,8 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=sorted(hf_export.EXPORT_DTYPES))
   parser.add_argument("--max_shard_size", type=parse_size, default=2 * 2**30)
   parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--allow_vocab_padding", action="store_true",
+                      help="accept a model vocabulary larger than the tokenizer's")
   parser.add_argument("--verify", action="store_true",
                       help="load with transformers and compare logits and tokenizer ids")
   args = parser.parse_args(argv)
@@ -67,7 +73,8 @@ def main(argv=None) -> int:
   try:
     step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
     out, reader = export_checkpoint(step_dir, args.out, dtype=args.dtype,
-                                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+                                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                                    allow_vocab_padding=args.allow_vocab_padding)
   except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
     print(f"polylm-export: {e}", file=sys.stderr)
     return 2
