@@ -8,7 +8,6 @@ crash the run, and are counted per task and reason (`dropped_records()`; the tra
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import seqio
@@ -86,10 +85,7 @@ class TextCorpora:
           preprocessors=[
               lambda ds: ds.map(lambda line: {"text": line}),
               clean_text(name, self.min_chars, self.max_chars),
-              functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-              seqio.preprocessors.tokenize,
-              seqio.preprocessors.append_eos_after_trim,
-              tasks.tag_language(lang),
+              *tasks.text_preprocessors(lang),
           ],
           output_features=tasks.output_features(vocab))
       logging.info("registered %s over %s", name, dict(splits))

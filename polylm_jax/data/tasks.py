@@ -53,6 +53,16 @@ def tag_language(lang: str):
   return fn
 
 
+def text_preprocessors(lang: str) -> list:
+  """From {"text": ...} records to tagged `targets`: rekey, tokenize, EOS, language tag."""
+  return [
+      functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+      seqio.preprocessors.tokenize,
+      seqio.preprocessors.append_eos_after_trim,
+      tag_language(lang),
+  ]
+
+
 def _sample_dataset_fn(lang: str):
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one small file per language: example-level shuffling is seqio's
@@ -73,12 +83,7 @@ def register_sample_tasks(vocab: seqio.Vocabulary | None = None) -> list[str]:
               _sample_dataset_fn(lang), splits=("train", "validation"),
               num_input_examples={s: len(sample.sample_lines(lang, s))
                                   for s in ("train", "validation")}),
-          preprocessors=[
-              functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-              seqio.preprocessors.tokenize,
-              seqio.preprocessors.append_eos_after_trim,
-              tag_language(lang),
-          ],
+          preprocessors=text_preprocessors(lang),
           output_features=output_features(vocab))
     names.append(name)
   if SAMPLE_MIXTURE not in seqio.MixtureRegistry.names():
@@ -117,12 +122,7 @@ def register_bitext_tasks(pairs=None, *, template: str = BITEXT_TEMPLATE,
         source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"),
                                         num_input_examples={s: len(sample.sample_lines(src, s))
                                                             for s in ("train", "validation")}),
-        preprocessors=[
-            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-            seqio.preprocessors.tokenize,
-            seqio.preprocessors.append_eos_after_trim,
-            tag_language(tgt if src == "en" else src),
-        ],
+        preprocessors=text_preprocessors(tgt if src == "en" else src),
         output_features=output_features(vocab))
   return names
 
