@@ -111,13 +111,6 @@ def hf_sources(source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**2
   return sources
 
 
-def hf_tensors(params, cfg: ModelConfig):
-  """(HF name, float32 array) pairs from an in-memory parameter tree."""
-  source = TreeSource(params)
-  for name, path, layer, shape in plan(cfg):
-    yield name, source.read(path, layer).reshape(shape)
-
-
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, scanned: bool = True,
                    source: str = "checkpoint"):
   """This project's parameter tree from HF GPT-2 tensors; missing, unexpected or misshapen

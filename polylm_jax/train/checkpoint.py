@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import logging
 import pathlib
 import shutil
@@ -101,9 +102,8 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def _abstract_state(self):
-    abstract = jax.eval_shape(lambda: self.train_step._init_state(0))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, self.train_step.state_shardings)
+    return with_shardings(jax.eval_shape(lambda: self.train_step._init_state(0)),
+                          self.train_step.state_shardings)
 
   def check_compatible(self, step: int, meta: dict[str, Any]) -> None:
     check_model_compatible(meta.get("model_config"), self.train_step.model_config,
@@ -131,6 +131,12 @@ class Checkpointer:
     return None
 
 
+def with_shardings(abstract, shardings):
+  """Restore targets: each abstract array with the sharding it should be read into."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def check_model_compatible(saved: dict[str, Any] | None, current: ModelConfig, where: str) -> None:
   """Parameters saved for another model fail here, naming the mismatched names and shapes."""
   if saved is None:
@@ -151,7 +157,6 @@ def check_model_compatible(saved: dict[str, Any] | None, current: ModelConfig, w
 def load_initial_params(directory: str | pathlib.Path, train_step):
   """Parameters written by `polylm-import` (or any params-only Orbax checkpoint with meta.json),
   restored straight into the train step's parameter shardings."""
-  import json
   directory = pathlib.Path(directory)
   meta_path = directory / "meta.json"
   if not meta_path.is_file():
@@ -159,9 +164,8 @@ def load_initial_params(directory: str | pathlib.Path, train_step):
                             f"with polylm-import)")
   meta = json.loads(meta_path.read_text())
   check_model_compatible(meta.get("model_config"), train_step.model_config, str(directory))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          model_params.abstract_params(train_step.model_config),
-                          train_step.param_shardings)
+  abstract = with_shardings(model_params.abstract_params(train_step.model_config),
+                            train_step.param_shardings)
   return ocp.StandardCheckpointer().restore((directory / "params").absolute(), abstract)
 
 

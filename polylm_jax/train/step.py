@@ -92,8 +92,7 @@ class TrainStep:
     self._step = jax.jit(
         self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    self._eval = jax.jit(lambda p, b: (lambda s, a: (s, a["weight"]))(*self._loss_sums(p, b)),
-                         in_shardings=(self.param_shardings, self.batch_sharding),
+    self._eval = jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.batch_sharding),
                          out_shardings=(replicated, replicated))
 
   def check_batch_shape(self, batch_size: int) -> None:
@@ -196,6 +195,10 @@ class TrainStep:
   def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     with self.mesh, sharding.activate(self.mesh, self.rules):
       return self._step(state, batch)
+
+  def _eval_sums(self, params, batch):
+    loss_sum, aux = self._loss_sums(params, batch)
+    return loss_sum, aux["weight"]
 
   def eval_sums(self, params, batch) -> tuple[jax.Array, jax.Array]:
     """Summed held-out NLL and the number of target tokens of one placed batch."""
