@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -145,21 +146,33 @@ def attention_table(args) -> None:
             print(f"{'':>27} pallas_gpu / {base} (fwd+bwd): {row['pallas_gpu'] / row[base]:.2f}x")
 
 
-def train_step_mfu(args) -> None:
+def train_step_mfu(args) -> bool:
   print("\n== 3. train step of the polylm_1.7b config ==")
-  from polylm_jax import sharding
   from polylm_jax.config import PRESETS
+  impls = args.impl or ("pallas_gpu" if args.smoke else "pallas_gpu,cudnn")
+  ok = True
+  for impl in impls.split(","):
+    if args.smoke:
+      cfg = PRESETS["tiny"].replace(attention_impl=impl, attention_interpret=True,
+                                    attention_block_q=16, attention_block_k=16)
+      batch, length, reps = 2, 64, 1
+    else:
+      cfg = PRESETS["polylm_1.7b"].replace(num_layers=args.layers, attention_impl=impl,
+                                           remat_policy=args.remat)
+      batch, length, reps = args.batch, 2048, args.train_reps
+    try:
+      one_train_step(args, cfg, batch, length, reps)
+    except Exception:  # report, then measure the next implementation
+      traceback.print_exc()
+      ok = False
+  return ok
+
+
+def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
+  from polylm_jax import sharding
   from polylm_jax.train import flops
   from polylm_jax.train.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
-  if args.smoke:
-    cfg = PRESETS["tiny"].replace(attention_impl="pallas_gpu", attention_interpret=True,
-                                  attention_block_q=16, attention_block_k=16)
-    batch, length, reps = 2, 64, 1
-  else:
-    cfg = PRESETS["polylm_1.7b"].replace(num_layers=args.layers, attention_impl=args.impl,
-                                         remat_policy=args.remat)
-    batch, length, reps = args.batch, 2048, args.reps
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 1000)
   state = step.init(0)
@@ -174,8 +187,10 @@ def train_step_mfu(args) -> None:
   data = step.place_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
                            "weights": (seg > 0).astype(np.float32), "positions": pos,
                            "segment_ids": seg})
+  t = time.perf_counter()
   state, m = step(state, data)  # compile
   jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t
   t = time.perf_counter()
   for _ in range(reps):
     state, m = step(state, data)
@@ -186,9 +201,10 @@ def train_step_mfu(args) -> None:
   peak = flops.peak_flops_per_device(device, args.peak_flops)
   mfu = flops.train_flops_per_token(cfg, length) * tokens_per_s / peak if peak else float("nan")
   print(f"{cfg.name}: {cfg.num_layers} layers (released: 24), batch {batch} x {length}, "
-        f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, device {device.device_kind}")
+        f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, device {device.device_kind}, "
+        f"first step (compile) {compile_s:.0f} s")
   print(f"step {dt * 1e3:.1f} ms, {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, loss "
-        f"{float(m['loss']):.3f}")
+        f"{float(m['loss']):.3f}", flush=True)
   stats = getattr(device, "memory_stats", lambda: None)()
   if stats and "peak_bytes_in_use" in stats:
     print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
@@ -202,20 +218,31 @@ def main():
   parser.add_argument("--block_k", type=int, default=64)
   parser.add_argument("--layers", type=int, default=24, help="1.7B depth (lower if memory fails)")
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--impl", default="pallas_gpu")
+  parser.add_argument("--impl", default=None,
+                      help="comma-separated attention implementations for the train step "
+                           "(default pallas_gpu,cudnn; pallas_gpu with --smoke)")
+  parser.add_argument("--train_reps", type=int, default=5)
   parser.add_argument("--remat", default="dots_no_batch")
   parser.add_argument("--peak_flops", type=float, default=None)
   parser.add_argument("--sections", default="1,2,3")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, devices {jax.devices()}")
   sections = set(args.sections.split(","))
-  ok = correctness(args) if "1" in sections else True
-  if "2" in sections:
-    attention_table(args)
-  if "3" in sections:
-    train_step_mfu(args)
+  # Each section runs even when an earlier one breaks: device time is scarce, and one failed
+  # compile (e.g. an API change in the GPU machine's newer jax) must not hide the other figures.
+  ok = True
+  for name, fn in (("1", correctness), ("2", attention_table), ("3", train_step_mfu)):
+    if name not in sections:
+      continue
+    start = time.perf_counter()
+    try:
+      ok &= fn(args) is not False
+    except Exception:  # reported in full, then counted as a failure
+      traceback.print_exc()
+      ok = False
+    print(f"(section {name}: {time.perf_counter() - start:.0f} s)", flush=True)
   if not ok:
-    raise SystemExit("correctness check FAILED")
+    raise SystemExit("gpu check FAILED (see above)")
 
 
 if __name__ == "__main__":
