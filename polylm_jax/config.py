@@ -37,6 +37,10 @@ class ModelConfig:
   attention_interpret: bool = False  # run Pallas kernels in the interpreter (tests on CPU)
   attention_block_q: int = 128
   attention_block_k: int = 128
+  # Backward-kernel blocks; 0 = as the forward. On an H100, forward 128x64 with backward 64x64 beat
+  # 128x128 for both by 14% (docs/kernels.md).
+  attention_bwd_block_q: int = 0
+  attention_bwd_block_k: int = 0
 
   def __post_init__(self):
     if self.d_model % self.num_heads:

@@ -16,13 +16,19 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: Triton block shapes; PolyLM
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Query / key block lengths (forward and both backward kernels). Clamped to the sequence length."""
+  """Query / key block lengths of the forward kernel and (bwd_*; None = as forward) of both backward
+  kernels, which favour smaller blocks on GPUs (bench/gpu_check.py's sweep). Clamped to the length."""
 
   block_q: int = 128
   block_k: int = 128
+  bwd_block_q: int | None = None
+  bwd_block_k: int | None = None
 
   def for_length(self, length: int) -> tuple[int, int]:
     return min(self.block_q, length), min(self.block_k, length)
+
+  def backward(self) -> "BlockSizes":
+    return BlockSizes(self.bwd_block_q or self.block_q, self.bwd_block_k or self.block_k)
 
 
 def check_inputs(q, k, v, segment_ids, blocks: BlockSizes, *, impl: str) -> tuple[int, int]:
@@ -38,7 +44,9 @@ def check_inputs(q, k, v, segment_ids, blocks: BlockSizes, *, impl: str) -> tupl
     raise ValueError(f"{impl}: head_dim {head_dim} is not supported; use one of {HEAD_DIMS} "
                      f"(d_model / num_heads), or attention_impl='xla'")
   block_q, block_k = blocks.for_length(length)
-  for name, b in (("block_q", block_q), ("block_k", block_k)):
+  bwd_q, bwd_k = blocks.backward().for_length(length)
+  for name, b in (("block_q", block_q), ("block_k", block_k), ("bwd_block_q", bwd_q),
+                  ("bwd_block_k", bwd_k)):
     if b < 16 or b & (b - 1):
       raise ValueError(f"{impl}: {name}={b} must be a power of two >= 16 (sequence length "
                        f"{length}); pad the sequence or change BlockSizes")

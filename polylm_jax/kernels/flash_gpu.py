@@ -24,9 +24,12 @@ from polylm_jax.kernels.common import (MASK_VALUE, BlockSizes, block_mask, check
                                        segment_ids_or_one)
 
 
-def _compiler_params(head_dim: int):
+def _compiler_params(head_dim: int, block_q: int, block_k: int):
+  # H100 sweep at head_dim 128 (docs/kernels.md): 8 warps only pay off for 128x128 tiles; 4 warps
+  # win for every smaller tile; 3 pipeline stages are never worse than 2.
   from jax.experimental.pallas import triton as plgpu
-  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  big_tile = head_dim > 64 and block_q * block_k >= 128 * 128
+  return plgpu.CompilerParams(num_warps=8 if big_tile else 4, num_stages=3)
 
 
 def _ranges_overlap(seg_a, seg_b):
@@ -141,17 +144,17 @@ def _forward(q, k, v, seg, causal, blocks, interpret):
       in_specs=[rows, full, full, seg_spec], out_specs=[rows, stat_rows],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)],
-      compiler_params=None if interpret else _compiler_params(head_dim),
+      compiler_params=None if interpret else _compiler_params(head_dim, block_q, block_k),
       interpret=interpret, name="polylm_flash_fwd_gpu")(q, k, v, seg)
 
 
 def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   batch, length, heads, head_dim = q.shape
-  block_q, block_k = blocks.for_length(length)
+  block_q, block_k = blocks.backward().for_length(length)
   scale = head_dim ** -0.5
   # delta_i = sum_d o_id * do_id: one fused XLA reduction, read by both kernels.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  params = None if interpret else _compiler_params(head_dim)
+  params = None if interpret else _compiler_params(head_dim, block_q, block_k)
   rows_q, full, stat_q, stat_full, seg_spec = _specs(block_q, length, head_dim)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),

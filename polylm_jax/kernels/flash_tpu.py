@@ -205,7 +205,7 @@ def _forward(q, k, v, seg, causal, blocks, interpret):
 
 def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   batch, length, heads, head_dim = q.shape
-  qt, kt, vt, qseg, kseg, ranges, block_q, block_k = _layout(q, k, v, seg, blocks)
+  qt, kt, vt, qseg, kseg, ranges, block_q, block_k = _layout(q, k, v, seg, blocks.backward())
   dot_ = jnp.swapaxes(do, 1, 2)
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   delta = jnp.broadcast_to(delta[..., None], (*delta.shape, LANES))
@@ -240,7 +240,9 @@ def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True,
 
   `interpret=True` runs the same kernels in the Pallas TPU interpreter (any platform; for tests)."""
   block_q, block_k = check_inputs(q, k, v, segment_ids, blocks, impl="pallas_tpu")
-  if not interpret and block_k % LANES:
-    raise ValueError(f"pallas_tpu: block_k={block_k} must be a multiple of {LANES} on TPU "
-                     f"(segment-id lanes); use a sequence of at least {LANES} tokens")
+  for name, b in (("block_k", block_k),
+                  ("bwd_block_k", blocks.backward().for_length(q.shape[1])[1])):
+    if not interpret and b % LANES:
+      raise ValueError(f"pallas_tpu: {name}={b} must be a multiple of {LANES} on TPU "
+                       f"(segment-id lanes); use a sequence of at least {LANES} tokens")
   return _flash(q, k, v, segment_ids_or_one(q, segment_ids), causal, blocks, interpret)

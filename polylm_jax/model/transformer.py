@@ -40,7 +40,9 @@ class Attention(nnx.Module):
     self.dtype = cfg.compute_dtype
     self.impl = cfg.attention_impl
     self.interpret = cfg.attention_interpret
-    self.kernel_blocks = BlockSizes(cfg.attention_block_q, cfg.attention_block_k)
+    self.kernel_blocks = BlockSizes(cfg.attention_block_q, cfg.attention_block_k,
+                                    cfg.attention_bwd_block_q or None,
+                                    cfg.attention_bwd_block_k or None)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     dt = self.dtype
