@@ -1,6 +1,7 @@
 # Sourced by the setup scripts: creates (once) and activates the project's virtualenv in .venv and
-# installs the given requirements file plus the package itself (editable, for the console scripts).
-# Usage: source launch/env.sh requirements.txt
+# installs the given requirements file plus the package itself (editable, for the console scripts),
+# then the optional second file with --no-deps (see requirements-beam.txt for why one is needed).
+# Usage: source launch/env.sh requirements.txt [requirements-beam-nodeps.txt]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -12,4 +13,7 @@ fi
 source "$ROOT/.venv/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -r "$ROOT/${1:-requirements.txt}" -e "$ROOT"
+if [ -n "${2:-}" ]; then
+  python -m pip install --quiet --no-deps -r "$ROOT/$2"
+fi
 cd "$ROOT"

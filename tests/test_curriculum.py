@@ -8,7 +8,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from polylm_jax.data import pipeline, sample, tasks, tokenizer
+from polylm_jax.data import packing, pipeline, sample, tasks, tokenizer
 from polylm_jax.data.curriculum import Curriculum, Stage, check_has_data, resolve_rates
 
 SP = tokenizer.load(sample.TOKENIZER_MODEL)
@@ -49,21 +49,15 @@ def test_a_language_with_a_rate_but_no_data_fails_at_start():
             splits=("train",)),
         preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
                        seqio.preprocessors.tokenize, tasks.tag_language("en")],
-        output_features=tasks.output_features(tasks.vocabulary()))
+        output_features=tasks.output_features(tasks.vocabulary(), blocks=False))
   mixtures = Curriculum(stages=(Stage(rates={"en": 0.5, name: 0.5}),)).mixtures()
   with pytest.raises(ValueError, match="'polylm_test_empty' has a positive rate but no train data"):
     check_has_data(mixtures)
 
 
 def _languages(batch):
-  """The sample languages of the documents packed in a batch."""
-  found = set()
-  for row in range(batch["targets"].shape[0]):
-    seg = batch["segment_ids"][row]
-    for s in range(1, seg.max() + 1):
-      text = SP.decode(batch["targets"][row][seg == s][:-1].tolist())
-      found |= {l for l in sample.LANGUAGES if text in sample.sample_lines(l, "train")}
-  return found
+  """The languages of the tokens of a batch (from their language tags)."""
+  return {sample.LANGUAGES[t - 1] for t in np.unique(batch["languages"][batch["weights"] > 0])}
 
 
 TWO_STAGES = Curriculum(stages=(Stage(start_step=0, rates={"th": 1.0}, name="thai"),
@@ -98,13 +92,8 @@ def test_host_shards_are_disjoint_and_cover_the_data():
   config = pipeline.DataConfig(mixture="polylm_pt_de", seq_len=64, batch_size=4, shuffle=False)
 
   def documents(index, shards):
-    docs = []
-    for batch in pipeline.batches(config, shard_index=index, num_shards=shards, num_epochs=1):
-      for row in range(batch["targets"].shape[0]):
-        seg = batch["segment_ids"][row]
-        docs += [SP.decode(batch["targets"][row][seg == s][:-1].tolist())
-                 for s in range(1, seg.max() + 1)]
-    return docs
+    rows = pipeline.batches(config, shard_index=index, num_shards=shards, num_epochs=1)
+    return [SP.decode(d) for d in packing.whole_documents(rows)]
   whole, a, b = documents(0, 1), documents(0, 2), documents(1, 2)
   assert not set(a) & set(b)
   assert len(a) + len(b) == len(set(a) | set(b))
@@ -121,10 +110,10 @@ def test_bitext_tasks_pair_parallel_sentences_with_a_configurable_format():
   assert "polylm_bitext_th_en" in seqio.TaskRegistry.names()
   ds = seqio.get_mixture_or_task(names[0]).get_dataset(
       sequence_length={"targets": 256, "lang": 256}, split="train", shuffle=False)
-  first = next(iter(ds))
+  first = next(iter(ds))  # a block of documents
   de, ja = sample.sample_lines("de", "train")[0], sample.sample_lines("ja", "train")[0]
-  assert SP.decode(first["targets"].numpy()[:-1].tolist()) == f"<de> {de} <ja> {ja}"
-  assert set(first["lang"].numpy().tolist()) == {sample.LANGUAGES.index("de") + 1}
+  assert SP.decode(first["targets"][0].numpy()[:-1].tolist()) == f"<de> {de} <ja> {ja}"
+  assert set(first["lang"].flat_values.numpy().tolist()) == {sample.LANGUAGES.index("de") + 1}
   # Bilingual data mixes into a curriculum stage like any task.
   rates = resolve_rates(Stage(rates={"en": 0.5, "polylm_bitext_en_th": 0.5}))
   assert rates == {"polylm_pt_en": 0.5, "polylm_bitext_en_th": 0.5}

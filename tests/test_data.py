@@ -47,28 +47,53 @@ def pipeline():
 
 
 def test_packed_batches_are_consistent(pipeline):
+  """Rows are full (no padding in training), documents keep their own positions, BOS-started
+  inputs, EOS and language; a document cut at a row end continues in a later row of its task."""
   cfg = pipeline.DataConfig(seq_len=64, batch_size=4, seed=1)
   sp = tokenizer.load(sample.TOKENIZER_MODEL)
   batch = next(pipeline.batches(cfg))
   assert set(batch) == {"inputs", "targets", "weights", "positions", "segment_ids", "languages"}
   assert batch["segment_ids"].max(axis=1).sum() > 4, "short sentences are packed several to a row"
+  np.testing.assert_array_equal(batch["weights"], 1.0)
   for row in range(4):
     seg, pos = batch["segment_ids"][row], batch["positions"][row]
-    inp, tgt, w = batch["inputs"][row], batch["targets"][row], batch["weights"][row]
-    np.testing.assert_array_equal(w, (seg > 0).astype(np.float32))
+    inp, tgt = batch["inputs"][row], batch["targets"][row]
+    assert seg[0] == 1 and np.all(np.diff(seg) >= 0) and np.all(np.diff(seg) <= 1)
+    tags = set(batch["languages"][row].tolist())
+    assert len(tags) == 1, "a row holds one task's documents"
+    lang = sample.LANGUAGES[tags.pop() - 1]
     for s in range(1, seg.max() + 1):
       idx = np.flatnonzero(seg == s)
       np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
-      assert inp[idx[0]] == 1  # each document starts from BOS
       np.testing.assert_array_equal(inp[idx[1:]], tgt[idx[:-1]])  # inputs are shifted targets
-      assert tgt[idx[-1]] == 2  # ... and end with EOS
-      text = sp.decode(tgt[idx[:-1]].tolist())
-      # The language tag survives packing: one tag per document, the document's own language.
-      tags = set(batch["languages"][row][idx].tolist())
-      assert len(tags) == 1
-      lang = sample.LANGUAGES[tags.pop() - 1]
-      assert text in sample.sample_lines(lang, "train")
-    assert not batch["languages"][row][seg == 0].any()
+      whole_start, whole_end = s > 1, s < seg.max()
+      if whole_start:
+        assert inp[idx[0]] == 1  # a document starts from BOS
+      if whole_end:
+        assert tgt[idx[-1]] == 2  # ... and ends with EOS
+      if whole_start and whole_end:
+        assert sp.decode(tgt[idx[:-1]].tolist()) in sample.sample_lines(lang, "train")
+
+
+def test_packing_cuts_long_documents_without_losing_tokens():
+  import tensorflow as tf
+  from polylm_jax.data import packing
+  docs = [[5, 6, 7, 2], [8, 2], list(range(10, 19)) + [2], [20, 2]]
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({"targets": np.array(d, np.int32)} for d in docs),
+      output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+  rows = list(packing.pack(ds, 4, docs_per_batch=3, flush=True).as_numpy_iterator())
+  flat = np.concatenate([r["targets"][r["weights"] > 0] for r in rows])
+  np.testing.assert_array_equal(flat, np.concatenate(docs))  # every token, in order, once
+  assert [r["segment_ids"].tolist() for r in rows] == [
+      [1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+  assert [r["positions"].tolist() for r in rows] == [
+      [0, 1, 2, 3], [0, 1, 0, 1], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 0]]
+  # Continuations of the long document (rows 2, 3) read their true previous tokens, not BOS.
+  assert rows[1]["inputs"].tolist() == [1, 8, 1, 10]
+  assert rows[2]["inputs"].tolist() == [11, 12, 13, 14]
+  assert rows[3]["inputs"].tolist() == [15, 16, 17, 18]
+  assert rows[4]["weights"].tolist() == [1, 1, 0, 0]
 
 
 def test_same_seed_same_batches_other_seed_other_batches(pipeline):

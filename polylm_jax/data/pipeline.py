@@ -1,4 +1,5 @@
-"""Packed, sharded batches from a seqio Task or Mixture, as numpy dicts the train step consumes.
+"""Packed, sharded batches from a seqio Task or Mixture, as numpy dicts the train step consumes
+(inputs, targets, weights, positions, segment_ids, languages; packing.py says how rows are made).
 
 Each process reads only its shard (seqio ShardInfo) and returns its rows of the global batch; the
 trainer assembles global arrays with `jax.make_array_from_process_local_data`.
@@ -15,64 +16,65 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-BOS_ID = 1
+from polylm_jax.data import cache, packing
 
 
-class LanguageTaggedLMConverter(seqio.LMFeatureConverter):
-  """seqio's LM converter that also packs the per-token language tag (`lang`) alongside
-  `targets`, so every packed token still knows its language (`decoder_languages`)."""
-
-  TASK_FEATURES = {"targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
-                   "lang": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
-  MODEL_FEATURES = {**seqio.LMFeatureConverter.MODEL_FEATURES,
-                    "decoder_languages": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
-
-  def _convert_example(self, features):
-    out = dict(super()._convert_example(features))
-    out["decoder_languages"] = features["lang"]
-    return out
-
-  def _convert_features(self, ds, task_feature_lengths):
-    lengths = dict(task_feature_lengths, lang=task_feature_lengths["targets"])
-    return super()._convert_features(ds, lengths)
-
-  def get_model_feature_lengths(self, task_feature_lengths):
-    out = dict(super().get_model_feature_lengths(task_feature_lengths))
-    out["decoder_languages"] = task_feature_lengths["targets"]
-    return out
-
-
-def language_tagged(name: str) -> bool:
-  """Whether every task of a mixture (or the task) carries the `lang` feature."""
+def mixture_tasks(name: str) -> list[tuple[seqio.Task, float]]:
+  """(task, rate) of a Mixture (nested mixtures flattened), or [(task, 1.0)] for a Task."""
   provider = seqio.get_mixture_or_task(name)
-  return all("lang" in t.output_features for t in getattr(provider, "tasks", [provider]))
+  if isinstance(provider, seqio.Mixture):
+    return [(t, float(provider.get_rate(t))) for t in provider.tasks]
+  return [(provider, 1.0)]
+
+
+def _task_seed(seed: int, index: int) -> int:
+  return seed * 1_000_003 + index  # distinct, reproducible shuffles per task
+
+
+def _task_rows(task: seqio.Task, index: int, config: DataConfig, *, shard_index: int,
+               num_shards: int, shuffle: bool, num_epochs: int | None) -> tf.data.Dataset:
+  """One task's documents, packed into rows (seqio reads, shards, preprocesses, shuffles)."""
+  use_cached = config.use_cached and task.supports_caching
+  if use_cached and not task.cache_dir:
+    raise ValueError(f"DataConfig.use_cached: task {task.name!r} has no completed cache in "
+                     f"DataConfig.cache_dirs={list(config.cache_dirs)} (make one with "
+                     f"polylm-cache)")
+  if config.use_cached and not use_cached:
+    logging.info("DataConfig.use_cached: task %s is not cacheable, preprocessed on the fly",
+                 task.name)
+  docs = task.get_dataset(sequence_length=None, split=config.split, shuffle=shuffle,
+                          seed=_task_seed(config.seed, index), use_cached=use_cached,
+                          shard_info=seqio.ShardInfo(shard_index, num_shards),
+                          num_epochs=num_epochs, trim_output_features=False)
+  if "targets" not in docs.element_spec:
+    raise ValueError(f"task {task.name!r} has no 'targets' feature (features: "
+                     f"{sorted(docs.element_spec)})")
+  if cache.is_packed(docs.element_spec):  # rows already (a packed-row task, cached or not)
+    cache.check_row_length(task.name, docs, config.seq_len)
+    return docs.map(lambda r: {k: tf.ensure_shape(r[k], [config.seq_len]) for k in cache.ROW_KEYS})
+  rows = packing.pack(docs, config.seq_len, flush=num_epochs is not None)
+  if "languages" not in rows.element_spec:  # untagged task: language 0 ("none") on every token
+    rows = rows.map(lambda r: dict(r, languages=tf.zeros_like(r["segment_ids"])))
+  return rows
 
 
 def _get_dataset(config: DataConfig, *, shard_index: int, num_shards: int, shuffle: bool,
                  num_epochs: int | None) -> tf.data.Dataset:
-  """Packed rows (seqio), language-tagged when every task carries `lang`."""
-  tagged = language_tagged(config.mixture)
-  lengths = {"targets": config.seq_len}
-  if tagged:
-    lengths["lang"] = config.seq_len
-  # Every document's first decoder input is BOS (id 1, as in PolyLM's vocabulary), not seqio's
-  # default 0, which is <unk> here.
-  converter = (LanguageTaggedLMConverter(pack=True, bos_id=BOS_ID) if tagged
-               else seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID))
-  return seqio.get_dataset(
-      config.mixture, task_feature_lengths=lengths, feature_converter=converter,
-      dataset_split=config.split, shuffle=shuffle, num_epochs=num_epochs,
-      shard_info=seqio.ShardInfo(shard_index, num_shards), seed=config.seed, verbose=False)
-
-# Rename seqio's decoder features to the train step's batch keys.
-FEATURE_KEYS = {
-    "decoder_input_tokens": "inputs",
-    "decoder_target_tokens": "targets",
-    "decoder_loss_weights": "weights",
-    "decoder_positions": "positions",
-    "decoder_segment_ids": "segment_ids",
-    "decoder_languages": "languages",  # only for language-tagged tasks
-}
+  """Packed rows of the mixture: each task packed on its own, rows mixed by the mixture's rates
+  (so rates are shares of tokens, every row holds one task's documents). A finite pass
+  (num_epochs set, e.g. evaluation) reads the tasks one after another instead."""
+  pairs = mixture_tasks(config.mixture)
+  seqio.add_global_cache_dirs(list(config.cache_dirs))  # where task.cache_dir looks
+  rows = [_task_rows(t, i, config, shard_index=shard_index, num_shards=num_shards,
+                     shuffle=shuffle, num_epochs=num_epochs) for i, (t, _) in enumerate(pairs)]
+  if num_epochs is not None or len(rows) == 1:
+    ds = rows[0]
+    for more in rows[1:]:
+      ds = ds.concatenate(more)
+    return ds
+  total = sum(rate for _, rate in pairs)
+  return tf.data.Dataset.sample_from_datasets(
+      rows, weights=[rate / total for _, rate in pairs], seed=config.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,9 @@ class DataConfig:
   seed: int = 0
   split: str = "train"
   shuffle: bool = True
+  # Read cacheable tasks from their Beam-made caches (polylm-cache) in these directories.
+  use_cached: bool = False
+  cache_dirs: tuple[str, ...] = ()
 
 
 class _Once(logging.Filter):
@@ -132,13 +137,12 @@ def packed_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int 
                      f"Task (import the module that registers it, e.g. polylm_jax.data.tasks)")
   ds = _get_dataset(config, shard_index=shard_index, num_shards=num_shards,
                     shuffle=config.shuffle, num_epochs=num_epochs)
-  return ds.batch(config.batch_size // num_shards, drop_remainder=True)
+  rows = config.batch_size // num_shards
+  return ds.batch(rows, drop_remainder=True).prefetch(2)
 
 
 def _to_numpy(raw) -> dict[str, np.ndarray]:
-  batch = {ours: raw[theirs].numpy() for theirs, ours in FEATURE_KEYS.items() if theirs in raw}
-  batch["weights"] = batch["weights"].astype(np.float32)
-  return batch
+  return {k: v.numpy() for k, v in raw.items()}
 
 
 class BatchIterator:
@@ -147,7 +151,7 @@ class BatchIterator:
   The state is the tf.data iterator's own checkpoint (shuffle buffers, mixture sampler, in-memory
   caches of small tasks), written per process with `tf.train.Checkpoint`: restoring it resumes at
   the very next batch in O(1), whatever the position. Its size is that of the buffered elements
-  (about 13 MB for the sample mixture) and grows with shuffle buffer and cached-task sizes.
+  (about 6 MB for the sample mixture) and grows with the shuffle buffers (docs/data.md).
   `position` counts the batches this iterator has returned.
   """
 

@@ -15,7 +15,7 @@ import functools
 import seqio
 import tensorflow as tf
 
-from polylm_jax.data import sample
+from polylm_jax.data import documents, sample
 
 TASK_PREFIX = "polylm_pt_"
 SAMPLE_MIXTURE = "polylm_sample"
@@ -29,23 +29,32 @@ def vocabulary(model_path: str = str(sample.TOKENIZER_MODEL)) -> seqio.SentenceP
 LANGUAGE_FEATURE = "lang"
 
 
-def output_features(vocab: seqio.Vocabulary, *, language_tagged: bool = True
-                    ) -> dict[str, seqio.Feature]:
+def output_features(vocab: seqio.Vocabulary, *, language_tagged: bool = True,
+                    blocks: bool = True) -> dict[str, seqio.Feature]:
   """`targets`, plus the per-token language tag `lang` (1 + index in sample.LANGUAGES; 0 none)
-  that lets the trainer report training loss per language through packing."""
-  features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)}
+  that lets the trainer report training loss per language through packing. `blocks`: elements
+  are blocks of documents (rank 2, as documents.tokenize_records makes them) rather than one
+  document each (rank 1, as seqio's own per-example preprocessors make them)."""
+  rank = 2 if blocks else 1
+  features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32, rank=rank)}
   if language_tagged:
     features[LANGUAGE_FEATURE] = seqio.Feature(
         vocabulary=seqio.PassThroughVocabulary(len(sample.LANGUAGES) + 1), add_eos=False,
-        dtype=tf.int32)
+        dtype=tf.int32, rank=rank)
   return features
 
 
-def tag_language(lang: str):
-  """Preprocessor (after tokenize + EOS): every target token is tagged with `lang`."""
+def language_tag(lang: str) -> int:
+  """The `lang` feature value of a language: 1 + its index in sample.LANGUAGES (0: none)."""
   if lang not in sample.LANGUAGES:
-    raise ValueError(f"tag_language: {lang!r} is not one of {sample.LANGUAGES}")
-  tag = sample.LANGUAGES.index(lang) + 1
+    raise ValueError(f"language {lang!r} is not one of {sample.LANGUAGES}")
+  return sample.LANGUAGES.index(lang) + 1
+
+
+def tag_language(lang: str):
+  """Per-example preprocessor (after tokenize + EOS) for tasks you write with seqio's own
+  preprocessors: every target token is tagged with `lang`."""
+  tag = language_tag(lang)
 
   def fn(ds):
     return ds.map(lambda ex: dict(ex, **{LANGUAGE_FEATURE: tf.fill(tf.shape(ex["targets"]), tag)}),
@@ -53,14 +62,12 @@ def tag_language(lang: str):
   return fn
 
 
-def text_preprocessors(lang: str) -> list:
-  """From {"text": ...} records to tagged `targets`: rekey, tokenize, EOS, language tag."""
-  return [
-      functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-      seqio.preprocessors.tokenize,
-      seqio.preprocessors.append_eos_after_trim,
-      tag_language(lang),
-  ]
+def text_preprocessors(task: str, lang: str,
+                       records: documents.RecordFilter = documents.RecordFilter(), *,
+                       parallel_blocks: int = 1) -> list:
+  """From records to blocks of tagged documents ({"targets": tokens + EOS, "lang"})."""
+  return [documents.tokenize_records(task, language_tag(lang), records,
+                                     parallel_blocks=parallel_blocks)]
 
 
 def _sample_dataset_fn(lang: str):
@@ -83,8 +90,9 @@ def register_sample_tasks(vocab: seqio.Vocabulary | None = None) -> list[str]:
               _sample_dataset_fn(lang), splits=("train", "validation"),
               num_input_examples={s: len(sample.sample_lines(lang, s))
                                   for s in ("train", "validation")}),
-          preprocessors=text_preprocessors(lang),
-          output_features=output_features(vocab))
+          preprocessors=text_preprocessors(name, lang),
+          output_features=output_features(vocab),
+          shuffle_buffer_size=documents.SHUFFLE_BLOCKS)
     names.append(name)
   if SAMPLE_MIXTURE not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add(SAMPLE_MIXTURE, [(n, 1.0) for n in names])
@@ -122,8 +130,9 @@ def register_bitext_tasks(pairs=None, *, template: str = BITEXT_TEMPLATE,
         source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"),
                                         num_input_examples={s: len(sample.sample_lines(src, s))
                                                             for s in ("train", "validation")}),
-        preprocessors=text_preprocessors(tgt if src == "en" else src),
-        output_features=output_features(vocab))
+        preprocessors=text_preprocessors(name, tgt if src == "en" else src),
+        output_features=output_features(vocab),
+          shuffle_buffer_size=documents.SHUFFLE_BLOCKS)
   return names
 
 

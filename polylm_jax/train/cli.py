@@ -41,8 +41,9 @@ def register_configurables() -> None:
   gin.external_configurable(DataConfig, "DataConfig")
   gin.external_configurable(Curriculum, "Curriculum")
   gin.external_configurable(Stage, "Stage")
-  from polylm_jax.data.sources import TextCorpora
+  from polylm_jax.data.sources import BitextCorpora, TextCorpora
   gin.external_configurable(TextCorpora, "TextCorpora")
+  gin.external_configurable(BitextCorpora, "BitextCorpora")
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
   gin.external_configurable(CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(SpikeConfig, "SpikeConfig")
@@ -79,14 +80,15 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
 
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
         data=gin.REQUIRED, trainer=gin.REQUIRED, checkpoint=CheckpointConfig(),
-        spikes=SpikeConfig(), curriculum=None, corpora=None):
+        spikes=SpikeConfig(), curriculum=None, corpora=None, bitext=None):
   """The gin entry point: wires the seqio pipeline to the training loop."""
   import jax
   import seqio
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
 
-  if corpora is not None:
-    corpora.register()  # before anything names the tasks
+  for registry in (corpora, bitext):  # TextCorpora, BitextCorpora: before anything names a task
+    if registry is not None:
+      registry.register()
   if data.seq_len > model.max_length:
     raise SystemExit(f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length="
                      f"{model.max_length}")
