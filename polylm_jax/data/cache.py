@@ -24,9 +24,6 @@ import tensorflow as tf
 
 from polylm_jax.data import documents, packing, sample, tasks
 
-ROW_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "languages")
-
-
 def row_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   """The features of a packed-row task: one row of every key per example."""
   ids = seqio.PassThroughVocabulary(2**31 - 1)

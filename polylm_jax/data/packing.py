@@ -18,10 +18,11 @@ vectorized ops.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 BOS_ID = 1
-ROW_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
+ROW_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "languages")
 
 
 def _empty_carry(tagged: bool) -> dict[str, tf.Tensor]:
@@ -110,7 +111,6 @@ def pack(ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024,
 def whole_documents(batches, eos_id: int = 2) -> list[list[int]]:
   """The documents (tokens without EOS) of consecutive batches of one task's rows, rejoined across
   row cuts; a trailing document with no EOS yet is left out. For inspecting and testing data."""
-  import numpy as np
   stream = np.concatenate([b["targets"][b["weights"] > 0] for b in batches] or [np.zeros(0)])
   ends = np.flatnonzero(stream == eos_id)
   starts = np.concatenate([[0], ends[:-1] + 1])

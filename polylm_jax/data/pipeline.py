@@ -51,7 +51,8 @@ def _task_rows(task: seqio.Task, index: int, config: DataConfig, *, shard_index:
                      f"{sorted(docs.element_spec)})")
   if cache.is_packed(docs.element_spec):  # rows already (a packed-row task, cached or not)
     cache.check_row_length(task.name, docs, config.seq_len)
-    return docs.map(lambda r: {k: tf.ensure_shape(r[k], [config.seq_len]) for k in cache.ROW_KEYS})
+    return docs.map(lambda r: {k: tf.ensure_shape(r[k], [config.seq_len])
+                               for k in packing.ROW_KEYS})
   rows = packing.pack(docs, config.seq_len, flush=num_epochs is not None)
   if "languages" not in rows.element_spec:  # untagged task: language 0 ("none") on every token
     rows = rows.map(lambda r: dict(r, languages=tf.zeros_like(r["segment_ids"])))
