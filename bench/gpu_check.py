@@ -166,7 +166,8 @@ def train_step_mfu(args) -> bool:
       cfg = PRESETS["polylm_1.7b"].replace(
           num_layers=args.layers, attention_impl=impl, remat_policy=remat,
           attention_block_q=args.block_q, attention_block_k=args.block_k,
-          attention_bwd_block_q=args.bwd_block_q, attention_bwd_block_k=args.bwd_block_k)
+          attention_bwd_block_q=args.bwd_block_q, attention_bwd_block_k=args.bwd_block_k,
+          loss_chunk=args.loss_chunk)
       batch, length, reps = args.batch, 2048, args.train_reps
     try:
       one_train_step(args, cfg, batch, length, reps)
@@ -211,7 +212,7 @@ def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
   print(f"{cfg.name}: {cfg.num_layers} layers (released: 24), batch {batch} x {length}, "
         f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, device {device.device_kind}, "
         f"blocks fwd {cfg.attention_block_q}x{cfg.attention_block_k} bwd "
-        f"{cfg.attention_bwd_block_q}x{cfg.attention_bwd_block_k}, "
+        f"{cfg.attention_bwd_block_q}x{cfg.attention_bwd_block_k}, loss_chunk {cfg.loss_chunk}, "
         f"first step (compile) {compile_s:.0f} s")
   print(f"step {dt * 1e3:.1f} ms, {tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, loss "
         f"{float(m['loss']):.3f}", flush=True)
@@ -282,6 +283,8 @@ def main():
   parser.add_argument("--remat", default="dots_no_batch",
                       help="comma-separated remat policies for the train step "
                            "('none' runs out of memory at batch 4 on 80 GB)")
+  parser.add_argument("--loss_chunk", type=int, default=0,
+                      help="ModelConfig.loss_chunk for the train step (0: whole logits)")
   parser.add_argument("--peak_flops", type=float, default=None)
   parser.add_argument("--sections", default="1,2,3,4")
   args = parser.parse_args()

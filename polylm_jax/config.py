@@ -41,6 +41,9 @@ class ModelConfig:
   # 128x128 for both by 14% (docs/kernels.md).
   attention_bwd_block_q: int = 0
   attention_bwd_block_k: int = 0
+  # Training loss over sequence chunks of this many tokens (0: all at once): the [B, T, vocab]
+  # float32 logits are never whole, only [B, loss_chunk, vocab] at a time (remat in backward).
+  loss_chunk: int = 0
 
   def __post_init__(self):
     if self.d_model % self.num_heads:

@@ -43,6 +43,30 @@ def test_gradient_accumulation_matches_one_big_batch(make_batch):
     _step(OptimizerConfig(warmup_steps=1, grad_accum_steps=3)).check_batch_shape(8)
 
 
+def test_chunked_loss_matches_the_whole_logits(make_batch):
+  """ModelConfig.loss_chunk: the same loss, per-language sums and gradients, in float32."""
+  batch = make_batch(0, 4, 32, TINY.vocab_size)
+  batch["languages"] = np.repeat(np.arange(4)[:, None] + 1, 32, axis=1).astype(np.int32)
+  results = []
+  for chunk in (0, 8):
+    cfg = TINY.replace(loss_chunk=chunk, dtype="float32")
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+    step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+    state = step.init(0)
+    with step.mesh, sharding.activate(step.mesh, step.rules):
+      results.append(jax.device_get(
+          jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch))))
+  (loss0, grads0, aux0), (loss1, grads1, aux1) = results
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+  np.testing.assert_allclose(aux1["language_loss"], aux0["language_loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads1, grads0)
+  with pytest.raises(ValueError, match="loss_chunk=12 does not divide the sequence length 32"):
+    cfg = TINY.replace(loss_chunk=12)
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+    step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+    step.loss_and_grads(step.init(0).params, step.place_batch(batch))
+
+
 def test_nonfinite_update_is_skipped_and_counted(make_batch):
   step = _step()
   state = step.init(0)

@@ -111,6 +111,11 @@ class PolyLM(nnx.Module):
     Packed rows pass per-document positions (restarting at 0) and segment ids; unpacked callers
     may leave both None.
     """
+    return self.logits(self.hidden(tokens, positions, segment_ids))
+
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final LayerNorm's output, float32 [B, T, d_model] (what the LM head reads)."""
     cfg = self.config
     if tokens.shape[1] > cfg.max_length:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_length="
@@ -120,9 +125,11 @@ class PolyLM(nnx.Module):
     x = jnp.take(self.wte[...], tokens, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
     x = constrain(x.astype(jnp.float32), BTD)
     x = self._blocks(x, segment_ids)
-    x = self.ln_f(x)
-    dt = cfg.compute_dtype
-    # LM head tied to the token embedding; logits accumulate and come out in float32.
+    return self.ln_f(x)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """LM head, tied to the token embedding: [B, T, d_model] -> float32 logits [B, T, vocab]."""
+    dt = self.config.compute_dtype
     logits = jnp.einsum("btd,vd->btv", x.astype(dt), self.wte[...].astype(dt),
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

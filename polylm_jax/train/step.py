@@ -128,9 +128,15 @@ class TrainStep:
   # --- step ---------------------------------------------------------------------------------
   def _loss_sums(self, params, batch):
     """(summed NLL, aux): aux holds the token count and, given "languages", per-language sums."""
-    logits = model_params.apply(self.graphdef, params, batch["inputs"], batch["positions"],
-                                batch["segment_ids"])
-    nll = token_nll(logits, batch["targets"])
+    chunk = self.model_config.loss_chunk
+    if chunk and chunk < batch["inputs"].shape[1]:
+      nll = model_params.token_nll_chunked(self.graphdef, params, batch["inputs"],
+                                           batch["targets"], batch["positions"],
+                                           batch["segment_ids"], chunk)
+    else:
+      logits = model_params.apply(self.graphdef, params, batch["inputs"], batch["positions"],
+                                  batch["segment_ids"])
+      nll = token_nll(logits, batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     aux = {"weight": jnp.sum(w)}
     if "languages" in batch:
