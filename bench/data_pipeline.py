@@ -15,6 +15,7 @@ Goals (data issue): 2 >= 50% of 1 per core; 3 >= 1M tokens/s per core.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import resource
@@ -88,7 +89,7 @@ def main():
   beam_wall = time.perf_counter() - t
   cached = pipeline.StagedBatches(
       Curriculum(stages=(Stage(rates={n: 1.0 for n in names}),)),
-      dataclasses_replace(config, use_cached=True, cache_dirs=(cache_dir,)))
+      dataclasses.replace(config, use_cached=True, cache_dirs=(cache_dir,)))
   for _ in range(args.warmup):
     next(cached)
   t, c = time.perf_counter(), cpu_seconds()
@@ -110,11 +111,6 @@ def main():
   print(f"3. Beam cache, read          : {cached_rate / 1e6:6.2f} M tokens per CPU-second "
         f"({cached_tokens / cached_wall / 1e6:.2f} M/s wall) (goal >= 1 M per core); making the "
         f"cache with DirectRunner took {beam_wall:.0f} s wall")
-
-
-def dataclasses_replace(obj, **kw):
-  import dataclasses
-  return dataclasses.replace(obj, **kw)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from polylm_jax.data import documents, packing, sample, tasks
 
+
 def row_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   """The features of a packed-row task: one row of every key per example."""
   ids = seqio.PassThroughVocabulary(2**31 - 1)
@@ -42,15 +43,9 @@ def packed_task_preprocessors(task: str, lang: str, records: documents.RecordFil
   """Tokenize, pack into rows of seq_len (each source shard ends with one padded row), then the
   cache placeholder: everything Beam should do once."""
 
-  def pack_rows(ds: tf.data.Dataset) -> tf.data.Dataset:
-    rows = packing.pack(ds, seq_len, flush=True)
-    if "languages" not in rows.element_spec:
-      rows = rows.map(lambda r: dict(r, languages=tf.zeros_like(r["segment_ids"])))
-    return rows
-
   return [documents.tokenize_records(task, tasks.language_tag(lang), records,
                                      parallel_blocks=parallel_blocks),
-          pack_rows, seqio.CacheDatasetPlaceholder()]
+          lambda ds: packing.pack(ds, seq_len, flush=True), seqio.CacheDatasetPlaceholder()]
 
 
 def is_packed(element_spec) -> bool:

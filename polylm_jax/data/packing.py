@@ -6,8 +6,8 @@ dropped, however long a document is. A document cut at a row end continues at th
 next row as a new segment (positions restart at 0; its first input is the true previous token).
 
 Per row the train step gets `inputs` (BOS + targets shifted right, per document), `targets`,
-`weights` (1 on tokens, 0 on padding), `positions` and `segment_ids` (1, 2, ... per row; 0 on
-padding) and, for language-tagged tasks, `languages`. Only a finite stream (evaluation) ends with
+`weights` (1 on tokens, 0 on padding), `positions`, `segment_ids` (1, 2, ... per row; 0 on
+padding) and `languages` (the `lang` tags; 0 for untagged tasks and padding). Only a finite stream (evaluation) ends with
 a padded row: `flush=True` emits the remainder.
 
 Why not seqio's packing: seqio's feature converters pack one example at a time in tf.data ops and
@@ -25,12 +25,10 @@ BOS_ID = 1
 ROW_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "languages")
 
 
-def _empty_carry(tagged: bool) -> dict[str, tf.Tensor]:
-  carry = {"targets": tf.zeros([0], tf.int32), "inputs": tf.zeros([0], tf.int32),
-           "doc": tf.zeros([0], tf.int64), "pos": tf.zeros([0], tf.int32)}
-  if tagged:
-    carry["lang"] = tf.zeros([0], tf.int32)
-  return carry
+def _empty_carry() -> dict[str, tf.Tensor]:
+  return {"targets": tf.zeros([0], tf.int32), "inputs": tf.zeros([0], tf.int32),
+          "doc": tf.zeros([0], tf.int64), "pos": tf.zeros([0], tf.int32),
+          "lang": tf.zeros([0], tf.int32)}
 
 
 def _stream(docs: dict[str, tf.RaggedTensor], first_doc: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -42,11 +40,10 @@ def _stream(docs: dict[str, tf.RaggedTensor], first_doc: tf.Tensor) -> dict[str,
   index = tf.range(tf.shape(flat, out_type=tf.int64)[0])
   pos = tf.cast(index - tf.gather(starts, rowids), tf.int32)
   previous = tf.concat([[BOS_ID], flat[:-1]], axis=0)
-  stream = {"targets": flat, "inputs": tf.where(pos == 0, BOS_ID, previous),
-            "doc": rowids + first_doc, "pos": pos}
-  if "lang" in docs:
-    stream["lang"] = tf.cast(docs["lang"].flat_values, tf.int32)
-  return stream
+  # Untagged documents: language 0 ("none") on every token.
+  lang = tf.cast(docs["lang"].flat_values, tf.int32) if "lang" in docs else tf.zeros_like(flat)
+  return {"targets": flat, "inputs": tf.where(pos == 0, BOS_ID, previous),
+          "doc": rowids + first_doc, "pos": pos, "lang": lang}
 
 
 def _rows(stream: dict[str, tf.Tensor], seq_len: int, num_rows: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -58,12 +55,9 @@ def _rows(stream: dict[str, tf.Tensor], seq_len: int, num_rows: tf.Tensor) -> di
   seg = tf.where(real, seg, 0)
   # A segment that began in an earlier row restarts its positions at this row's start.
   positions = tf.where(seg == 1, cut["pos"] - cut["pos"][:, :1], cut["pos"])
-  rows = {"inputs": cut["inputs"], "targets": cut["targets"],
+  return {"inputs": cut["inputs"], "targets": cut["targets"],
           "weights": tf.cast(real, tf.float32), "positions": tf.where(real, positions, 0),
-          "segment_ids": seg}
-  if "lang" in cut:
-    rows["languages"] = cut["lang"]
-  return rows
+          "segment_ids": seg, "languages": cut["lang"]}
 
 
 def _pad(stream: dict[str, tf.Tensor], seq_len: int) -> dict[str, tf.Tensor]:
@@ -75,11 +69,10 @@ def _pad(stream: dict[str, tf.Tensor], seq_len: int) -> dict[str, tf.Tensor]:
 
 def pack(ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024,
          flush: bool = False) -> tf.data.Dataset:
-  """Rows of `seq_len` tokens (dicts of [seq_len] tensors) from a dataset of documents
+  """Rows of `seq_len` tokens (dicts of ROW_KEYS, [seq_len] each) from a dataset of documents
   ({"targets": [n] int, optionally "lang": [n] int}) or of document blocks (the same as ragged
   [docs, n]: documents.tokenize_records; much faster). `flush` pads and emits the final partial row
   (for finite datasets); an infinite stream never ends and needs none."""
-  tagged = "lang" in ds.element_spec
   keys = [k for k in ("targets", "lang") if k in ds.element_spec]
   if ds.element_spec["targets"].shape.rank == 1:  # one document per element: batch them first
     ds = ds.map(lambda ex: {k: ex[k] for k in keys})
@@ -104,7 +97,7 @@ def pack(ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024,
     rest = {k: v[num_rows * seq_len:] for k, v in stream.items()}
     return (rest, next_doc + docs["targets"].nrows()), rows
 
-  initial = (_empty_carry(tagged), tf.constant(0, tf.int64))
+  initial = (_empty_carry(), tf.constant(0, tf.int64))
   return batches.scan(initial, step).unbatch()
 
 

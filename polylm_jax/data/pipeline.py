@@ -53,10 +53,7 @@ def _task_rows(task: seqio.Task, index: int, config: DataConfig, *, shard_index:
     cache.check_row_length(task.name, docs, config.seq_len)
     return docs.map(lambda r: {k: tf.ensure_shape(r[k], [config.seq_len])
                                for k in packing.ROW_KEYS})
-  rows = packing.pack(docs, config.seq_len, flush=num_epochs is not None)
-  if "languages" not in rows.element_spec:  # untagged task: language 0 ("none") on every token
-    rows = rows.map(lambda r: dict(r, languages=tf.zeros_like(r["segment_ids"])))
-  return rows
+  return packing.pack(docs, config.seq_len, flush=num_epochs is not None)
 
 
 def _get_dataset(config: DataConfig, *, shard_index: int, num_shards: int, shuffle: bool,
