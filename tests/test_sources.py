@@ -70,6 +70,7 @@ def test_jsonl_corpus_filters_on_the_language_id_score(tmp_path):
   with pytest.raises(ValueError, match="lang_score_field needs records with fields"):
     sources.TextCorpora(files={"th": {"train": str(tmp_path / "*.jsonl")}},
                         lang_score_field="lang_score").register()
+  assert "polylm_pt_th" in seqio.TaskRegistry.names()  # the refused setting replaced nothing
 
 
 def test_tfds_corpus_reads_a_prepared_dataset_offline(tmp_path):

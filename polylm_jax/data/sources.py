@@ -79,17 +79,18 @@ class TextCorpora:
 
   def _add(self, name: str, lang: str, source, records: documents.RecordFilter, vocab) -> None:
     if self.cache_seq_len:  # packed rows, cacheable: shuffled per row, not per block
-      seqio.TaskRegistry.add(
-          name, source=source, output_features=cache.row_output_features(vocab),
-          preprocessors=cache.packed_task_preprocessors(
-              name, lang, records, self.cache_seq_len, parallel_blocks=self.parallel_blocks),
-          shuffle_buffer_size=self.shuffle_blocks * documents.BLOCK_SIZE)
+      features = cache.row_output_features(vocab)
+      preprocessors = cache.packed_task_preprocessors(
+          name, lang, records, self.cache_seq_len, parallel_blocks=self.parallel_blocks)
+      buffer = self.shuffle_blocks * documents.BLOCK_SIZE
     else:
-      seqio.TaskRegistry.add(
-          name, source=source, output_features=tasks.output_features(vocab),
-          preprocessors=tasks.text_preprocessors(name, lang, records,
-                                                parallel_blocks=self.parallel_blocks),
-          shuffle_buffer_size=self.shuffle_blocks)
+      features = tasks.output_features(vocab)
+      preprocessors = tasks.text_preprocessors(name, lang, records,
+                                               parallel_blocks=self.parallel_blocks)
+      buffer = self.shuffle_blocks
+    _claim(name, self.replace)  # only now that the task is valid: a bad setting loses nothing
+    seqio.TaskRegistry.add(name, source=source, output_features=features,
+                           preprocessors=preprocessors, shuffle_buffer_size=buffer)
 
   def register(self, vocab: seqio.Vocabulary | None = None) -> list[str]:
     vocab = vocab or tasks.vocabulary()
@@ -100,7 +101,6 @@ class TextCorpora:
     for lang, splits in sorted((self.files or {}).items()):
       name = self.prefix + lang
       files = {split: _check_globs(name, split, p) for split, p in splits.items()}
-      _claim(name, self.replace)
       self._add(name, lang, seqio.TextLineDataSource(files), self._filter(self.record_format),
                 vocab)
       logging.info("registered %s over %s (%s records)", name, dict(splits), self.record_format)
@@ -110,7 +110,6 @@ class TextCorpora:
       if not isinstance(spec, dict) or "name" not in spec or "splits" not in spec:
         raise ValueError(f"TextCorpora.tfds[{lang!r}] must be {{'name': <tfds name:version>, "
                          f"'splits': {{'train': <tfds split>, ...}}}}, got {spec!r}")
-      _claim(name, self.replace)
       self._add(name, lang, seqio.TfdsDataSource(tfds_name=spec["name"],
                                                  splits=dict(spec["splits"]),
                                                  tfds_data_dir=self.tfds_data_dir),
@@ -171,12 +170,12 @@ class BitextCorpora:
           raise ValueError(f"task {name!r}: {split} has {len(a)} source but {len(b)} target "
                            f"files; the sides must align file by file")
         files[split] = (a, b)
-      _claim(name, self.replace)
+      preprocessors = tasks.text_preprocessors(name, tgt if src == "en" else src)
+      _claim(name, self.replace)  # only now that the task is valid: a bad setting loses nothing
       seqio.TaskRegistry.add(
           name, source=seqio.FunctionDataSource(_bitext_fn(files, parts, src, tgt),
                                                 splits=tuple(files)),
-          preprocessors=tasks.text_preprocessors(name, tgt if src == "en" else src),
-          output_features=tasks.output_features(vocab),
+          preprocessors=preprocessors, output_features=tasks.output_features(vocab),
           shuffle_buffer_size=self.shuffle_blocks)
       names.append(name)
     return names
