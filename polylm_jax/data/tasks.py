@@ -132,7 +132,7 @@ def register_bitext_tasks(pairs=None, *, template: str = BITEXT_TEMPLATE,
                                                             for s in ("train", "validation")}),
         preprocessors=text_preprocessors(name, tgt if src == "en" else src),
         output_features=output_features(vocab),
-          shuffle_buffer_size=documents.SHUFFLE_BLOCKS)
+        shuffle_buffer_size=documents.SHUFFLE_BLOCKS)
   return names
 
 

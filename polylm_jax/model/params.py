@@ -50,29 +50,12 @@ def logical_axes(cfg: ModelConfig) -> Params:
 
 
 def apply(gdef, params: Params, tokens, positions=None, segment_ids=None) -> jax.Array:
-  return nnx.merge(gdef, params)(tokens, positions, segment_ids)
+  return model(gdef, params)(tokens, positions, segment_ids)
 
 
-def token_nll_chunked(gdef, params: Params, tokens, targets, positions, segment_ids,
-                      chunk: int) -> jax.Array:
-  """Per-token NLL [B, T] computing the [B, chunk, vocab] logits of one sequence chunk at a time,
-  rematerialised in the backward pass: with a 256K vocabulary the full float32 logits (and their
-  softmax and gradient) would otherwise be the largest buffers of the step."""
-  model = nnx.merge(gdef, params)
-  x = model.hidden(tokens, positions, segment_ids)
-  b, t, d = x.shape
-  if t % chunk:
-    raise ValueError(f"ModelConfig.loss_chunk={chunk} does not divide the sequence length {t}")
-  xs = x.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)
-  ys = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def one(args):
-    xc, yc = args
-    logits = model.logits(xc)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    return logz - jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
-  return jax.lax.map(one, (xs, ys)).swapaxes(0, 1).reshape(b, t)
+def model(gdef, params: Params) -> PolyLM:
+  """The NNX module over these parameters (for its hidden() / logits() halves)."""
+  return nnx.merge(gdef, params)
 
 
 def scan_to_unscanned(params: Params, num_layers: int) -> Params:

@@ -45,6 +45,20 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
+def token_nll_chunked(model, tokens, targets, positions, segment_ids, chunk: int) -> jax.Array:
+  """token_nll [B, T] computing the [B, chunk, vocab] logits of one sequence chunk at a time,
+  rematerialised in the backward pass: with a 256K vocabulary the full float32 logits (and their
+  softmax and gradient) would otherwise be the largest buffers of the step."""
+  x = model.hidden(tokens, positions, segment_ids)
+  b, t, d = x.shape
+  if t % chunk:
+    raise ValueError(f"ModelConfig.loss_chunk={chunk} does not divide the sequence length {t}")
+  xs = x.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)
+  ys = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)
+  one = jax.checkpoint(lambda args: token_nll(model.logits(args[0]), args[1]))
+  return jax.lax.map(one, (xs, ys)).swapaxes(0, 1).reshape(b, t)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   """Summed token-weighted negative log-likelihood and the weight total, both float32."""
   w = weights.astype(jnp.float32)
@@ -130,9 +144,8 @@ class TrainStep:
     """(summed NLL, aux): aux holds the token count and, given "languages", per-language sums."""
     chunk = self.model_config.loss_chunk
     if chunk and chunk < batch["inputs"].shape[1]:
-      nll = model_params.token_nll_chunked(self.graphdef, params, batch["inputs"],
-                                           batch["targets"], batch["positions"],
-                                           batch["segment_ids"], chunk)
+      nll = token_nll_chunked(model_params.model(self.graphdef, params), batch["inputs"],
+                              batch["targets"], batch["positions"], batch["segment_ids"], chunk)
     else:
       logits = model_params.apply(self.graphdef, params, batch["inputs"], batch["positions"],
                                   batch["segment_ids"])
