@@ -86,32 +86,33 @@ def _has_checkpoint(workdir):
   return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_sigkill_and_sigterm_at_random_moments_lose_nothing(tmp_path):
   """Killed (SIGKILL) three times, at random moments (async saves included), and preempted
   (SIGTERM) once, the run still finishes with parameters bitwise equal to an uninterrupted run's."""
   steps = 24
   with open(tmp_path / "ref.log", "w") as log:
-    assert _launch(tmp_path / "ref", steps, log).wait(timeout=600) == 0
+    assert _launch(tmp_path / "ref", steps, log).wait(timeout=1800) == 0
   rng = random.Random(1234)
   work = tmp_path / "interrupted"
   with open(tmp_path / "run.log", "w") as log:
     for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
       proc = _launch(work, steps, log)
       start = _lines(work)
-      deadline = time.time() + 300
       wanted = start + rng.randint(2, 5)
       # Kill only once a checkpoint exists, so that every restart has something to resume from.
+      # Waits on progress (metrics lines), however slow a loaded machine makes it.
       while (_lines(work) < wanted or not _has_checkpoint(work)) and proc.poll() is None:
-        assert time.time() < deadline, "the run made no progress"
         time.sleep(0.05)
       time.sleep(rng.uniform(0.0, 0.6))
       if proc.poll() is None:
         proc.send_signal(sig)
-      code = proc.wait(timeout=300)
+      code = proc.wait(timeout=1800)
       if sig == signal.SIGTERM:
         assert code == 0  # a clean, checkpointed stop
     proc = _launch(work, steps, log)
-    assert proc.wait(timeout=600) == 0
+    assert proc.wait(timeout=1800) == 0
   log_text = (tmp_path / "run.log").read_text()
   assert log_text.count("resumed from checkpoint") == 4  # every restart resumed
   assert "SIGTERM received" in log_text
@@ -195,7 +196,8 @@ def test_partial_and_corrupt_checkpoints_are_never_restored(tmp_path, caplog):
   partial.mkdir()
   (partial / "state").mkdir()
   assert ckpt.steps() == [1, 2, 3]
-  # A damaged finished checkpoint: skipped with a warning naming it, the previous one is used.
+  # A damaged finished checkpoint: moved to corrupt/ (not deleted) with a message naming it; the
+  # previous one is used.
   for f in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
@@ -204,6 +206,9 @@ def test_partial_and_corrupt_checkpoints_are_never_restored(tmp_path, caplog):
   assert restored is not None
   assert int(restored[1]["step"]) == 2 and data.position == 2
   assert f"checkpoint {tmp_path / 'checkpoints' / '3'} is unreadable" in caplog.text
+  assert ckpt.steps() == [1, 2]
+  [moved] = (tmp_path / "corrupt").iterdir()
+  assert (moved / "checkpoint" / "state").is_dir() and (moved / "data_state").is_dir()
   ckpt.close()
 
 

@@ -2,12 +2,19 @@
 
 Layout of a workdir:
   checkpoints/<step>/state    TrainState (params, Adam state, step, counters, spike statistics)
-  checkpoints/<step>/meta     JSON: data position, gin config text, model config, seed,
-                              tokenizer model (base64), batch shape
+  checkpoints/<step>/meta     JSON: data position, gin config text, model and optimizer config,
+                              seed, tokenizer model (base64), batch shape
   data_state/<step>/process_<i>.*   each process's tf.data iterator checkpoint
+  corrupt/                    checkpoints that could not be read, moved here (never deleted)
+  previous/<time>/            an earlier run's files, set aside by `--start_over`
 The data state is written (synchronously) before Orbax starts its asynchronous save; Orbax writes
 into a temporary directory and renames it when complete, so a step that Orbax lists always has its
 data state, and a partly written checkpoint is never listed (never restored).
+
+What is never lost (docs/checkpointing.md): a checkpoint is deleted only by the keep policy, after
+a newer one is complete; a data state only when no checkpoint of its step exists on disk. A
+checkpoint that cannot be read is moved to corrupt/; one that does not fit the configuration stops
+the run with a message (compat.py); a workdir with checkpoints never silently starts over.
 """
 
 from __future__ import annotations
@@ -23,8 +30,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from polylm_jax import files
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import params as model_params
+from polylm_jax.train import compat
+from polylm_jax.train.compat import CheckpointMismatchError, check_model_compatible  # noqa: F401
+from polylm_jax.train.optimizer import chain_names
+from polylm_jax.typecheck import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +49,11 @@ class CheckpointConfig:
   # Largest stored chunk of an array. Small chunks let restore and polylm-export read one layer
   # (or a block of embedding rows) without decompressing a whole [layers, ...] array.
   chunk_bytes: int = 64 * 2**20
+
+  def __post_init__(self):
+    check_fields(self)
+    if self.keep_last < 1:
+      raise ValueError(f"CheckpointConfig.keep_last={self.keep_last} must be >= 1")
 
 
 def save_args(tree, chunk_bytes: int, model_config: ModelConfig | None = None):
@@ -51,8 +68,41 @@ def save_args(tree, chunk_bytes: int, model_config: ModelConfig | None = None):
   return jax.tree_util.tree_map_with_path(args, tree)
 
 
-class CheckpointMismatchError(ValueError):
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint (or its data state) that cannot be read."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """A workdir with checkpoint history but nothing to resume from: never a silent fresh start."""
+
+
+class CheckpointSaveError(RuntimeError):
   pass
+
+
+def _is_resource_error(e: BaseException) -> bool:
+  """Out of memory while restoring says nothing about the checkpoint: not a reason to move it."""
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e)
+
+
+# Files an earlier run leaves in a workdir: `--start_over` moves them to previous/<time>/.
+RUN_FILES = ("checkpoints", "data_state", "corrupt", "metrics.jsonl", "eval_metrics.jsonl",
+             "tensorboard", "config.gin", "operative_config.gin")
+
+
+def set_aside_previous_run(workdir: str | pathlib.Path) -> pathlib.Path | None:
+  """Moves an earlier run's files into <workdir>/previous/<time>/ (nothing is deleted)."""
+  workdir = pathlib.Path(workdir)
+  present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+  if not present:
+    return None
+  target = workdir / "previous" / files.timestamp()
+  target.mkdir(parents=True)
+  for path in present:
+    path.rename(target / path.name)
+  logging.warning("--start_over: the earlier run's files (%s) were moved to %s",
+                  ", ".join(p.name for p in present), target)
+  return target
 
 
 class Checkpointer:
@@ -61,73 +111,207 @@ class Checkpointer:
     self.workdir = pathlib.Path(workdir)
     self.config = config
     self.train_step = train_step
+    self.root = (self.workdir / "checkpoints").absolute()
     self.data_dir = self.workdir / "data_state"
+    self.corrupt_dir = self.workdir / "corrupt"
+    self.lead = jax.process_index() == 0
     self.manager = ocp.CheckpointManager(
-        (self.workdir / "checkpoints").absolute(),
+        self.root,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=config.keep_last, keep_period=config.keep_every,
             enable_async_checkpointing=config.async_save, create=True),
-        item_names=("state", "meta"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    self._in_flight: int | None = None  # the step of an asynchronous save not yet confirmed
 
   # --- saving -------------------------------------------------------------------------------
   def should_save(self, step: int) -> bool:
     return bool(self.config.every_steps) and step % self.config.every_steps == 0
 
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
   def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> None:
+    self.wait()  # the previous save must have succeeded before anything else is written
     data_iterator.save(str(self.data_dir / str(step)))
-    meta = dict(meta, step=step, data_position=data_iterator.position)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state, save_args=save_args(
-            state, self.config.chunk_bytes, self.train_step.model_config)),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    opt = self.train_step.optimizer_config
+    meta = dict(meta, step=step, data_position=data_iterator.position,
+                optimizer_config=dataclasses.asdict(opt), optimizer_chain=chain_names(opt))
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state, save_args=save_args(
+              state, self.config.chunk_bytes, self.train_step.model_config)),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+      raise self._save_error(step, e) from e
+    self._in_flight = step
+    if not self.config.async_save:
+      self.wait()
     self._drop_orphan_data_states(keep=step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is on disk; a failed save raises CheckpointSaveError."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self._in_flight, e) from e
+    self._in_flight = None
+
+  def _save_error(self, step: int | None, e: Exception) -> CheckpointSaveError:
+    intact = self.steps_on_disk()
+    return CheckpointSaveError(
+        f"saving checkpoint step {step} in {self.root} failed ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:400]}); earlier checkpoints are untouched: {intact}")
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def steps_on_disk(self) -> list[int]:
+    if not self.root.is_dir():
+      return []
+    return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
 
   def _drop_orphan_data_states(self, keep: int) -> None:
-    kept = set(self.manager.all_steps()) | {keep}
-    if self.data_dir.is_dir():
-      for d in self.data_dir.iterdir():
-        if d.name.isdigit() and int(d.name) not in kept:
-          shutil.rmtree(d, ignore_errors=True)
+    """Data states whose checkpoint is gone (rotated out by the keep policy, or never completed).
+    Judged from what is on disk, never from Orbax's in-memory list: a step with any checkpoint
+    directory (finished or in progress) keeps its data state."""
+    if not self.lead or not self.data_dir.is_dir() or not self.root.is_dir():
+      return
+    on_disk = {p.name.split(".")[0] for p in self.root.iterdir()}
+    for d in self.data_dir.iterdir():
+      if d.name.isdigit() and int(d.name) != keep and d.name not in on_disk:
+        shutil.rmtree(d, ignore_errors=True)
 
   # --- restoring ----------------------------------------------------------------------------
   def steps(self) -> list[int]:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
+  def step_dir(self, step: int) -> pathlib.Path:
+    return self.root / str(step)
+
+  def has_history(self) -> bool:
+    """Checkpoints were written here before (some may have been moved to corrupt/)."""
+    return bool(self.steps_on_disk()) or (
+        self.corrupt_dir.is_dir() and any(self.corrupt_dir.iterdir()))
+
   def _abstract_state(self):
-    return with_shardings(jax.eval_shape(lambda: self.train_step._init_state(0)),
+    return with_shardings(jax.eval_shape(lambda: self.train_step.initial_state(0)),
                           self.train_step.state_shardings)
 
-  def check_compatible(self, step: int, meta: dict[str, Any]) -> None:
+  def _read_meta_and_leaves(self, step: int):
+    where = self.step_dir(step)
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      tree = self.manager.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      if not isinstance(meta, dict) or tree is None:
+        raise ValueError("metadata missing")
+      return meta, compat.saved_leaf_names(tree)
+    except Exception as e:
+      if _is_resource_error(e):
+        raise
+      raise CorruptCheckpointError(f"checkpoint {where} is unreadable: metadata ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
+
+  def restore(self, step: int, data_iterator, *, reset_optimizer: bool = False
+              ) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of one checkpoint. A damaged checkpoint raises CorruptCheckpointError, one
+    that does not fit the configuration CheckpointMismatchError (compat.py)."""
+    where = self.step_dir(step)
+    meta, saved = self._read_meta_and_leaves(step)
     check_model_compatible(meta.get("model_config"), self.train_step.model_config,
-                           f"checkpoint step {step} in {self.workdir / 'checkpoints'}")
-
-  def restore(self, step: int, data_iterator) -> tuple[Any, dict[str, Any]]:
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    self.check_compatible(step, meta)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(self._abstract_state())))
+                           f"checkpoint {where}")
+    expected = compat.leaf_names(self._abstract_state())
+    params_of = lambda leaves: {k: v for k, v in leaves.items() if k.startswith("params.")}
+    param_problems = compat.state_differences(params_of(saved), params_of(expected))
+    if param_problems:
+      raise compat.mismatch_error(str(where), param_problems, optimizer_only=False)
+    problems = compat.state_differences(saved, expected)
+    opt_now = dataclasses.asdict(self.train_step.optimizer_config)
+    settings_changed = meta.get("optimizer_config", opt_now) != opt_now
+    if problems and not reset_optimizer:
+      raise compat.mismatch_error(
+          str(where), compat.optimizer_differences(meta, self.train_step.optimizer_config)
+          or problems, optimizer_only=True)
+    try:
+      if reset_optimizer and (problems or settings_changed):
+        state = self._restore_with_fresh_optimizer(step)
+      else:
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(self._abstract_state()))).state
+    except Exception as e:
+      if _is_resource_error(e):
+        raise
+      raise CorruptCheckpointError(f"checkpoint {where} is unreadable: arrays ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
     if data_iterator is not None:
-      data_iterator.restore(str(self.data_dir / str(step)), meta["data_position"])
-    return restored.state, meta
+      try:
+        data_iterator.restore(str(self.data_dir / str(step)), meta["data_position"])
+      except Exception as e:
+        if _is_resource_error(e):
+          raise
+        raise CorruptCheckpointError(f"checkpoint {where} is unreadable: its data-iterator state "
+                                     f"{self.data_dir / str(step)} is missing or damaged "
+                                     f"({type(e).__name__}: {e})") from e
+    return state, meta
 
-  def restore_latest(self, data_iterator) -> tuple[Any, dict[str, Any]] | None:
-    """The newest checkpoint that restores; unreadable ones are skipped with a warning."""
+  def _restore_with_fresh_optimizer(self, step: int):
+    """TrainerConfig.reset_optimizer: parameters, step and counters from the checkpoint, a fresh
+    optimizer state for the configured optimizer."""
+    abstract = self._abstract_state()
+    item = {"params": abstract.params, "step": abstract.step,
+            "nonfinite_total": abstract.nonfinite_total, "spike_stats": abstract.spike_stats}
+    restored = ocp.PyTreeCheckpointer().restore(
+        self.step_dir(step) / "state", args=ocp.args.PyTreeRestore(
+            item=item, restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
+                sharding=a.sharding), item), partial_restore=True))
+    state = self.train_step.init_from_params(restored["params"])
+    logging.warning("checkpoint step %d: parameters, step and data position restored with a FRESH "
+                    "optimizer state (TrainerConfig.reset_optimizer; optimizer %s)", step,
+                    chain_names(self.train_step.optimizer_config))
+    return state.replace(step=restored["step"], nonfinite_total=restored["nonfinite_total"],
+                         spike_stats=restored["spike_stats"])
+
+  def quarantine(self, step: int) -> pathlib.Path:
+    """Moves a damaged checkpoint (and its data state) to corrupt/; nothing is deleted."""
+    target = self.corrupt_dir / f"step_{step}-{files.timestamp()}"
+    if self.lead:
+      target.mkdir(parents=True, exist_ok=True)
+      if self.step_dir(step).exists():
+        self.step_dir(step).rename(target / "checkpoint")
+      if (self.data_dir / str(step)).exists():
+        (self.data_dir / str(step)).rename(target / "data_state")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"polylm_quarantine_{step}")
+    self.manager.reload()
+    return target
+
+  def restore_latest(self, data_iterator, *, reset_optimizer: bool = False
+                     ) -> tuple[Any, dict[str, Any]] | None:
+    """The newest checkpoint that can be read. Damaged ones are moved to corrupt/ and the previous
+    one is tried; if none is left, NoUsableCheckpointError (the run never silently starts over).
+    None only when this workdir has no checkpoint history at all."""
+    moved = []
     for step in reversed(self.steps()):
       try:
-        return self.restore(step, data_iterator)
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # a corrupt directory: say which, fall back to the previous one
-        logging.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
-                        self.workdir / "checkpoints" / str(step), type(e).__name__, e)
+        return self.restore(step, data_iterator, reset_optimizer=reset_optimizer)
+      except CorruptCheckpointError as e:
+        target = self.quarantine(step)
+        moved.append(str(target))
+        logging.error("%s; moved to %s (not deleted); trying the previous checkpoint", e, target)
+    if moved or self.has_history():
+      raise NoUsableCheckpointError(
+          f"{self.root} has no checkpoint that can be read"
+          + (f" (unreadable ones were moved to {self.corrupt_dir})" if self.corrupt_dir.is_dir()
+             else "")
+          + ". The run will not start over on its own: restore a checkpoint there, or pass "
+          "--start_over (polylm-train) to begin a new run in this workdir; the earlier files "
+          "are then moved to previous/, not deleted.")
     return None
 
 
@@ -137,36 +321,38 @@ def with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
-def check_model_compatible(saved: dict[str, Any] | None, current: ModelConfig, where: str) -> None:
-  """Parameters saved for another model fail here, naming the mismatched names and shapes."""
-  if saved is None:
-    return
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  saved_cfg = dataclasses.replace(current, **{k: v for k, v in saved.items() if k in known})
-  shapes = lambda c: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
-                      jax.tree_util.tree_leaves_with_path(model_params.abstract_params(c))}
-  old, new = shapes(saved_cfg), shapes(current)
-  diffs = sorted(f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
-                 for k in set(old) | set(new) if old.get(k) != new.get(k))
-  if diffs:
-    raise CheckpointMismatchError(
-        f"{where} was saved for model {saved.get('name')!r}, which does not match "
-        f"{current.name!r}: " + "; ".join(diffs[:10]) + (" ..." if len(diffs) > 10 else ""))
+def _latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
+  root = directory / "checkpoints"
+  steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit()
+                 and (p / "state").is_dir() and (p / "meta").is_dir()) if root.is_dir() else []
+  return root / str(steps[-1]) if steps else None
 
 
 def load_initial_params(directory: str | pathlib.Path, train_step):
-  """Parameters written by `polylm-import` (or any params-only Orbax checkpoint with meta.json),
-  restored straight into the train step's parameter shardings."""
+  """Initial parameters, restored straight into the train step's parameter shardings, from
+  a `polylm-import` output (params/ + meta.json), a training checkpoint step directory
+  (checkpoints/<step>) or a training workdir (its newest checkpoint)."""
   directory = pathlib.Path(directory)
-  meta_path = directory / "meta.json"
-  if not meta_path.is_file():
-    raise FileNotFoundError(f"TrainerConfig.init_params_from={directory}: no meta.json (write it "
-                            f"with polylm-import)")
-  meta = json.loads(meta_path.read_text())
-  check_model_compatible(meta.get("model_config"), train_step.model_config, str(directory))
+  if (directory / "meta.json").is_file():
+    meta = json.loads((directory / "meta.json").read_text())
+    path, item_dir = directory, directory / "params"
+  else:
+    step_dir = directory if (directory / "state").is_dir() else _latest_step_dir(directory)
+    if step_dir is None or not (step_dir / "meta" / "metadata").is_file():
+      raise FileNotFoundError(
+          f"TrainerConfig.init_params_from={directory}: neither a polylm-import output "
+          f"(meta.json), a checkpoint step directory (state/, meta/) nor a workdir with checkpoints")
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    path, item_dir = step_dir, step_dir / "state"
+  check_model_compatible(meta.get("model_config"), train_step.model_config, str(path))
   abstract = with_shardings(model_params.abstract_params(train_step.model_config),
                             train_step.param_shardings)
-  return ocp.StandardCheckpointer().restore((directory / "params").absolute(), abstract)
+  if item_dir.name == "params":
+    return ocp.StandardCheckpointer().restore(item_dir.absolute(), abstract)
+  restored = ocp.PyTreeCheckpointer().restore(item_dir.absolute(), args=ocp.args.PyTreeRestore(
+      item={"params": abstract}, restore_args={"params": jax.tree.map(
+          lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)}, partial_restore=True))
+  return restored["params"]
 
 
 def tokenizer_b64(path: str | pathlib.Path) -> str:

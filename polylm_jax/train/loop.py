@@ -8,8 +8,10 @@ Takes any iterator of numpy batches; checkpointing needs one that can save and r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import pathlib
 import signal
 import time
 from typing import Any, Iterator
@@ -17,15 +19,17 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from polylm_jax import sharding
+from polylm_jax import files, sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
 from polylm_jax.data.sample import LANGUAGES
 from polylm_jax.train import flops
-from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer, load_initial_params
+from polylm_jax.train.checkpoint import (CheckpointConfig, Checkpointer, CheckpointSaveError,
+                                         load_initial_params, set_aside_previous_run)
 from polylm_jax.train.metrics import MetricsWriter
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.spikes import SpikeConfig
 from polylm_jax.train.step import TrainStep
+from polylm_jax.typecheck import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,18 @@ class TrainerConfig:
   # Start (when the workdir has no checkpoint) from parameters written by polylm-import.
   init_params_from: str | None = None
   eval_every: int = 0  # held-out loss per language every N steps and at the end (0: never)
+  # When the newest checkpoint's optimizer settings differ from these (e.g. grad_clip_norm turned
+  # off), keep its parameters, step and data position and start a fresh optimizer state, instead
+  # of refusing to resume. Checkpoints saved after that resume normally.
+  reset_optimizer: bool = False
+
+  def __post_init__(self):
+    check_fields(self)
+    for name in ("num_steps", "log_every", "max_nonfinite_in_a_row"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainerConfig.{name}={getattr(self, name)} must be >= 1")
+    if self.eval_every < 0:
+      raise ValueError(f"TrainerConfig.eval_every={self.eval_every} must be >= 0 (0: never)")
 
 
 class NonFiniteError(RuntimeError):
@@ -74,8 +90,35 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
           trainer: TrainerConfig, batches: Iterator[dict[str, np.ndarray]], workdir: str, *,
           checkpoint: CheckpointConfig | None = None, spikes: SpikeConfig = SpikeConfig(),
           metadata: dict[str, Any] | None = None,
-          eval_sets: dict[str, list[dict[str, np.ndarray]]] | None = None) -> dict[str, Any]:
-  """Runs up to `trainer.num_steps` steps; returns the last metrics, final state, step object."""
+          eval_sets: dict[str, list[dict[str, np.ndarray]]] | None = None,
+          start_over: bool = False) -> dict[str, Any]:
+  """Runs up to `trainer.num_steps` steps; returns the last metrics, final state, step object.
+
+  Process 0 holds the workdir's lock for the whole run. `start_over` moves an earlier run's files
+  to <workdir>/previous/ first; without it a workdir with checkpoints is always resumed.
+  """
+  lead = jax.process_index() == 0
+  with files.WorkdirLock(workdir) if lead else contextlib.nullcontext():
+    if start_over and lead:
+      set_aside_previous_run(workdir)
+    return _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint, spikes,
+                  metadata, eval_sets)
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A step's metrics, still on device: read one step late, so the host never waits on the
+  device between dispatches."""
+  step: int
+  metrics: dict[str, jax.Array]
+  rows: int  # global rows of the batch
+  seq_len: int
+  position: int  # data position after this step's batch
+
+
+def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint, spikes, metadata,
+           eval_sets):
+  lead = jax.process_index() == 0
   mesh = sharding.make_mesh(mesh_config)
   step_fn = TrainStep(model, optimizer, mesh, mesh_config.rules, trainer.num_steps, spikes)
   logging.info("mesh %s over %d %s device(s); model %s, %.4g parameters", dict(mesh.shape),
@@ -92,26 +135,25 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
     raise ValueError("SpikeConfig.mode='rollback' needs checkpoints (CheckpointConfig.enabled)")
   meta = dict(metadata or {}, model_config=dataclasses.asdict(model), seed=trainer.seed)
 
-  restored = ckpt.restore_latest(batches) if ckpt else None
-  if restored is not None:
-    state, saved_meta = restored
-    logging.info("resumed from checkpoint step %d (data position %d)", int(state.step),
-                 saved_meta["data_position"])
-  elif trainer.init_params_from:
-    state = step_fn.init_from_params(load_initial_params(trainer.init_params_from, step_fn))
-    logging.info("initial parameters from %s", trainer.init_params_from)
-  else:
-    state = step_fn.init(trainer.seed)
+  try:
+    state = _initial_state(ckpt, step_fn, batches, trainer)
+  except BaseException:
+    if ckpt is not None:
+      ckpt.manager.close()
+    raise
+  if lead and meta.get("gin_config"):  # the config of this (re)start, once start-up succeeded
+    files.atomic_write_text(pathlib.Path(workdir) / "config.gin", meta["gin_config"])
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
   writer = MetricsWriter(workdir, tensorboard=trainer.tensorboard, total_steps=trainer.num_steps,
                          start_step=int(state.step), progress_bar=trainer.progress_bar,
-                         enabled=jax.process_index() == 0)
+                         enabled=lead)
   eval_writer = None
   if eval_sets and trainer.eval_every:
     eval_writer = MetricsWriter(workdir, filename="eval_metrics.jsonl", progress_bar=False,
-                                tensorboard=trainer.tensorboard, enabled=jax.process_index() == 0)
-  pending = None  # (step, metrics on device, rows, length, data position), read one step late so
-  last_time = time.perf_counter()  # the host never waits on the device between dispatches
+                                start_step=int(state.step), tensorboard=trainer.tensorboard,
+                                enabled=lead)
+  pending: _Pending | None = None
+  last_time = time.perf_counter()
   last: dict[str, Any] = {}
   try:
     with _Preemption() as preemption:
@@ -130,10 +172,10 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
             state, step = _rollback(ckpt, batches, pending, spikes)
             pending = None
             continue
-        pending = (step, metrics, rows * jax.process_count(), seq_len, position)
-        stop = preemption.requested or (ckpt is not None and ckpt.manager.reached_preemption(step))
+        pending = _Pending(step, metrics, rows * jax.process_count(), seq_len, position)
+        stop = preemption.requested or (ckpt is not None and ckpt.reached_preemption(step))
         if ckpt is not None and (ckpt.should_save(step) or stop or step == trainer.num_steps):
-          ckpt.save(step, state, batches, meta)
+          _save_if_sound(ckpt, step_fn, step, state, batches, meta)
         if eval_writer is not None and (step % trainer.eval_every == 0
                                         or step == trainer.num_steps):
           eval_writer.write(step, evaluate(step_fn, state.params, eval_sets))
@@ -143,13 +185,50 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
           break
       if pending is not None:
         last, _ = _report(pending, writer, trainer, model, peak, mesh, last_time)
+  except BaseException:
+    if ckpt is not None:  # the run already failed: a save error would only hide why
+      try:
+        ckpt.close()
+      except CheckpointSaveError as e:
+        logging.error("%s", e)
+    raise
   finally:
     writer.close()
     if eval_writer is not None:
       eval_writer.close()
-    if ckpt is not None:
-      ckpt.close()
+  if ckpt is not None:
+    ckpt.close()  # a failed final save raises here
   return {"metrics": last, "state": state, "train_step": step_fn}
+
+
+def _initial_state(ckpt, step_fn: TrainStep, batches, trainer: TrainerConfig):
+  """Resume (the default whenever the workdir has checkpoints), or start from imported
+  parameters, or from the seed."""
+  restored = (ckpt.restore_latest(batches, reset_optimizer=trainer.reset_optimizer)
+              if ckpt else None)
+  if restored is not None:
+    state, saved_meta = restored
+    logging.info("resumed from checkpoint step %d (data position %d)", int(state.step),
+                 saved_meta["data_position"])
+    return state
+  if trainer.init_params_from:
+    state = step_fn.init_from_params(load_initial_params(trainer.init_params_from, step_fn))
+    logging.info("initial parameters from %s", trainer.init_params_from)
+    return state
+  return step_fn.init(trainer.seed)
+
+
+def _save_if_sound(ckpt: Checkpointer, step_fn: TrainStep, step: int, state, batches, meta):
+  """Never a checkpoint of a non-finite state or in the middle of a non-finite streak: it would
+  rotate a good checkpoint out (the parameters of a skipped step are the last finite ones anyway)."""
+  in_a_row = int(state.nonfinite_in_a_row)
+  reason = (f"{in_a_row} non-finite update(s) in a row" if in_a_row
+            else None if step_fn.is_finite(state) else "the state holds NaN/Inf values")
+  if reason:
+    logging.warning("no checkpoint at step %d: %s; the newest checkpoint stays step %s", step,
+                    reason, (ckpt.steps_on_disk() or [None])[-1])
+    return
+  ckpt.save(step, state, batches, meta)
 
 
 def evaluate(step_fn: TrainStep, params, eval_sets) -> dict[str, float]:
@@ -166,7 +245,7 @@ def evaluate(step_fn: TrainStep, params, eval_sets) -> dict[str, float]:
 
 def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig):
   """PaLM-style: back to the last checkpoint, data resumed `rollback_skip_batches` past the spike."""
-  spike_step, spike_position = pending[0], pending[4]
+  spike_step, spike_position = pending.step, pending.position
   ckpt.wait()
   restored = ckpt.restore_latest(batches)
   if restored is None:
@@ -181,9 +260,9 @@ def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig):
   return state, int(state.step)
 
 
-def _report(pending, writer, trainer, model, peak, mesh, last_time):
-  step, metrics, rows, seq_len, _ = pending
-  fetched = jax.device_get(metrics)
+def _report(pending: _Pending, writer, trainer, model, peak, mesh, last_time):
+  step, rows, seq_len = pending.step, pending.rows, pending.seq_len
+  fetched = jax.device_get(pending.metrics)
   values = {k: v.item() for k, v in fetched.items() if np.ndim(v) == 0}
   now = time.perf_counter()
   dt = now - last_time

@@ -10,10 +10,30 @@ import pathlib
 import sys
 from typing import Any
 
+from polylm_jax import files
+
 
 def _plain(v: Any):
   v = float(v) if hasattr(v, "__float__") and not isinstance(v, (int, bool)) else v
   return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _drop_records_after(path: pathlib.Path, step: int) -> None:
+  """A resumed run redoes the steps after its checkpoint: their earlier records (and a line cut
+  short by a crash) go, so the file holds each step once, in order."""
+  if not path.is_file():
+    return
+  lines = path.read_text(encoding="utf-8").splitlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+      kept.append(line)
+  if len(kept) != len(lines):
+    files.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsWriter:
@@ -24,6 +44,8 @@ class MetricsWriter:
                filename: str = "metrics.jsonl"):
     self.workdir = pathlib.Path(workdir)
     self.enabled = enabled
+    if enabled:
+      _drop_records_after(self.workdir / filename, start_step)
     self._jsonl = open(self.workdir / filename, "a", encoding="utf-8") if enabled else None
     self._tb = None
     if tensorboard and enabled:

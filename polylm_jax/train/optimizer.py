@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from polylm_jax.typecheck import check_fields
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -29,6 +31,7 @@ class OptimizerConfig:
   grad_accum_steps: int = 1  # microbatches per update, each 1/grad_accum_steps of the global batch
 
   def __post_init__(self):
+    check_fields(self)
     if self.grad_accum_steps < 1:
       raise ValueError(f"OptimizerConfig.grad_accum_steps={self.grad_accum_steps} must be >= 1")
     if self.warmup_steps < 0:
@@ -59,15 +62,30 @@ def decay_mask(params, cfg: OptimizerConfig):
   return jax.tree_util.tree_map_with_path(lambda p, _: _is_decayed(p, cfg), params)
 
 
+# The transformations of the chain, by name, and the setting that switches each on: recorded in
+# checkpoints so that a resume with another chain (another optimizer-state structure) can say what
+# changed instead of failing on a tree mismatch.
+CHAIN_SETTINGS = {"clip-by-global-norm": "grad_clip_norm", "adam": None,
+                  "weight-decay": "weight_decay"}
+
+
+def chain_names(cfg: OptimizerConfig) -> list[str]:
+  names = ["clip-by-global-norm"] if cfg.grad_clip_norm > 0 else []
+  names.append("adam")
+  if cfg.weight_decay:
+    names.append("weight-decay")
+  return names
+
+
 def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
   """Direction only (clip -> Adam -> + wd * param); the step multiplies by -lr."""
-  parts = []
-  if cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-  if cfg.weight_decay:
-    parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(params, cfg)))
-  return optax.chain(*parts)
+  make = {
+      "clip-by-global-norm": lambda: optax.clip_by_global_norm(cfg.grad_clip_norm),
+      "adam": lambda: optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      "weight-decay": lambda: optax.add_decayed_weights(cfg.weight_decay,
+                                                        mask=decay_mask(params, cfg)),
+  }
+  return optax.chain(*(make[name]() for name in chain_names(cfg)))
 
 
 def scale_by_lr(updates, lr: jax.Array):

@@ -70,6 +70,12 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
 LANGUAGE_SLOTS = len(LANGUAGES) + 1
 
 
+def _all_finite(state: TrainState) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves((state.params, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 @dataclasses.dataclass
 class TrainStep:
   """Everything needed to initialise and run sharded training for one model/optimizer/mesh."""
@@ -102,12 +108,14 @@ class TrainStep:
         nonfinite_in_a_row=replicated, nonfinite_total=replicated, spike_stats=replicated)
     self.batch_sharding = NamedSharding(
         self.mesh, sharding.logical_to_mesh_spec(BATCH_LOGICAL, self.rules))
-    self._init = jax.jit(self._init_state, static_argnums=0, out_shardings=self.state_shardings)
+    self._init = jax.jit(self.initial_state, static_argnums=0, out_shardings=self.state_shardings)
     self._step = jax.jit(
         self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self._eval = jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.batch_sharding),
                          out_shardings=(replicated, replicated))
+    self._finite = jax.jit(_all_finite, in_shardings=(self.state_shardings,),
+                           out_shardings=replicated)
 
   def check_batch_shape(self, batch_size: int) -> None:
     parts = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -118,7 +126,8 @@ class TrainStep:
           f"OptimizerConfig.grad_accum_steps ({accum})")
 
   # --- init ---------------------------------------------------------------------------------
-  def _init_state(self, seed: int) -> TrainState:
+  def initial_state(self, seed: int) -> TrainState:
+    """Fresh state (traceable; jax.eval_shape of it gives the state's abstract shapes)."""
     params = model_params.init_params(self.model_config, seed)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
@@ -223,6 +232,11 @@ class TrainStep:
     """Summed held-out NLL and the number of target tokens of one placed batch."""
     with self.mesh, sharding.activate(self.mesh, self.rules):
       return self._eval(params, batch)
+
+  def is_finite(self, state: TrainState) -> bool:
+    """Whether every parameter and optimizer-state value is finite (one reduction on device)."""
+    with self.mesh, sharding.activate(self.mesh, self.rules):
+      return bool(self._finite(state))
 
   def place_batch(self, local_batch: dict) -> dict:
     """Global jax.Arrays from this process's rows (identical to device_put on one host)."""

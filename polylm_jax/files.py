@@ -1,0 +1,282 @@
+"""The one place that changes a user's files in ways that could lose data.
+
+Rules every caller gets from here:
+- a file is written under a temporary name in its own directory and renamed over the old one only
+  when complete (`atomic_write_text`), so a crash never leaves half a file under the real name;
+- nothing of the user's is deleted to make room: damaged or replaced data is moved aside
+  (`move_aside`), and an output directory is built under a hidden temporary name and swapped in only
+  after it is complete (`staged_directory`), replacing only what looks like an earlier output of
+  the same kind, never the source it was made from;
+- one trainer per workdir (`WorkdirLock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import pathlib
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, Iterator, Sequence
+
+
+def timestamp() -> str:
+  return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` via a temporary file in the same directory and an atomic rename."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def move_aside(path: str | os.PathLike, holding_dir: str | os.PathLike, label: str) -> pathlib.Path:
+  """Moves `path` into `holding_dir` as `<label>-<time>` (never deletes); returns the new path."""
+  holding = pathlib.Path(holding_dir)
+  holding.mkdir(parents=True, exist_ok=True)
+  target = holding / f"{label}-{timestamp()}"
+  while target.exists():
+    target = holding / f"{label}-{timestamp()}-{uuid.uuid4().hex[:6]}"
+  os.rename(path, target)
+  return target
+
+
+def check_apart(out: str | os.PathLike, source: str | os.PathLike, *, what: str = "--out") -> None:
+  """An output must neither be its source, nor inside it, nor contain it."""
+  o, s = pathlib.Path(out).resolve(), pathlib.Path(source).resolve()
+  if o == s:
+    raise ValueError(f"{what}={out} is the source itself ({source}); write somewhere else")
+  if s in o.parents:
+    raise ValueError(f"{what}={out} is inside the source {source}; write somewhere else")
+  if o in s.parents:
+    raise ValueError(f"{what}={out} contains the source {source}; replacing it would delete the "
+                     f"source; write somewhere else")
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, *, overwrite: bool, kind: str,
+                     looks_like: Callable[[pathlib.Path], bool],
+                     sources: Sequence[str | os.PathLike] = ()) -> Iterator[pathlib.Path]:
+  """Yields a hidden temporary sibling of `out` to write into; on success it becomes `out`.
+
+  A failure (any exception) removes the temporary directory and leaves `out` as it was. An existing
+  non-empty `out` is replaced only with `overwrite` and only if `looks_like(out)` says it is an
+  earlier output of this `kind`; `out` may never be, contain or lie inside one of `sources`.
+  """
+  out = pathlib.Path(out).absolute()
+  for source in sources:
+    check_apart(out, source)
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"--out={out} exists and is not a directory")
+  if out.is_dir() and any(out.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f"output directory {out} exists and is not empty; pass overwrite "
+                            f"(--overwrite) to replace it")
+    if not looks_like(out):
+      names = sorted(p.name for p in out.iterdir())
+      raise FileExistsError(
+          f"--out={out} is not a {kind} (it holds {names[:6]}{' ...' if len(names) > 6 else ''}); "
+          f"refusing to replace it, even with --overwrite")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)  # made above by us; holds only this attempt
+    raise
+  replaced = None
+  if out.exists():
+    replaced = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(out, replaced)
+  os.rename(staging, out)
+  if replaced is not None:
+    shutil.rmtree(replaced)  # the earlier output of the same kind, checked above
+
+
+# --- one trainer per workdir -------------------------------------------------------------------
+
+
+class WorkdirLockedError(RuntimeError):
+  pass
+
+
+_HELD: dict[str, "WorkdirLock"] = {}  # locks this process holds, by path (re-entrant)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """`<workdir>/LOCK`, held by process 0 for the whole run.
+
+  The file says who holds it (host, pid, start time, command); the holder keeps an OS lock (flock)
+  on it and refreshes its modification time every `heartbeat_s`. A second trainer refuses to start
+  with a message naming the holder. A lock left by a crashed trainer is stale and taken over, with a
+  warning: on the same host when its process is gone or holds no flock, from another host (a shared
+  filesystem) when its heartbeat is older than `stale_after_s`.
+  """
+
+  NAME = "LOCK"
+
+  def __init__(self, workdir: str | os.PathLike, *, heartbeat_s: float = 30.0,
+               stale_after_s: float = 300.0):
+    self.path = pathlib.Path(workdir).absolute() / self.NAME
+    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+    self._fd: int | None = None
+    self._token = uuid.uuid4().hex
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._depth = 0
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def acquire(self) -> None:
+    held = _HELD.get(str(self.path))
+    if held is not None:  # this process already holds it (e.g. the CLI, then the loop)
+      held._depth += 1
+      self._depth = -1  # marks this object as a nested handle
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._read()
+        reason = self._stale_reason(holder)
+        if reason is None:
+          raise WorkdirLockedError(self._in_use_message(holder)) from None
+        self._break(holder, reason)
+        continue
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self._token,
+              "started": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv)[:500]}
+      os.write(fd, (json.dumps(info) + "\n").encode())
+      os.fsync(fd)
+      self._fd = fd
+      self._depth = 1
+      _HELD[str(self.path)] = self
+      self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
+      self._thread.start()
+      return
+    raise WorkdirLockedError(f"could not take the lock {self.path}: it keeps changing hands")
+
+  def release(self) -> None:
+    if self._depth == -1:  # nested handle
+      held = _HELD.get(str(self.path))
+      if held is not None:
+        held._depth -= 1
+      self._depth = 0
+      return
+    if self._fd is None:
+      return
+    self._depth -= 1
+    if self._depth > 0:
+      return
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    _HELD.pop(str(self.path), None)
+    holder = self._read()
+    if holder is not None and holder.get("token") == self._token:  # only ever our own lock
+      with contextlib.suppress(FileNotFoundError):
+        self.path.unlink()
+    os.close(self._fd)
+    self._fd = None
+
+  # --- internals ---------------------------------------------------------------------------
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      with contextlib.suppress(OSError):
+        os.utime(self.path)
+
+  def _read(self) -> dict | None:
+    try:
+      text = self.path.read_text()
+      return dict(json.loads(text), _mtime=self.path.stat().st_mtime)
+    except (OSError, ValueError, TypeError):
+      return None
+
+  def _stale_reason(self, holder: dict | None) -> str | None:
+    if holder is None:
+      # Unreadable: a holder that died between creating and writing it, or is writing right now.
+      try:
+        age = time.time() - self.path.stat().st_mtime
+      except FileNotFoundError:
+        return "it disappeared"
+      return f"it is unreadable and {age:.0f} s old" if age > 10 else None
+    if holder.get("host") == socket.gethostname():
+      if not _pid_alive(int(holder.get("pid", -1))):
+        return f"its process {holder.get('pid')} is not running"
+      if self._flock_free():
+        return f"process {holder.get('pid')} does not hold it (the pid was reused)"
+      return None
+    age = time.time() - holder["_mtime"]
+    if age > self.stale_after_s:
+      return f"its holder on {holder.get('host')} has not refreshed it for {age:.0f} s"
+    return None
+
+  def _flock_free(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_RDONLY)
+    except FileNotFoundError:
+      return True
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+        return False
+      raise
+    finally:
+      os.close(fd)
+    return True
+
+  def _break(self, holder: dict | None, reason: str) -> None:
+    now = self._read()
+    if now is not None and holder is not None and now.get("token") != holder.get("token"):
+      return  # someone else took it over in the meantime: look again
+    logging.warning("workdir lock %s is stale (%s): taking it over", self.path, reason)
+    with contextlib.suppress(FileNotFoundError):
+      self.path.unlink()
+
+  def _in_use_message(self, holder: dict | None) -> str:
+    if holder is None:
+      who = "a trainer that is starting right now"
+    else:
+      who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
+             f"({holder.get('command')})")
+    return (f"workdir {self.path.parent} is in use by another trainer: {who}. Two runs must not "
+            f"share a workdir: wait for that run or stop it, or choose another --workdir. If that "
+            f"trainer is gone, delete {self.path}.")
