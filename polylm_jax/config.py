@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from polylm_jax.typecheck import check_fields
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")  # kernels/dispatch.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,6 +48,7 @@ class ModelConfig:
   loss_chunk: int = 0
 
   def __post_init__(self):
+    check_fields(self)
     if self.d_model % self.num_heads:
       raise ValueError(
           f"ModelConfig({self.name}).d_model={self.d_model} is not divisible by "

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from polylm_jax.typecheck import check_fields
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, Any]]  # (logical name, mesh axis | tuple of mesh axes | None)
@@ -52,6 +54,9 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+  def __post_init__(self):
+    check_fields(self)
 
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

@@ -9,7 +9,7 @@ import seqio
 import tensorflow as tf
 
 from polylm_jax.data import packing, pipeline, sample, tasks, tokenizer
-from polylm_jax.data.curriculum import Curriculum, Stage, check_has_data, resolve_rates
+from polylm_jax.data.curriculum import Curriculum, Stage, resolve_rates
 
 SP = tokenizer.load(sample.TOKENIZER_MODEL)
 CFG = pipeline.DataConfig(seq_len=64, batch_size=4, seed=3)
@@ -51,8 +51,8 @@ def test_a_language_with_a_rate_but_no_data_fails_at_start():
                        seqio.preprocessors.tokenize, tasks.tag_language("en")],
         output_features=tasks.output_features(tasks.vocabulary(), blocks=False))
   mixtures = Curriculum(stages=(Stage(rates={"en": 0.5, name: 0.5}),)).mixtures()
-  with pytest.raises(ValueError, match="'polylm_test_empty' has a positive rate but no train data"):
-    check_has_data(mixtures)
+  with pytest.raises(ValueError, match="task 'polylm_test_empty' yields no train documents"):
+    pipeline.check_has_data(mixtures, pipeline.DataConfig())
 
 
 def _languages(batch):

@@ -16,11 +16,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Sequence
-
 import seqio
 
 from polylm_jax.data import tasks as task_registry
+from polylm_jax.typecheck import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +30,9 @@ class Stage:
   counts: dict[str, float] | None = None  # n per language/task (tokens); default: example counts
   tasks: tuple[str, ...] | None = None  # the pool for temperature sampling (default: 18 languages)
   name: str = ""
+
+  def __post_init__(self):
+    check_fields(self)
 
 
 def task_name(key: str) -> str:
@@ -87,6 +89,7 @@ class Curriculum:
   def __post_init__(self):
     stages = tuple(self.stages)
     object.__setattr__(self, "stages", stages)
+    check_fields(self)
     if not stages:
       raise ValueError("Curriculum.stages is empty")
     starts = [s.start_step for s in stages]
@@ -120,13 +123,3 @@ class Curriculum:
       rows.append(f"stage {i} {stage.name!r} from step {stage.start_step}: non-English "
                   f"{1 - english:.1%} | {shown}")
     return "\n".join(rows)
-
-
-def check_has_data(names: Sequence[str], split: str = "train") -> None:
-  """Every task with a positive rate must yield at least one example (fails at start)."""
-  for name in names:
-    mixture = seqio.get_mixture_or_task(name)
-    for task in getattr(mixture, "tasks", [mixture]):
-      ds = task.get_dataset(sequence_length=None, split=split, shuffle=False)
-      if next(iter(ds.take(1)), None) is None:
-        raise ValueError(f"curriculum: task {task.name!r} has a positive rate but no {split} data")

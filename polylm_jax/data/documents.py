@@ -23,6 +23,8 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from polylm_jax.typecheck import check_fields
+
 REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty", "too_short", "too_long",
            "low_lang_score")
 _DROPPED: collections.Counter = collections.Counter()
@@ -39,6 +41,13 @@ def dropped_records() -> dict[str, dict[str, int]]:
   return out
 
 
+def reset_dropped(task: str) -> None:
+  """Forgets a task's counts (it is being registered anew: its counts start from zero)."""
+  with _LOCK:
+    for key in [k for k in _DROPPED if k[0] == task]:
+      del _DROPPED[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordFilter:
   """How records become document texts, and which are kept."""
@@ -51,6 +60,7 @@ class RecordFilter:
   max_chars: int | None = None
 
   def __post_init__(self):
+    check_fields(self)
     if self.record_format not in ("text", "jsonl", "tfds"):
       raise ValueError(f"record_format={self.record_format!r}: expected text, jsonl or tfds")
 

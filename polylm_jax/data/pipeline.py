@@ -17,13 +17,17 @@ import seqio
 import tensorflow as tf
 
 from polylm_jax.data import cache, packing
+from polylm_jax.typecheck import check_fields
 
 
 def mixture_tasks(name: str) -> list[tuple[seqio.Task, float]]:
-  """(task, rate) of a Mixture (nested mixtures flattened), or [(task, 1.0)] for a Task."""
+  """(task, rate) of a Mixture (nested mixtures flattened), or [(task, 1.0)] for a Task.
+
+  Tasks are looked up by name now: a seqio Mixture keeps the Task objects it was built with, so a
+  task registered anew since (TextCorpora replacing a sample task) would otherwise be stale."""
   provider = seqio.get_mixture_or_task(name)
   if isinstance(provider, seqio.Mixture):
-    return [(t, float(provider.get_rate(t))) for t in provider.tasks]
+    return [(seqio.TaskRegistry.get(t.name), float(provider.get_rate(t))) for t in provider.tasks]
   return [(provider, 1.0)]
 
 
@@ -31,14 +35,19 @@ def _task_seed(seed: int, index: int) -> int:
   return seed * 1_000_003 + index  # distinct, reproducible shuffles per task
 
 
-def _task_rows(task: seqio.Task, index: int, config: DataConfig, *, shard_index: int,
-               num_shards: int, shuffle: bool, num_epochs: int | None) -> tf.data.Dataset:
-  """One task's documents, packed into rows (seqio reads, shards, preprocesses, shuffles)."""
+def _use_cache(task: seqio.Task, config: DataConfig) -> bool:
   use_cached = config.use_cached and task.supports_caching
   if use_cached and not task.cache_dir:
     raise ValueError(f"DataConfig.use_cached: task {task.name!r} has no completed cache in "
                      f"DataConfig.cache_dirs={list(config.cache_dirs)} (make one with "
                      f"polylm-cache)")
+  return use_cached
+
+
+def _task_rows(task: seqio.Task, index: int, config: DataConfig, *, shard_index: int,
+               num_shards: int, shuffle: bool, num_epochs: int | None) -> tf.data.Dataset:
+  """One task's documents, packed into rows (seqio reads, shards, preprocesses, shuffles)."""
+  use_cached = _use_cache(task, config)
   if config.use_cached and not use_cached:
     logging.info("DataConfig.use_cached: task %s is not cacheable, preprocessed on the fly",
                  task.name)
@@ -75,6 +84,44 @@ def _get_dataset(config: DataConfig, *, shard_index: int, num_shards: int, shuff
       rows, weights=[rate / total for _, rate in pairs], seed=config.seed)
 
 
+def _source_files(task: seqio.Task, split: str) -> list[str]:
+  try:
+    return list(task.source.list_shards(split))
+  except Exception:  # e.g. a FunctionDataSource: no files to name
+    return []
+
+
+def check_has_data(names, config: DataConfig) -> None:
+  """Every task of these mixtures must yield at least one token in `config.split`: a source whose
+  records are all dropped (a wrong text field, say) or an empty file fails here, at start, naming
+  the task, its files and the drop counts (an infinite stream of nothing would hang training)."""
+  from polylm_jax.data import documents
+  seqio.add_global_cache_dirs(list(config.cache_dirs))
+  seen = set()
+  for name in names:
+    for task, _ in mixture_tasks(name):
+      if task.name in seen:
+        continue
+      seen.add(task.name)
+      ds = task.get_dataset(sequence_length=None, split=config.split, shuffle=False,
+                            use_cached=_use_cache(task, config), num_epochs=1,
+                            trim_output_features=False)
+
+      def tokens(ex):
+        t = ex["targets"]
+        return tf.size(t.flat_values if isinstance(t, tf.RaggedTensor) else t)
+      if next(iter(ds.map(tokens).filter(lambda n: n > 0).take(1)), None) is not None:
+        continue
+      shards = _source_files(task, config.split)
+      where = (f" (read from {shards[:3]}{f' and {len(shards) - 3} more' if len(shards) > 3 else ''})"
+               if shards else "")
+      dropped = documents.dropped_records().get(task.name)
+      raise ValueError(
+          f"task {task.name!r} yields no {config.split} documents{where}; records dropped: "
+          f"{dropped or 'none'}. Check the files and the record settings (e.g. "
+          f"TextCorpora.text_field, record_format, min_chars, min_lang_score)")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   mixture: str = "polylm_sample"  # a registered seqio Mixture or Task
@@ -86,6 +133,12 @@ class DataConfig:
   # Read cacheable tasks from their Beam-made caches (polylm-cache) in these directories.
   use_cached: bool = False
   cache_dirs: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    check_fields(self)
+    for name in ("seq_len", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"DataConfig.{name}={getattr(self, name)} must be >= 1")
 
 
 class _Once(logging.Filter):

@@ -17,6 +17,7 @@ import seqio
 import tensorflow as tf
 
 from polylm_jax.data import cache, documents, tasks
+from polylm_jax.typecheck import check_fields
 
 dropped_records = documents.dropped_records
 REASONS = documents.REASONS
@@ -70,6 +71,9 @@ class TextCorpora:
   # can tokenize and pack the corpora once (data/cache.py); None: plain document tasks.
   cache_seq_len: int | None = None
 
+  def __post_init__(self):
+    check_fields(self)
+
   def _filter(self, record_format: str) -> documents.RecordFilter:
     if self.lang_score_field and record_format == "text":
       raise ValueError("TextCorpora.lang_score_field needs records with fields: set "
@@ -89,6 +93,7 @@ class TextCorpora:
                                                parallel_blocks=self.parallel_blocks)
       buffer = self.shuffle_blocks
     _claim(name, self.replace)  # only now that the task is valid: a bad setting loses nothing
+    documents.reset_dropped(name)
     seqio.TaskRegistry.add(name, source=source, output_features=features,
                            preprocessors=preprocessors, shuffle_buffer_size=buffer)
 
@@ -150,6 +155,9 @@ class BitextCorpora:
   prefix: str = tasks.BITEXT_PREFIX
   replace: bool = True
   shuffle_blocks: int = documents.SHUFFLE_BLOCKS
+
+  def __post_init__(self):
+    check_fields(self)
 
   def register(self, vocab: seqio.Vocabulary | None = None) -> list[str]:
     vocab = vocab or tasks.vocabulary()

@@ -1,12 +1,16 @@
 """`python -m polylm_jax.train` / `polylm-train`: parse gin, check the setup, run the loop.
 
 Everything a run does is gin: `train.model`, `train.optimizer`, `train.mesh`, `train.data`,
-`train.trainer` (see gin_configs/). The operative config is written to <workdir>/config.gin.
+`train.trainer` (see gin_configs/). A run writes to its workdir: checkpoints/ and data_state/
+(resumable state), metrics.jsonl and eval_metrics.jsonl, tensorboard/, config.gin (the gin config
+of the latest start, written once start-up succeeded) and operative_config.gin (every setting the
+run used, written when it finishes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,7 +21,7 @@ import uuid
 import gin
 
 from polylm_jax import config as model_configs
-from polylm_jax import sharding
+from polylm_jax import files, sharding
 from polylm_jax.train import loop
 from polylm_jax.train.checkpoint import CheckpointConfig, tokenizer_b64
 from polylm_jax.train.optimizer import OptimizerConfig
@@ -80,39 +84,43 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
 
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
         data=gin.REQUIRED, trainer=gin.REQUIRED, checkpoint=CheckpointConfig(),
-        spikes=SpikeConfig(), curriculum=None, corpora=None, bitext=None):
+        spikes=SpikeConfig(), curriculum=None, corpora=None, bitext=None, start_over=False):
   """The gin entry point: wires the seqio pipeline to the training loop."""
   import jax
   import seqio
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
+  from polylm_jax.train.optimizer import lr_schedule
 
-  for registry in (corpora, bitext):  # TextCorpora, BitextCorpora: before anything names a task
-    if registry is not None:
-      registry.register()
+  # Settings that need nothing built are checked first.
   if data.seq_len > model.max_length:
     raise SystemExit(f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length="
                      f"{model.max_length}")
+  try:
+    lr_schedule(optimizer, trainer.num_steps)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
+  for registry in (corpora, bitext):  # TextCorpora, BitextCorpora: before anything names a task
+    if registry is not None:
+      registry.register()
   vocab = tasks.vocabulary()
   if vocab.vocab_size > model.vocab_size:
     raise SystemExit(f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
                      f"{model.vocab_size} ({model.name}); enlarge the model vocabulary")
   if curriculum is not None:
-    from polylm_jax.data import curriculum as curricula
     logging.info("curriculum (DataConfig.mixture=%r is not used):\n%s", data.mixture,
                  curriculum.table(data.split))
     batches = pipeline.StagedBatches(curriculum, data, shard_index=jax.process_index(),
                                      num_shards=jax.process_count())
-    curricula.check_has_data(batches.mixtures, data.split)
+    names = batches.mixtures
   else:
     batches = pipeline.BatchIterator(data, shard_index=jax.process_index(),
                                      num_shards=jax.process_count())
+    names = [data.mixture]
+  pipeline.check_has_data(names, data)
   eval_sets = None
   if trainer.eval_every:
     # Held-out loss per language: the validation split of every task the run trains on.
-    names = batches.mixtures if curriculum is not None else [data.mixture]
-    task_names = sorted({t.name for n in names
-                         for t in getattr(seqio.get_mixture_or_task(n), "tasks",
-                                          [seqio.get_mixture_or_task(n)])})
+    task_names = sorted({t.name for n in names for t, _ in pipeline.mixture_tasks(n)})
     eval_sets = {tasks.task_language(t): pipeline.eval_batches(
         dataclasses.replace(data, mixture=t, split="validation"),
         shard_index=jax.process_index(), num_shards=jax.process_count()) for t in task_names
@@ -120,11 +128,38 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
   metadata = {"gin_config": gin.config_str(), "tokenizer_model_b64": tokenizer_b64(
       vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data)}
   result = loop.train(model, optimizer, mesh, trainer, batches, workdir, checkpoint=checkpoint,
-                      spikes=spikes, metadata=metadata, eval_sets=eval_sets)
+                      spikes=spikes, metadata=metadata, eval_sets=eval_sets,
+                      start_over=start_over)
   from polylm_jax.data import sources
   for task, counts in sources.dropped_records().items():
     logging.warning("data: task %s dropped records %s", task, counts)
   return result
+
+
+def _not_gin_path_noise(record: logging.LogRecord) -> bool:
+  # gin looks for an include in package resources before its search path and logs an ERROR when
+  # it is not there, though the include is then found: drop that misleading line (gin logs it
+  # through the root logger, absl's handlers through "absl").
+  return not ("Path not found" in str(record.msg) and record.pathname.endswith("resource_reader.py"))
+
+
+def quiet_logging() -> None:
+  """One console handler on the root logger (replacing plain stream handlers that imported
+  libraries installed; handlers of other kinds, e.g. a test's log capture, stay)."""
+  root = logging.getLogger()
+  for handler in list(root.handlers):
+    if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)
+      root.removeHandler(handler)
+  console = logging.StreamHandler()
+  console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  console.addFilter(_not_gin_path_noise)
+  root.addHandler(console)
+  root.setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
+  for logger in (root, logging.getLogger("absl")):
+    if _not_gin_path_noise not in logger.filters:
+      logger.addFilter(_not_gin_path_noise)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before tensorflow is first imported
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -133,7 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
                       help="gin file (repeatable); relative paths also resolve under gin_configs/")
   parser.add_argument("--gin_bindings", action="append", default=[],
                       help="a gin binding such as 'TrainerConfig.num_steps = 10' (repeatable)")
-  parser.add_argument("--workdir", required=True, help="where metrics, events and config go")
+  parser.add_argument("--workdir", required=True,
+                      help="where checkpoints, metrics, TensorBoard events and config.gin go; a "
+                           "workdir with checkpoints is resumed")
+  parser.add_argument("--start_over", action="store_true",
+                      help="begin a new run in a workdir that has checkpoints: the earlier run's "
+                           "files are moved to <workdir>/previous/<time>/ (nothing is deleted)")
   parser.add_argument("--distributed", action="store_true",
                       help="multi-host: call jax.distributed.initialize() first (auto-detected on "
                            "TPU pods and SLURM; else pass the three flags below)")
@@ -147,26 +187,44 @@ def main(argv: list[str] | None = None) -> dict:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
-  # gin looks for an include in package resources before its search path and logs an ERROR when
-  # it is not there, though the include is then found: drop that misleading line.
-  logging.getLogger("absl").addFilter(
-      lambda r: not (r.pathname.endswith("resource_reader.py") and "Path not found" in r.msg))
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before tensorflow is first imported
+  quiet_logging()
   workdir = check_workdir(args.workdir)
   register_configurables()
   parse_gin(args.gin_file, args.gin_bindings)
   import jax
   lead = jax.process_index() == 0  # one writer per run, whatever the number of hosts
-  if lead:
-    (workdir / "config.gin").write_text(gin.config_str())  # as given, before anything can fail
-  result = _train_fn(workdir=str(workdir))
-  if lead:
-    (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+  # Taken before anything is built, so a second trainer on this workdir stops at once.
+  with files.WorkdirLock(workdir) if lead else contextlib.nullcontext():
+    result = _train_fn(workdir=str(workdir), start_over=args.start_over)
+    if lead:
+      files.atomic_write_text(workdir / "operative_config.gin", gin.operative_config_str())
   return result
 
 
 def console_main() -> None:
-  main(sys.argv[1:])
+  """Exit status 0 on success; otherwise the error is the last thing printed and the status is 1
+  (2 for a configuration error found at start). The process exits without waiting for the data
+  pipeline's threads, which would otherwise abort it ("terminate called ...", status 134)."""
+  try:
+    main(sys.argv[1:])
+  except SystemExit as e:
+    if e.code in (None, 0):
+      raise
+    _die(f"polylm-train: {e.code}" if isinstance(e.code, str) else None,
+         e.code if isinstance(e.code, int) else 2)
+  except KeyboardInterrupt:
+    _die("polylm-train: interrupted", 130)
+  except BaseException as e:  # noqa: BLE001 (everything else: report it, then exit 1)
+    logging.error("training failed", exc_info=True)
+    # gin appends "In call to configurable ..." lines; the message itself names the setting.
+    text = " ".join(l.strip() for l in str(e).splitlines()
+                    if not l.strip().startswith("In call to configurable"))
+    _die(f"polylm-train: error: {type(e).__name__}: {text}", 1)
+
+
+def _die(message: str | None, code: int) -> None:
+  logging.shutdown()
+  sys.stdout.flush()
+  if message:
+    print(message, file=sys.stderr, flush=True)
+  os._exit(code)

@@ -19,6 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from polylm_jax.typecheck import check_fields
+
 MODES = ("off", "log", "skip", "rollback")
 
 
@@ -33,6 +35,7 @@ class SpikeConfig:
   rollback_skip_batches: int = 200
 
   def __post_init__(self):
+    check_fields(self)
     if self.mode not in MODES:
       raise ValueError(f"SpikeConfig.mode={self.mode!r}: expected one of {MODES}")
     if not 0.0 < self.ema_decay < 1.0:
