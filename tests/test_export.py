@@ -93,3 +93,22 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
   hf_export.export_params(params, CFG, out, overwrite=True)
   with pytest.raises(ValueError, match="export dtype 'int8'"):
     hf_export.export_params(params, CFG, tmp_path / "y", dtype="int8")
+
+
+def test_configs_and_indexes_that_cannot_be_trusted_are_refused(tmp_path):
+  out = hf_export.export_params(P.init_params(CFG, 7), CFG, tmp_path / "hf")
+  config = json.loads((out / "config.json").read_text())
+  for key, value in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                     ("add_cross_attention", True), ("activation_function", "relu"),
+                     ("tie_word_embeddings", False)):
+    (out / "config.json").write_text(json.dumps(dict(config, **{key: value})))
+    with pytest.raises(ValueError, match=f"{key}={json.dumps(value)}; this model computes"):
+      hf_export.config_from_hf(out)
+  (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "n_head"}))
+  with pytest.raises(ValueError, match=r"config.json: missing field\(s\) \['n_head'\]"):
+    hf_export.config_from_hf(out)
+  (out / "config.json").write_text(json.dumps(config))
+  (out / safetensors_io.INDEX_NAME).write_text(json.dumps(
+      {"weight_map": {"transformer.wte.weight": "../../etc/passwd"}}))
+  with pytest.raises(ValueError, match=r"shard file '../../etc/passwd' is not a file inside"):
+    hf_export.import_params(out, CFG)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import pathlib
 import re
 import sys
 
+from polylm_jax import files
 from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
 
 
@@ -27,19 +29,26 @@ def parse_size(text: str) -> int:
 
 
 def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 * 2**30,
-                      overwrite=False, allow_vocab_padding=False):
+                      overwrite=False, allow_vocab_padding=False, allow_nonfinite=False,
+                      workdir=None):
+  """Everything is checked and written in a hidden staging directory next to `out_dir`, which
+  becomes `out_dir` only when complete: a refused or failed export leaves nothing that looks like
+  a model, and an earlier export at `out_dir` stays until the new one is whole."""
   reader = checkpoint_reader.CheckpointReader(step_dir)
   cfg = reader.model_config
-  out = hf_export.export_source(reader, cfg, out_dir, dtype=dtype,
-                                max_shard_bytes=max_shard_bytes, overwrite=overwrite)
   sp_model = reader.meta.get("tokenizer_model_b64")
   if sp_model is None:
     raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
   sp_bytes = base64.b64decode(sp_model)
   _check_vocab(sp_bytes, cfg, allow_vocab_padding)
-  tokenizer_files.write_tokenizer(out, sp_bytes, cfg.max_length)
-  tokenizer_files.write_model_card(out, reader.meta, dtype, str(step_dir))
-  return out, reader
+  sources = [step_dir] + ([workdir] if workdir else [])
+  with files.staged_directory(out_dir, overwrite=overwrite, kind=hf_export.EXPORT_KIND,
+                              looks_like=hf_export.looks_like_export, sources=sources) as staging:
+    hf_export.write_model_files(reader, cfg, staging, dtype=dtype,
+                                max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite)
+    tokenizer_files.write_tokenizer(staging, sp_bytes, cfg.max_length)
+    tokenizer_files.write_model_card(staging, reader.meta, dtype, str(step_dir))
+  return pathlib.Path(out_dir), reader
 
 
 def _check_vocab(sp_bytes: bytes, cfg, allow_vocab_padding: bool = False) -> None:
@@ -63,7 +72,11 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True)
   parser.add_argument("--dtype", default="float32", choices=sorted(hf_export.EXPORT_DTYPES))
   parser.add_argument("--max_shard_size", type=parse_size, default=2 * 2**30)
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier export at --out (only an export; swapped in once "
+                           "the new one is complete)")
+  parser.add_argument("--allow_nonfinite", action="store_true",
+                      help="export weights that hold NaN/Inf (refused by default)")
   parser.add_argument("--allow_vocab_padding", action="store_true",
                       help="accept a model vocabulary larger than the tokenizer's")
   parser.add_argument("--verify", action="store_true",
@@ -74,7 +87,8 @@ def main(argv=None) -> int:
     step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
     out, reader = export_checkpoint(step_dir, args.out, dtype=args.dtype,
                                     max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                                    allow_vocab_padding=args.allow_vocab_padding)
+                                    allow_vocab_padding=args.allow_vocab_padding,
+                                    allow_nonfinite=args.allow_nonfinite, workdir=args.workdir)
   except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
     print(f"polylm-export: {e}", file=sys.stderr)
     return 2

@@ -8,49 +8,63 @@ DAMO-NLP-MT/polylm-1.7b, or an earlier export) into this project's parameter tre
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
-import shutil
 
 import ml_dtypes
 import numpy as np
 
+from polylm_jax import files
 from polylm_jax.config import ModelConfig
 from polylm_jax.export import hf_layout, safetensors_io
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+EXPORT_KIND = "Hugging Face export (config.json + safetensors)"
 
 
-def prepare_output_dir(out_dir: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
-  out = pathlib.Path(out_dir)
-  if out.exists() and any(out.iterdir()):
-    if not overwrite:
-      raise FileExistsError(f"output directory {out} exists and is not empty; pass overwrite "
-                            f"(--overwrite) to replace it")
-    shutil.rmtree(out)
-  out.mkdir(parents=True, exist_ok=True)
-  return out
+def looks_like_export(path: pathlib.Path) -> bool:
+  """An earlier export: what `--overwrite` may replace."""
+  return (path / "config.json").is_file() and (
+      (path / "model.safetensors").is_file() or (path / safetensors_io.INDEX_NAME).is_file())
 
 
 def export_params(params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
                   dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
-                  overwrite: bool = False) -> pathlib.Path:
-  return export_source(hf_layout.TreeSource(params), cfg, out_dir, dtype=dtype,
-                       max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+                  overwrite: bool = False, allow_nonfinite: bool = False) -> pathlib.Path:
+  """An in-memory parameter tree as a Hugging Face directory (built aside, swapped in whole)."""
+  with files.staged_directory(out_dir, overwrite=overwrite, kind=EXPORT_KIND,
+                              looks_like=looks_like_export) as staging:
+    write_model_files(hf_layout.TreeSource(params), cfg, staging, dtype=dtype,
+                      max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite)
+  return pathlib.Path(out_dir)
 
 
-def export_source(source, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
-                  dtype: str = "float32", max_shard_bytes: int = 5 * 2**30,
-                  overwrite: bool = False) -> pathlib.Path:
-  """Writes config and weights from any parameter source (tree or checkpoint reader)."""
+def write_model_files(source, cfg: ModelConfig, out: pathlib.Path, *, dtype: str = "float32",
+                      max_shard_bytes: int = 5 * 2**30, allow_nonfinite: bool = False) -> None:
+  """Writes config and weights from any parameter source (tree or checkpoint reader) into `out`
+  (a staging directory: see files.staged_directory). Non-finite values are refused unless
+  `allow_nonfinite`."""
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")
-  out = prepare_output_dir(out_dir, overwrite)
-  sources = hf_layout.hf_sources(source, cfg, EXPORT_DTYPES[dtype])
+  sources = hf_layout.hf_sources(source, cfg, EXPORT_DTYPES[dtype], allow_nonfinite=allow_nonfinite)
   safetensors_io.write_sharded(out, sources, max_shard_bytes)
   (out / "config.json").write_text(json.dumps(hf_layout.hf_config(cfg, dtype), indent=2) + "\n")
   (out / "generation_config.json").write_text(json.dumps(
       {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n")
-  return out
+
+
+# GPT-2 options that change what the model computes, with the value this model computes; a
+# checkpoint with another value would load but give other logits, so it is refused.
+_SAME_MATH = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "scale_attn_weights": (True,),  # scores scaled by 1/sqrt(head_dim)
+    "scale_attn_by_inverse_layer_idx": (False,),  # no extra 1/(layer+1) scaling
+    "add_cross_attention": (False,),
+    "tie_word_embeddings": (True,),  # PolyLM ties the LM head
+}
+_DEFAULTS = {"activation_function": "gelu_new", "scale_attn_weights": True,
+             "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+             "tie_word_embeddings": True}
 
 
 def config_from_hf(model_dir: str | pathlib.Path, **overrides) -> ModelConfig:
@@ -58,25 +72,41 @@ def config_from_hf(model_dir: str | pathlib.Path, **overrides) -> ModelConfig:
   path = pathlib.Path(model_dir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found")
-  c = json.loads(path.read_text())
+  try:
+    c = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
   if c.get("model_type") != "gpt2":
     raise ValueError(f"{path}: model_type={c.get('model_type')!r}; only the GPT-2 layout "
                      f"(released PolyLM) is supported")
-  act = c.get("activation_function", "gelu_new")
-  if act not in ("gelu_new", "gelu_pytorch_tanh"):
-    raise ValueError(f"{path}: activation_function={act!r}; this model computes tanh-GeLU only")
-  if not c.get("tie_word_embeddings", True):
-    raise ValueError(f"{path}: tie_word_embeddings=false; PolyLM ties the LM head")
+  for key, allowed in _SAME_MATH.items():
+    value = c.get(key, _DEFAULTS[key])
+    if value not in allowed:
+      raise ValueError(f"{path}: {key}={json.dumps(value)}; this model computes "
+                       f"{key}={json.dumps(allowed[0])} only, so the weights would give other "
+                       f"outputs")
+  for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
+    if c.get(key):
+      logging.warning("%s: %s=%s: dropout is not applied by this model (PolyLM trains without "
+                      "it)", path, key, c[key])
+  missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in c]
+  if missing:
+    raise ValueError(f"{path}: missing field(s) {missing}")
   d = c["n_embd"]
   fields = dict(name=path.parent.name, vocab_size=c["vocab_size"], max_length=c["n_positions"],
                 num_layers=c["n_layer"], d_model=d, num_heads=c["n_head"],
                 d_ff=c.get("n_inner") or 4 * d,
                 layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
   fields.update(overrides)
-  return ModelConfig(**fields)
+  try:
+    return ModelConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from e
 
 
-def import_params(model_dir: str | pathlib.Path, cfg: ModelConfig, *, scanned: bool = True):
+def import_params(model_dir: str | pathlib.Path, cfg: ModelConfig, *, scanned: bool = True,
+                  allow_nonfinite: bool = False):
   model_dir = pathlib.Path(model_dir)
   tensors = dict(safetensors_io.read_dir(model_dir))
-  return hf_layout.params_from_hf(tensors, cfg, scanned=scanned, source=str(model_dir))
+  return hf_layout.params_from_hf(tensors, cfg, scanned=scanned, source=str(model_dir),
+                                  allow_nonfinite=allow_nonfinite)

@@ -85,7 +85,16 @@ def plan(cfg: ModelConfig):
   return out
 
 
-def hf_sources(source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**20):
+def check_finite(name: str, values: np.ndarray, flag: str = "--allow_nonfinite") -> None:
+  """Weights with NaN/Inf are a diverged model: refused, naming the tensor, unless forced."""
+  if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    raise ValueError(f"tensor {name} has {bad} non-finite value(s) (NaN/Inf): the weights are "
+                     f"diverged; refusing them (pass {flag} to accept them anyway)")
+
+
+def hf_sources(source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**20,
+               allow_nonfinite: bool = False):
   """TensorSources for the safetensors writer. Each tensor is read in chunks of whole parameter
   rows (about `chunk_bytes`) and cast, so host memory stays small whatever the tensor (the
   256000-row embedding included). `source` has read(path, layer, rows) and param_shape(path, layer)
@@ -100,19 +109,25 @@ def hf_sources(source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**2
     row_bytes = int(np.prod(param_shape[1:], dtype=np.int64)) * 4
     rows_per_chunk = max(1, chunk_bytes // max(row_bytes, 1))
 
-    def chunks(path=path, layer=layer, shape=shape, lead=param_shape[0], step=rows_per_chunk):
+    def chunks(path=path, layer=layer, shape=shape, lead=param_shape[0], step=rows_per_chunk,
+               name=name):
       if len(shape) == 1:
-        yield source.read(path, layer).reshape(shape).astype(dtype)
+        part = source.read(path, layer)
+        if not allow_nonfinite:
+          check_finite(name, part)
+        yield part.reshape(shape).astype(dtype)
         return
       for start in range(0, lead, step):
         part = source.read(path, layer, slice(start, min(start + step, lead)))
+        if not allow_nonfinite:
+          check_finite(name, part)
         yield part.reshape(-1, *shape[1:]).astype(dtype)
     sources.append(TensorSource(name, tuple(shape), np.dtype(dtype), chunks))
   return sources
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, scanned: bool = True,
-                   source: str = "checkpoint"):
+                   source: str = "checkpoint", allow_nonfinite: bool = False):
   """This project's parameter tree from HF GPT-2 tensors; missing, unexpected or misshapen
   tensors are an error that names them."""
   expected = expected_shapes(cfg)
@@ -134,6 +149,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, scanned:
     problems.append(f"shape mismatches {wrong[:8]}")
   if problems:
     raise ValueError(f"{source} does not fit ModelConfig({cfg.name}): " + "; ".join(problems))
+  if not allow_nonfinite:
+    for n in sorted(expected):
+      check_finite(f"{source}: {n}", np.asarray(tensors[n]))
   if head is not None and not np.array_equal(head, tensors[PREFIX + "wte.weight"]):
     raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight, but PolyLM "
                      f"ties the LM head to the token embedding")

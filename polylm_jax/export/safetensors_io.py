@@ -106,7 +106,16 @@ def read_dir(model_dir: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   """Every tensor of a (possibly sharded) safetensors checkpoint directory."""
   index = model_dir / INDEX_NAME
   if index.is_file():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from e
+    files = sorted(set(weight_map.values()))
+    root = model_dir.resolve()
+    for name in files:
+      if (not isinstance(name, str) or pathlib.PurePath(name).is_absolute()
+          or (model_dir / name).resolve().parent != root):
+        raise ValueError(f"{index}: shard file {name!r} is not a file inside {model_dir}")
   elif (model_dir / "model.safetensors").is_file():
     files = ["model.safetensors"]
   else:
