@@ -1,0 +1,405 @@
+"""Fault injection: the mistakes and accidents a real team has, and the outcome each must have.
+
+Every case ends in one of two ways: the run resumes exactly, or it refuses with a message that
+names the problem. Never a silent restart, never a deleted good checkpoint, never a deleted source.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from polylm_jax import files, sharding
+from polylm_jax.config import PRESETS
+from polylm_jax.export import cli as export_cli, hf_export, import_cli
+from polylm_jax.train import cli
+from polylm_jax.train.checkpoint import (CheckpointConfig, Checkpointer, CheckpointMismatchError,
+                                         NoUsableCheckpointError)
+from polylm_jax.train.loop import NonFiniteError, TrainerConfig, train
+from polylm_jax.train.optimizer import OptimizerConfig
+from polylm_jax.train.step import TrainStep
+
+pytestmark = pytest.mark.faults
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = PRESETS["tiny"]
+BINDINGS = {"DataConfig.seq_len": 64, "DataConfig.batch_size": 8,
+            "OptimizerConfig.warmup_steps": 2, "OptimizerConfig.decay_steps": 30,
+            "TrainerConfig.eval_every": 0, "TrainerConfig.log_every": 2,
+            "CheckpointConfig.every_steps": 2, "CheckpointConfig.keep_last": 5}
+
+
+def _args(workdir, steps, **extra):
+  bindings = dict(BINDINGS, **{"TrainerConfig.num_steps": steps}, **extra)
+  return (["--gin_file=gin_configs/quickstart.gin", f"--workdir={workdir}"]
+          + [f"--gin_bindings={k} = {v}" for k, v in bindings.items()])
+
+
+def _tree_digest(root: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  """A 6-step run with checkpoints at steps 2, 4 and 6; tests work on copies of it."""
+  workdir = tmp_path_factory.mktemp("base") / "run"
+  cli.main(_args(workdir, 6))
+  return workdir
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(base_run, copy)
+  return copy
+
+
+def _truncate(path: pathlib.Path) -> None:
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+# --- restore -----------------------------------------------------------------------------------
+
+def test_unreadable_checkpoints_are_moved_aside_and_the_run_never_starts_over(run_copy, caplog):
+  ckpts = run_copy / "checkpoints"
+  for f in _array_files(ckpts / "6"):
+    _truncate(f)  # truncated array data
+  shutil.rmtree(run_copy / "data_state" / "4")  # a missing data-iterator state
+  _truncate(ckpts / "2" / "state" / "_METADATA")  # truncated tree metadata
+  damaged = {s: _tree_digest(ckpts / s) for s in ("2", "4", "6")}
+  with caplog.at_level(logging.ERROR), pytest.raises(
+      NoUsableCheckpointError, match="has no checkpoint that can be read.*--start_over"):
+    cli.main(_args(run_copy, 8))
+  for step in (2, 4, 6):
+    assert f"checkpoint {ckpts / str(step)} is unreadable" in caplog.text
+  assert not list(ckpts.iterdir())  # nothing left to resume from ...
+  moved = {m.name.split("-")[0].removeprefix("step_"): m for m in (run_copy / "corrupt").iterdir()}
+  assert sorted(moved) == ["2", "4", "6"]  # ... and nothing deleted: all in corrupt/, as it was
+  for step, m in moved.items():
+    assert _tree_digest(m / "checkpoint") == damaged[step]
+  assert (moved["6"] / "data_state" / "process_0.index").is_file()
+  # A plain restart still refuses (the history is in corrupt/) ...
+  with pytest.raises(NoUsableCheckpointError):
+    cli.main(_args(run_copy, 8))
+  # ... until the user says so: the earlier run's files go to previous/, a new run starts.
+  result = cli.main(_args(run_copy, 4) + ["--start_over"])
+  assert int(result["state"].step) == 4
+  [previous] = (run_copy / "previous").iterdir()
+  assert len(list((previous / "corrupt").iterdir())) == 3
+  assert [r["step"] for r in _metrics(previous)] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in _metrics(run_copy)] == [1, 2, 3, 4]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_and_the_run_goes_on_exactly(run_copy, caplog):
+  losses = {r["step"]: r["loss"] for r in _metrics(run_copy)}
+  for f in _array_files(run_copy / "checkpoints" / "6"):
+    _truncate(f)
+  with caplog.at_level(logging.INFO):
+    result = cli.main(_args(run_copy, 8))
+  assert "resumed from checkpoint step 4" in caplog.text
+  assert int(result["state"].step) == 8
+  # Step 6 is saved again (no "step already exists" crash loop) and the redone steps are the
+  # same steps: the metrics hold each step once, with the losses of the first attempt.
+  assert sorted(int(p.name) for p in (run_copy / "checkpoints").iterdir()) == [2, 4, 6, 8]
+  records = _metrics(run_copy)
+  assert [r["step"] for r in records] == list(range(1, 9))
+  assert [r["loss"] for r in records[:6]] == [losses[s] for s in range(1, 7)]
+  assert len(list((run_copy / "corrupt").iterdir())) == 1
+
+
+def test_a_config_change_on_resume_is_named_and_changes_nothing(run_copy):
+  before = _tree_digest(run_copy)
+  proc = subprocess.run(
+      [sys.executable, "-m", "polylm_jax.train",
+       *_args(run_copy, 8, **{"OptimizerConfig.grad_clip_norm": 0.0})],
+      cwd=REPO, capture_output=True, text=True, timeout=1800,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert last.startswith("polylm-train: error: CheckpointMismatchError")
+  assert ("optimizer state: checkpoint has clip-by-global-norm, config has none "
+          "(OptimizerConfig.grad_clip_norm = 0.0)") in last
+  assert "TrainerConfig.reset_optimizer = True" in last
+  assert "ERROR Path not found" not in proc.stderr  # gin's misleading include noise is gone
+  after = _tree_digest(run_copy)
+  assert before == after  # not one file changed (config.gin and metrics.jsonl included)
+
+
+def test_reset_optimizer_keeps_the_parameters_step_and_data_position(run_copy, caplog):
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  steps = {clip: TrainStep(TINY, OptimizerConfig(warmup_steps=2, decay_steps=30,
+                                                 grad_clip_norm=clip),
+                           mesh, sharding.DEFAULT_RULES, 30) for clip in (1.0, 0.0)}
+  ckpt = Checkpointer(run_copy, CheckpointConfig(), steps[1.0])
+  saved, _ = ckpt.restore(6, None)
+  ckpt.close()
+  ckpt = Checkpointer(run_copy, CheckpointConfig(), steps[0.0])
+  with pytest.raises(CheckpointMismatchError, match="checkpoint has clip-by-global-norm"):
+    ckpt.restore(6, None)
+  fresh, _ = ckpt.restore(6, None, reset_optimizer=True)
+  ckpt.close()
+  assert int(fresh.step) == 6 and int(fresh.opt_state[0].count) == 0  # Adam starts over
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh.params),
+               jax.device_get(saved.params))
+  changed = {"OptimizerConfig.grad_clip_norm": 0.0, "TrainerConfig.reset_optimizer": True}
+  with caplog.at_level(logging.INFO):
+    cli.main(_args(run_copy, 8, **changed))
+  assert "checkpoint step 6: parameters, step and data position restored with a FRESH" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    result = cli.main(_args(run_copy, 10, **changed))
+  # Checkpoints saved since match the new settings: later restarts resume them normally.
+  assert int(result["state"].step) == 10 and "FRESH" not in caplog.text
+  assert "resumed from checkpoint step 8" in caplog.text
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
+  one_task = {"train.curriculum": None, "DataConfig.mixture": "'polylm_pt_en'"}
+  work = tmp_path / "run"
+  cli.main(_args(work, 4, **one_task))
+  # A file-size limit stands in for a full disk: writes past 1000 KB fail (EFBIG). The
+  # single-task data state stays under it; the tiny model's Orbax array file does not.
+  command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "polylm_jax.train",
+                                              *_args(work, 8, **one_task)])
+  proc = subprocess.run(
+      ["bash", "-c", f"ulimit -f 1000 && exec {command}"],
+      cwd=REPO, capture_output=True, text=True, timeout=1800,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "CheckpointSaveError: saving checkpoint step 6" in last, proc.stderr[-3000:]
+  assert "earlier checkpoints are untouched: [2, 4]" in last
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  step = TrainStep(TINY, OptimizerConfig(warmup_steps=2, decay_steps=30), mesh,
+                   sharding.DEFAULT_RULES, 30)
+  ckpt = Checkpointer(work, CheckpointConfig(), step)
+  assert ckpt.steps() == [2, 4]
+  for s in (2, 4):
+    state, meta = ckpt.restore(s, None)
+    assert int(state.step) == s and (work / "data_state" / str(s) / "process_0.index").is_file()
+  ckpt.close()
+  result = cli.main(_args(work, 8, **one_task))  # and the run goes on once there is room
+  assert int(result["state"].step) == 8
+
+
+class _ListBatches:
+  """Resumable batches from a list (the checkpoint files are what this test is about)."""
+
+  def __init__(self, batches):
+    self.batches, self.position = batches, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = self.batches[self.position]
+    self.position += 1
+    return batch
+
+  def save(self, directory):
+    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(directory) / "position").write_text(str(self.position))
+
+  def restore(self, directory, position):
+    self.position = position
+
+
+def test_no_checkpoint_during_a_nonfinite_streak(tmp_path, make_batch, caplog):
+  good = [make_batch(i, 8, 32, TINY.vocab_size) for i in range(2)]
+  bad = []
+  for i in range(4):  # token ids past the vocabulary: NaN embeddings, NaN loss
+    b = make_batch(10 + i, 8, 32, TINY.vocab_size)
+    b["inputs"][:] = TINY.vocab_size + 7
+    bad.append(b)
+  with caplog.at_level(logging.WARNING), pytest.raises(NonFiniteError):
+    train(TINY, OptimizerConfig(warmup_steps=1, decay_steps=30), sharding.MeshConfig(data=-1),
+          TrainerConfig(num_steps=6, max_nonfinite_in_a_row=3, tensorboard=False),
+          _ListBatches(good + bad), str(tmp_path),
+          checkpoint=CheckpointConfig(every_steps=1, keep_last=2, async_save=False))
+  # Steps 3-5 had non-finite updates: no checkpoint of them rotated the good ones out.
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
+  assert "no checkpoint at step 3: 1 non-finite update(s) in a row" in caplog.text
+
+
+def test_nonfinite_weights_are_never_saved_exported_or_imported(tmp_path):
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  step = TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  state = step.init(0)
+  assert step.is_finite(state)
+  params = jax.tree.map(np.array, jax.device_get(state.params))  # writable copies
+  params["blocks"]["mlp"]["fc_bias"][1, 3] = np.nan
+  assert not step.is_finite(state.replace(params=jax.device_put(params)))
+  with pytest.raises(ValueError, match=r"tensor transformer.h.1.mlp.c_fc.bias has 1 non-finite"):
+    hf_export.export_params(params, TINY, tmp_path / "hf")
+  assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.partial-*"))
+  out = hf_export.export_params(params, TINY, tmp_path / "hf", allow_nonfinite=True)
+  with pytest.raises(ValueError, match=r"h.1.mlp.c_fc.bias has 1 non-finite.*--allow_nonfinite"):
+    import_cli.import_checkpoint(out, tmp_path / "init")
+  assert not (tmp_path / "init").exists()
+
+
+# --- one trainer per workdir -------------------------------------------------------------------
+
+def test_a_second_trainer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+  work = tmp_path / "run"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  first = subprocess.Popen([sys.executable, "-m", "polylm_jax.train", *_args(work, 400)],
+                           cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    while not (work / "LOCK").is_file() and first.poll() is None:
+      time.sleep(0.2)  # wait for progress: the first trainer has started
+    assert first.poll() is None
+    second = subprocess.run([sys.executable, "-m", "polylm_jax.train", *_args(work, 400)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 1
+    assert f"is in use by another trainer: pid {first.pid}" in second.stderr.splitlines()[-1]
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  lock = json.loads((work / "LOCK").read_text())  # left behind by the killed trainer
+  assert lock["pid"] == first.pid
+  with caplog.at_level(logging.WARNING):
+    cli.main(_args(work, 2))
+  assert f"is stale (its process {first.pid} is not running)" in caplog.text
+  assert not (work / "LOCK").exists()  # released at the end
+
+
+def test_lock_staleness_on_a_shared_filesystem(tmp_path):
+  lock_path = tmp_path / "LOCK"
+  info = {"host": "another-host", "pid": 1, "token": "x", "started": "then", "command": "train"}
+  lock_path.write_text(json.dumps(info))
+  with pytest.raises(files.WorkdirLockedError, match="pid 1 on another-host"):
+    files.WorkdirLock(tmp_path).acquire()  # fresh heartbeat: in use
+  old = time.time() - 3600
+  os.utime(lock_path, (old, old))
+  with files.WorkdirLock(tmp_path) as lock:  # no heartbeat for an hour: stale
+    assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    with files.WorkdirLock(tmp_path):  # the same process may nest it
+      pass
+    assert lock_path.exists()
+  assert not lock_path.exists()
+
+
+# --- exports and imports over their own sources ------------------------------------------------
+
+def test_exports_never_replace_their_source_or_anything_but_an_export(run_copy, tmp_path, capsys):
+  before = _tree_digest(run_copy)
+  step6 = run_copy / "checkpoints" / "6"
+  for argv in ([f"--workdir={run_copy}", f"--out={run_copy}", "--overwrite"],
+               [f"--checkpoint={step6}", f"--out={run_copy}", "--overwrite"],
+               [f"--workdir={run_copy}", f"--out={run_copy / 'hf'}"]):
+    assert export_cli.main(argv) == 2
+    assert "source" in capsys.readouterr().err
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  (notes / "todo.txt").write_text("keep me")
+  assert export_cli.main([f"--workdir={run_copy}", f"--out={notes}", "--overwrite"]) == 2
+  assert "is not a Hugging Face export" in capsys.readouterr().err
+  assert (notes / "todo.txt").read_text() == "keep me"
+  assert _tree_digest(run_copy) == before
+  # A good export, then a failed one over it: the good one stays, nothing partial is left.
+  out = tmp_path / "hf"
+  assert export_cli.main([f"--workdir={run_copy}", f"--out={out}"]) == 0
+  good = _tree_digest(out)
+  for f in _array_files(step6):
+    _truncate(f)
+  try:
+    code = export_cli.main([f"--workdir={run_copy}", f"--out={out}", "--overwrite"])
+  except Exception:  # noqa: BLE001 (however it fails, the earlier export must be intact)
+    code = None
+  assert code != 0
+  assert _tree_digest(out) == good
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []
+  # A refused export (tokenizer smaller than the vocabulary) writes nothing at all.
+  meta_file = run_copy / "checkpoints" / "4" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta["model_config"]["vocab_size"] = 8192
+  meta_file.write_text(json.dumps(meta))
+  assert export_cli.main([f"--checkpoint={meta_file.parent.parent}",
+                          f"--out={tmp_path / 'refused'}"]) == 2
+  assert "pass --allow_vocab_padding" in capsys.readouterr().err
+  assert not (tmp_path / "refused").exists()
+
+
+def test_imports_never_replace_their_source(run_copy, tmp_path, capsys):
+  hf = tmp_path / "hf"
+  assert export_cli.main([f"--workdir={run_copy}", f"--out={hf}"]) == 0
+  before = _tree_digest(hf)
+  for out in (hf, hf / "init", tmp_path):
+    assert import_cli.main([f"--hf_dir={hf}", f"--out={out}", "--overwrite"]) == 2
+    assert "source" in capsys.readouterr().err
+  assert _tree_digest(hf) == before
+  assert import_cli.main([f"--hf_dir={hf}", f"--out={tmp_path / 'init'}"]) == 0
+  assert import_cli.main([f"--hf_dir={hf}", f"--out={tmp_path / 'init'}", "--overwrite"]) == 0
+  # A training checkpoint (or workdir) is also a valid start for a new run's parameters.
+  result = cli.main(_args(tmp_path / "new", 1, **{
+      "TrainerConfig.init_params_from": f"'{run_copy / 'checkpoints' / '6'}'"}))
+  reader = export_cli.checkpoint_reader.CheckpointReader(run_copy / "checkpoints" / "6")
+  np.testing.assert_array_equal(np.asarray(result["state"].params["wte"]),
+                                reader.read(("wte",)))
+
+
+# --- data and settings that cannot work --------------------------------------------------------
+
+def _corpus_gin(tmp_path, pattern, record_format, text_field="text"):
+  gin_file = tmp_path / "mine.gin"
+  gin_file.write_text(f"""
+include 'quickstart.gin'
+train.corpora = @TextCorpora()
+TextCorpora.files = {{'th': {{'train': '{pattern}'}}}}
+TextCorpora.record_format = '{record_format}'
+TextCorpora.text_field = '{text_field}'
+TextCorpora.prefix = 'faults_'
+Curriculum.stages = [@only/Stage()]
+only/Stage.rates = {{'faults_th': 0.5, 'en': 0.5}}
+""")
+  return [f"--gin_file={gin_file}"] + _args(tmp_path / "run", 4)[1:]
+
+
+def test_data_that_yields_nothing_fails_at_start_naming_task_files_and_drops(tmp_path):
+  lines = [json.dumps({"content": f"sentence {i}"}) for i in range(50)]
+  (tmp_path / "th.jsonl").write_text("\n".join(lines))
+  with pytest.raises(ValueError, match=r"task 'faults_th' yields no train documents \(read from "
+                                       r"\['.*th\.jsonl'\]\); records dropped: "
+                                       r"\{'missing_field': 50\}"):
+    cli.main(_corpus_gin(tmp_path, tmp_path / "th.jsonl", "jsonl", text_field="text"))
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match=r"task 'faults_th' yields no train documents \(read from "
+                                       r"\['.*empty\.txt'\]\); records dropped: none"):
+    cli.main(_corpus_gin(tmp_path, tmp_path / "empty.txt", "text"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_wrong_types_and_impossible_settings_name_the_setting(tmp_path):
+  with pytest.raises(TypeError, match=r"TrainerConfig.num_steps = 'forty': expected int, got str"):
+    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
+              "--gin_bindings=TrainerConfig.num_steps = 'forty'"])
+  with pytest.raises(SystemExit, match=r"decay_steps \(10, or the run's total steps\) must exceed "
+                                       r"warmup_steps \(30\)"):
+    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
+              "--gin_bindings=TrainerConfig.num_steps = 10"])
+  assert not (tmp_path / "config.gin").exists()
