@@ -34,6 +34,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_kv", None),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    # the decode-time KV cache [layers, batch, slots, heads, head_dim]: like the activations
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_sequence", None),
+    ("cache_heads", "tensor"),
+    ("cache_kv", None),
     # parameters: ZeRO-3 style over `fsdp` along embed, Megatron-style over `tensor`
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -78,6 +83,20 @@ class MeshConfig:
           f"MeshConfig({_fmt(sizes)}): data*fsdp*tensor = {fixed} but there are {num_devices} "
           f"devices; change MeshConfig.data/fsdp/tensor (or set one of them to -1)")
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def parse_mesh(spec: str | None) -> MeshConfig:
+  """A mesh from 'data,fsdp,tensor' sizes (e.g. '1,1,8'; -1 = the devices the others leave);
+  empty: every device on `data`. For command-line tools that take --mesh."""
+  if not spec:
+    return MeshConfig()
+  try:
+    parts = [int(x) for x in str(spec).split(",")]
+  except ValueError:
+    parts = []
+  if len(parts) != 3:
+    raise ValueError(f"--mesh={spec!r}: expected three sizes data,fsdp,tensor (e.g. 1,1,8)")
+  return MeshConfig(*parts)
 
 
 def _fmt(sizes: dict[str, int]) -> str:

@@ -37,10 +37,17 @@ def test_export_from_workdir_verifies_and_describes_itself(run_dir, tmp_path, ca
   card = (out / "README.md").read_text()
   assert "training steps: 6" in card and "tokens seen" in card and "polylm_sample" in card
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  assert tok.eos_token_id == 2 and tok("hello")["input_ids"][0] != 1  # no automatic BOS
+  # BOS first, as training framed every document (framing.py); no EOS.
+  ids = tok("hello")["input_ids"]
+  assert tok.eos_token_id == 2 and ids[0] == 1 and ids[1:] == reader_ids("hello", out)
   # Existing output: refused without --overwrite.
   assert export_cli.main([f"--workdir={run_dir}", f"--out={out}"]) == 2
   assert "pass overwrite" in capsys.readouterr().err
+
+
+def reader_ids(text, out):
+  import sentencepiece as spm
+  return spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).encode(text)
 
 
 def test_sharded_bf16_export_and_exact_round_trip(run_dir, tmp_path):

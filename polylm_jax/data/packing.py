@@ -21,7 +21,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-BOS_ID = 1
+from polylm_jax import framing
+
+BOS_ID = framing.BOS_ID  # every document starts from BOS (framing.py: one decision)
 ROW_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "languages")
 
 

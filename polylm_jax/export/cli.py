@@ -17,7 +17,7 @@ import pathlib
 import re
 import sys
 
-from polylm_jax import files
+from polylm_jax import files, framing
 from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
 
 
@@ -46,7 +46,8 @@ def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 *
                               looks_like=hf_export.looks_like_export, sources=sources) as staging:
     hf_export.write_model_files(reader, cfg, staging, dtype=dtype,
                                 max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite)
-    tokenizer_files.write_tokenizer(staging, sp_bytes, cfg.max_length)
+    tokenizer_files.write_tokenizer(staging, sp_bytes, cfg.max_length,
+                                    framing.from_meta(reader.meta))
     tokenizer_files.write_model_card(staging, reader.meta, dtype, str(step_dir))
   return pathlib.Path(out_dir), reader
 

@@ -1,15 +1,17 @@
 """The tokenizer files of an export: the SentencePiece model and the config with which
-transformers loads it as the released PolyLM did (Llama-style tokenizer, no automatic BOS/EOS,
-eos id 2), and the model card."""
+transformers loads it (Llama-style tokenizer, BOS added as training framed documents, no automatic
+EOS, eos id 2), and the model card."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 
+from polylm_jax import framing
+
 TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": False,
+    # add_bos_token: set from the checkpoint's framing (framing.py), BOS as in training.
     "add_eos_token": False,
     "bos_token": "<s>",
     "eos_token": "</s>",
@@ -21,9 +23,13 @@ TOKENIZER_CONFIG = {
 }
 
 
-def write_tokenizer(out: pathlib.Path, sp_model: bytes, model_max_length: int) -> None:
+def write_tokenizer(out: pathlib.Path, sp_model: bytes, model_max_length: int,
+                    doc_framing: framing.Framing = framing.TRAINING) -> None:
+  """transformers then tokenizes a text exactly as the model was trained on it: BOS first when
+  training framed documents with BOS, no EOS (a prompt is an unfinished document)."""
   (out / "tokenizer.model").write_bytes(sp_model)
-  config = dict(TOKENIZER_CONFIG, model_max_length=model_max_length)
+  config = dict(TOKENIZER_CONFIG, model_max_length=model_max_length,
+                add_bos_token=doc_framing.bos)
   (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
   (out / "special_tokens_map.json").write_text(json.dumps(
       {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
@@ -50,7 +56,8 @@ def write_model_card(out: pathlib.Path, meta: dict, dtype: str, source: str) -> 
       f"vocab {cfg['vocab_size']}, positions {cfg['max_length']}",
       f"- exported dtype: {dtype}", "",
       "## Prompting", "",
-      "The tokenizer adds no BOS/EOS; instruction-tuned PolyLM models are prompted with "
+      "The tokenizer adds BOS (as every training document began) and no EOS; instruction-tuned "
+      "PolyLM models are prompted with "
       "`\"{instruction}\\n\\n\"`.", "",
       "## Training configuration (gin)", "", "```", meta.get("gin_config", "").rstrip(), "```", "",
   ]

@@ -2,8 +2,8 @@
 
 - logits on sample text in each of the 18 languages (the embedded sample corpus): max abs
   difference <= 1e-4 for float32 exports (bf16/fp16 exports: <= 0.1, their rounding);
-- tokenizer: transformers' AutoTokenizer on the export gives the same ids as the project's
-  SentencePiece model on all sample sentences.
+- tokenizer: transformers' AutoTokenizer on the export gives the same ids as training framed the
+  text with (BOS + the project's SentencePiece ids) on all sample sentences.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pathlib
 import jax
 import numpy as np
 
+from polylm_jax import framing
 from polylm_jax.data import sample
 from polylm_jax.model import params as model_params
 
@@ -53,9 +54,10 @@ def verify_export(out_dir: str | pathlib.Path, reader, *, lines_per_language: in
   dtype = str(dtype).replace("torch.", "") if dtype is not None else "float32"
   sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  doc_framing = framing.from_meta(reader.meta)
   mismatched = [(lang, line) for lang in sample.LANGUAGES for line in sample.sample_lines(lang)
-                if hf_tok(line, add_special_tokens=True)["input_ids"] != sp.encode(line)]
-  report.check(not mismatched, f"tokenizer: transformers ids == sentencepiece ids on "
+                if hf_tok(line)["input_ids"] != doc_framing.prompt(sp.encode(line))]
+  report.check(not mismatched, f"tokenizer: transformers ids == training's framed ids on "
                                f"{18 * len(sample.sample_lines('en'))} sample sentences"
                                + (f"; first mismatch {mismatched[0]}" if mismatched else ""))
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -67,7 +69,7 @@ def verify_export(out_dir: str | pathlib.Path, reader, *, lines_per_language: in
   worst = 0.0
   for lang in sample.LANGUAGES:
     for line in sample.sample_lines(lang)[:lines_per_language]:
-      ids = np.asarray([sp.encode(line)[:cfg.max_length]], np.int32)
+      ids = np.asarray([doc_framing.prompt(sp.encode(line))[:cfg.max_length]], np.int32)
       want = np.asarray(model_params.apply(gdef, params, ids))
       with torch.no_grad():
         got = model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()

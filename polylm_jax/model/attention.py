@@ -1,6 +1,8 @@
 """The one attention entry point of the model.
 
-Every attention call in the model goes through `attention()`. `xla` is the plain reference (fp32
+Every attention over a whole sequence (training, evaluation, the prefill of generation) goes through
+`attention()`; a decode step, a few new queries against the KV cache, uses `cached_attention()`
+(plain XLA: there is no sequence to tile). `xla` is the plain reference (fp32
 scores and softmax), defined here; the Pallas kernels (`pallas_gpu`, `pallas_tpu`), `cudnn` and
 `auto` are dispatched by `polylm_jax.kernels.dispatch`. An implementation that cannot honour the
 request (platform, dtype, shape, segment ids) raises; nothing falls back silently.
@@ -67,3 +69,29 @@ def xla_attention(q, k, v, segment_ids, *, causal: bool = True) -> jax.Array:
                    preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
 
+
+
+def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, new_k: jax.Array,
+                     new_v: jax.Array, slot: jax.Array, start: jax.Array) -> jax.Array:
+  """Decode-time attention (XLA; a few query rows need no kernel). q, new_k, new_v [B, T, H, K]
+  are the tokens at cache slots slot..slot+T-1; each attends to the cache slots before `slot`
+  from its row's `start` on (the slots before `start` hold left padding) and causally to the new
+  tokens. The cache is [B, H, S, K] (heads before slots: one contiguous matrix per head) and only
+  read. Softmax in float32 over both parts without concatenating them."""
+  scale = q.shape[-1] ** -0.5
+  f32, low = jnp.float32, jnp.finfo(jnp.float32).min
+  old = jnp.einsum("bqhd,bhkd->bhqk", q, cache_k, preferred_element_type=f32) * scale
+  k_slot = jnp.arange(cache_k.shape[2])
+  visible = (k_slot[None, :] < slot) & (k_slot[None, :] >= start[:, None])  # [B, S]
+  old = jnp.where(visible[:, None, None, :], old, low)
+  new = jnp.einsum("bqhd,bkhd->bhqk", q, new_k, preferred_element_type=f32) * scale
+  t = q.shape[1]
+  new = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, None], new, low)
+  top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+  p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
+  total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+  out = (jnp.einsum("bhqk,bhkd->bqhd", (p_old / total).astype(cache_v.dtype), cache_v,
+                    preferred_element_type=f32)
+         + jnp.einsum("bhqk,bkhd->bqhd", (p_new / total).astype(new_v.dtype), new_v,
+                      preferred_element_type=f32))
+  return out.astype(q.dtype)

@@ -15,7 +15,7 @@ from flax import nnx
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import layers
 from polylm_jax.kernels.common import BlockSizes
-from polylm_jax.model.attention import attention
+from polylm_jax.model.attention import attention, cached_attention
 from polylm_jax.sharding import constrain
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
@@ -44,15 +44,39 @@ class Attention(nnx.Module):
                                     cfg.attention_bwd_block_q or None,
                                     cfg.attention_bwd_block_k or None)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  def _qkv(self, x: jax.Array):
     dt = self.dtype
-    qkv = jnp.einsum("btd,dchk->cbthk", x.astype(dt), self.qkv_kernel[...].astype(dt))
-    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    q, k, v = (constrain(t, BTHK) for t in qkv)
-    o = attention(q, k, v, segment_ids, causal=True, impl=self.impl, interpret=self.interpret,
-                  blocks=self.kernel_blocks)
+    # [B, T, 3, H, K]: batch-major output (a "cbthk" output layout costs a transpose, 2.7x
+    # slower at decode shapes on CPU), then q, k, v sliced off.
+    qkv = jnp.einsum("btd,dchk->btchk", x.astype(dt), self.qkv_kernel[...].astype(dt))
+    qkv = qkv + self.qkv_bias[...].astype(dt)
+    return tuple(constrain(qkv[:, :, i], BTHK) for i in range(3))
+
+  def _out(self, o: jax.Array) -> jax.Array:
+    dt = self.dtype
     out = jnp.einsum("bthk,hkd->btd", o, self.out_kernel[...].astype(dt))
     return out + self.out_bias[...].astype(dt)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    return self.prefill(x, segment_ids)[0]
+
+  def prefill(self, x: jax.Array, segment_ids: jax.Array | None):
+    """The output and this call's keys and values (what a KV cache keeps)."""
+    q, k, v = self._qkv(x)
+    o = attention(q, k, v, segment_ids, causal=True, impl=self.impl, interpret=self.interpret,
+                  blocks=self.kernel_blocks)
+    return self._out(o), (k, v)
+
+  def step(self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, slot: jax.Array,
+           start: jax.Array):
+    """New tokens x [B, T, D] at cache slots slot..slot+T-1 attend to the cache [B, H, S, K]
+    before them (from each row's `start` slot on: left padding) and to each other, causally.
+    The cache is only read; the new keys and values are returned for the caller to write (once,
+    for all layers: writing inside the layer loop would copy the cache every step)."""
+    q, k, v = self._qkv(x)
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    o = cached_attention(q, cache_k, cache_v, k, v, slot, start)
+    return self._out(o), (k, v)
 
 
 class MLP(nnx.Module):
@@ -82,9 +106,20 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    x = x + self.attn(self.ln_1(x), segment_ids).astype(jnp.float32)
+    return self.prefill(x, segment_ids)[0]
+
+  def _finish(self, x, attn_out):
+    x = x + attn_out.astype(jnp.float32)
     x = x + self.mlp(self.ln_2(x)).astype(jnp.float32)
     return constrain(x, BTD)
+
+  def prefill(self, x: jax.Array, segment_ids: jax.Array | None):
+    a, kv = self.attn.prefill(self.ln_1(x), segment_ids)
+    return self._finish(x, a), kv
+
+  def step(self, x, cache_k, cache_v, slot, start):
+    a, kv = self.attn.step(self.ln_1(x), cache_k, cache_v, slot, start)
+    return self._finish(x, a), kv
 
 
 class PolyLM(nnx.Module):
@@ -116,6 +151,32 @@ class PolyLM(nnx.Module):
   def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
              segment_ids: jax.Array | None = None) -> jax.Array:
     """The final LayerNorm's output, float32 [B, T, d_model] (what the LM head reads)."""
+    x = self._embed(tokens, positions)
+    x, _ = self._layers(x, lambda block, h, _: (block(h, segment_ids), None), remat=True)
+    return self.ln_f(x)
+
+  def prefill(self, tokens: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None):
+    """hidden() and every layer's keys and values: ([B, T, d_model], (k, v) [L, B, T, H, K];
+    a KV cache holds them as [L, B, H, S, K])."""
+    x = self._embed(tokens, positions)
+    x, kv = self._layers(x, lambda block, h, _: block.prefill(h, segment_ids))
+    return self.ln_f(x), kv
+
+  def step(self, tokens: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+           slot: jax.Array, start: jax.Array):
+    """Decode: new tokens [B, T] at cache slots slot.. (see Attention.step); the cache is
+    [L, B, H, S, K]. Returns the final hidden states and the cache with the new keys and values
+    written in (one in-place update of the donated cache)."""
+    x = self._embed(tokens, positions)
+    x, (k, v) = self._layers(x, lambda block, h, c: block.step(h, c[0], c[1], slot, start),
+                             (cache_k, cache_v))
+    # [L, B, T, H, K] -> the cache's [L, B, H, T, K], written at slot
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.swapaxes(2, 3), slot, axis=3)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.swapaxes(2, 3), slot, axis=3)
+    return self.ln_f(x), (cache_k, cache_v)
+
+  def _embed(self, tokens, positions):
     cfg = self.config
     if tokens.shape[1] > cfg.max_length:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_length="
@@ -123,9 +184,7 @@ class PolyLM(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jnp.take(self.wte[...], tokens, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
-    x = constrain(x.astype(jnp.float32), BTD)
-    x = self._blocks(x, segment_ids)
-    return self.ln_f(x)
+    return constrain(x.astype(jnp.float32), BTD)
 
   def logits(self, x: jax.Array) -> jax.Array:
     """LM head, tied to the token embedding: [B, T, d_model] -> float32 logits [B, T, vocab]."""
@@ -134,20 +193,29 @@ class PolyLM(nnx.Module):
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
-  def _blocks(self, x, segment_ids):
+  def _layers(self, x, call, per_layer=None, *, remat: bool = False):
+    """Runs `call(block, x, layer_input) -> (x, layer_output)` through the layers (lax.scan over
+    the stacked blocks when scan_layers), returning x and the layer outputs stacked [L, ...]."""
     cfg = self.config
 
-    def apply(graphdef, state, x):
-      return nnx.merge(graphdef, state)(x, segment_ids)
+    def apply(graphdef, state, h, layer_input):
+      return call(nnx.merge(graphdef, state), h, layer_input)
 
-    if cfg.remat_policy != "none":
+    if remat and cfg.remat_policy != "none":
       apply = jax.checkpoint(apply, policy=REMAT[cfg.remat_policy], static_argnums=(0,),
                              prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)
-      x, _ = jax.lax.scan(lambda h, layer: (apply(graphdef, layer, h), None), x, state)
-      return x
-    for block in self.blocks:
+
+      def body(h, xs):
+        layer, layer_input = xs
+        return apply(graphdef, layer, h, layer_input)
+      return jax.lax.scan(body, x, (state, per_layer))
+    outputs = []
+    for i, block in enumerate(self.blocks):
       graphdef, state = nnx.split(block)
-      x = apply(graphdef, state, x)
-    return x
+      layer_input = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
+      x, out = apply(graphdef, state, x, layer_input)
+      outputs.append(out)
+    stacked = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return x, stacked

@@ -328,6 +328,17 @@ def _latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
   return root / str(steps[-1]) if steps else None
 
 
+def restore_params(step_dir: str | pathlib.Path, model_config: ModelConfig, shardings):
+  """Just the parameters of a training checkpoint, read straight into `shardings`."""
+  abstract = with_shardings(model_params.abstract_params(model_config), shardings)
+  restored = ocp.PyTreeCheckpointer().restore(
+      (pathlib.Path(step_dir) / "state").absolute(), args=ocp.args.PyTreeRestore(
+          item={"params": abstract}, restore_args={"params": jax.tree.map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)},
+          partial_restore=True))
+  return restored["params"]
+
+
 def load_initial_params(directory: str | pathlib.Path, train_step):
   """Initial parameters, restored straight into the train step's parameter shardings, from
   a `polylm-import` output (params/ + meta.json), a training checkpoint step directory
@@ -335,24 +346,18 @@ def load_initial_params(directory: str | pathlib.Path, train_step):
   directory = pathlib.Path(directory)
   if (directory / "meta.json").is_file():
     meta = json.loads((directory / "meta.json").read_text())
-    path, item_dir = directory, directory / "params"
-  else:
-    step_dir = directory if (directory / "state").is_dir() else _latest_step_dir(directory)
-    if step_dir is None or not (step_dir / "meta" / "metadata").is_file():
-      raise FileNotFoundError(
-          f"TrainerConfig.init_params_from={directory}: neither a polylm-import output "
-          f"(meta.json), a checkpoint step directory (state/, meta/) nor a workdir with checkpoints")
-    meta = json.loads((step_dir / "meta" / "metadata").read_text())
-    path, item_dir = step_dir, step_dir / "state"
-  check_model_compatible(meta.get("model_config"), train_step.model_config, str(path))
-  abstract = with_shardings(model_params.abstract_params(train_step.model_config),
-                            train_step.param_shardings)
-  if item_dir.name == "params":
-    return ocp.StandardCheckpointer().restore(item_dir.absolute(), abstract)
-  restored = ocp.PyTreeCheckpointer().restore(item_dir.absolute(), args=ocp.args.PyTreeRestore(
-      item={"params": abstract}, restore_args={"params": jax.tree.map(
-          lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)}, partial_restore=True))
-  return restored["params"]
+    check_model_compatible(meta.get("model_config"), train_step.model_config, str(directory))
+    abstract = with_shardings(model_params.abstract_params(train_step.model_config),
+                              train_step.param_shardings)
+    return ocp.StandardCheckpointer().restore((directory / "params").absolute(), abstract)
+  step_dir = directory if (directory / "state").is_dir() else _latest_step_dir(directory)
+  if step_dir is None or not (step_dir / "meta" / "metadata").is_file():
+    raise FileNotFoundError(
+        f"TrainerConfig.init_params_from={directory}: neither a polylm-import output "
+        f"(meta.json), a checkpoint step directory (state/, meta/) nor a workdir with checkpoints")
+  meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  check_model_compatible(meta.get("model_config"), train_step.model_config, str(step_dir))
+  return restore_params(step_dir, train_step.model_config, train_step.param_shardings)
 
 
 def tokenizer_b64(path: str | pathlib.Path) -> str:

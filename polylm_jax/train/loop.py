@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from polylm_jax import files, sharding
+from polylm_jax import files, framing, sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
 from polylm_jax.data.sample import LANGUAGES
 from polylm_jax.train import flops
@@ -133,7 +133,8 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
     ckpt = Checkpointer(workdir, checkpoint, step_fn)
   if spikes.mode == "rollback" and ckpt is None:
     raise ValueError("SpikeConfig.mode='rollback' needs checkpoints (CheckpointConfig.enabled)")
-  meta = dict(metadata or {}, model_config=dataclasses.asdict(model), seed=trainer.seed)
+  meta = dict(metadata or {}, model_config=dataclasses.asdict(model), seed=trainer.seed,
+              framing=framing.TRAINING.to_meta())
 
   try:
     state = _initial_state(ckpt, step_fn, batches, trainer)

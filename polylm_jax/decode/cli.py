@@ -1,0 +1,177 @@
+"""`polylm-generate`: text from a training workdir, a checkpoint or a Hugging Face export.
+
+  polylm-generate --workdir=RUN --prompt="Translate to German: Good morning"
+  polylm-generate --workdir=RUN --step=20000 --prompts=in.jsonl --output=out.jsonl
+  polylm-generate --hf_dir=hf/my-polylm --chat --demo_sampling
+
+One prompt streams its tokens to the terminal as they are produced; a JSONL file of prompts
+({"prompt": ...} per line, other fields kept) is generated in batches and written as JSONL with
+"completion" and "finish_reason" added; --chat is an interactive loop whose turns are joined in the
+instruction-tuned format (each turn "{instruction}\\n\\n", each answer followed by "\\n\\n").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+from polylm_jax import files
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="polylm-generate", description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a training workdir (newest checkpoint unless --step)")
+  src.add_argument("--checkpoint", help="a checkpoint step directory, RUN/checkpoints/<step>")
+  src.add_argument("--hf_dir", help="an exported Hugging Face directory (polylm-export)")
+  parser.add_argument("--step", type=int, default=None)
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument("--prompt", help="one prompt; its completion streams to stdout")
+  what.add_argument("--prompts", help="a JSONL file of {\"prompt\": ...} records")
+  what.add_argument("--chat", action="store_true", help="an interactive chat loop")
+  parser.add_argument("--output", help="JSONL output for --prompts (default: stdout)")
+  parser.add_argument("--max_new_tokens", type=int, default=256)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  parser.add_argument("--top_k", type=int, default=0)
+  parser.add_argument("--top_p", type=float, default=1.0)
+  parser.add_argument("--repetition_penalty", type=float, default=1.0)
+  parser.add_argument("--demo_sampling", action="store_true",
+                      help="PolyLM's released demo settings: temperature 0.7, top_p 0.8, "
+                           "repetition penalty 1.02 (overrides the three flags)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--stop", action="append", default=[],
+                      help="a stop string (repeatable); the completion is cut before it")
+  parser.add_argument("--truncate_prompt", choices=["error", "left"], default="error",
+                      help="a prompt longer than the context: refuse, or drop its oldest tokens")
+  parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (--prompts)")
+  parser.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, e.g. 1,1,8 "
+                                                 "(default: all devices on data)")
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="matmul dtype (default: the model's)")
+  parser.add_argument("--attention_impl", default="auto",
+                      help="attention for the prefill: auto, xla, pallas_gpu, pallas_tpu, cudnn")
+  return parser
+
+
+def _sampling(args):
+  from polylm_jax.decode.sampling import SamplingConfig
+  if args.demo_sampling:
+    return SamplingConfig.demo(seed=args.seed)
+  return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def chat_prompt(history: list[tuple[str, str]], message: str) -> str:
+  """The instruction-tuned prompt of a conversation: each turn "{instruction}\\n\\n", each answer
+  followed by a blank line, as PolyLM-MultiAlpaca's demo concatenates turns."""
+  return "".join(f"{q}\n\n{a}\n\n" for q, a in history) + f"{message}\n\n"
+
+
+class _Stream:
+  """Prints one row's text as its tokens arrive (only the part that is complete UTF-8)."""
+
+  def __init__(self, sp, out=sys.stdout):
+    self.sp, self.out, self.ids, self.shown = sp, out, [], ""
+
+  def __call__(self, row: int, ids: list[int]) -> None:
+    self.ids.extend(t for t in ids if t != 2)
+    text = self.sp.decode(self.ids)
+    if text.endswith("\ufffd"):  # a byte-fallback character still incomplete
+      return
+    self.out.write(text[len(self.shown):])
+    self.out.flush()
+    self.shown = text
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  import jax
+  from polylm_jax import sharding
+  from polylm_jax.decode import generate, loading
+  try:
+    sampling_config = _sampling(args)
+    mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh))
+    overrides = {"attention_impl": args.attention_impl, "attention_interpret": False}
+    if args.dtype:
+      overrides["dtype"] = args.dtype
+    loaded = loading.load(workdir=args.workdir, step=args.step, checkpoint=args.checkpoint,
+                          hf_dir=args.hf_dir, mesh=mesh, overrides=overrides)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"polylm-generate: {e}", file=sys.stderr)
+    return 2
+  sp = loaded.tokenizer()
+  gen = generate.Generator(loaded.config, loaded.params, sp, mesh=mesh, framing=loaded.framing)
+  truncate = "left" if args.truncate_prompt == "left" else None
+  common = dict(max_new_tokens=args.max_new_tokens, sampling_config=sampling_config,
+                stop=args.stop, truncate=truncate)
+  logging.info("generating with %s on %d %s device(s)", loaded.source, mesh.devices.size,
+               jax.devices()[0].platform)
+  try:
+    if args.prompt is not None:
+      stream = _Stream(sp)
+      [done] = gen.generate([args.prompt], on_tokens=stream, chunk=1, **common)
+      print(f"\n[{done.finish_reason}, {len(done.token_ids)} tokens]", file=sys.stderr)
+    elif args.prompts:
+      _jsonl(gen, args, common)
+    else:
+      _chat(gen, sp, common)
+  except generate.PromptTooLongError as e:
+    print(f"polylm-generate: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _jsonl(gen, args, common) -> None:
+  path = pathlib.Path(args.prompts)
+  records = []
+  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError as e:
+      raise SystemExit(f"polylm-generate: {path}:{n}: not JSON ({e})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+      raise SystemExit(f"polylm-generate: {path}:{n}: no \"prompt\" string field")
+    records.append(record)
+  lines = []
+  for begin in range(0, len(records), args.batch_size):
+    batch = records[begin:begin + args.batch_size]
+    for record, done in zip(batch, gen.generate([r["prompt"] for r in batch], **common)):
+      lines.append(json.dumps(dict(record, completion=done.text,
+                                   finish_reason=done.finish_reason), ensure_ascii=False))
+    logging.info("%d / %d prompts", min(begin + args.batch_size, len(records)), len(records))
+  text = "".join(l + "\n" for l in lines)
+  if args.output:
+    files.atomic_write_text(args.output, text)
+  else:
+    sys.stdout.write(text)
+
+
+def _chat(gen, sp, common) -> None:
+  history: list[tuple[str, str]] = []
+  print("polylm-generate chat: empty line or Ctrl-D to quit, /reset to forget the conversation",
+        file=sys.stderr)
+  while True:
+    try:
+      message = input("> ").strip()
+    except EOFError:
+      break
+    if not message:
+      break
+    if message == "/reset":
+      history = []
+      continue
+    stream = _Stream(sp)
+    [done] = gen.generate([chat_prompt(history, message)], on_tokens=stream, chunk=1, **common)
+    print()
+    history.append((message, done.text.strip()))
+
+
+def console_main() -> None:
+  sys.exit(main())

@@ -1,0 +1,246 @@
+"""Batched generation with a KV cache: one jitted prefill, then jitted decode steps.
+
+Prompts of different lengths are left-padded into one batch so every row writes the same cache
+slot at each step; a row's positions start at 0 at its first real token, and its padding is masked
+out of attention (prefill: segment id 0 vs 1; decode: slots before the row's start). The cache has
+logical axes like the parameters (`cache_batch`, `cache_heads`, ...) and is sharded by the same
+rules, so a model sharded for training decodes on the same mesh.
+
+Shapes are bucketed (prompt length to a multiple of 32, cache length to a multiple of 64), so a
+stream of requests compiles a handful of programs, not one per request. Decoding runs `chunk`
+steps per dispatch; between chunks the host streams tokens and checks stop strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from polylm_jax import framing as framing_lib
+from polylm_jax import sharding
+from polylm_jax.config import ModelConfig
+from polylm_jax.decode import sampling
+from polylm_jax.model import params as model_params
+
+CACHE_LOGICAL = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")
+PROMPT_BUCKET = 32
+CACHE_BUCKET = 64
+
+
+@struct.dataclass
+class DecodeState:
+  cache_k: jax.Array  # [layers, batch, heads, slots, head_dim]
+  cache_v: jax.Array
+  last: jax.Array  # [batch] the newest token (not yet in the cache)
+  slot: jax.Array  # scalar: the cache slot `last` goes into
+  start: jax.Array  # [batch] first real slot of each row (left padding before it)
+  seen: jax.Array  # [batch, vocab] bool: tokens in the sequence (repetition penalty)
+  done: jax.Array  # [batch] bool
+  key: jax.Array
+
+
+@dataclasses.dataclass
+class Completion:
+  text: str
+  token_ids: list[int]
+  finish_reason: str  # "eos" | "stop" | "length"
+  prompt_tokens: int
+
+
+class PromptTooLongError(ValueError):
+  pass
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+class Generator:
+  """Generates from one model on one mesh. `tokenizer`: a SentencePiece processor."""
+
+  def __init__(self, config: ModelConfig, params, tokenizer, *, mesh: Mesh,
+               rules=sharding.DEFAULT_RULES, framing: framing_lib.Framing = framing_lib.TRAINING):
+    self.config, self.params, self.sp = config, params, tokenizer
+    self.mesh, self.rules, self.framing = mesh, tuple(rules), framing
+    self.graphdef = model_params.graphdef(config)
+    self.batch_parts = mesh.shape["data"] * mesh.shape["fsdp"]
+    self._prefills: dict = {}
+    self._chunks: dict = {}
+
+  # --- compiled pieces ---------------------------------------------------------------------
+  def _shardings(self, batch: int, slots: int):
+    rows = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(("cache_batch",), self.rules))
+    table = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(("cache_batch", None),
+                                                                   self.rules))
+    cache = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(CACHE_LOGICAL, self.rules))
+    replicated = NamedSharding(self.mesh, P())
+    return DecodeState(cache_k=cache, cache_v=cache, last=rows, slot=replicated, start=rows,
+                       seen=table, done=rows, key=replicated), table, rows
+
+  def _prefill_fn(self, batch: int, prompt_len: int, slots: int, cfg: sampling.SamplingConfig):
+    cfg = dataclasses.replace(cfg, seed=0)  # the seed is an input (the key), not compiled in
+    key = (batch, prompt_len, slots, cfg)
+    if key not in self._prefills:
+      state_sh, table, rows = self._shardings(batch, slots)
+
+      def prefill(params, tokens, start, rng):
+        model = model_params.model(self.graphdef, params)
+        idx = jnp.arange(prompt_len)[None, :]
+        positions = jnp.maximum(idx - start[:, None], 0)
+        segments = (idx >= start[:, None]).astype(jnp.int32)
+        hidden, (k, v) = model.prefill(tokens, positions, segments)
+        logits = model.logits(hidden[:, -1:])[:, 0]
+        pad = [(0, 0), (0, 0), (0, 0), (0, slots - prompt_len), (0, 0)]
+        seen = jnp.zeros((batch, self.config.vocab_size), bool).at[
+            jnp.arange(batch)[:, None], tokens].max(segments.astype(bool))
+        rng, now = jax.random.split(rng)
+        first = sampling.next_token(logits, seen, now, cfg)
+        return DecodeState(
+            cache_k=sharding.constrain(jnp.pad(k.swapaxes(2, 3), pad), CACHE_LOGICAL),
+            cache_v=sharding.constrain(jnp.pad(v.swapaxes(2, 3), pad), CACHE_LOGICAL),
+            last=first, slot=jnp.asarray(prompt_len, jnp.int32), start=start,
+            seen=seen.at[jnp.arange(batch), first].set(True),
+            done=first == framing_lib.EOS_ID, key=rng)
+
+      self._prefills[key] = jax.jit(
+          prefill, in_shardings=(self._param_shardings(), table, rows, None),
+          out_shardings=state_sh)
+    return self._prefills[key]
+
+  def _param_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.params)
+
+  def _chunk_fn(self, batch: int, slots: int, steps: int, cfg: sampling.SamplingConfig):
+    cfg = dataclasses.replace(cfg, seed=0)
+    key = (batch, slots, steps, cfg)
+    if key not in self._chunks:
+      state_sh, table, _ = self._shardings(batch, slots)
+
+      def one(params, state: DecodeState):
+        model = model_params.model(self.graphdef, params)
+        positions = (state.slot - state.start)[:, None]
+        hidden, (ck, cv) = model.step(state.last[:, None], positions, state.cache_k,
+                                      state.cache_v, state.slot, state.start)
+        logits = model.logits(hidden)[:, 0]
+        rng, now = jax.random.split(state.key)
+        token = sampling.next_token(logits, state.seen, now, cfg)
+        token = jnp.where(state.done, framing_lib.PAD_ID, token)
+        return DecodeState(
+            cache_k=ck, cache_v=cv, last=token, slot=state.slot + 1, start=state.start,
+            seen=state.seen.at[jnp.arange(batch), token].set(True),
+            done=state.done | (token == framing_lib.EOS_ID), key=rng)
+
+      def chunk(params, state):
+        def body(s, _):
+          s = one(params, s)
+          return s, s.last
+        state, tokens = jax.lax.scan(body, state, None, length=steps)
+        return state, tokens.T
+
+      self._chunks[key] = jax.jit(
+          chunk, in_shardings=(self._param_shardings(), state_sh),
+          out_shardings=(state_sh, table), donate_argnums=1)
+    return self._chunks[key]
+
+  # --- public ------------------------------------------------------------------------------
+  def encode(self, text: str) -> list[int]:
+    return self.framing.prompt(self.sp.encode(text))
+
+  def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 128,
+               sampling_config: sampling.SamplingConfig = sampling.SamplingConfig(),
+               stop: Sequence[str] = (), truncate: str | None = None, chunk: int = 8,
+               on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
+    """Completions of `prompts` (texts, framed as in training, or already framed id lists).
+
+    A prompt longer than the context is an error unless `truncate="left"` (its oldest tokens are
+    dropped, with a warning). Generation stops at EOS, at a stop string (cut from the text), after
+    `max_new_tokens`, or at the end of the context ("length"). `on_tokens(row, ids)` sees each
+    row's new tokens as they come (streaming)."""
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    limit = self.config.max_length
+    for i, row in enumerate(ids):
+      if not row:
+        raise ValueError(f"prompt {i} is empty (no tokens)")
+      if len(row) > limit:
+        if truncate != "left":
+          raise PromptTooLongError(
+              f"prompt {i} has {len(row)} tokens but the model's context is {limit}; shorten it "
+              f"or ask for left truncation explicitly (truncate='left', --truncate_prompt=left)")
+        logging.warning("prompt %d: %d tokens > context %d: its first %d tokens were dropped "
+                        "(truncate='left')", i, len(row), limit, len(row) - limit)
+        ids[i] = row[-limit:]
+    n = len(ids)
+    batch = _round_up(n, self.batch_parts)
+    longest = max(len(r) for r in ids)
+    prompt_len = min(_round_up(longest, PROMPT_BUCKET), limit)
+    slots = min(_round_up(prompt_len + max_new_tokens, CACHE_BUCKET), limit)
+    tokens = np.full((batch, prompt_len), framing_lib.PAD_ID, np.int32)
+    start = np.full((batch,), prompt_len - 1, np.int32)
+    for i, row in enumerate(ids):
+      tokens[i, prompt_len - len(row):] = row
+      start[i] = prompt_len - len(row)
+    tokens[n:, -1] = framing_lib.BOS_ID  # filler rows: one real token each
+    with self.mesh, sharding.activate(self.mesh, self.rules):
+      state = self._prefill_fn(batch, prompt_len, slots, sampling_config)(
+          self.params, tokens, start, jax.random.key(sampling_config.seed))
+      out: list[list[int]] = [[] for _ in range(n)]
+      reasons: list[str | None] = [None] * n
+      self._take(np.asarray(state.last)[:, None], out, reasons, max_new_tokens, stop, on_tokens)
+      while any(r is None for r in reasons):
+        room = slots - int(state.slot)
+        if room <= 0:
+          break
+        steps = min(chunk, room, max_new_tokens - min(len(o) for o, r in zip(out, reasons)
+                                                      if r is None))
+        steps = 1 << (max(steps, 1).bit_length() - 1)  # powers of two: few compiled variants
+        host_done = np.zeros(batch, bool)
+        host_done[:n] = [r is not None for r in reasons]
+        host_done[n:] = True
+        state = state.replace(done=jnp.logical_or(state.done, host_done))
+        state, new = self._chunk_fn(batch, slots, steps, sampling_config)(self.params, state)
+        self._take(np.asarray(new), out, reasons, max_new_tokens, stop, on_tokens)
+    return [self._completion(o, r or "length", stop, len(ids[i]))
+            for i, (o, r) in enumerate(zip(out, reasons))]
+
+  def _take(self, new: np.ndarray, out, reasons, max_new: int, stop, on_tokens) -> None:
+    for i in range(len(out)):
+      if reasons[i] is not None:
+        continue
+      fresh = []
+      for t in new[i].tolist():
+        fresh.append(t)
+        if t == framing_lib.EOS_ID:
+          reasons[i] = "eos"
+          break
+        if len(out[i]) + len(fresh) >= max_new:
+          reasons[i] = "length"
+          break
+      out[i].extend(fresh)
+      if stop and reasons[i] is None and any(s in self.sp.decode(out[i]) for s in stop):
+        reasons[i] = "stop"
+      if on_tokens is not None and fresh:
+        on_tokens(i, fresh)
+
+  def _completion(self, ids: list[int], reason: str, stop, prompt_tokens: int) -> Completion:
+    body = ids[:-1] if reason == "eos" else ids
+    text = self.sp.decode(body)
+    if reason == "stop":
+      cut = min(text.find(s) for s in stop if s in text)
+      text = text[:cut]
+    return Completion(text, ids, reason, prompt_tokens)
+
+
+def cache_bytes(config: ModelConfig, batch: int, slots: int) -> int:
+  """Memory of a KV cache (both halves), for planning batch sizes."""
+  itemsize = jnp.dtype(config.compute_dtype).itemsize
+  return 2 * config.num_layers * batch * slots * config.d_model * itemsize
+

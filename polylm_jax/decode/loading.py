@@ -1,0 +1,93 @@
+"""A model to run, from any of the places a user has one: a training workdir (its newest or a
+chosen step), a checkpoint step directory, or an exported Hugging Face directory.
+
+Parameters are placed straight into the mesh's shardings (read per shard from Orbax, or put from
+host memory for an export); the tokenizer comes with the model (checkpoint metadata or
+`tokenizer.model`) and must fit its vocabulary.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from polylm_jax import framing, sharding
+from polylm_jax.config import ModelConfig
+from polylm_jax.model import params as model_params
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: ModelConfig
+  params: Any  # placed on the mesh
+  tokenizer_model: bytes  # a serialized SentencePiece model
+  source: str
+  meta: dict[str, Any]  # checkpoint metadata (empty for an export)
+  framing: framing.Framing
+
+  def tokenizer(self):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_proto=self.tokenizer_model)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> Any:
+  return sharding.tree_shardings(model_params.logical_axes(cfg), model_params.abstract_params(cfg),
+                                 mesh, rules, prefix="params")
+
+
+def load(*, workdir: str | None = None, step: int | None = None, checkpoint: str | None = None,
+         hf_dir: str | None = None, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+         overrides: dict[str, Any] | None = None) -> LoadedModel:
+  """`overrides`: ModelConfig fields to change for running (e.g. dtype, attention_impl)."""
+  given = [x for x in (workdir, checkpoint, hf_dir) if x]
+  if len(given) != 1:
+    raise ValueError("give exactly one of a training workdir (--workdir), a checkpoint step "
+                     "directory (--checkpoint) or a Hugging Face directory (--hf_dir)")
+  if hf_dir:
+    return _load_export(pathlib.Path(hf_dir), mesh, rules, overrides or {})
+  from polylm_jax.export import checkpoint_reader
+  from polylm_jax.train.checkpoint import restore_params
+  step_dir = checkpoint_reader.resolve_checkpoint(workdir, step, checkpoint)
+  meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  if "model_config" not in meta:
+    raise ValueError(f"{step_dir}: checkpoint metadata has no model_config")
+  cfg = ModelConfig(**meta["model_config"]).replace(**(overrides or {}))
+  if "tokenizer_model_b64" not in meta:
+    raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
+  sp_bytes = base64.b64decode(meta["tokenizer_model_b64"])
+  check_tokenizer(sp_bytes, cfg, str(step_dir))
+  params = restore_params(step_dir, cfg, param_shardings(cfg, mesh, rules))
+  logging.info("loaded %s (step %s, %s)", step_dir, meta.get("step"), cfg.name)
+  return LoadedModel(cfg, params, sp_bytes, str(step_dir), meta, framing.from_meta(meta))
+
+
+def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides) -> LoadedModel:
+  from polylm_jax.export import hf_export
+  cfg = hf_export.config_from_hf(hf_dir, **overrides)
+  sp_path = hf_dir / "tokenizer.model"
+  if not sp_path.is_file():
+    raise FileNotFoundError(f"--hf_dir={hf_dir}: no tokenizer.model (a SentencePiece model is "
+                            f"needed to turn text into ids)")
+  sp_bytes = sp_path.read_bytes()
+  check_tokenizer(sp_bytes, cfg, str(hf_dir))
+  host = hf_export.import_params(hf_dir, cfg, scanned=cfg.scan_layers)
+  params = jax.device_put(host, param_shardings(cfg, mesh, rules))
+  return LoadedModel(cfg, params, sp_bytes, str(hf_dir), {}, framing.from_export(hf_dir))
+
+
+def check_tokenizer(sp_bytes: bytes, cfg: ModelConfig, where: str) -> None:
+  import sentencepiece as spm
+  try:
+    size = spm.SentencePieceProcessor(model_proto=sp_bytes).vocab_size()
+  except Exception as e:  # noqa: BLE001 (any parse failure: say which file)
+    raise ValueError(f"{where}: the tokenizer model cannot be read ({e})") from e
+  if size > cfg.vocab_size:
+    raise ValueError(f"{where}: the tokenizer has {size} ids but the model's vocabulary is "
+                     f"{cfg.vocab_size}; this tokenizer does not belong to this model")
