@@ -126,6 +126,13 @@ def check_model_fits_mesh(model_config, mesh: Mesh) -> None:
         f"{model_config.num_heads} ({model_config.name}): attention heads are split over `tensor`")
 
 
+def global_array(x: np.ndarray, target: NamedSharding) -> jax.Array:
+  """A jax.Array laid out by `target` from a host array that every process holds in full (the
+  same on all hosts: prompts, evaluation requests); works on one host and on many."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
 def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules: Rules) -> P:
   """Maps a tuple of logical axis names to a mesh PartitionSpec using `rules`."""
   if logical is None:

@@ -22,7 +22,8 @@ import re
 import seqio
 import tensorflow as tf
 
-from polylm_jax.data import documents, packing, sample, tasks
+from polylm_jax import languages
+from polylm_jax.data import documents, packing, tasks
 
 
 def row_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
@@ -34,7 +35,7 @@ def row_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   for key in ("positions", "segment_ids"):
     features[key] = seqio.Feature(ids, add_eos=False, dtype=tf.int32)
   features["languages"] = seqio.Feature(
-      seqio.PassThroughVocabulary(len(sample.LANGUAGES) + 1), add_eos=False, dtype=tf.int32)
+      seqio.PassThroughVocabulary(languages.active().slots), add_eos=False, dtype=tf.int32)
   return features
 
 
@@ -43,7 +44,7 @@ def packed_task_preprocessors(task: str, lang: str, records: documents.RecordFil
   """Tokenize, pack into rows of seq_len (each source shard ends with one padded row), then the
   cache placeholder: everything Beam should do once."""
 
-  return [documents.tokenize_records(task, tasks.language_tag(lang), records,
+  return [documents.tokenize_records(task, lang, records,
                                      parallel_blocks=parallel_blocks),
           lambda ds: packing.pack(ds, seq_len, flush=True), seqio.CacheDatasetPlaceholder()]
 

@@ -18,6 +18,7 @@ import json
 import logging
 import seqio
 
+from polylm_jax import languages
 from polylm_jax.data import tasks as task_registry
 from polylm_jax.typecheck import check_fields
 
@@ -28,7 +29,7 @@ class Stage:
   rates: dict[str, float] | None = None
   temperature: float | None = None  # alpha in p ~ n^alpha for the tasks without explicit rates
   counts: dict[str, float] | None = None  # n per language/task (tokens); default: example counts
-  tasks: tuple[str, ...] | None = None  # the pool for temperature sampling (default: 18 languages)
+  tasks: tuple[str, ...] | None = None  # temperature-sampling pool (default: the run's languages)
   name: str = ""
 
   def __post_init__(self):
@@ -64,7 +65,7 @@ def resolve_rates(stage: Stage, split: str = "train") -> dict[str, float]:
       raise ValueError(f"curriculum {label}: rate of {k!r} is negative ({v})")
   rates = dict(explicit)
   if stage.temperature is not None:
-    pool = [task_name(k) for k in (stage.tasks or task_registry.sample.LANGUAGES)]
+    pool = [task_name(k) for k in (stage.tasks or languages.active().codes)]
     rest = [t for t in pool if t not in explicit]
     share = 1.0 - sum(explicit.values())
     if share < 0:

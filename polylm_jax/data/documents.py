@@ -23,6 +23,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from polylm_jax import languages
 from polylm_jax.typecheck import check_fields
 
 REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty", "too_short", "too_long",
@@ -115,7 +116,7 @@ BLOCK_SIZE = 1024  # records per document block
 SHUFFLE_BLOCKS = 8
 
 
-def tokenize_records(task: str, language_tag: int, records: RecordFilter = RecordFilter(), *,
+def tokenize_records(task: str, language: str, records: RecordFilter = RecordFilter(), *,
                      block_size: int = BLOCK_SIZE, parallel_blocks: int = 1):
   """seqio preprocessor: records (`text`, a tf.string per record) -> document blocks: each
   element holds up to `block_size` documents as ragged [docs, tokens] features {"targets":
@@ -127,6 +128,8 @@ def tokenize_records(task: str, language_tag: int, records: RecordFilter = Recor
   token on 18 tasks); raise it when one task must feed a many-core host alone."""
 
   def preprocess(ds: tf.data.Dataset, output_features) -> tf.data.Dataset:
+    # The tag is looked up when the dataset is built, i.e. with the run's configured language set.
+    language_tag = languages.active().tag(language)
     vocab = output_features["targets"].vocabulary
     sp = vocab.tokenizer  # the sentencepiece processor of vocab's model
     if vocab.eos_id != sp.eos_id() or sp.eos_id() < 0:

@@ -15,6 +15,7 @@ import functools
 import seqio
 import tensorflow as tf
 
+from polylm_jax import languages
 from polylm_jax.data import documents, sample
 
 TASK_PREFIX = "polylm_pt_"
@@ -31,7 +32,7 @@ LANGUAGE_FEATURE = "lang"
 
 def output_features(vocab: seqio.Vocabulary, *, language_tagged: bool = True,
                     blocks: bool = True) -> dict[str, seqio.Feature]:
-  """`targets`, plus the per-token language tag `lang` (1 + index in sample.LANGUAGES; 0 none)
+  """`targets`, plus the per-token language tag `lang` (languages.Languages.tag; 0 none)
   that lets the trainer report training loss per language through packing. `blocks`: elements
   are blocks of documents (rank 2, as documents.tokenize_records makes them) rather than one
   document each (rank 1, as seqio's own per-example preprocessors make them)."""
@@ -39,24 +40,22 @@ def output_features(vocab: seqio.Vocabulary, *, language_tagged: bool = True,
   features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32, rank=rank)}
   if language_tagged:
     features[LANGUAGE_FEATURE] = seqio.Feature(
-        vocabulary=seqio.PassThroughVocabulary(len(sample.LANGUAGES) + 1), add_eos=False,
+        vocabulary=seqio.PassThroughVocabulary(languages.active().slots), add_eos=False,
         dtype=tf.int32, rank=rank)
   return features
 
 
 def language_tag(lang: str) -> int:
-  """The `lang` feature value of a language: 1 + its index in sample.LANGUAGES (0: none)."""
-  if lang not in sample.LANGUAGES:
-    raise ValueError(f"language {lang!r} is not one of {sample.LANGUAGES}")
-  return sample.LANGUAGES.index(lang) + 1
+  """The `lang` feature value of a language in the run's language set (0: none)."""
+  return languages.active().tag(lang)
 
 
 def tag_language(lang: str):
   """Per-example preprocessor (after tokenize + EOS) for tasks you write with seqio's own
   preprocessors: every target token is tagged with `lang`."""
-  tag = language_tag(lang)
 
   def fn(ds):
+    tag = language_tag(lang)  # when the dataset is built: the run's language set
     return ds.map(lambda ex: dict(ex, **{LANGUAGE_FEATURE: tf.fill(tf.shape(ex["targets"]), tag)}),
                   num_parallel_calls=tf.data.AUTOTUNE)
   return fn
@@ -66,7 +65,7 @@ def text_preprocessors(task: str, lang: str,
                        records: documents.RecordFilter = documents.RecordFilter(), *,
                        parallel_blocks: int = 1) -> list:
   """From records to blocks of tagged documents ({"targets": tokens + EOS, "lang"})."""
-  return [documents.tokenize_records(task, language_tag(lang), records,
+  return [documents.tokenize_records(task, lang, records,
                                      parallel_blocks=parallel_blocks)]
 
 

@@ -73,6 +73,8 @@ class Generator:
     self.batch_parts = mesh.shape["data"] * mesh.shape["fsdp"]
     self._prefills: dict = {}
     self._chunks: dict = {}
+    # Every host reads the sampled tokens (stop strings, streaming): gathered, replicated.
+    self._newest = jax.jit(lambda state: state.last, out_shardings=NamedSharding(mesh, P()))
 
   # --- compiled pieces ---------------------------------------------------------------------
   def _shardings(self, batch: int, slots: int):
@@ -146,7 +148,7 @@ class Generator:
 
       self._chunks[key] = jax.jit(
           chunk, in_shardings=(self._param_shardings(), state_sh),
-          out_shardings=(state_sh, table), donate_argnums=1)
+          out_shardings=(state_sh, NamedSharding(self.mesh, P())), donate_argnums=1)
     return self._chunks[key]
 
   # --- public ------------------------------------------------------------------------------
@@ -190,11 +192,15 @@ class Generator:
       start[i] = prompt_len - len(row)
     tokens[n:, -1] = framing_lib.BOS_ID  # filler rows: one real token each
     with self.mesh, sharding.activate(self.mesh, self.rules):
+      _, table, rows = self._shardings(batch, slots)
+      state_rows = rows
       state = self._prefill_fn(batch, prompt_len, slots, sampling_config)(
-          self.params, tokens, start, jax.random.key(sampling_config.seed))
+          self.params, sharding.global_array(tokens, table), sharding.global_array(start, rows),
+          jax.random.key(sampling_config.seed))
       out: list[list[int]] = [[] for _ in range(n)]
       reasons: list[str | None] = [None] * n
-      self._take(np.asarray(state.last)[:, None], out, reasons, max_new_tokens, stop, on_tokens)
+      self._take(np.asarray(self._newest(state))[:, None], out, reasons, max_new_tokens, stop,
+                 on_tokens)
       while any(r is None for r in reasons):
         room = slots - int(state.slot)
         if room <= 0:
@@ -205,7 +211,8 @@ class Generator:
         host_done = np.zeros(batch, bool)
         host_done[:n] = [r is not None for r in reasons]
         host_done[n:] = True
-        state = state.replace(done=jnp.logical_or(state.done, host_done))
+        state = state.replace(done=jnp.logical_or(
+            state.done, sharding.global_array(host_done, state_rows)))
         state, new = self._chunk_fn(batch, slots, steps, sampling_config)(self.params, state)
         self._take(np.asarray(new), out, reasons, max_new_tokens, stop, on_tokens)
     return [self._completion(o, r or "length", stop, len(ids[i]))

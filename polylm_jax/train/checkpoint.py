@@ -225,6 +225,7 @@ class Checkpointer:
     meta, saved = self._read_meta_and_leaves(step)
     check_model_compatible(meta.get("model_config"), self.train_step.model_config,
                            f"checkpoint {where}")
+    compat.check_languages_compatible(meta.get("languages"), f"checkpoint {where}")
     expected = compat.leaf_names(self._abstract_state())
     params_of = lambda leaves: {k: v for k, v in leaves.items() if k.startswith("params.")}
     param_problems = compat.state_differences(params_of(saved), params_of(expected))

@@ -22,6 +22,7 @@ import gin
 
 from polylm_jax import config as model_configs
 from polylm_jax import files, sharding
+from polylm_jax import languages as language_sets
 from polylm_jax.train import loop
 from polylm_jax.train.checkpoint import CheckpointConfig, tokenizer_b64
 from polylm_jax.train.optimizer import OptimizerConfig
@@ -51,6 +52,7 @@ def register_configurables() -> None:
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
   gin.external_configurable(CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(SpikeConfig, "SpikeConfig")
+  gin.external_configurable(language_sets.Languages, "Languages")
   _train_fn = gin.external_configurable(run, "train")
 
 
@@ -84,8 +86,11 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
 
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
         data=gin.REQUIRED, trainer=gin.REQUIRED, checkpoint=CheckpointConfig(),
-        spikes=SpikeConfig(), curriculum=None, corpora=None, bitext=None, start_over=False):
+        spikes=SpikeConfig(), curriculum=None, corpora=None, bitext=None, start_over=False,
+        languages=None):
   """The gin entry point: wires the seqio pipeline to the training loop."""
+  # The run's language set first: tags, loss slots and curricula all ask languages.active().
+  language_sets.set_active(languages or language_sets.Languages())
   import jax
   import seqio
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
@@ -127,9 +132,17 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
         if "validation" in seqio.get_mixture_or_task(t).splits}
   metadata = {"gin_config": gin.config_str(), "tokenizer_model_b64": tokenizer_b64(
       vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data)}
+  benchmark = None
+  if trainer.lm_eval_tasks:
+    from polylm_jax.eval.in_training import Benchmark
+    benchmark = Benchmark(trainer.lm_eval_tasks,
+                          pathlib.Path(vocab.sentencepiece_model_file).read_bytes(),
+                          limit=trainer.lm_eval_limit, num_fewshot=trainer.lm_eval_num_fewshot,
+                          include_path=trainer.lm_eval_include_path,
+                          languages=language_sets.active().codes)
   result = loop.train(model, optimizer, mesh, trainer, batches, workdir, checkpoint=checkpoint,
                       spikes=spikes, metadata=metadata, eval_sets=eval_sets,
-                      start_over=start_over)
+                      start_over=start_over, benchmark=benchmark)
   from polylm_jax.data import sources
   for task, counts in sources.dropped_records().items():
     logging.warning("data: task %s dropped records %s", task, counts)

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from polylm_jax import languages
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import params as model_params
 from polylm_jax.train.optimizer import CHAIN_SETTINGS, OptimizerConfig, chain_names
@@ -61,6 +62,17 @@ def check_model_compatible(saved: dict[str, Any] | None, current: ModelConfig, w
         f"{where} was saved for model {saved.get('name')!r}, which does not match "
         f"{current.name!r}: " + "; ".join(diffs[:10]) + (" ..." if len(diffs) > 10 else "")
         + (f" (ModelConfig differs: {'; '.join(fields)})" if fields else ""))
+
+
+def check_languages_compatible(saved: list[str] | None, where: str) -> None:
+  """Per-language tags and loss slots are positions in the language set: another set would
+  silently mix languages up."""
+  now = list(languages.active().codes)
+  if saved is not None and list(saved) != now:
+    raise CheckpointMismatchError(
+        f"{where} was trained with the language set {saved}, but this run configures {now} "
+        f"(Languages.codes); per-language tags would mean other languages. Set Languages.codes "
+        f"to the checkpoint's list (a new run in another --workdir may use any set)")
 
 
 def optimizer_differences(saved_meta: dict[str, Any], current: OptimizerConfig) -> list[str]:

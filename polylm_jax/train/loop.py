@@ -19,9 +19,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from polylm_jax import files, framing, sharding
+from polylm_jax import files, framing, languages, sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
-from polylm_jax.data.sample import LANGUAGES
 from polylm_jax.train import flops
 from polylm_jax.train.checkpoint import (CheckpointConfig, Checkpointer, CheckpointSaveError,
                                          load_initial_params, set_aside_previous_run)
@@ -48,14 +47,25 @@ class TrainerConfig:
   # off), keep its parameters, step and data position and start a fresh optimizer state, instead
   # of refusing to resume. Checkpoints saved after that resume normally.
   reset_optimizer: bool = False
+  # lm-eval tasks (suite families such as 'xcopa', or task names) on the live parameters every
+  # lm_eval_every steps and at the end; results next to the held-out loss (eval/in_training.py).
+  lm_eval_tasks: tuple[str, ...] = ()
+  lm_eval_every: int = 0
+  lm_eval_limit: int | None = None  # documents per task
+  lm_eval_num_fewshot: int = 0
+  lm_eval_include_path: str | None = None  # a directory of your own task YAMLs
 
   def __post_init__(self):
     check_fields(self)
     for name in ("num_steps", "log_every", "max_nonfinite_in_a_row"):
       if getattr(self, name) < 1:
         raise ValueError(f"TrainerConfig.{name}={getattr(self, name)} must be >= 1")
-    if self.eval_every < 0:
-      raise ValueError(f"TrainerConfig.eval_every={self.eval_every} must be >= 0 (0: never)")
+    for name in ("eval_every", "lm_eval_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainerConfig.{name}={getattr(self, name)} must be >= 0 (0: never)")
+    if bool(self.lm_eval_tasks) != bool(self.lm_eval_every):
+      raise ValueError("TrainerConfig.lm_eval_tasks and lm_eval_every go together: set both "
+                       f"(got tasks={self.lm_eval_tasks!r}, every={self.lm_eval_every})")
 
 
 class NonFiniteError(RuntimeError):
@@ -91,18 +101,19 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
           checkpoint: CheckpointConfig | None = None, spikes: SpikeConfig = SpikeConfig(),
           metadata: dict[str, Any] | None = None,
           eval_sets: dict[str, list[dict[str, np.ndarray]]] | None = None,
-          start_over: bool = False) -> dict[str, Any]:
+          start_over: bool = False, benchmark=None) -> dict[str, Any]:
   """Runs up to `trainer.num_steps` steps; returns the last metrics, final state, step object.
 
   Process 0 holds the workdir's lock for the whole run. `start_over` moves an earlier run's files
   to <workdir>/previous/ first; without it a workdir with checkpoints is always resumed.
+  `benchmark(step_fn, params) -> metrics` runs every `trainer.lm_eval_every` steps.
   """
   lead = jax.process_index() == 0
   with files.WorkdirLock(workdir) if lead else contextlib.nullcontext():
     if start_over and lead:
       set_aside_previous_run(workdir)
     return _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint, spikes,
-                  metadata, eval_sets)
+                  metadata, eval_sets, benchmark)
 
 
 @dataclasses.dataclass
@@ -117,7 +128,7 @@ class _Pending:
 
 
 def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint, spikes, metadata,
-           eval_sets):
+           eval_sets, benchmark):
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(mesh_config)
   step_fn = TrainStep(model, optimizer, mesh, mesh_config.rules, trainer.num_steps, spikes)
@@ -134,7 +145,7 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
   if spikes.mode == "rollback" and ckpt is None:
     raise ValueError("SpikeConfig.mode='rollback' needs checkpoints (CheckpointConfig.enabled)")
   meta = dict(metadata or {}, model_config=dataclasses.asdict(model), seed=trainer.seed,
-              framing=framing.TRAINING.to_meta())
+              framing=framing.TRAINING.to_meta(), languages=list(languages.active().codes))
 
   try:
     state = _initial_state(ckpt, step_fn, batches, trainer)
@@ -149,7 +160,7 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
                          start_step=int(state.step), progress_bar=trainer.progress_bar,
                          enabled=lead)
   eval_writer = None
-  if eval_sets and trainer.eval_every:
+  if (eval_sets and trainer.eval_every) or (benchmark is not None and trainer.lm_eval_every):
     eval_writer = MetricsWriter(workdir, filename="eval_metrics.jsonl", progress_bar=False,
                                 start_step=int(state.step), tensorboard=trainer.tensorboard,
                                 enabled=lead)
@@ -177,9 +188,8 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
         stop = preemption.requested or (ckpt is not None and ckpt.reached_preemption(step))
         if ckpt is not None and (ckpt.should_save(step) or stop or step == trainer.num_steps):
           _save_if_sound(ckpt, step_fn, step, state, batches, meta)
-        if eval_writer is not None and (step % trainer.eval_every == 0
-                                        or step == trainer.num_steps):
-          eval_writer.write(step, evaluate(step_fn, state.params, eval_sets))
+        if eval_writer is not None:
+          _evaluate_if_due(eval_writer, step, trainer, step_fn, state.params, eval_sets, benchmark)
         if stop:
           logging.warning("stopped at step %d for preemption; the checkpoint is being finalised",
                           step)
@@ -232,6 +242,17 @@ def _save_if_sound(ckpt: Checkpointer, step_fn: TrainStep, step: int, state, bat
   ckpt.save(step, state, batches, meta)
 
 
+def _evaluate_if_due(writer, step, trainer, step_fn, params, eval_sets, benchmark) -> None:
+  due = lambda every: bool(every) and (step % every == 0 or step == trainer.num_steps)
+  record = {}
+  if eval_sets and due(trainer.eval_every):
+    record.update(evaluate(step_fn, params, eval_sets))
+  if benchmark is not None and due(trainer.lm_eval_every):
+    record.update(benchmark(step_fn, params))
+  if record:
+    writer.write(step, record)
+
+
 def evaluate(step_fn: TrainStep, params, eval_sets) -> dict[str, float]:
   """Held-out loss per evaluation set (e.g. per language): token-mean NLL over its batches."""
   out = {}
@@ -278,7 +299,7 @@ def _report(pending: _Pending, writer, trainer, model, peak, mesh, last_time):
     for i, (total, count) in enumerate(zip(fetched["language_loss"][1:],
                                            fetched["language_tokens"][1:])):
       if count > 0:
-        out[f"loss/{LANGUAGES[i]}"] = float(total / count)
+        out[f"loss/{languages.active().code(i + 1)}"] = float(total / count)
   if peak:
     per_token = flops.train_flops_per_token(model, seq_len)
     out["mfu"] = per_token * out["tokens_per_sec"] / (peak * mesh.devices.size)

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from polylm_jax import sharding
 from polylm_jax.config import ModelConfig
-from polylm_jax.data.sample import LANGUAGES
+from polylm_jax import languages
 from polylm_jax.model import params as model_params
 from polylm_jax.train import spikes
 from polylm_jax.train.optimizer import (OptimizerConfig, global_norm, lr_schedule, make_optimizer,
@@ -65,9 +65,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   return jnp.sum(token_nll(logits, targets) * w), jnp.sum(w)
 
 
-# Optional batch key "languages": per token 0 (none/padding) or 1 + index in LANGUAGES, carried
-# through packing (data/pipeline.py); the step then also reports loss per language.
-LANGUAGE_SLOTS = len(LANGUAGES) + 1
+# Optional batch key "languages": per token 0 (none/padding) or the language's tag in the run's
+# language set (languages.py), carried through packing; the step then reports loss per language.
 
 
 def _all_finite(state: TrainState) -> jax.Array:
@@ -86,8 +85,10 @@ class TrainStep:
   rules: tuple
   total_steps: int
   spike_config: spikes.SpikeConfig = spikes.SpikeConfig()
+  language_slots: int = 0  # 0: the active language set's (languages.active().slots)
 
   def __post_init__(self):
+    self.language_slots = self.language_slots or languages.active().slots
     sharding.check_model_fits_mesh(self.model_config, self.mesh)
     self.graphdef = model_params.graphdef(self.model_config)
     abstract = model_params.abstract_params(self.model_config)
@@ -162,7 +163,8 @@ class TrainStep:
     w = batch["weights"].astype(jnp.float32)
     aux = {"weight": jnp.sum(w)}
     if "languages" in batch:
-      onehot = jax.nn.one_hot(batch["languages"], LANGUAGE_SLOTS, dtype=jnp.float32) * w[..., None]
+      onehot = jax.nn.one_hot(batch["languages"], self.language_slots,
+                              dtype=jnp.float32) * w[..., None]
       aux["language_loss"] = jnp.einsum("btl,bt->l", onehot, nll)
       aux["language_tokens"] = jnp.sum(onehot, axis=(0, 1))
     return jnp.sum(nll * w), aux

@@ -1,0 +1,3 @@
+from polylm_jax.eval.cli import console_main
+
+console_main()

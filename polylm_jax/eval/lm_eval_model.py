@@ -1,0 +1,186 @@
+"""The lm-evaluation-harness model `polylm_jax`: a JAX checkpoint scored and sampled directly.
+
+    lm_eval --model polylm_jax --model_args workdir=RUN,batch_size=32 --tasks xnli_th
+    (after `import polylm_jax.eval.lm_eval_model`, which registers it; `polylm-eval` does that)
+
+Text is framed as in training (framing.py: BOS before the first token), so the numbers describe the
+model the trainer trained. Tokenization follows lm-eval's own rules (`TemplateLM`: trailing context
+spaces move to the continuation, the pair is encoded whole and split), so per-request
+log-likelihoods equal those of lm-eval's `hf` model on the export (tested to 1e-3 in float32).
+`loglikelihood_rolling` scores each document once after one BOS (the `hf` model with a BOS-adding
+tokenizer scores an extra BOS after the prefix BOS; pass it `add_bos_token=False` to compare).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval import utils as lm_utils
+from tqdm import tqdm
+
+from polylm_jax import framing as framing_lib
+from polylm_jax import sharding
+from polylm_jax.decode import generate as gen_lib
+from polylm_jax.decode import loading, sampling
+from polylm_jax.eval.scoring import Scorer
+
+
+@register_model("polylm_jax")
+class PolyLMJax(TemplateLM):
+
+  def __init__(self, workdir: str | None = None, step: int | None = None,
+               checkpoint: str | None = None, hf_dir: str | None = None,
+               batch_size: int | str = 16, mesh: str | None = None, max_gen_toks: int = 256,
+               dtype: str | None = None, attention_impl: str = "auto", **unused: Any):
+    super().__init__()
+    if unused:
+      logging.info("polylm_jax: ignoring model args %s", sorted(unused))
+    mesh_obj = sharding.make_mesh(sharding.parse_mesh(mesh))
+    overrides = {"attention_impl": attention_impl, "attention_interpret": False}
+    if dtype:
+      overrides["dtype"] = dtype
+    loaded = loading.load(workdir=workdir, step=int(step) if step is not None else None,
+                          checkpoint=checkpoint, hf_dir=hf_dir, mesh=mesh_obj,
+                          overrides=overrides)
+    self._setup(loaded.config, loaded.params, loaded.tokenizer(), mesh_obj,
+                sharding.DEFAULT_RULES, loaded.framing, int(batch_size), int(max_gen_toks))
+    self.source = loaded.source
+
+  @classmethod
+  def from_parts(cls, config, params, tokenizer, *, mesh, rules=sharding.DEFAULT_RULES,
+                 framing: framing_lib.Framing = framing_lib.TRAINING, batch_size: int = 16,
+                 max_gen_toks: int = 256) -> "PolyLMJax":
+    """Over parameters already in memory (in-training evaluation: no export, no reload)."""
+    self = cls.__new__(cls)
+    TemplateLM.__init__(self)
+    self._setup(config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks)
+    self.source = "live parameters"
+    return self
+
+  def _setup(self, config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks):
+    self.config, self.sp, self.framing = config, tokenizer, framing
+    self.scorer = Scorer(config, params, mesh=mesh, rules=rules, batch_size=batch_size)
+    self.generator = gen_lib.Generator(config, params, tokenizer, mesh=mesh, rules=rules,
+                                       framing=framing)
+    self.batch_size = self.scorer.batch_size
+    self.max_gen_toks = max_gen_toks
+    self.show_progress = True
+
+  def set_params(self, params) -> None:
+    """New parameters of the same shapes and shardings (compiled programs are kept)."""
+    self.scorer.params = params
+    self.generator.params = params
+
+  def measure_speed(self, length: int = 64) -> float:
+    """Scored requests per second on one batch of `length` tokens (compiled first, so the figure
+    is the steady rate a benchmark run will see at that length)."""
+    length = min(length, self.max_length)
+    items = [([framing_lib.BOS_ID] + [3] * (length - 1), [3] * length, length // 2)] * \
+        self.scorer.batch_size
+    self.scorer.score(items)
+    began = time.perf_counter()
+    self.scorer.score(items)
+    return len(items) / (time.perf_counter() - began)
+
+  # --- tokenization (TemplateLM) ------------------------------------------------------------
+  @property
+  def eot_token_id(self) -> int:
+    return framing_lib.EOS_ID
+
+  @property
+  def prefix_token_id(self) -> int:
+    return framing_lib.BOS_ID if self.framing.bos else framing_lib.EOS_ID
+
+  @property
+  def max_length(self) -> int:
+    return self.config.max_length
+
+  def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    ids = self.sp.encode(string)
+    return ids if add_special_tokens is False else self.framing.prompt(ids)
+
+  def tok_decode(self, tokens, **kwargs) -> str:
+    return self.sp.decode(list(tokens))
+
+  # --- requests ------------------------------------------------------------------------------
+  def _progress(self, total: int, desc: str, disable: bool):
+    return tqdm(total=total, desc=desc, disable=disable or not self.show_progress)
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+    limit = self.max_length
+    items = []
+    for _, context_enc, continuation_enc in requests:
+      whole = (list(context_enc) + list(continuation_enc))[-(limit + 1):]
+      inputs, targets = whole[:-1], whole[1:]
+      items.append((inputs, targets, len(inputs) - len(continuation_enc)))
+    with self._progress(len(items), "polylm_jax loglikelihood", disable_tqdm) as bar:
+      scored = self._timed(items, bar)
+    return [(s.logprob, s.greedy) for s in scored]
+
+  def _timed(self, items, bar):
+    """Scores, logging a time estimate from the first batch before the rest runs."""
+    if len(items) <= self.batch_size:
+      return self.scorer.score(items, progress=bar)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    first = [items[i] for i in order[:self.batch_size]]
+    began = time.perf_counter()
+    head = self.scorer.score(first, progress=bar)
+    took = time.perf_counter() - began
+    logging.info("polylm_jax: first batch of %d requests took %.1f s (compile included); about "
+                 "%.0f s more for the other %d", len(first), took,
+                 took * (len(items) - len(first)) / len(first), len(items) - len(first))
+    rest = self.scorer.score([items[i] for i in order[self.batch_size:]], progress=bar)
+    out = [None] * len(items)
+    for i, s in zip(order, head + rest):
+      out[i] = s
+    return out
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    items, owner = [], []
+    for index, (string,) in enumerate(req.args for req in requests):
+      windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+          token_list=self.sp.encode(string), prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length, context_len=1))
+      for context, continuation in windows:
+        whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+        inputs, targets = whole[:-1], whole[1:]
+        items.append((inputs, targets, len(inputs) - len(continuation)))
+        owner.append(index)
+    with self._progress(len(items), "polylm_jax loglikelihood_rolling", disable_tqdm) as bar:
+      scored = self._timed(items, bar)
+    totals = [0.0] * len(requests)
+    for index, s in zip(owner, scored):
+      totals[index] += s.logprob
+    return totals
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    out: list[str | None] = [None] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for i, req in enumerate(requests):
+      groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+    with self._progress(len(requests), "polylm_jax generate_until", disable_tqdm) as bar:
+      for indices in groups.values():
+        kwargs = dict(requests[indices[0]].args[1])
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) \
+            else 0.0
+        config = sampling.SamplingConfig(temperature=temperature,
+                                         top_p=float(kwargs.pop("top_p", 1.0)))
+        # As lm-eval's hf model: the context keeps its last (context - max_gen_toks) tokens.
+        keep = max(1, self.max_length - max_new)
+        for begin in range(0, len(indices), self.batch_size):
+          chunk = indices[begin:begin + self.batch_size]
+          prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in chunk]
+          results = self.generator.generate(prompts, max_new_tokens=max_new, stop=until,
+                                            sampling_config=config)
+          for i, r in zip(chunk, results):
+            out[i] = r.text
+            self.cache_hook.add_partial("generate_until", requests[i].args, r.text)
+          bar.update(len(chunk))
+    return out  # type: ignore[return-value]

@@ -1,0 +1,74 @@
+"""Suite results as a Markdown table (task family x language, with the average per family) and a
+bar chart per family, for one run or several side by side (e.g. before and after a stage switch)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Sequence
+
+
+def _families(runs: Sequence[dict]) -> dict[str, list[str]]:
+  """family -> its languages, in first-seen order across runs."""
+  out: dict[str, list[str]] = {}
+  for records in runs:
+    for r in records.values():
+      langs = out.setdefault(r["family"], [])
+      if r["language"] not in langs:
+        langs.append(r["language"])
+  return out
+
+
+def _cell(records: dict, family: str, language: str) -> float | None:
+  for r in records.values():
+    if r["family"] == family and r["language"] == language:
+      return 100.0 * r["value"]
+  return None
+
+
+def markdown(runs: Sequence[dict], labels: Sequence[str]) -> str:
+  """One table per family: a row per run, a column per language, then the average (over the
+  languages that run has)."""
+  lines = []
+  for family, languages in _families(runs).items():
+    metric = next(r["metric"] for rs in runs for r in rs.values() if r["family"] == family)
+    lines += [f"### {family} ({metric}, %)", "",
+              "| run | " + " | ".join(languages) + " | avg |",
+              "|---" * (len(languages) + 2) + "|"]
+    for records, label in zip(runs, labels):
+      values = [_cell(records, family, l) for l in languages]
+      have = [v for v in values if v is not None]
+      avg = f"{sum(have) / len(have):.1f}" if have else "-"
+      lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values)
+                   + f" | {avg} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def charts(runs: Sequence[dict], labels: Sequence[str], out_dir: str | pathlib.Path) -> list[str]:
+  """A grouped bar chart per family (PNG), languages on the x axis, one bar per run."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  out = pathlib.Path(out_dir)
+  written = []
+  for family, languages in _families(runs).items():
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(languages) * max(1, len(runs))), 3.2))
+    width = 0.8 / len(runs)
+    for i, (records, label) in enumerate(zip(runs, labels)):
+      values = [_cell(records, family, l) or 0.0 for l in languages]
+      ax.bar([x + i * width - 0.4 + width / 2 for x in range(len(languages))], values, width,
+             label=label)
+    ax.set_xticks(range(len(languages)), languages)
+    metric = next(r["metric"] for rs in runs for r in rs.values() if r["family"] == family)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(family)
+    if len(runs) > 1:
+      ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out / f"{family}.png"
+    tmp = out / f".{family}.png.tmp"
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    written.append(path.name)
+  return written

@@ -1,0 +1,152 @@
+"""The lm-eval model `polylm_jax`: per-request log-likelihoods equal lm-eval's own `hf` model on the
+export (float32, 1e-3) and accuracies are identical, on local tasks (tests/fixtures/lm_eval); few
+compiled shapes; generation tasks run."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval import evaluator  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from polylm_jax.eval import lm_eval_model  # noqa: E402
+from polylm_jax.export import cli as export_cli  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
+
+
+def local_tasks(tmp_path) -> pathlib.Path:
+  """The fixture task YAMLs with their data paths filled in."""
+  out = tmp_path / "tasks"
+  out.mkdir(exist_ok=True)
+  for yaml in FIXTURES.glob("*.yaml"):
+    (out / yaml.name).write_text(yaml.read_text().replace("{FIXTURES}", str(FIXTURES)))
+  return out
+
+
+@pytest.fixture(scope="module")
+def run_and_export(tmp_path_factory):
+  from polylm_jax.train import cli
+  root = tmp_path_factory.mktemp("lmeval")
+  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={root / 'run'}",
+            "--gin_bindings=TrainerConfig.num_steps = 30", "--gin_bindings=DataConfig.seq_len = 64",
+            "--gin_bindings=DataConfig.batch_size = 8", "--gin_bindings=TrainerConfig.eval_every = 0",
+            "--gin_bindings=OptimizerConfig.warmup_steps = 5"])
+  assert export_cli.main([f"--workdir={root / 'run'}", f"--out={root / 'hf'}"]) == 0
+  return root / "run", root / "hf"
+
+
+def _evaluate(model, tasks, include, **kwargs):
+  return evaluator.simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(
+      include_path=str(include)), log_samples=True, bootstrap_iters=0, **kwargs)
+
+
+def test_loglikelihoods_and_accuracy_equal_lm_evals_hf_model(run_and_export, tmp_path):
+  workdir, hf_dir = run_and_export
+  include = local_tasks(tmp_path)
+  tasks = ["polylm_test_mc_en", "polylm_test_mc_th"]
+  ours = lm_eval_model.PolyLMJax(workdir=str(workdir), batch_size=8, dtype="float32")
+  mine = _evaluate(ours, tasks, include)
+  from lm_eval.models.huggingface import HFLM
+  theirs = _evaluate(HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=8, device="cpu"),
+                     tasks, include)
+  for task in tasks:
+    assert mine["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
+    a = [r[0][0] for s in mine["samples"][task] for r in s["resps"]]
+    b = [r[0][0] for s in theirs["samples"][task] for r in s["resps"]]
+    assert len(a) == len(b) == 30 and len(set(np.round(a, 3))) > 20  # real, varied numbers
+    np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)
+  # Sorted by length and padded to a few buckets: a handful of compiled shapes for 60 requests.
+  assert len(ours.scorer.compiled_shapes) <= 6
+
+
+def test_rolling_loglikelihood_and_generation_tasks(run_and_export, tmp_path):
+  workdir, hf_dir = run_and_export
+  ours = lm_eval_model.PolyLMJax(hf_dir=str(hf_dir), batch_size=4)
+  result = _evaluate(ours, ["polylm_test_gen_en"], local_tasks(tmp_path))
+  samples = result["samples"]["polylm_test_gen_en"]
+  assert len(samples) == 10 and all(isinstance(s["resps"][0][0], str) for s in samples)
+  assert 0.0 <= result["results"]["polylm_test_gen_en"]["exact_match,none"] <= 1.0
+
+  class Request:
+    def __init__(self, text):
+      self.args = (text,)
+  texts = ["Hello world, this is a test.", "x" * 700]  # the second spans several windows
+  rolling = ours.loglikelihood_rolling([Request(t) for t in texts], disable_tqdm=True)
+  # The same sums, token by token from the whole forward (BOS, then the text).
+  from polylm_jax.model import params as P
+  forward = jax.jit(lambda p, x: jax.nn.log_softmax(P.apply(ours.scorer.graphdef, p, x), -1))
+  for text, got in zip(texts[:1], rolling[:1]):
+    ids = [1] + ours.sp.encode(text)
+    logp = np.asarray(forward(ours.scorer.params, np.asarray([ids[:-1]])))[0]
+    want = float(sum(logp[i, t] for i, t in enumerate(ids[1:])))
+    assert abs(got - want) < 1e-3
+  assert rolling[1] < rolling[0] < 0
+
+
+def test_polylm_eval_runs_resumes_compares_and_names_bad_input(run_and_export, tmp_path,
+                                                                 monkeypatch, caplog, capsys):
+  import logging
+  from polylm_jax.eval import cli as eval_cli
+  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  workdir, hf_dir = run_and_export
+  include = local_tasks(tmp_path)
+  common = ["--tasks=polylm_test_mc_en,polylm_test_mc_th", f"--include_path={include}",
+            "--batch_size=8", "--dtype=float32"]
+  out = tmp_path / "ckpt"
+  assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={out}", *common]) == 0
+  results = json.loads((out / "results.json").read_text())["tasks"]
+  assert sorted(results) == ["polylm_test_mc_en", "polylm_test_mc_th"]
+  table = (out / "results.md").read_text()
+  assert "### polylm_test_mc (acc, %)" in table and "| run | en | th | avg |" in table
+  assert (out / "polylm_test_mc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Run again: the finished tasks are reused, nothing is recomputed.
+  with caplog.at_level(logging.INFO):
+    assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={out}", *common]) == 0
+  assert "reusing 2 finished task(s)" in caplog.text and "0 task(s) to run" in caplog.text
+  # The export gives the same accuracies; two runs side by side.
+  assert eval_cli.main(["run", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'hf'}", *common]) == 0
+  exported = json.loads((tmp_path / "hf" / "results.json").read_text())["tasks"]
+  assert {t: r["value"] for t, r in exported.items()} == {t: r["value"] for t, r in results.items()}
+  assert eval_cli.main(["compare", str(out), str(tmp_path / "hf"), "--labels=jax,export",
+                        f"--out={tmp_path / 'both'}"]) == 0
+  both = (tmp_path / "both" / "results.md").read_text()
+  assert "| jax |" in both and "| export |" in both
+  capsys.readouterr()
+  # Bad input: an unknown task lists close matches; missing data names the task and the cache.
+  assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={tmp_path / 'x'}",
+                        "--tasks=polylm_test_mc_eng", f"--include_path={include}"]) == 2
+  assert "did you mean polylm_test_mc_en" in capsys.readouterr().err
+  empty = tmp_path / "empty_cache"
+  assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={tmp_path / 'y'}",
+                        "--tasks=xnli", "--languages=th", f"--data_dir={empty}"]) == 2
+  err = capsys.readouterr().err
+  assert "task xnli_th: its data could not be loaded offline" in err and str(empty) in err
+
+
+def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
+  from polylm_jax.train import cli
+  include = local_tasks(tmp_path)
+  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path / 'run'}",
+            "--gin_bindings=TrainerConfig.num_steps = 4", "--gin_bindings=DataConfig.seq_len = 64",
+            "--gin_bindings=DataConfig.batch_size = 8", "--gin_bindings=TrainerConfig.eval_every = 2",
+            "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+            "--gin_bindings=TrainerConfig.lm_eval_every = 2",
+            "--gin_bindings=TrainerConfig.lm_eval_tasks = ['polylm_test_mc_en', "
+            "'polylm_test_mc_th']",
+            f"--gin_bindings=TrainerConfig.lm_eval_include_path = '{include}'"])
+  records = [json.loads(l) for l in (tmp_path / "run" / "eval_metrics.jsonl").read_text()
+             .splitlines()]
+  assert [r["step"] for r in records] == [2, 4]
+  for r in records:
+    assert 0.0 <= r["lm_eval/polylm_test_mc_th/acc"] <= 1.0 and r["lm_eval_seconds"] > 0
+    assert "val_loss/th" in r  # next to the held-out loss per language
