@@ -50,9 +50,9 @@ def bench_jax(cfg, params, prompts: np.ndarray, new: int) -> float:
   gen = generate.Generator(cfg, placed, _Ids(), mesh=mesh)
   eos = generate.framing_lib.EOS_ID
   rows = [list(r) for r in prompts]
-  gen.generate(rows, max_new_tokens=new, chunk=new)  # compile
+  gen.generate(rows, max_new_tokens=new, chunk=16)  # compile
   start = time.perf_counter()
-  outs = gen.generate(rows, max_new_tokens=new, chunk=new)
+  outs = gen.generate(rows, max_new_tokens=new, chunk=16)
   took = time.perf_counter() - start
   made = sum(len(o.token_ids) for o in outs)
   if any(o.finish_reason == "eos" for o in outs):

@@ -205,9 +205,9 @@ class Generator:
         room = slots - int(state.slot)
         if room <= 0:
           break
-        steps = min(chunk, room, max_new_tokens - min(len(o) for o, r in zip(out, reasons)
-                                                      if r is None))
-        steps = 1 << (max(steps, 1).bit_length() - 1)  # powers of two: few compiled variants
+        # Always `chunk` steps (tokens past a row's limit are dropped): one compiled program;
+        # only near the end of the cache a power of two that fits.
+        steps = chunk if room >= chunk else 1 << (room.bit_length() - 1)
         host_done = np.zeros(batch, bool)
         host_done[:n] = [r is not None for r in reasons]
         host_done[n:] = True

@@ -124,7 +124,7 @@ def _run(args) -> int:
       batch_size=args.batch_size)
   speed = lm.measure_speed() if tasks else None
   records = suite.run_suite(lm, specs, tasks, out, num_fewshot=args.num_fewshot,
-                            limit=args.limit, requests_per_second=speed)
+                            limit=args.limit, requests_per_second=speed, task_manager=manager)
   files.atomic_write_text(out / "results.json", json.dumps(dict(run_info, tasks=records),
                                                            indent=2))
   write_report(out, [records], [pathlib.Path(loaded.source).name])

@@ -113,7 +113,7 @@ def count_requests(task, limit: int | None) -> int:
 
 def run_suite(lm, specs, tasks: dict[str, Any], out_dir: str | pathlib.Path, *,
               num_fewshot: int | None = None, limit: int | None = None,
-              requests_per_second: float | None = None) -> dict[str, dict]:
+              requests_per_second: float | None = None, task_manager=None) -> dict[str, dict]:
   """Evaluates task by task (skipping those already in <out>/tasks/); returns {task: record}."""
   from lm_eval import evaluator
   out = pathlib.Path(out_dir)
@@ -130,8 +130,10 @@ def run_suite(lm, specs, tasks: dict[str, Any], out_dir: str | pathlib.Path, *,
   logging.info("suite: %d task(s) to run, %d requests%s", len(todo), total, estimate)
   for spec in todo:
     began = time.perf_counter()
+    # task_manager: without one, simple_evaluate re-indexes lm-eval's task YAMLs (~12 s) per call.
     result = evaluator.simple_evaluate(model=lm, tasks=[tasks[spec.task]], num_fewshot=num_fewshot,
-                                       limit=limit, bootstrap_iters=0, log_samples=False)
+                                       limit=limit, bootstrap_iters=0, log_samples=False,
+                                       task_manager=task_manager)
     metrics = result["results"][spec.task]
     key = next((k for k in metrics if k.split(",")[0] == spec.metric), None)
     if key is None:

@@ -37,21 +37,24 @@ def current_platform() -> str:
   return jax.default_backend()
 
 
-def resolve(impl: str, q, *, interpret: bool = False) -> str:
+def resolve(impl: str, q, *, interpret: bool = False, blocks: BlockSizes = BlockSizes()) -> str:
   """The implementation that will run: `auto` resolved, explicit choices checked."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
   platform = current_platform()
   if impl == "auto":
-    head_dim_ok = q.shape[-1] % 16 == 0
     chosen = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla")
-    if chosen != "xla" and not head_dim_ok:
-      chosen = "xla"
-    key = (platform, chosen, q.shape[-1])
+    reason = "the platform's kernel"
+    if chosen != "xla":
+      try:  # shapes the kernel cannot take (head_dim, a length its blocks do not divide): xla
+        check_inputs(q, q, q, None, blocks, impl=chosen)
+      except ValueError as e:
+        chosen, reason = "xla", str(e)
+    key = (platform, chosen, q.shape[1], q.shape[-1])
     if key not in _logged:
       _logged.add(key)
-      logging.info("attention_impl='auto' chose %r on platform %r (head_dim %d)", chosen,
-                   platform, q.shape[-1])
+      logging.info("attention_impl='auto' chose %r on platform %r (length %d, head_dim %d): %s",
+                   chosen, platform, q.shape[1], q.shape[-1], reason)
     return chosen
   needed = _PLATFORM_OF.get(impl)
   if needed and platform != needed and not (interpret and impl.startswith("pallas")):

@@ -37,7 +37,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"attention: segment_ids must be [batch, length] = {q.shape[:2]}, "
                      f"got {segment_ids.shape}")
-  impl = dispatch.resolve(impl, q, interpret=interpret)
+  impl = dispatch.resolve(impl, q, interpret=interpret, blocks=blocks)
   if impl == "xla":
     return xla_attention(q, k, v, segment_ids, causal=causal)
   return dispatch.run_kernel(impl, q, k, v, segment_ids, causal=causal, blocks=blocks,
