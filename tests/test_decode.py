@@ -152,3 +152,17 @@ def test_generate_cli_from_a_workdir_and_from_its_export(trained_workdir, tmp_pa
   assert "tokens]" in streamed.err
   assert generate_cli.main([f"--workdir={trained_workdir}", "--prompt=x" * 200]) == 2
   assert "context is 128" in capsys.readouterr().err
+
+
+def test_chat_loop_and_a_model_without_its_tokenizer(trained_workdir, tmp_path, monkeypatch,
+                                                     capsys):
+  from polylm_jax.export import cli as export_cli
+  answers = iter(["Hello", "/reset", "How are you", ""])
+  monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+  assert generate_cli.main([f"--workdir={trained_workdir}", "--chat", "--max_new_tokens=3"]) == 0
+  assert "quit" in capsys.readouterr().err
+  assert generate_cli.chat_prompt([("Hi", "Hello!")], "Bye") == "Hi\n\nHello!\n\nBye\n\n"
+  assert export_cli.main([f"--workdir={trained_workdir}", f"--out={tmp_path / 'hf'}"]) == 0
+  (tmp_path / "hf" / "tokenizer.model").unlink()
+  assert generate_cli.main([f"--hf_dir={tmp_path / 'hf'}", "--prompt=x"]) == 2
+  assert "no tokenizer.model" in capsys.readouterr().err

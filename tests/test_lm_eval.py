@@ -150,3 +150,43 @@ def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
   for r in records:
     assert 0.0 <= r["lm_eval/polylm_test_mc_th/acc"] <= 1.0 and r["lm_eval_seconds"] > 0
     assert "val_loss/th" in r  # next to the held-out loss per language
+
+
+def test_one_token_stream_from_training_to_serving(run_and_export):
+  """A text's ids are the same in training's packed rows, polylm-generate, the lm-eval model and
+  transformers' tokenizer on the export (what vLLM uses too): BOS, then the SentencePiece ids."""
+  import tensorflow as tf
+  import transformers
+  from polylm_jax.data import packing
+  from polylm_jax.decode import generate
+  workdir, hf_dir = run_and_export
+  text = "Translate to German: Good morning, how are you?"
+  lm = lm_eval_model.PolyLMJax(workdir=str(workdir), batch_size=4)
+  ids = lm.sp.encode(text)
+  docs = tf.data.Dataset.from_tensors({"targets": tf.constant(ids + [2], tf.int32)})
+  row = next(iter(packing.pack(docs, 64, flush=True)))
+  training = row["inputs"].numpy()[:len(ids) + 1].tolist()  # what the model sees before each target
+  served = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+  generator = generate.Generator(lm.config, lm.scorer.params, lm.sp, mesh=lm.scorer.mesh,
+                                 framing=lm.framing)
+  assert training == generator.encode(text) == lm.tok_encode(text) == served == [1] + ids
+
+
+def test_scores_are_the_same_on_a_sharded_mesh(run_and_export):
+  from polylm_jax import sharding
+  from polylm_jax.decode import loading
+  from polylm_jax.eval.scoring import Scorer
+  workdir, _ = run_and_export
+  rng = np.random.default_rng(0)
+  items = []
+  for n in (5, 17, 40, 63, 9, 33):
+    row = [1] + rng.integers(3, 4096, n).tolist()
+    items.append((row[:-1], row[1:], max(0, n - 4)))
+  results = []
+  for spec, count in (("1,1,1", 1), ("2,1,2", 4)):
+    mesh = sharding.make_mesh(sharding.parse_mesh(spec), jax.devices()[:count])
+    loaded = loading.load(workdir=str(workdir), mesh=mesh)
+    results.append(Scorer(loaded.config, loaded.params, mesh=mesh, batch_size=4).score(items))
+  np.testing.assert_allclose([s.logprob for s in results[0]], [s.logprob for s in results[1]],
+                             atol=1e-4)
+  assert [s.greedy for s in results[0]] == [s.greedy for s in results[1]]

@@ -79,6 +79,9 @@ def pack(ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024,
   if ds.element_spec["targets"].shape.rank == 1:  # one document per element: batch them first
     ds = ds.map(lambda ex: {k: ex[k] for k in keys})
     ds = ds.filter(lambda ex: tf.size(ex["targets"]) > 0).ragged_batch(docs_per_batch)
+    # Documents that all have one static length batch to dense tensors: make them ragged too.
+    ds = ds.map(lambda b: {k: v if isinstance(v, tf.RaggedTensor) else
+                           tf.RaggedTensor.from_tensor(v) for k, v in b.items()})
   else:
     ds = ds.map(lambda b: {k: b[k] for k in keys})
   batches = ds.map(lambda b: (b, False))
