@@ -1,8 +1,8 @@
 """Log-likelihoods of token sequences, batched and bucketed, on the mesh.
 
 Requests are sorted by length, grouped into batches, and each batch is right-padded to a length
-bucket (32, 48, 64, 96, 128, ...: powers of two and 1.5x them, so at most a third is padding), so
-a benchmark compiles a handful of programs. The LM head runs only at the scored positions (the
+bucket (`length_bucket`: 32, 48, 64, 80, 96, 112, 128, 160, ...), so a benchmark compiles a
+handful of programs. The LM head runs only at the scored positions (the
 last `window` of each row, a bucket of the batch's longest continuation): a multiple-choice
 continuation is a few tokens, and the vocabulary projection is a large share of the model's work
 (half of it for `small`). Only per-token log-probabilities and greedy flags come back to the host.
@@ -26,10 +26,12 @@ MIN_BUCKET = 32
 
 
 def length_bucket(n: int, limit: int, smallest: int = MIN_BUCKET) -> int:
-  """The smallest of smallest * {1, 1.5, 2, 3, 4, 6, ...} that holds n (capped at limit)."""
+  """The smallest bucket that holds n (capped at limit): from `smallest` up in steps of a quarter
+  to an eighth of the current power of two (32, 48, 64, 80, 96, 112, 128, 160, ...), so at most
+  about a fifth of a batch is padding and a benchmark's lengths fall into a few buckets."""
   size = smallest
   while size < n:
-    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    size += max(smallest // 2, 1 << max(size.bit_length() - 3, 0))
   return min(limit, size)
 
 
