@@ -161,7 +161,9 @@ def test_chat_loop_and_a_model_without_its_tokenizer(trained_workdir, tmp_path, 
   monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
   assert generate_cli.main([f"--workdir={trained_workdir}", "--chat", "--max_new_tokens=3"]) == 0
   assert "quit" in capsys.readouterr().err
-  assert generate_cli.chat_prompt([("Hi", "Hello!")], "Bye") == "Hi\n\nHello!\n\nBye\n\n"
+  from polylm_jax import chat
+  ids = chat.chat_prompt_ids(SP, [("Hi", "Hello!")], "Bye")
+  assert ids == [1] + SP.encode("Hi\n\n") + SP.encode("Hello!") + [2] + SP.encode("Bye\n\n")
   assert export_cli.main([f"--workdir={trained_workdir}", f"--out={tmp_path / 'hf'}"]) == 0
   (tmp_path / "hf" / "tokenizer.model").unlink()
   assert generate_cli.main([f"--hf_dir={tmp_path / 'hf'}", "--prompt=x"]) == 2

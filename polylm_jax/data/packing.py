@@ -113,3 +113,43 @@ def whole_documents(batches, eos_id: int = 2) -> list[list[int]]:
   ends = np.flatnonzero(stream == eos_id)
   starts = np.concatenate([[0], ends[:-1] + 1])
   return [stream[s:e].tolist() for s, e in zip(starts, ends)]
+
+
+def pack_examples(ds: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
+  """Rows of whole examples (instruction tuning): blocks of documents {"targets", "loss_weights",
+  "lang"} (ragged [docs, n], each at most seq_len tokens) become rows in which every example is a
+  segment of its own, never cut across rows; `weights` are the examples' loss weights (0 on
+  prompts), 0 on padding. Greedy in order, within each block (instructions.greedy_rows)."""
+  from polylm_jax.data.instructions import greedy_rows
+
+  def rows(targets, weights, langs, lengths):
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    plan = greedy_rows(lengths.tolist(), seq_len)
+    out = {k: np.zeros((len(plan), seq_len), np.float32 if k == "weights" else np.int32)
+           for k in ROW_KEYS}
+    for r, docs in enumerate(plan):
+      at = 0
+      for s, d in enumerate(docs, start=1):
+        a, b = bounds[d], bounds[d + 1]
+        n = b - a
+        if n > seq_len:
+          raise ValueError(f"an example of {n} tokens does not fit a row of {seq_len}")
+        out["targets"][r, at:at + n] = targets[a:b]
+        out["inputs"][r, at] = BOS_ID
+        out["inputs"][r, at + 1:at + n] = targets[a:b - 1]
+        out["weights"][r, at:at + n] = weights[a:b]
+        out["positions"][r, at:at + n] = np.arange(n)
+        out["segment_ids"][r, at:at + n] = s
+        out["languages"][r, at:at + n] = langs[a:b]
+        at += n
+    return tuple(out[k] for k in ROW_KEYS)
+
+  def block_rows(block):
+    dtypes = [tf.float32 if k == "weights" else tf.int32 for k in ROW_KEYS]
+    made = tf.numpy_function(
+        rows, [block["targets"].flat_values, tf.cast(block["loss_weights"].flat_values,
+                                                      tf.float32),
+               block["lang"].flat_values, block["targets"].row_lengths()], dtypes, stateful=False)
+    return {k: tf.ensure_shape(v, [None, seq_len]) for k, v in zip(ROW_KEYS, made)}
+
+  return ds.map(block_rows).unbatch()

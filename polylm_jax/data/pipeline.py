@@ -58,6 +58,8 @@ def _task_rows(task: seqio.Task, index: int, config: DataConfig, *, shard_index:
   if "targets" not in docs.element_spec:
     raise ValueError(f"task {task.name!r} has no 'targets' feature (features: "
                      f"{sorted(docs.element_spec)})")
+  if "loss_weights" in docs.element_spec:  # instruction examples: packed whole, prompts weight 0
+    return packing.pack_examples(docs, config.seq_len)
   if cache.is_packed(docs.element_spec):  # rows already (a packed-row task, cached or not)
     cache.check_row_length(task.name, docs, config.seq_len)
     return docs.map(lambda r: {k: tf.ensure_shape(r[k], [config.seq_len])

@@ -136,7 +136,10 @@ def register_bitext_tasks(pairs=None, *, template: str = BITEXT_TEMPLATE,
 
 
 def task_language(task_name: str) -> str:
-  return task_name[len(TASK_PREFIX):] if task_name.startswith(TASK_PREFIX) else task_name
+  """The language a task's metrics are named after: its name's last part when that is one of the
+  run's languages (polylm_pt_th, polylm_sft_th -> th), else the whole name."""
+  last = task_name.rsplit("_", 1)[-1]
+  return last if last in languages.active().codes else task_name
 
 
 register_sample_tasks()

@@ -7,7 +7,8 @@
 One prompt streams its tokens to the terminal as they are produced; a JSONL file of prompts
 ({"prompt": ...} per line, other fields kept) is generated in batches and written as JSONL with
 "completion" and "finish_reason" added; --chat is an interactive loop whose turns are joined in the
-instruction-tuned format (each turn "{instruction}\\n\\n", each answer followed by "\\n\\n").
+instruction-tuned format the model was trained with (polylm_jax/chat.py: BOS, each turn
+"{instruction}\\n\\n", each answer ended by EOS).
 """
 
 from __future__ import annotations
@@ -65,12 +66,6 @@ def _sampling(args):
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def chat_prompt(history: list[tuple[str, str]], message: str) -> str:
-  """The instruction-tuned prompt of a conversation: each turn "{instruction}\\n\\n", each answer
-  followed by a blank line, as PolyLM-MultiAlpaca's demo concatenates turns."""
-  return "".join(f"{q}\n\n{a}\n\n" for q, a in history) + f"{message}\n\n"
-
-
 class _Stream:
   """Prints one row's text as its tokens arrive (only the part that is complete UTF-8)."""
 
@@ -119,7 +114,9 @@ def main(argv=None) -> int:
     elif args.prompts:
       _jsonl(gen, args, common)
     else:
-      _chat(gen, sp, common)
+      from polylm_jax import chat
+      fmt = chat.InstructionFormat(**loaded.meta.get("instruction_format", {}))
+      _chat(gen, sp, fmt, common)
   except generate.PromptTooLongError as e:
     print(f"polylm-generate: {e}", file=sys.stderr)
     return 2
@@ -153,7 +150,8 @@ def _jsonl(gen, args, common) -> None:
     sys.stdout.write(text)
 
 
-def _chat(gen, sp, common) -> None:
+def _chat(gen, sp, fmt, common) -> None:
+  from polylm_jax.chat import chat_prompt_ids
   history: list[tuple[str, str]] = []
   print("polylm-generate chat: empty line or Ctrl-D to quit, /reset to forget the conversation",
         file=sys.stderr)
@@ -168,7 +166,8 @@ def _chat(gen, sp, common) -> None:
       history = []
       continue
     stream = _Stream(sp)
-    [done] = gen.generate([chat_prompt(history, message)], on_tokens=stream, chunk=1, **common)
+    [done] = gen.generate([chat_prompt_ids(sp, history, message, fmt)], on_tokens=stream,
+                          chunk=1, **common)
     print()
     history.append((message, done.text.strip()))
 

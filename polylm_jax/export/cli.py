@@ -17,7 +17,7 @@ import pathlib
 import re
 import sys
 
-from polylm_jax import files, framing
+from polylm_jax import chat, files, framing
 from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
 
 
@@ -42,12 +42,16 @@ def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 *
   sp_bytes = base64.b64decode(sp_model)
   _check_vocab(sp_bytes, cfg, allow_vocab_padding)
   sources = [step_dir] + ([workdir] if workdir else [])
+  # An instruction-tuned checkpoint: its chat template, and PolyLM's demo sampling by default.
+  instruction_format = reader.meta.get("instruction_format")
+  generation = dict(chat.DEMO_GENERATION) if instruction_format else None
   with files.staged_directory(out_dir, overwrite=overwrite, kind=hf_export.EXPORT_KIND,
                               looks_like=hf_export.looks_like_export, sources=sources) as staging:
     hf_export.write_model_files(reader, cfg, staging, dtype=dtype,
-                                max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite)
+                                max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite,
+                                generation=generation)
     tokenizer_files.write_tokenizer(staging, sp_bytes, cfg.max_length,
-                                    framing.from_meta(reader.meta))
+                                    framing.from_meta(reader.meta), instruction_format)
     tokenizer_files.write_model_card(staging, reader.meta, dtype, str(step_dir))
   return pathlib.Path(out_dir), reader
 

@@ -40,7 +40,8 @@ def export_params(params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
 
 
 def write_model_files(source, cfg: ModelConfig, out: pathlib.Path, *, dtype: str = "float32",
-                      max_shard_bytes: int = 5 * 2**30, allow_nonfinite: bool = False) -> None:
+                      max_shard_bytes: int = 5 * 2**30, allow_nonfinite: bool = False,
+                      generation: dict | None = None) -> None:
   """Writes config and weights from any parameter source (tree or checkpoint reader) into `out`
   (a staging directory: see files.staged_directory). Non-finite values are refused unless
   `allow_nonfinite`."""
@@ -50,7 +51,8 @@ def write_model_files(source, cfg: ModelConfig, out: pathlib.Path, *, dtype: str
   safetensors_io.write_sharded(out, sources, max_shard_bytes)
   (out / "config.json").write_text(json.dumps(hf_layout.hf_config(cfg, dtype), indent=2) + "\n")
   (out / "generation_config.json").write_text(json.dumps(
-      {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n")
+      {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **(generation or {})},
+      indent=2) + "\n")
 
 
 # GPT-2 options that change what the model computes, with the value this model computes; a

@@ -24,12 +24,18 @@ TOKENIZER_CONFIG = {
 
 
 def write_tokenizer(out: pathlib.Path, sp_model: bytes, model_max_length: int,
-                    doc_framing: framing.Framing = framing.TRAINING) -> None:
+                    doc_framing: framing.Framing = framing.TRAINING,
+                    instruction_format: dict | None = None) -> None:
   """transformers then tokenizes a text exactly as the model was trained on it: BOS first when
-  training framed documents with BOS, no EOS (a prompt is an unfinished document)."""
+  training framed documents with BOS, no EOS (a prompt is an unfinished document). An
+  instruction-tuned model also gets the chat template of its training format (chat.py), so
+  `apply_chat_template` and vLLM's chat endpoint build the prompts it was trained on."""
   (out / "tokenizer.model").write_bytes(sp_model)
   config = dict(TOKENIZER_CONFIG, model_max_length=model_max_length,
                 add_bos_token=doc_framing.bos)
+  if instruction_format is not None:
+    from polylm_jax import chat
+    config["chat_template"] = chat.InstructionFormat(**instruction_format).chat_template()
   (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
   (out / "special_tokens_map.json").write_text(json.dumps(
       {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")

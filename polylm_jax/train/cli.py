@@ -47,6 +47,10 @@ def register_configurables() -> None:
   gin.external_configurable(Curriculum, "Curriculum")
   gin.external_configurable(Stage, "Stage")
   from polylm_jax.data.sources import BitextCorpora, TextCorpora
+  from polylm_jax.data.instructions import InstructionCorpora
+  from polylm_jax import chat
+  gin.external_configurable(InstructionCorpora, "InstructionCorpora")
+  gin.external_configurable(chat.InstructionFormat, "InstructionFormat")
   gin.external_configurable(TextCorpora, "TextCorpora")
   gin.external_configurable(BitextCorpora, "BitextCorpora")
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
@@ -87,26 +91,36 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
         data=gin.REQUIRED, trainer=gin.REQUIRED, checkpoint=CheckpointConfig(),
         spikes=SpikeConfig(), curriculum=None, corpora=None, bitext=None, start_over=False,
-        languages=None):
+        languages=None, instructions=None, epochs=None):
   """The gin entry point: wires the seqio pipeline to the training loop."""
   # The run's language set first: tags, loss slots and curricula all ask languages.active().
   language_sets.set_active(languages or language_sets.Languages())
   import jax
   import seqio
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
-  from polylm_jax.train.optimizer import lr_schedule
 
   # Settings that need nothing built are checked first.
   if data.seq_len > model.max_length:
     raise SystemExit(f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length="
                      f"{model.max_length}")
-  try:
-    lr_schedule(optimizer, trainer.num_steps)
-  except ValueError as e:
-    raise SystemExit(str(e)) from e
+  if epochs is None:
+    _check_schedule(optimizer, trainer.num_steps)
   for registry in (corpora, bitext):  # TextCorpora, BitextCorpora: before anything names a task
     if registry is not None:
       registry.register()
+  instruction_meta = {}
+  if instructions is not None:  # instruction tuning (data/instructions.py)
+    stats = instructions.register(tasks.vocabulary(), data.seq_len)
+    instruction_meta = {"instruction_format": instructions.format.to_meta()}
+    if epochs is not None:
+      from polylm_jax.data.instructions import steps_for_epochs
+      steps = steps_for_epochs(stats, epochs, data.batch_size)
+      logging.info("train.epochs = %s: %d steps of %d rows", epochs, steps, data.batch_size)
+      trainer = dataclasses.replace(trainer, num_steps=steps)
+      _check_schedule(optimizer, trainer.num_steps)
+  elif epochs is not None:
+    raise SystemExit("train.epochs needs instruction data (train.instructions); for "
+                     "pre-training set TrainerConfig.num_steps")
   vocab = tasks.vocabulary()
   if vocab.vocab_size > model.vocab_size:
     raise SystemExit(f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
@@ -131,7 +145,8 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
         shard_index=jax.process_index(), num_shards=jax.process_count()) for t in task_names
         if "validation" in seqio.get_mixture_or_task(t).splits}
   metadata = {"gin_config": gin.config_str(), "tokenizer_model_b64": tokenizer_b64(
-      vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data)}
+      vocab.sentencepiece_model_file), "data_config": dataclasses.asdict(data),
+              **instruction_meta}
   benchmark = None
   if trainer.lm_eval_tasks:
     from polylm_jax.eval.in_training import Benchmark
@@ -147,6 +162,14 @@ def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUI
   for task, counts in sources.dropped_records().items():
     logging.warning("data: task %s dropped records %s", task, counts)
   return result
+
+
+def _check_schedule(optimizer, num_steps: int) -> None:
+  from polylm_jax.train.optimizer import lr_schedule
+  try:
+    lr_schedule(optimizer, num_steps)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
 
 
 def _not_gin_path_noise(record: logging.LogRecord) -> bool:

@@ -21,6 +21,7 @@ class OptimizerConfig:
   end_lr: float = 6e-6  # cosine floor
   warmup_steps: int = 2000
   decay_steps: int | None = None  # warmup + cosine length; None = the run's total steps
+  schedule: str = "cosine"  # after warmup: "cosine" (to end_lr at decay_steps) or "constant"
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
@@ -36,9 +37,15 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.grad_accum_steps={self.grad_accum_steps} must be >= 1")
     if self.warmup_steps < 0:
       raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
+    if self.schedule not in ("cosine", "constant"):
+      raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}: expected 'cosine' or "
+                       f"'constant'")
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  if cfg.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.peak_lr, max(cfg.warmup_steps, 1)),
+                                 optax.constant_schedule(cfg.peak_lr)], [cfg.warmup_steps])
   decay = cfg.decay_steps or total_steps
   if decay <= cfg.warmup_steps:
     raise ValueError(f"OptimizerConfig: decay_steps ({decay}, or the run's total steps) must exceed "
