@@ -3,7 +3,8 @@
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, ...) in its `nnx.Param`
 metadata; activations are constrained with `activation_*` names. `DEFAULT_RULES` maps each logical
 name to mesh axes, as plain data (in the spirit of t5x's `partitioning.py`): to change how a model is
-laid out, change the rules (gin: `MeshConfig.rules`), not the model.
+laid out, change the rules (gin: `MeshConfig.rule_overrides` for single rules, `MeshConfig.rules`
+for the whole table), not the model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from polylm_jax.typecheck import check_fields
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, Any]]  # (logical name, mesh axis | tuple of mesh axes | None)
+
+# Logical names of activations, defined once: the model, the train step, decoding and scoring
+# constrain and place arrays with these (the rules below map them to mesh axes).
+BATCH = "activation_batch"
+ROWS = (BATCH, "activation_length")  # [batch, length] token arrays
+BTD = (BATCH, "activation_length", "activation_embed")  # the residual stream
+BTHK = (BATCH, "activation_length", "activation_heads", "activation_kv")  # q, k, v
+BTF = (BATCH, "activation_length", "activation_mlp")  # the MLP's hidden layer
+BTV = (BATCH, "activation_length", "activation_vocab")  # logits
+CACHE = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")  # the KV cache
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # activations: batch split over both data-parallel axes, features over `tensor`
@@ -53,15 +64,35 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh sizes; -1 (at most one axis) means "all the devices the others leave"."""
+  """Mesh sizes; -1 (at most one axis) means "all the devices the others leave". `rules` replaces
+  the whole table; `rule_overrides` ({logical name: mesh axes}) changes or adds single rules."""
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+  rule_overrides: dict[str, Any] | None = None
 
   def __post_init__(self):
     check_fields(self)
+    names = [name for name, _ in self.rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+      raise ValueError(f"MeshConfig.rules names {dupes} more than once; each logical axis needs "
+                       f"exactly one rule (change one with MeshConfig.rule_overrides)")
+    for name, target in list(self.rules) + list((self.rule_overrides or {}).items()):
+      axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+      bad = [a for a in axes if a not in MESH_AXES]
+      if bad:
+        raise ValueError(f"MeshConfig rule {name!r} -> {target!r}: {bad} not mesh axes "
+                         f"{MESH_AXES}")
+
+  @property
+  def effective_rules(self) -> tuple[tuple[str, Any], ...]:
+    """`rules` with `rule_overrides` applied (an override of a new name adds a rule)."""
+    overrides = dict(self.rule_overrides or {})
+    merged = [(name, overrides.pop(name, target)) for name, target in self.rules]
+    return tuple(merged + [(name, target) for name, target in overrides.items()])
 
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -85,7 +116,7 @@ class MeshConfig:
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def parse_mesh(spec: str | None) -> MeshConfig:
+def parse_mesh(spec: str | None) -> "MeshConfig":
   """A mesh from 'data,fsdp,tensor' sizes (e.g. '1,1,8'; -1 = the devices the others leave);
   empty: every device on `data`. For command-line tools that take --mesh."""
   if not spec:
@@ -117,13 +148,27 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   return Mesh(device_array, MESH_AXES)
 
 
-def check_model_fits_mesh(model_config, mesh: Mesh) -> None:
-  """Fail before compiling when the mesh cannot split the model's heads."""
-  tensor = mesh.shape["tensor"]
-  if model_config.num_heads % tensor:
-    raise ValueError(
-        f"MeshConfig.tensor={tensor} does not divide ModelConfig.num_heads="
-        f"{model_config.num_heads} ({model_config.name}): attention heads are split over `tensor`")
+def parts(logical: str, mesh: Mesh, rules: Rules) -> tuple[int, tuple[str, ...]]:
+  """How many ways the rules split a logical axis on this mesh, and over which mesh axes."""
+  target = dict(rules).get(logical)
+  axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+  return math.prod(mesh.shape[a] for a in axes), axes
+
+
+def check_model_fits_mesh(model_config, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+  """Fail before compiling when the mesh cannot split the model's heads (as the rules say)."""
+  for logical in ("heads", "activation_heads"):
+    n, axes = parts(logical, mesh, rules)
+    if model_config.num_heads % n:
+      raise ValueError(
+          f"the mesh splits attention heads {n} ways (rule {logical!r} -> mesh axes {axes}), "
+          f"which does not divide ModelConfig.num_heads={model_config.num_heads} "
+          f"({model_config.name}); change the mesh or the rule")
+
+
+def batch_parts(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the rules split the batch: global batches must be a multiple of it."""
+  return parts(BATCH, mesh, rules)[0]
 
 
 def global_array(x: np.ndarray, target: NamedSharding) -> jax.Array:
@@ -145,7 +190,7 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules: Rules) -> 
       out.append(None)
       continue
     if name not in table:
-      raise KeyError(f"logical axis {name!r} has no rule; add it to MeshConfig.rules "
+      raise KeyError(f"logical axis {name!r} has no rule; add it with MeshConfig.rule_overrides "
                      f"(known: {sorted(table)})")
     target = table[name]
     axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)

@@ -75,8 +75,16 @@ def test_mesh_sizes_that_do_not_fit_fail_before_compiling():
   assert dict(sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=2)).shape) == {
       "data": 4, "fsdp": 2, "tensor": 1}
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=8))
-  with pytest.raises(ValueError, match=r"MeshConfig.tensor=8 does not divide ModelConfig.num_heads=4"):
+  with pytest.raises(ValueError, match=r"splits attention heads 8 ways \(rule 'heads' -> mesh axes "
+                                       r"\('tensor',\)\), which does not divide "
+                                       r"ModelConfig.num_heads=4"):
     TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  # The checks follow the rules, not the mesh axis names: heads over fsdp are checked there.
+  fsdp = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
+  moved = sharding.MeshConfig(rule_overrides={"heads": "fsdp", "activation_heads": "fsdp",
+                                              "embed": None}).effective_rules
+  with pytest.raises(ValueError, match=r"rule 'heads' -> mesh axes \('fsdp',\)"):
+    TrainStep(TINY, OptimizerConfig(warmup_steps=1), fsdp, moved, 10)
 
 
 def test_indivisible_parameter_names_the_tensor():
@@ -95,3 +103,12 @@ def test_rules_are_data():
     sharding.logical_to_mesh_spec(("heads", "mlp"), sharding.DEFAULT_RULES)
   custom = tuple((k, None) if k == "embed" else (k, v) for k, v in sharding.DEFAULT_RULES)
   assert sharding.logical_to_mesh_spec(("vocab", "embed"), custom) == P("tensor", None)
+  # Single rules change (or are added) without restating the table; duplicates are refused.
+  config = sharding.MeshConfig(rule_overrides={"embed": None, "experts": "tensor"})
+  assert dict(config.effective_rules)["embed"] is None
+  assert sharding.logical_to_mesh_spec(("experts",), config.effective_rules) == P("tensor")
+  assert dict(config.effective_rules)["vocab"] == "tensor"
+  with pytest.raises(ValueError, match=r"names \['embed'\] more than once"):
+    sharding.MeshConfig(rules=sharding.DEFAULT_RULES + (("embed", None),))
+  with pytest.raises(ValueError, match="'model' not mesh axes|\['model'\] not mesh axes"):
+    sharding.MeshConfig(rule_overrides={"embed": "model"})

@@ -117,18 +117,19 @@ def test_schedule_is_warmup_then_cosine_to_the_floor():
     lr_schedule(OptimizerConfig(warmup_steps=2000), total_steps=100)
 
 
-def test_weight_decay_skips_biases_norms_and_embeddings_unless_asked():
+def test_weight_decay_skips_biases_and_norms_as_megatron_does():
   from polylm_jax.model import params as P
   abstract = P.abstract_params(TINY)
   mask = decay_mask(abstract, OptimizerConfig())
   assert mask["blocks"]["attn"]["qkv_kernel"] and mask["blocks"]["mlp"]["fc_kernel"]
+  assert mask["wte"] and mask["wpe"]  # embeddings decay, as in Megatron-LM
   assert not mask["blocks"]["attn"]["qkv_bias"] and not mask["blocks"]["ln_1"]["scale"]
-  assert not mask["ln_f"]["bias"] and not mask["wte"] and not mask["wpe"]
-  mask = decay_mask(abstract, OptimizerConfig(decay_embeddings=True, decay_norms_and_biases=True))
-  assert mask["wte"] and mask["blocks"]["ln_2"]["bias"]
+  assert not mask["ln_f"]["bias"]
+  mask = decay_mask(abstract, OptimizerConfig(decay_embeddings=False, decay_norms_and_biases=True))
+  assert not mask["wte"] and mask["blocks"]["ln_2"]["bias"]
 
 
-def test_weight_decay_is_applied_to_kernels_only(make_batch):
+def test_weight_decay_is_applied_to_matrices_only(make_batch):
   step = _step(OptimizerConfig(warmup_steps=1, weight_decay=0.5, b1=0.0))
   state = step.init(0)
   zero = make_batch(0, 8, 32, TINY.vocab_size)
@@ -140,7 +141,8 @@ def test_weight_decay_is_applied_to_kernels_only(make_batch):
   assert lr > 0
   np.testing.assert_allclose(np.asarray(new.params["blocks"]["mlp"]["fc_kernel"]),
                              old["blocks"]["mlp"]["fc_kernel"] * (1 - lr * 0.5), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(new.params["wte"]), old["wte"])
+  np.testing.assert_allclose(np.asarray(new.params["wte"]), old["wte"] * (1 - lr * 0.5),
+                             rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(new.params["blocks"]["ln_1"]["scale"]),
                                 old["blocks"]["ln_1"]["scale"])
 

@@ -16,6 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from polylm_jax import console
 from polylm_jax.data import cache, packing
 from polylm_jax.typecheck import check_fields
 
@@ -167,7 +168,8 @@ _ONCE = _Once()
 def _hide_tf_from_accelerators() -> None:
   # tf.data only needs the CPU; on a GPU host TF would otherwise grab GPU memory JAX needs.
   try:
-    tf.config.set_visible_devices([], "GPU")
+    with console.filtered_stderr():  # TF's GPU probe prints "failed call to cuInit" without one
+      tf.config.set_visible_devices([], "GPU")
   except RuntimeError:
     pass  # already initialised: visible devices can no longer change, nothing to do
 

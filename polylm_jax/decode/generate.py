@@ -29,7 +29,7 @@ from polylm_jax.config import ModelConfig
 from polylm_jax.decode import sampling
 from polylm_jax.model import params as model_params
 
-CACHE_LOGICAL = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")
+CACHE_LOGICAL = sharding.CACHE
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 64
 
@@ -70,7 +70,7 @@ class Generator:
     self.config, self.params, self.sp = config, params, tokenizer
     self.mesh, self.rules, self.framing = mesh, tuple(rules), framing
     self.graphdef = model_params.graphdef(config)
-    self.batch_parts = mesh.shape["data"] * mesh.shape["fsdp"]
+    self.batch_parts = sharding.parts("cache_batch", mesh, self.rules)[0]
     self._prefills: dict = {}
     self._chunks: dict = {}
     # Every host reads the sampled tokens (stop strings, streaming): gathered, replicated.

@@ -52,10 +52,10 @@ class Scorer:
                batch_size: int = 16):
     self.config, self.params, self.mesh, self.rules = config, params, mesh, tuple(rules)
     self.graphdef = model_params.graphdef(config)
-    parts = mesh.shape["data"] * mesh.shape["fsdp"]
+    parts = sharding.batch_parts(mesh, self.rules)
     self.batch_size = -(-batch_size // parts) * parts
     self.rows = NamedSharding(mesh, sharding.logical_to_mesh_spec(
-        ("activation_batch", "activation_length"), self.rules))
+        sharding.ROWS, self.rules))
     self._fns: dict = {}
     self.compiled_shapes: set[tuple[int, int]] = set()
 
@@ -75,7 +75,7 @@ class Scorer:
         greedy = jnp.argmax(logits, axis=-1) == targets
         return target_logp, greedy
       replicated = NamedSharding(self.mesh, PartitionSpec())  # every host reads the scores
-      per_row = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(("activation_batch",),
+      per_row = NamedSharding(self.mesh, sharding.logical_to_mesh_spec((sharding.BATCH,),
                                                                        self.rules))
       self._fns[key] = jax.jit(
           token_scores, in_shardings=(jax.tree.map(lambda x: x.sharding, self.params),
@@ -109,7 +109,7 @@ class Scorer:
           ends[row] = n
         placed = [sharding.global_array(a, self.rows) for a in (inputs, targets, segments)]
         placed.append(sharding.global_array(ends, NamedSharding(
-            self.mesh, sharding.logical_to_mesh_spec(("activation_batch",), self.rules))))
+            self.mesh, sharding.logical_to_mesh_spec((sharding.BATCH,), self.rules))))
         logp, greedy = jax.device_get(self._fn(self.batch_size, length, window)(self.params,
                                                                                 *placed))
         for row, i in enumerate(chunk):

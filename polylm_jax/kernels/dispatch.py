@@ -101,9 +101,8 @@ def run_kernel(impl: str, q, k, v, segment_ids, *, causal: bool, blocks: BlockSi
   if active is None:
     return fn(q, k, v, segment_ids)
   mesh, rules = active
-  qkv_spec = sharding.logical_to_mesh_spec(
-      ("activation_batch", "activation_length", "activation_heads", "activation_kv"), rules)
-  seg_spec = sharding.logical_to_mesh_spec(("activation_batch", "activation_length"), rules)
+  qkv_spec = sharding.logical_to_mesh_spec(sharding.BTHK, rules)
+  seg_spec = sharding.logical_to_mesh_spec(sharding.ROWS, rules)
   if qkv_spec[1] is not None or qkv_spec[3] is not None:
     raise ValueError(f"attention_impl={impl!r} needs whole sequences and head dims per device, "
                      f"but the rules shard them ({qkv_spec}); map activation_length and "

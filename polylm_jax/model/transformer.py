@@ -16,11 +16,7 @@ from polylm_jax.config import ModelConfig
 from polylm_jax.model import layers
 from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.model.attention import attention, cached_attention
-from polylm_jax.sharding import constrain
-
-BTD = ("activation_batch", "activation_length", "activation_embed")
-BTHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-BTF = ("activation_batch", "activation_length", "activation_mlp")
+from polylm_jax.sharding import BTD, BTF, BTHK, BTV, constrain
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -191,7 +187,7 @@ class PolyLM(nnx.Module):
     dt = self.config.compute_dtype
     logits = jnp.einsum("btd,vd->btv", x.astype(dt), self.wte[...].astype(dt),
                         preferred_element_type=jnp.float32)
-    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return constrain(logits, BTV)
 
   def _layers(self, x, call, per_layer=None, *, remat: bool = False):
     """Runs `call(block, x, layer_input) -> (x, layer_output)` through the layers (lax.scan over

@@ -21,14 +21,15 @@ import uuid
 import gin
 
 from polylm_jax import config as model_configs
-from polylm_jax import files, sharding
+from polylm_jax import console, files, sharding
 from polylm_jax import languages as language_sets
 from polylm_jax.train import loop
 from polylm_jax.train.checkpoint import CheckpointConfig, tokenizer_b64
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.spikes import SpikeConfig
 
-GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs"
+# The shipped gin files, inside the package (also a non-editable install or a wheel has them).
+GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 
 _train_fn = None  # `run` as wrapped by gin
 
@@ -85,7 +86,9 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
     gin.parse_config_files_and_bindings(
         [f if pathlib.Path(f).is_file() else str(GIN_DIR / f) for f in gin_files], bindings)
   except (ValueError, KeyError, IOError, SyntaxError) as e:
-    raise SystemExit(f"gin configuration error: {e}") from e
+    hint = (" (set it in your gin file or with --gin_bindings, e.g. "
+            "--gin_bindings='TrainerConfig.num_steps = 1000')" if "gin.REQUIRED" in str(e) else "")
+    raise SystemExit(f"gin configuration error: {e}{hint}") from e
 
 
 def run(workdir: str, model=gin.REQUIRED, optimizer=gin.REQUIRED, mesh=gin.REQUIRED,
@@ -176,7 +179,9 @@ def _not_gin_path_noise(record: logging.LogRecord) -> bool:
   # gin looks for an include in package resources before its search path and logs an ERROR when
   # it is not there, though the include is then found: drop that misleading line (gin logs it
   # through the root logger, absl's handlers through "absl").
-  return not ("Path not found" in str(record.msg) and record.pathname.endswith("resource_reader.py"))
+  # ... and an INFO line per include it finds ("system_path_file_exists").
+  return not (record.pathname.endswith("resource_reader.py") and (
+      "Path not found" in str(record.msg) or "system_path_file_exists" in str(record.msg)))
 
 
 def quiet_logging() -> None:
@@ -186,15 +191,16 @@ def quiet_logging() -> None:
   for handler in list(root.handlers):
     if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)
       root.removeHandler(handler)
-  console = logging.StreamHandler()
-  console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-  console.addFilter(_not_gin_path_noise)
-  root.addHandler(console)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  handler.addFilter(_not_gin_path_noise)
+  root.addHandler(handler)
   root.setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
   for logger in (root, logging.getLogger("absl")):
-    if _not_gin_path_noise not in logger.filters:
-      logger.addFilter(_not_gin_path_noise)
+    for noise in (_not_gin_path_noise, console.quiet_seqio):
+      if noise not in logger.filters:
+        logger.addFilter(noise)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before tensorflow is first imported
 
 
@@ -217,13 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
   args = parser.parse_args(argv)
+  quiet_logging()
+  console.choose_platform()
   if args.distributed:
     import jax
     # CPU processes need a collectives backend to talk to each other; GPU/TPU ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
-  quiet_logging()
   workdir = check_workdir(args.workdir)
   register_configurables()
   parse_gin(args.gin_file, args.gin_bindings)

@@ -52,6 +52,8 @@ def peak_flops_per_device(device: jax.Device, override: float | None = None) -> 
       logging.info("MFU: peak %.3g FLOP/s per device for device kind %r (table entry %r)",
                    flops, kind, key)
       return flops
-  logging.warning("MFU not reported: device kind %r is not in the peak-FLOP/s table; set "
-                  "TrainerConfig.peak_flops_per_device to report it", kind)
+  # A CPU has no table entry by design; an accelerator missing from the table is worth a warning.
+  log = logging.info if device.platform == "cpu" else logging.warning
+  log("MFU not reported: device kind %r is not in the peak-FLOP/s table; set "
+      "TrainerConfig.peak_flops_per_device to report it", kind)
   return None

@@ -131,7 +131,8 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
            eval_sets, benchmark):
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(mesh_config)
-  step_fn = TrainStep(model, optimizer, mesh, mesh_config.rules, trainer.num_steps, spikes)
+  step_fn = TrainStep(model, optimizer, mesh, mesh_config.effective_rules, trainer.num_steps,
+                     spikes)
   logging.info("mesh %s over %d %s device(s); model %s, %.4g parameters", dict(mesh.shape),
                mesh.devices.size, jax.devices()[0].platform, model.name,
                analytic_param_count(model))

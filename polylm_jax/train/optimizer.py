@@ -26,7 +26,9 @@ class OptimizerConfig:
   b2: float = 0.95
   eps: float = 1e-8
   weight_decay: float = 1e-4
-  decay_embeddings: bool = False  # wte / wpe
+  # As Megatron-LM (which PolyLM was trained with) does: decay every weight matrix, the token and
+  # position embeddings included, and no bias or LayerNorm parameter (the 1-D parameters).
+  decay_embeddings: bool = True  # wte / wpe
   decay_norms_and_biases: bool = False
   grad_clip_norm: float = 1.0  # global norm; <= 0 disables clipping
   grad_accum_steps: int = 1  # microbatches per update, each 1/grad_accum_steps of the global batch

@@ -25,7 +25,7 @@ from polylm_jax.train.optimizer import (OptimizerConfig, global_norm, lr_schedul
 
 # The batch the step consumes: packed rows with per-document positions and segment ids.
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
-BATCH_LOGICAL = ("activation_batch", "activation_length")
+BATCH_LOGICAL = sharding.ROWS
 
 
 @struct.dataclass
@@ -89,7 +89,7 @@ class TrainStep:
 
   def __post_init__(self):
     self.language_slots = self.language_slots or languages.active().slots
-    sharding.check_model_fits_mesh(self.model_config, self.mesh)
+    sharding.check_model_fits_mesh(self.model_config, self.mesh, self.rules)
     self.graphdef = model_params.graphdef(self.model_config)
     abstract = model_params.abstract_params(self.model_config)
     self.tx = make_optimizer(self.optimizer_config, abstract)
@@ -119,12 +119,12 @@ class TrainStep:
                            out_shardings=replicated)
 
   def check_batch_shape(self, batch_size: int) -> None:
-    parts = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    parts = sharding.batch_parts(self.mesh, self.rules)
     accum = self.optimizer_config.grad_accum_steps
     if batch_size % (parts * accum):
       raise ValueError(
-          f"global batch size {batch_size} must be divisible by data*fsdp ({parts}) times "
-          f"OptimizerConfig.grad_accum_steps ({accum})")
+          f"global batch size {batch_size} must be divisible by the {parts} ways the mesh splits "
+          f"the batch (rule {sharding.BATCH!r}) times OptimizerConfig.grad_accum_steps ({accum})")
 
   # --- init ---------------------------------------------------------------------------------
   def initial_state(self, seed: int) -> TrainState:

@@ -1,0 +1,83 @@
+"""What a command-line run prints before its first step: only what the user needs.
+
+- TensorFlow (the data loader) prints C++ notices at import, before any log level applies
+  (oneDNN, "Could not find cuda drivers"): `import_tensorflow()` imports it with those known
+  notices filtered out; anything else it prints still comes through.
+- TensorFlow's probe for a GPU ("failed call to cuInit" on a machine without one) likewise.
+- seqio's advice to cache FunctionDataSource tasks (it concerns shuffling after a restart; this
+  trainer restores the data iterator exactly) and its note that SentencePiece defines no pad id
+  (PAD is id 0 here, framing.py) are dropped from the log.
+- On a machine with neither a GPU nor a TPU, `choose_platform()` runs JAX on the CPU explicitly
+  (and says so once), so an installed libtpu does not print its failed TPU probe (the "No jellyfish
+  device found" lines). An explicit JAX_PLATFORMS is always respected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import sys
+import tempfile
+
+# Lines TensorFlow prints at import on machines without a GPU: expected, not errors.
+_BENIGN = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+           "Could not find cuda drivers", "TF-TRT Warning", "Unable to register cu")
+
+
+def _no_gpu() -> bool:
+  return not glob.glob("/dev/nvidia[0-9]*")
+
+
+@contextlib.contextmanager
+def filtered_stderr():
+  """Captures file descriptor 2 (C++ output too) and re-emits the lines that are not benign."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      benign = _BENIGN + (("failed call to cuInit",) if _no_gpu() else ())
+      for line in capture.read().decode("utf-8", errors="replace").splitlines():
+        if line.strip() and not any(b in line for b in benign):
+          print(line, file=sys.stderr)
+
+
+def import_tensorflow():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if "tensorflow" in sys.modules:
+    return sys.modules["tensorflow"]
+  with filtered_stderr():
+    import tensorflow
+    tensorflow.config.list_physical_devices("GPU")  # its device probe prints now, filtered
+  return tensorflow
+
+
+_SEQIO_NOISE = ("Using an uncached FunctionDataset for training",
+                "T5 library uses PAD_ID=0, which is different from the sentencepiece")
+
+
+def quiet_seqio(record: logging.LogRecord) -> bool:
+  """A logging filter (for the root and absl loggers) dropping seqio's two notices above."""
+  message = record.getMessage()
+  return not any(n in message for n in _SEQIO_NOISE)
+
+
+def choose_platform() -> None:
+  """Before JAX's first backend use (jax may already be imported)."""
+  import jax
+  if os.environ.get("JAX_PLATFORMS") is not None or jax.config.jax_platforms:
+    return
+  accelerators = glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/accel[0-9]*") + \
+      glob.glob("/dev/vfio/[0-9]*")
+  if not accelerators:
+    jax.config.update("jax_platforms", "cpu")
+    logging.info("no GPU or TPU device on this machine: JAX runs on the CPU (set JAX_PLATFORMS "
+                 "to choose another platform)")
