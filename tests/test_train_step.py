@@ -154,9 +154,10 @@ def test_flops_formula_and_peak_table():
   assert flops.matmul_params(cfg) == n
   assert flops.train_flops_per_token(cfg, T) == 6 * n + 6 * L * T * d
 
-  class FakeDevice:  # only device_kind is read
+  class FakeDevice:  # only device_kind and platform are read
     device_kind = "NVIDIA H100 80GB HBM3"
+    platform = "gpu"
   assert flops.peak_flops_per_device(FakeDevice()) == 989e12
-  FakeDevice.device_kind = "cpu"
+  FakeDevice.device_kind, FakeDevice.platform = "cpu", "cpu"
   assert flops.peak_flops_per_device(FakeDevice()) is None
   assert flops.peak_flops_per_device(FakeDevice(), 1e12) == 1e12
