@@ -23,8 +23,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
-
 UD = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ud_text"
 
 
@@ -42,7 +40,6 @@ def main():
   parser.add_argument("--batch_size", type=int, default=16)
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
   from polylm_jax.data import pipeline, sample, sources, tokenizer
   from polylm_jax.data.curriculum import Curriculum, Stage
 
@@ -52,7 +49,9 @@ def main():
   else:
     files = {lang: str(sample.sample_path(lang)) for lang in sample.LANGUAGES}
     corpus = "embedded sample"
-  lines = [l for path in files.values() for l in pathlib.Path(path).read_text("utf-8").splitlines()]
+  lines = [
+    line for path in files.values() for line in pathlib.Path(path).read_text("utf-8").splitlines()
+  ]
   sp = tokenizer.load(sample.TOKENIZER_MODEL)
   # 1. raw encode, one thread.
   reps = max(1, 200_000 // max(len(lines), 1))
@@ -61,8 +60,9 @@ def main():
   raw_wall, raw_cpu = time.perf_counter() - t, cpu_seconds() - c
   raw_rate = raw_tokens / raw_cpu
   # 2. end to end.
-  sources.TextCorpora(files={k: {"train": v} for k, v in files.items()},
-                      prefix="bench_pt_").register()
+  sources.TextCorpora(
+    files={k: {"train": v} for k, v in files.items()}, prefix="bench_pt_"
+  ).register()
   curriculum = Curriculum(stages=(Stage(rates={f"bench_pt_{k}": 1.0 for k in files}),))
   config = pipeline.DataConfig(seq_len=args.seq_len, batch_size=args.batch_size, seed=0)
   batches = pipeline.StagedBatches(curriculum, config)
@@ -81,15 +81,20 @@ def main():
   # 3. cached: the same corpus tokenized and packed once by Apache Beam (DirectRunner, seqio's
   #    cached-task path), then read by the training pipeline (DataConfig.use_cached).
   from polylm_jax.data import cache
+
   cache_dir = tempfile.mkdtemp()
-  names = sources.TextCorpora(files={k: {"train": v} for k, v in files.items()},
-                              prefix="bench_cached_", cache_seq_len=args.seq_len).register()
+  names = sources.TextCorpora(
+    files={k: {"train": v} for k, v in files.items()},
+    prefix="bench_cached_",
+    cache_seq_len=args.seq_len,
+  ).register()
   t = time.perf_counter()
   cache.cache_tasks(names, cache_dir)
   beam_wall = time.perf_counter() - t
   cached = pipeline.StagedBatches(
-      Curriculum(stages=(Stage(rates={n: 1.0 for n in names}),)),
-      dataclasses.replace(config, use_cached=True, cache_dirs=(cache_dir,)))
+    Curriculum(stages=(Stage(rates={n: 1.0 for n in names}),)),
+    dataclasses.replace(config, use_cached=True, cache_dirs=(cache_dir,)),
+  )
   for _ in range(args.warmup):
     next(cached)
   t, c = time.perf_counter(), cpu_seconds()
@@ -99,18 +104,26 @@ def main():
   cached_wall, cached_cpu = time.perf_counter() - t, cpu_seconds() - c
   shutil.rmtree(cache_dir)
   cached_rate = cached_tokens / cached_cpu
-  print(f"machine: {os.cpu_count()} cores; corpus: {corpus}, {len(lines)} lines, 18 languages; "
-        f"tokenizer: sample_sp.model ({sp.vocab_size()} pieces); rows {args.batch_size} x "
-        f"{args.seq_len}")
-  print(f"1. raw SentencePiece encode  : {raw_rate / 1e6:6.2f} M tokens per CPU-second "
-        f"({raw_tokens / raw_wall / 1e6:.2f} M/s wall)")
-  print(f"2. pipeline end to end       : {e2e_rate / 1e6:6.2f} M tokens per CPU-second "
-        f"({tokens / e2e_wall / 1e6:.2f} M/s wall) = {e2e_rate / raw_rate:.0%} of raw encode "
-        f"(goal >= 50%); warm-up {args.warmup} batches: {warm_wall:.1f} s wall, {warm_cpu:.1f} "
-        f"CPU-s")
-  print(f"3. Beam cache, read          : {cached_rate / 1e6:6.2f} M tokens per CPU-second "
-        f"({cached_tokens / cached_wall / 1e6:.2f} M/s wall) (goal >= 1 M per core); making the "
-        f"cache with DirectRunner took {beam_wall:.0f} s wall")
+  print(
+    f"machine: {os.cpu_count()} cores; corpus: {corpus}, {len(lines)} lines, 18 languages; "
+    f"tokenizer: sample_sp.model ({sp.vocab_size()} pieces); rows {args.batch_size} x "
+    f"{args.seq_len}"
+  )
+  print(
+    f"1. raw SentencePiece encode  : {raw_rate / 1e6:6.2f} M tokens per CPU-second "
+    f"({raw_tokens / raw_wall / 1e6:.2f} M/s wall)"
+  )
+  print(
+    f"2. pipeline end to end       : {e2e_rate / 1e6:6.2f} M tokens per CPU-second "
+    f"({tokens / e2e_wall / 1e6:.2f} M/s wall) = {e2e_rate / raw_rate:.0%} of raw encode "
+    f"(goal >= 50%); warm-up {args.warmup} batches: {warm_wall:.1f} s wall, {warm_cpu:.1f} "
+    f"CPU-s"
+  )
+  print(
+    f"3. Beam cache, read          : {cached_rate / 1e6:6.2f} M tokens per CPU-second "
+    f"({cached_tokens / cached_wall / 1e6:.2f} M/s wall) (goal >= 1 M per core); making the "
+    f"cache with DirectRunner took {beam_wall:.0f} s wall"
+  )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,14 @@ def bench_jax(cfg, params, prompts: np.ndarray, new: int) -> float:
   from polylm_jax import sharding
   from polylm_jax.decode import generate
   from polylm_jax.model import params as P
+
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  placed = jax.device_put(params, sharding.tree_shardings(
-      P.logical_axes(cfg), P.abstract_params(cfg), mesh, sharding.DEFAULT_RULES))
+  placed = jax.device_put(
+    params,
+    sharding.tree_shardings(
+      P.logical_axes(cfg), P.abstract_params(cfg), mesh, sharding.DEFAULT_RULES
+    ),
+  )
   gen = generate.Generator(cfg, placed, _Ids(), mesh=mesh)
   eos = generate.framing_lib.EOS_ID
   rows = [list(r) for r in prompts]
@@ -63,6 +68,7 @@ def bench_jax(cfg, params, prompts: np.ndarray, new: int) -> float:
 def bench_torch(hf_dir: str, prompts: np.ndarray, new: int, device: str, dtype: str) -> float:
   import torch
   import transformers
+
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch_dtype).to(device)
   model.eval()
@@ -70,11 +76,19 @@ def bench_torch(hf_dir: str, prompts: np.ndarray, new: int, device: str, dtype: 
 
   def run():
     with torch.no_grad():
-      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2)
+      out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=2,
+      )
     if device == "cuda":
       torch.cuda.synchronize()
     return out
+
   run()
   start = time.perf_counter()
   out = run()
@@ -95,14 +109,20 @@ def main() -> None:
   from polylm_jax.config import PRESETS
   from polylm_jax.export import hf_export
   from polylm_jax.model import params as P
+
   cfg = PRESETS[args.preset].replace(dtype=args.dtype, attention_impl="auto")
   params = jax.device_get(P.init_params(cfg, 0))
-  print(f"decode benchmark: {cfg.name} ({args.dtype}), prompt {args.prompt_len} tokens, "
-        f"{args.new} new tokens, greedy; jax {jax.__version__} on {jax.devices()[0].device_kind}; "
-        f"CPU {cpu_name()} ({os.cpu_count()} cores)")
+  print(
+    f"decode benchmark: {cfg.name} ({args.dtype}), prompt {args.prompt_len} tokens, "
+    f"{args.new} new tokens, greedy; jax {jax.__version__} on {jax.devices()[0].device_kind}; "
+    f"CPU {cpu_name()} ({os.cpu_count()} cores)"
+  )
   with tempfile.TemporaryDirectory() as tmp:
-    hf_dir = None if args.skip_torch else str(hf_export.export_params(
-        params, cfg, f"{tmp}/hf", dtype=args.dtype))
+    hf_dir = (
+      None
+      if args.skip_torch
+      else str(hf_export.export_params(params, cfg, f"{tmp}/hf", dtype=args.dtype))
+    )
     rng = np.random.default_rng(0)
     for batch in (int(b) for b in args.batches.split(",")):
       prompts = rng.integers(3, cfg.vocab_size, (batch, args.prompt_len)).astype(np.int32)

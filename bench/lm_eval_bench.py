@@ -34,7 +34,8 @@ def requests(n: int) -> list[_Request]:
   """n distinct (context, continuation) pairs from the embedded sample corpus (all languages);
   distinct, because lm-eval's hf model scores identical requests once."""
   from polylm_jax.data import sample
-  lines = [l for lang in sample.LANGUAGES for l in sample.sample_lines(lang)]
+
+  lines = [line for lang in sample.LANGUAGES for line in sample.sample_lines(lang)]
   out = []
   for i in range(n):
     context = lines[i % len(lines)] + " " + lines[(7 * i + 3) % len(lines)]
@@ -61,31 +62,39 @@ def main() -> None:
   import jax
   import numpy as np
   from decode_bench import cpu_name
+  from lm_eval.models.huggingface import HFLM
+
   from polylm_jax.config import PRESETS
   from polylm_jax.data import sample
   from polylm_jax.eval.lm_eval_model import PolyLMJax
   from polylm_jax.export import hf_export, tokenizer_files
   from polylm_jax.model import params as P
-  from lm_eval.models.huggingface import HFLM
+
   cfg = PRESETS[args.preset].replace(dtype=args.dtype, attention_impl="auto")
   params = jax.device_get(P.init_params(cfg, 0))
   reqs = requests(args.requests)
-  print(f"lm-eval loglikelihood benchmark: {cfg.name} ({args.dtype}), {len(reqs)} requests, batch "
-        f"{args.batch_size}; jax {jax.__version__} on {jax.devices()[0].device_kind}; "
-        f"CPU {cpu_name()} ({os.cpu_count()} cores)")
+  print(
+    f"lm-eval loglikelihood benchmark: {cfg.name} ({args.dtype}), {len(reqs)} requests, batch "
+    f"{args.batch_size}; jax {jax.__version__} on {jax.devices()[0].device_kind}; "
+    f"CPU {cpu_name()} ({os.cpu_count()} cores)"
+  )
   with tempfile.TemporaryDirectory() as tmp:
     out = hf_export.export_params(params, cfg, f"{tmp}/hf", dtype=args.dtype)
     tokenizer_files.write_tokenizer(out, sample.TOKENIZER_MODEL.read_bytes(), cfg.max_length)
     ours = PolyLMJax(hf_dir=str(out), batch_size=args.batch_size, dtype=args.dtype)
     ours.show_progress = False
     mine = timed(ours, reqs)
-    theirs_lm = HFLM(pretrained=str(out), dtype=args.dtype, batch_size=args.batch_size,
-                     device=args.device)
+    theirs_lm = HFLM(
+      pretrained=str(out), dtype=args.dtype, batch_size=args.batch_size, device=args.device
+    )
     theirs = timed(theirs_lm, reqs)
     a = [x for x, _ in ours.loglikelihood(reqs[:32], disable_tqdm=True)]
     b = [x for x, _ in theirs_lm.loglikelihood(reqs[:32], disable_tqdm=True)]
-    print(f"polylm_jax {mine:8.1f} requests/s | hf {theirs:8.1f} requests/s | ratio "
-          f"{mine / theirs:.2f}x | max |loglik diff| on 32 requests {np.max(np.abs(np.subtract(a, b))):.2e}")
+    diff = np.max(np.abs(np.subtract(a, b)))
+    print(
+      f"polylm_jax {mine:8.1f} requests/s | hf {theirs:8.1f} requests/s | ratio "
+      f"{mine / theirs:.2f}x | max |loglik diff| on 32 requests {diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

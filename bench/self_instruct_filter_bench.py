@@ -27,7 +27,10 @@ def main() -> None:
   args = parser.parse_args()
   from polylm_jax.data import sample
   from polylm_jax.self_instruct import filters, rouge
-  print(f"self-instruct filters vs a pool of {args.pool:,}; CPU {cpu_name()} ({os.cpu_count()} cores)")
+
+  print(
+    f"self-instruct filters vs a pool of {args.pool:,}; CPU {cpu_name()} ({os.cpu_count()} cores)"
+  )
   for lang in args.languages.split(","):
     chars = lang in rouge.CHARACTER_LANGUAGES
     units = [u for line in sample.sample_lines(lang) for u in (line if chars else line.split())]
@@ -45,14 +48,16 @@ def main() -> None:
       checks.consider(lang, c)
     rouge_rate = args.candidates / (time.perf_counter() - start)
     checks = filters.Filters()  # with the language-id check too
-    for c in candidates[:50]:
+    for _ in range(50):
       checks.remember(lang, make())
     start = time.perf_counter()
     for c in candidates:
       checks.reason(lang, dict(c, instruction=sample.sample_lines(lang)[0]))
     lid_rate = args.candidates / (time.perf_counter() - start)
-    print(f"{lang}: pool built in {built:.1f} s; {rouge_rate:,.0f} candidates/s through all "
-          f"filters but language id; language id alone {lid_rate:,.0f}/s")
+    print(
+      f"{lang}: pool built in {built:.1f} s; {rouge_rate:,.0f} candidates/s through all "
+      f"filters but language id; language id alone {lid_rate:,.0f}/s"
+    )
 
 
 if __name__ == "__main__":

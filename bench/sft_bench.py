@@ -16,12 +16,12 @@ import os
 import time
 
 import jax
-
 from decode_bench import cpu_name
 
 
 def tokens_per_second(step, data_config, steps: int, warmup: int) -> float:
   from polylm_jax.data import pipeline
+
   batches = pipeline.BatchIterator(data_config)
   state = step.init(0)
   for _ in range(warmup):
@@ -48,20 +48,26 @@ def main() -> None:
   from polylm_jax.data import instructions, pipeline, tasks
   from polylm_jax.train.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
+
   cfg = PRESETS[args.preset].replace(dtype="float32")
   instructions.InstructionCorpora(embedded_sample=True).register(tasks.vocabulary(), args.seq)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10_000)
-  print(f"SFT vs pre-training: {cfg.name} float32, rows {args.batch} x {args.seq}, {args.steps} "
-        f"timed steps; jax {jax.__version__}; CPU {cpu_name()} ({os.cpu_count()} cores)")
+  print(
+    f"SFT vs pre-training: {cfg.name} float32, rows {args.batch} x {args.seq}, {args.steps} "
+    f"timed steps; jax {jax.__version__}; CPU {cpu_name()} ({os.cpu_count()} cores)"
+  )
   for r in range(args.rounds):
     rates = {}
     for name, mixture in (("pre-training", "polylm_sample"), ("SFT", "polylm_sft")):
       data = pipeline.DataConfig(mixture=mixture, seq_len=args.seq, batch_size=args.batch)
       rates[name] = tokens_per_second(step, data, args.steps, args.warmup)
-    print(f"round {r + 1}: pre-training {rates['pre-training']:,.0f} tokens/s | SFT "
-          f"{rates['SFT']:,.0f} tokens/s | SFT / pre-training {rates['SFT'] / rates['pre-training']:.3f}",
-          flush=True)
+    ratio = rates["SFT"] / rates["pre-training"]
+    print(
+      f"round {r + 1}: pre-training {rates['pre-training']:,.0f} tokens/s | SFT "
+      f"{rates['SFT']:,.0f} tokens/s | SFT / pre-training {ratio:.3f}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

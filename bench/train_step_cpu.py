@@ -30,22 +30,28 @@ def measured_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     t = time.perf_counter()
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
   from polylm_jax import sharding
   from polylm_jax.train.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
+
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10_000)
   state = step.init(0)
   rng = np.random.default_rng(0)
   toks = rng.integers(3, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-  data = step.place_batch({
-      "inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq), np.float32),
+  data = step.place_batch(
+    {
+      "inputs": toks[:, :-1],
+      "targets": toks[:, 1:],
+      "weights": np.ones((batch, seq), np.float32),
       "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-      "segment_ids": np.ones((batch, seq), np.int32)})
+      "segment_ids": np.ones((batch, seq), np.int32),
+    }
+  )
   for _ in range(warmup):
     state, m = step(state, data)
   jax.block_until_ready(m)
@@ -59,16 +65,30 @@ def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
 def bench_torch(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
   import torch
   from transformers import GPT2Config, GPT2LMHeadModel
+
   torch.manual_seed(0)
-  model = GPT2LMHeadModel(GPT2Config(
-      vocab_size=cfg.vocab_size, n_positions=cfg.max_length, n_embd=cfg.d_model,
-      n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
-      activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-      layer_norm_epsilon=cfg.layer_norm_eps, tie_word_embeddings=True, bos_token_id=1,
-      eos_token_id=2))
+  model = GPT2LMHeadModel(
+    GPT2Config(
+      vocab_size=cfg.vocab_size,
+      n_positions=cfg.max_length,
+      n_embd=cfg.d_model,
+      n_layer=cfg.num_layers,
+      n_head=cfg.num_heads,
+      n_inner=cfg.d_ff,
+      activation_function="gelu_new",
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      layer_norm_epsilon=cfg.layer_norm_eps,
+      tie_word_embeddings=True,
+      bos_token_id=1,
+      eos_token_id=2,
+    )
+  )
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=6e-5, betas=(0.9, 0.95), eps=1e-8,
-                          weight_decay=1e-4)
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=6e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4
+  )
   toks = torch.randint(3, cfg.vocab_size, (batch, seq))
 
   def one():
@@ -77,6 +97,7 @@ def bench_torch(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+
   for _ in range(warmup):
     one()
   t = time.perf_counter()
@@ -95,12 +116,18 @@ def main():
   args = parser.parse_args()
   from polylm_jax.config import PRESETS
   from polylm_jax.train.flops import train_flops_per_token
+
   cfg = PRESETS["small"].replace(dtype="float32", scan_layers=bool(args.scan_layers))
   import torch
-  print(f"machine: {platform.machine()} {os.cpu_count()} cores; jax {jax.__version__}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-  print(f"shape: small preset, {cfg.num_layers} layers, d {cfg.d_model}, {cfg.num_heads} heads, "
-        f"vocab {cfg.vocab_size}, batch {args.batch} x {args.seq}, float32")
+
+  print(
+    f"machine: {platform.machine()} {os.cpu_count()} cores; jax {jax.__version__}, "
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+  )
+  print(
+    f"shape: small preset, {cfg.num_layers} layers, d {cfg.d_model}, {cfg.num_heads} heads, "
+    f"vocab {cfg.vocab_size}, batch {args.batch} x {args.seq}, float32"
+  )
   peak = measured_matmul_peak()
   jax_tps = bench_jax(cfg, args.batch, args.seq, args.steps, args.warmup)
   torch_tps = bench_torch(cfg, args.batch, args.seq, args.steps, args.warmup)

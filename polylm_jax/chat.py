@@ -3,7 +3,8 @@
 PolyLM-MultiAlpaca is prompted with `"{instruction}\\n\\n"` and answers after it. A record here is a
 list of turns (an Alpaca record is one turn): each turn is the prompt (`InstructionFormat.prompt`,
 or `prompt_with_input` when the turn has an `input`), then the response, then EOS. A conversation
-is its turns one after the other, so a chat's history is `BOS q1\\n\\n a1 EOS q2\\n\\n` and the model
+is its turns one after the other, so a chat's history is `BOS q1\\n\\n a1 EOS q2\\n\\n` and the
+model
 answers q2 and stops at EOS, exactly as it was trained.
 
 Prompt and response are tokenized separately and their ids concatenated: the model learns to
@@ -50,10 +51,12 @@ class InstructionFormat:
     ends where the answer starts."""
     prompt = self.prompt.replace("{instruction}", "' + message['content'] + '")
     prompt = "'" + prompt.replace("\n", "\\n") + "'"
-    return ("{{ bos_token }}{% for message in messages %}"
-            "{% if message['role'] == 'user' %}{{ " + prompt + " }}"
-            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-            "{% endif %}{% endfor %}")
+    return (
+      "{{ bos_token }}{% for message in messages %}"
+      "{% if message['role'] == 'user' %}{{ " + prompt + " }}"
+      "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+      "{% endif %}{% endfor %}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +66,13 @@ class Turn:
   input: str = ""
 
 
-def encode_turns(sp, turns: Sequence[Turn], fmt: InstructionFormat = InstructionFormat(), *,
-                 answer_last: bool = True) -> tuple[list[int], list[float]]:
+def encode_turns(
+  sp,
+  turns: Sequence[Turn],
+  fmt: InstructionFormat = InstructionFormat(),
+  *,
+  answer_last: bool = True,
+) -> tuple[list[int], list[float]]:
   """(ids, weights) of a conversation, BOS first. With `answer_last=False` the last turn's
   response is left out (a prompt to generate from)."""
   ids: list[int] = [framing.BOS_ID]
@@ -81,8 +89,9 @@ def encode_turns(sp, turns: Sequence[Turn], fmt: InstructionFormat = Instruction
   return ids, weights
 
 
-def chat_prompt_ids(sp, history: Sequence[tuple[str, str]], message: str,
-                    fmt: InstructionFormat = InstructionFormat()) -> list[int]:
+def chat_prompt_ids(
+  sp, history: Sequence[tuple[str, str]], message: str, fmt: InstructionFormat = InstructionFormat()
+) -> list[int]:
   """The ids to generate the answer to `message` from, after (question, answer) `history`."""
   turns = [Turn(q, a) for q, a in history] + [Turn(message)]
   return encode_turns(sp, turns, fmt, answer_last=False)[0]

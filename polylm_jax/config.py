@@ -1,6 +1,7 @@
 """Model configuration: one frozen dataclass and the named presets.
 
-The presets live here (not in gin) so that Python users, tests and the parameter-count check share one
+The presets live here (not in gin) so that Python users, tests and the parameter-count check share
+one
 source of truth; gin picks a preset by name and may override fields (`model_config.overrides`).
 """
 
@@ -31,7 +32,8 @@ class ModelConfig:
   d_ff: int
   layer_norm_eps: float = 1e-5
   init_std: float = 0.006  # normal(0, 0.006) for every weight matrix and embedding, as released
-  # Matmul dtype. Parameters, LayerNorm, softmax and the residual stream stay float32 whatever this is.
+  # Matmul dtype. Parameters, LayerNorm, softmax and the residual stream stay float32 whatever this
+  # is.
   dtype: str = "bfloat16"
   scan_layers: bool = True  # one compiled layer body (lax.scan) instead of num_layers copies
   remat_policy: str = "none"  # what the backward pass may keep from the forward pass, per layer
@@ -39,8 +41,8 @@ class ModelConfig:
   attention_interpret: bool = False  # run Pallas kernels in the interpreter (tests on CPU)
   attention_block_q: int = 128
   attention_block_k: int = 128
-  # Backward-kernel blocks; 0 = as the forward. On an H100, forward 128x64 with backward 64x64 beat
-  # 128x128 for both by 14% (docs/kernels.md).
+  # Backward-kernel blocks; 0 = as the forward. The backward pass can prefer smaller tiles than
+  # the forward (measurements in docs/kernels.md).
   attention_bwd_block_q: int = 0
   attention_bwd_block_k: int = 0
   # Training loss over sequence chunks of this many tokens (0: all at once): the [B, T, vocab]
@@ -51,16 +53,19 @@ class ModelConfig:
     check_fields(self)
     if self.d_model % self.num_heads:
       raise ValueError(
-          f"ModelConfig({self.name}).d_model={self.d_model} is not divisible by "
-          f"num_heads={self.num_heads}")
+        f"ModelConfig({self.name}).d_model={self.d_model} is not divisible by "
+        f"num_heads={self.num_heads}"
+      )
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
-          f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}"
+      )
     if self.dtype not in DTYPES:
       raise ValueError(f"ModelConfig.dtype={self.dtype!r}: expected one of {tuple(DTYPES)}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
-          f"ModelConfig.attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        f"ModelConfig.attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}"
+      )
     for field in ("vocab_size", "max_length", "num_layers", "d_model", "num_heads", "d_ff"):
       if getattr(self, field) <= 0:
         raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
@@ -76,29 +81,56 @@ class ModelConfig:
   def replace(self, **changes: Any) -> "ModelConfig":
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
     if unknown:
-      raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: "
-                       f"{[f.name for f in dataclasses.fields(self)]}")
+      raise ValueError(
+        f"unknown ModelConfig field(s) {unknown}; known: "
+        f"{[f.name for f in dataclasses.fields(self)]}"
+      )
     return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "polylm_1.7b": ModelConfig("polylm_1.7b", vocab_size=256000, max_length=2048, num_layers=24,
-                               d_model=2048, num_heads=16, d_ff=8192),
-    "polylm_13b": ModelConfig("polylm_13b", vocab_size=256000, max_length=2048, num_layers=40,
-                              d_model=5120, num_heads=40, d_ff=20480),
-    # CPU benchmarks: the shape the train-step benchmark compares against transformers' GPT-2.
-    "small": ModelConfig("small", vocab_size=32000, max_length=512, num_layers=6, d_model=512,
-                         num_heads=8, d_ff=2048),
-    # Tests and the quickstart: every dimension divisible by 8 so any 8-device mesh shards it.
-    "tiny": ModelConfig("tiny", vocab_size=4096, max_length=128, num_layers=2, d_model=64,
-                        num_heads=4, d_ff=256, dtype="float32"),
+  "polylm_1.7b": ModelConfig(
+    "polylm_1.7b",
+    vocab_size=256000,
+    max_length=2048,
+    num_layers=24,
+    d_model=2048,
+    num_heads=16,
+    d_ff=8192,
+  ),
+  "polylm_13b": ModelConfig(
+    "polylm_13b",
+    vocab_size=256000,
+    max_length=2048,
+    num_layers=40,
+    d_model=5120,
+    num_heads=40,
+    d_ff=20480,
+  ),
+  # CPU benchmarks: the shape the train-step benchmark compares against transformers' GPT-2.
+  "small": ModelConfig(
+    "small", vocab_size=32000, max_length=512, num_layers=6, d_model=512, num_heads=8, d_ff=2048
+  ),
+  # Tests and the quickstart: every dimension divisible by 8 so any 8-device mesh shards it.
+  "tiny": ModelConfig(
+    "tiny",
+    vocab_size=4096,
+    max_length=128,
+    num_layers=2,
+    d_model=64,
+    num_heads=4,
+    d_ff=256,
+    dtype="float32",
+  ),
 }
 
 
 def model_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
   """A named preset with optional field overrides (the gin entry point for the model)."""
   if preset not in PRESETS:
-    raise ValueError(f"model_config.preset={preset!r} is not a known preset; known: {sorted(PRESETS)}")
+    raise ValueError(
+      f"model_config.preset={preset!r} is not a known preset; known: {sorted(PRESETS)}"
+    )
   return PRESETS[preset].replace(**(overrides or {}))
 
 
@@ -106,10 +138,15 @@ def analytic_param_count(cfg: ModelConfig) -> int:
   """Parameter count written out by hand (tied LM head, so the head adds nothing)."""
   d, f = cfg.d_model, cfg.d_ff
   per_layer = (
-      2 * d              # ln_1 scale + bias
-      + d * 3 * d + 3 * d  # fused qkv kernel + bias
-      + d * d + d        # attention output projection + bias
-      + 2 * d            # ln_2
-      + d * f + f        # mlp fc
-      + f * d + d)       # mlp proj
+    2 * d  # ln_1 scale + bias
+    + d * 3 * d
+    + 3 * d  # fused qkv kernel + bias
+    + d * d
+    + d  # attention output projection + bias
+    + 2 * d  # ln_2
+    + d * f
+    + f  # mlp fc
+    + f * d
+    + d
+  )  # mlp proj
   return cfg.vocab_size * d + cfg.max_length * d + cfg.num_layers * per_layer + 2 * d

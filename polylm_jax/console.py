@@ -22,8 +22,13 @@ import sys
 import tempfile
 
 # Lines TensorFlow prints at import on machines without a GPU: expected, not errors.
-_BENIGN = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
-           "Could not find cuda drivers", "TF-TRT Warning", "Unable to register cu")
+_BENIGN = (
+  "All log messages before absl::InitializeLog()",
+  "oneDNN custom operations are on",
+  "Could not find cuda drivers",
+  "TF-TRT Warning",
+  "Unable to register cu",
+)
 
 
 def _no_gpu() -> bool:
@@ -56,12 +61,15 @@ def import_tensorflow():
     return sys.modules["tensorflow"]
   with filtered_stderr():
     import tensorflow
+
     tensorflow.config.list_physical_devices("GPU")  # its device probe prints now, filtered
   return tensorflow
 
 
-_SEQIO_NOISE = ("Using an uncached FunctionDataset for training",
-                "T5 library uses PAD_ID=0, which is different from the sentencepiece")
+_SEQIO_NOISE = (
+  "Using an uncached FunctionDataset for training",
+  "T5 library uses PAD_ID=0, which is different from the sentencepiece",
+)
 
 
 def quiet_seqio(record: logging.LogRecord) -> bool:
@@ -73,11 +81,15 @@ def quiet_seqio(record: logging.LogRecord) -> bool:
 def choose_platform() -> None:
   """Before JAX's first backend use (jax may already be imported)."""
   import jax
-  if os.environ.get("JAX_PLATFORMS") is not None or jax.config.jax_platforms:
+
+  if os.environ.get("JAX_PLATFORMS") is not None or getattr(jax.config, "jax_platforms", None):
     return
-  accelerators = glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/accel[0-9]*") + \
-      glob.glob("/dev/vfio/[0-9]*")
+  accelerators = (
+    glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/accel[0-9]*") + glob.glob("/dev/vfio/[0-9]*")
+  )
   if not accelerators:
     jax.config.update("jax_platforms", "cpu")
-    logging.info("no GPU or TPU device on this machine: JAX runs on the CPU (set JAX_PLATFORMS "
-                 "to choose another platform)")
+    logging.info(
+      "no GPU or TPU device on this machine: JAX runs on the CPU (set JAX_PLATFORMS "
+      "to choose another platform)"
+    )

@@ -69,14 +69,21 @@ def check_apart(out: str | os.PathLike, source: str | os.PathLike, *, what: str 
   if s in o.parents:
     raise ValueError(f"{what}={out} is inside the source {source}; write somewhere else")
   if o in s.parents:
-    raise ValueError(f"{what}={out} contains the source {source}; replacing it would delete the "
-                     f"source; write somewhere else")
+    raise ValueError(
+      f"{what}={out} contains the source {source}; replacing it would delete the "
+      f"source; write somewhere else"
+    )
 
 
 @contextlib.contextmanager
-def staged_directory(out: str | os.PathLike, *, overwrite: bool, kind: str,
-                     looks_like: Callable[[pathlib.Path], bool],
-                     sources: Sequence[str | os.PathLike] = ()) -> Iterator[pathlib.Path]:
+def staged_directory(
+  out: str | os.PathLike,
+  *,
+  overwrite: bool,
+  kind: str,
+  looks_like: Callable[[pathlib.Path], bool],
+  sources: Sequence[str | os.PathLike] = (),
+) -> Iterator[pathlib.Path]:
   """Yields a hidden temporary sibling of `out` to write into; on success it becomes `out`.
 
   A failure (any exception) removes the temporary directory and leaves `out` as it was. An existing
@@ -90,13 +97,16 @@ def staged_directory(out: str | os.PathLike, *, overwrite: bool, kind: str,
     raise FileExistsError(f"--out={out} exists and is not a directory")
   if out.is_dir() and any(out.iterdir()):
     if not overwrite:
-      raise FileExistsError(f"output directory {out} exists and is not empty; pass overwrite "
-                            f"(--overwrite) to replace it")
+      raise FileExistsError(
+        f"output directory {out} exists and is not empty; pass overwrite "
+        f"(--overwrite) to replace it"
+      )
     if not looks_like(out):
       names = sorted(p.name for p in out.iterdir())
       raise FileExistsError(
-          f"--out={out} is not a {kind} (it holds {names[:6]}{' ...' if len(names) > 6 else ''}); "
-          f"refusing to replace it, even with --overwrite")
+        f"--out={out} is not a {kind} (it holds {names[:6]}{' ...' if len(names) > 6 else ''}); "
+        f"refusing to replace it, even with --overwrite"
+      )
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
   try:
@@ -145,8 +155,9 @@ class WorkdirLock:
 
   NAME = "LOCK"
 
-  def __init__(self, workdir: str | os.PathLike, *, heartbeat_s: float = 30.0,
-               stale_after_s: float = 300.0):
+  def __init__(
+    self, workdir: str | os.PathLike, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0
+  ):
     self.path = pathlib.Path(workdir).absolute() / self.NAME
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self._fd: int | None = None
@@ -180,9 +191,13 @@ class WorkdirLock:
         self._break(holder, reason)
         continue
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self._token,
-              "started": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv)[:500]}
+      info = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "token": self._token,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv)[:500],
+      }
       os.write(fd, (json.dumps(info) + "\n").encode())
       os.fsync(fd)
       self._fd = fd
@@ -275,8 +290,12 @@ class WorkdirLock:
     if holder is None:
       who = "a trainer that is starting right now"
     else:
-      who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
-             f"({holder.get('command')})")
-    return (f"workdir {self.path.parent} is in use by another trainer: {who}. Two runs must not "
-            f"share a workdir: wait for that run or stop it, or choose another --workdir. If that "
-            f"trainer is gone, delete {self.path}.")
+      who = (
+        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
+        f"({holder.get('command')})"
+      )
+    return (
+      f"workdir {self.path.parent} is in use by another trainer: {who}. Two runs must not "
+      f"share a workdir: wait for that run or stop it, or choose another --workdir. If that "
+      f"trainer is gone, delete {self.path}."
+    )

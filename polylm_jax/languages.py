@@ -15,31 +15,86 @@ from polylm_jax.typecheck import check_fields
 
 # code: (English name, script)
 KNOWN: dict[str, tuple[str, str]] = {
-    # PolyLM's 18
-    "en": ("English", "Latin"), "zh": ("Chinese", "Han"), "ru": ("Russian", "Cyrillic"),
-    "es": ("Spanish", "Latin"), "de": ("German", "Latin"), "fr": ("French", "Latin"),
-    "ar": ("Arabic", "Arabic"), "pt": ("Portuguese", "Latin"), "it": ("Italian", "Latin"),
-    "ja": ("Japanese", "Japanese"), "ko": ("Korean", "Hangul"), "th": ("Thai", "Thai"),
-    "id": ("Indonesian", "Latin"), "vi": ("Vietnamese", "Latin"), "nl": ("Dutch", "Latin"),
-    "pl": ("Polish", "Latin"), "tr": ("Turkish", "Latin"), "he": ("Hebrew", "Hebrew"),
-    # others a multilingual run often adds
-    "hi": ("Hindi", "Devanagari"), "bn": ("Bengali", "Bengali"), "ur": ("Urdu", "Arabic"),
-    "fa": ("Persian", "Arabic"), "sw": ("Swahili", "Latin"), "uk": ("Ukrainian", "Cyrillic"),
-    "cs": ("Czech", "Latin"), "ro": ("Romanian", "Latin"), "hu": ("Hungarian", "Latin"),
-    "el": ("Greek", "Greek"), "bg": ("Bulgarian", "Cyrillic"), "sv": ("Swedish", "Latin"),
-    "da": ("Danish", "Latin"), "fi": ("Finnish", "Latin"), "no": ("Norwegian", "Latin"),
-    "ms": ("Malay", "Latin"), "tl": ("Tagalog", "Latin"), "ta": ("Tamil", "Tamil"),
-    "te": ("Telugu", "Telugu"), "my": ("Burmese", "Myanmar"), "km": ("Khmer", "Khmer"),
-    "lo": ("Lao", "Lao"), "kk": ("Kazakh", "Cyrillic"), "uz": ("Uzbek", "Latin"),
-    "ka": ("Georgian", "Georgian"), "hy": ("Armenian", "Armenian"), "et": ("Estonian", "Latin"),
-    "lt": ("Lithuanian", "Latin"), "lv": ("Latvian", "Latin"), "sk": ("Slovak", "Latin"),
-    "sl": ("Slovenian", "Latin"), "hr": ("Croatian", "Latin"), "sr": ("Serbian", "Cyrillic"),
-    "ca": ("Catalan", "Latin"), "eu": ("Basque", "Latin"), "am": ("Amharic", "Ethiopic"),
-    "ne": ("Nepali", "Devanagari"), "mr": ("Marathi", "Devanagari"), "ml": ("Malayalam",
-                                                                            "Malayalam"),
+  # PolyLM's 18
+  "en": ("English", "Latin"),
+  "zh": ("Chinese", "Han"),
+  "ru": ("Russian", "Cyrillic"),
+  "es": ("Spanish", "Latin"),
+  "de": ("German", "Latin"),
+  "fr": ("French", "Latin"),
+  "ar": ("Arabic", "Arabic"),
+  "pt": ("Portuguese", "Latin"),
+  "it": ("Italian", "Latin"),
+  "ja": ("Japanese", "Japanese"),
+  "ko": ("Korean", "Hangul"),
+  "th": ("Thai", "Thai"),
+  "id": ("Indonesian", "Latin"),
+  "vi": ("Vietnamese", "Latin"),
+  "nl": ("Dutch", "Latin"),
+  "pl": ("Polish", "Latin"),
+  "tr": ("Turkish", "Latin"),
+  "he": ("Hebrew", "Hebrew"),
+  # others a multilingual run often adds
+  "hi": ("Hindi", "Devanagari"),
+  "bn": ("Bengali", "Bengali"),
+  "ur": ("Urdu", "Arabic"),
+  "fa": ("Persian", "Arabic"),
+  "sw": ("Swahili", "Latin"),
+  "uk": ("Ukrainian", "Cyrillic"),
+  "cs": ("Czech", "Latin"),
+  "ro": ("Romanian", "Latin"),
+  "hu": ("Hungarian", "Latin"),
+  "el": ("Greek", "Greek"),
+  "bg": ("Bulgarian", "Cyrillic"),
+  "sv": ("Swedish", "Latin"),
+  "da": ("Danish", "Latin"),
+  "fi": ("Finnish", "Latin"),
+  "no": ("Norwegian", "Latin"),
+  "ms": ("Malay", "Latin"),
+  "tl": ("Tagalog", "Latin"),
+  "ta": ("Tamil", "Tamil"),
+  "te": ("Telugu", "Telugu"),
+  "my": ("Burmese", "Myanmar"),
+  "km": ("Khmer", "Khmer"),
+  "lo": ("Lao", "Lao"),
+  "kk": ("Kazakh", "Cyrillic"),
+  "uz": ("Uzbek", "Latin"),
+  "ka": ("Georgian", "Georgian"),
+  "hy": ("Armenian", "Armenian"),
+  "et": ("Estonian", "Latin"),
+  "lt": ("Lithuanian", "Latin"),
+  "lv": ("Latvian", "Latin"),
+  "sk": ("Slovak", "Latin"),
+  "sl": ("Slovenian", "Latin"),
+  "hr": ("Croatian", "Latin"),
+  "sr": ("Serbian", "Cyrillic"),
+  "ca": ("Catalan", "Latin"),
+  "eu": ("Basque", "Latin"),
+  "am": ("Amharic", "Ethiopic"),
+  "ne": ("Nepali", "Devanagari"),
+  "mr": ("Marathi", "Devanagari"),
+  "ml": ("Malayalam", "Malayalam"),
 }
-POLYLM = ("en", "zh", "ru", "es", "de", "fr", "ar", "pt", "it", "ja", "ko", "th", "id", "vi",
-          "nl", "pl", "tr", "he")
+POLYLM = (
+  "en",
+  "zh",
+  "ru",
+  "es",
+  "de",
+  "fr",
+  "ar",
+  "pt",
+  "it",
+  "ja",
+  "ko",
+  "th",
+  "id",
+  "vi",
+  "nl",
+  "pl",
+  "tr",
+  "he",
+)
 DEFAULT_CODES = POLYLM
 
 
@@ -61,8 +116,10 @@ class Languages:
       raise ValueError(f"Languages.codes lists {dupes} more than once")
     unknown = [c for c in self.codes if c not in KNOWN and c not in (self.extra or {})]
     if unknown:
-      raise ValueError(f"Languages.codes: {unknown} not in the language table; name them with "
-                       f"Languages.extra = {{'{unknown[0]}': ('Name', 'Script')}}")
+      raise ValueError(
+        f"Languages.codes: {unknown} not in the language table; name them with "
+        f"Languages.extra = {{'{unknown[0]}': ('Name', 'Script')}}"
+      )
 
   @property
   def slots(self) -> int:
@@ -71,8 +128,9 @@ class Languages:
 
   def tag(self, code: str) -> int:
     if code not in self.codes:
-      raise ValueError(f"language {code!r} is not in this run's language set {list(self.codes)} "
-                       f"(Languages.codes)")
+      raise ValueError(
+        f"language {code!r} is not in this run's language set {list(self.codes)} (Languages.codes)"
+      )
     return self.codes.index(code) + 1
 
   def code(self, tag: int) -> str:

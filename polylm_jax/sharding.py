@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, ...) in its `nnx.Param`
 metadata; activations are constrained with `activation_*` names. `DEFAULT_RULES` maps each logical
-name to mesh axes, as plain data (in the spirit of t5x's `partitioning.py`): to change how a model is
+name to mesh axes, as plain data (in the spirit of t5x's `partitioning.py`): to change how a model
+is
 laid out, change the rules (gin: `MeshConfig.rule_overrides` for single rules, `MeshConfig.rules`
 for the whole table), not the model.
 """
@@ -18,7 +19,8 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from polylm_jax.typecheck import check_fields
 
@@ -37,28 +39,28 @@ BTV = (BATCH, "activation_length", "activation_vocab")  # logits
 CACHE = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")  # the KV cache
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # activations: batch split over both data-parallel axes, features over `tensor`
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv", None),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    # the decode-time KV cache [layers, batch, slots, heads, head_dim]: like the activations
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_sequence", None),
-    ("cache_heads", "tensor"),
-    ("cache_kv", None),
-    # parameters: ZeRO-3 style over `fsdp` along embed, Megatron-style over `tensor`
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("position", None),
-    ("qkv", None),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("layers", None),
+  # activations: batch split over both data-parallel axes, features over `tensor`
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv", None),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  # the decode-time KV cache [layers, batch, slots, heads, head_dim]: like the activations
+  ("cache_batch", ("data", "fsdp")),
+  ("cache_sequence", None),
+  ("cache_heads", "tensor"),
+  ("cache_kv", None),
+  # parameters: ZeRO-3 style over `fsdp` along embed, Megatron-style over `tensor`
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("position", None),
+  ("qkv", None),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("layers", None),
 )
 
 
@@ -78,14 +80,15 @@ class MeshConfig:
     names = [name for name, _ in self.rules]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-      raise ValueError(f"MeshConfig.rules names {dupes} more than once; each logical axis needs "
-                       f"exactly one rule (change one with MeshConfig.rule_overrides)")
+      raise ValueError(
+        f"MeshConfig.rules names {dupes} more than once; each logical axis needs "
+        f"exactly one rule (change one with MeshConfig.rule_overrides)"
+      )
     for name, target in list(self.rules) + list((self.rule_overrides or {}).items()):
       axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
       bad = [a for a in axes if a not in MESH_AXES]
       if bad:
-        raise ValueError(f"MeshConfig rule {name!r} -> {target!r}: {bad} not mesh axes "
-                         f"{MESH_AXES}")
+        raise ValueError(f"MeshConfig rule {name!r} -> {target!r}: {bad} not mesh axes {MESH_AXES}")
 
   @property
   def effective_rules(self) -> tuple[tuple[str, Any], ...]:
@@ -106,13 +109,15 @@ class MeshConfig:
     if free:
       if num_devices % fixed:
         raise ValueError(
-            f"MeshConfig({_fmt(sizes)}): the fixed axes multiply to {fixed}, which does not divide "
-            f"the {num_devices} devices, so MeshConfig.{free[0]}=-1 cannot be resolved")
+          f"MeshConfig({_fmt(sizes)}): the fixed axes multiply to {fixed}, which does not divide "
+          f"the {num_devices} devices, so MeshConfig.{free[0]}=-1 cannot be resolved"
+        )
       sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
       raise ValueError(
-          f"MeshConfig({_fmt(sizes)}): data*fsdp*tensor = {fixed} but there are {num_devices} "
-          f"devices; change MeshConfig.data/fsdp/tensor (or set one of them to -1)")
+        f"MeshConfig({_fmt(sizes)}): data*fsdp*tensor = {fixed} but there are {num_devices} "
+        f"devices; change MeshConfig.data/fsdp/tensor (or set one of them to -1)"
+      )
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
@@ -127,7 +132,7 @@ def parse_mesh(spec: str | None) -> "MeshConfig":
     parts = []
   if len(parts) != 3:
     raise ValueError(f"--mesh={spec!r}: expected three sizes data,fsdp,tensor (e.g. 1,1,8)")
-  return MeshConfig(*parts)
+  return MeshConfig(data=parts[0], fsdp=parts[1], tensor=parts[2])
 
 
 def _fmt(sizes: dict[str, int]) -> str:
@@ -139,6 +144,7 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   shape = config.resolve(len(devices))
   try:
     from jax.experimental import mesh_utils
+
     device_array = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError) as e:
     # Topology-aware placement only exists for some platforms; a plain reshape is what it would
@@ -161,9 +167,10 @@ def check_model_fits_mesh(model_config, mesh: Mesh, rules: Rules = DEFAULT_RULES
     n, axes = parts(logical, mesh, rules)
     if model_config.num_heads % n:
       raise ValueError(
-          f"the mesh splits attention heads {n} ways (rule {logical!r} -> mesh axes {axes}), "
-          f"which does not divide ModelConfig.num_heads={model_config.num_heads} "
-          f"({model_config.name}); change the mesh or the rule")
+        f"the mesh splits attention heads {n} ways (rule {logical!r} -> mesh axes {axes}), "
+        f"which does not divide ModelConfig.num_heads={model_config.num_heads} "
+        f"({model_config.name}); change the mesh or the rule"
+      )
 
 
 def batch_parts(mesh: Mesh, rules: Rules) -> int:
@@ -184,14 +191,16 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules: Rules) -> 
     return P()
   table = dict(rules)
   used: set[str] = set()
-  out = []
+  out: list[Any] = []
   for name in logical:
     if name is None:
       out.append(None)
       continue
     if name not in table:
-      raise KeyError(f"logical axis {name!r} has no rule; add it with MeshConfig.rule_overrides "
-                     f"(known: {sorted(table)})")
+      raise KeyError(
+        f"logical axis {name!r} has no rule; add it with MeshConfig.rule_overrides "
+        f"(known: {sorted(table)})"
+      )
     target = table[name]
     axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
     for axis in axes:
@@ -213,22 +222,24 @@ def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> Non
     parts = math.prod(mesh.shape[a] for a in axes)
     if size % parts:
       raise ValueError(
-          f"{path}: dimension {dim} (size {size}) cannot be split {parts} ways over mesh axes "
-          f"{axes}; change the mesh or the rules for this logical axis")
+        f"{path}: dimension {dim} (size {size}) cannot be split {parts} ways over mesh axes "
+        f"{axes}; change the mesh or the rules for this logical axis"
+      )
 
 
 def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: Rules, *, prefix: str = ""):
   """NamedShardings for a tree, from a same-structured tree of logical-name tuples (or None)."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(
-      logical_tree, is_leaf=lambda x: x is None or isinstance(x, (tuple, P)))
-  shapes = treedef.flatten_up_to(shapes_tree)
-  out = []
+    logical_tree, is_leaf=lambda x: x is None or isinstance(x, (tuple, P))
+  )
+  shapes = treedef.flatten_up_to(shapes_tree)  # type: ignore[attr-defined]
+  out: list[NamedSharding] = []
   for (path, logical), shape in zip(paths, shapes):
     spec = logical_to_mesh_spec(None if logical is None else tuple(logical), rules)
     name = prefix + jax.tree_util.keystr(path)
     check_divisible(name, shape.shape, spec, mesh)
     out.append(NamedSharding(mesh, spec))
-  return treedef.unflatten(out)
+  return treedef.unflatten(out)  # type: ignore[attr-defined]
 
 
 # --- activation constraints -------------------------------------------------------------------
@@ -236,7 +247,8 @@ def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: Rules, *, prefi
 # same model code runs unsharded in tests, notebooks and the export check.
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    "polylm_active_mesh", default=None)
+  "polylm_active_mesh", default=None
+)
 
 
 @contextlib.contextmanager
@@ -257,4 +269,6 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   if active is None:
     return x
   mesh, rules = active
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh_spec(logical, rules)))
+  return jax.lax.with_sharding_constraint(
+    x, NamedSharding(mesh, logical_to_mesh_spec(logical, rules))
+  )

@@ -15,7 +15,7 @@ from typing import Any
 
 
 @functools.lru_cache(maxsize=None)
-def _hints(cls) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
   return typing.get_type_hints(cls)
 
 
@@ -61,10 +61,12 @@ def _describe(hint: Any) -> str:
 def check_fields(obj: Any, name: str | None = None) -> None:
   """Raises TypeError naming `<Class>.<field>` when a field's value does not fit its annotation."""
   cls = type(obj)
-  hints = _hints(cls)
+  hints = _hints(cls)  # type: ignore[arg-type]
   for field in dataclasses.fields(obj):
     value = getattr(obj, field.name)
     hint = hints.get(field.name, Any)
     if not _matches(value, hint):
-      raise TypeError(f"{name or cls.__name__}.{field.name} = {value!r}: expected "
-                      f"{_describe(hint)}, got {type(value).__name__}")
+      raise TypeError(
+        f"{name or cls.__name__}.{field.name} = {value!r}: expected "
+        f"{_describe(hint)}, got {type(value).__name__}"
+      )

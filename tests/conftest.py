@@ -2,8 +2,9 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -19,13 +20,61 @@ def synthetic_batch(seed: int, batch: int, length: int, vocab: int, segments=(20
   pos = np.zeros((batch, length), np.int32)
   start = 0
   for i, n in enumerate(segments, start=1):
-    seg[:, start:start + n] = i
-    pos[:, start:start + n] = np.arange(n)
+    seg[:, start : start + n] = i
+    pos[:, start : start + n] = np.arange(n)
     start += n
-  return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": (seg > 0).astype(np.float32),
-          "positions": pos, "segment_ids": seg}
+  return {
+    "inputs": toks[:, :-1],
+    "targets": toks[:, 1:],
+    "weights": (seg > 0).astype(np.float32),
+    "positions": pos,
+    "segment_ids": seg,
+  }
 
 
 @pytest.fixture
 def make_batch():
   return synthetic_batch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_global_state():
+  """Each test starts from the same global state whatever ran before it: the seqio registry as
+  the package registers it, the default language set, no dropped-record counts, no gin config."""
+  from polylm_jax import languages
+
+  yield
+  import gin
+  import seqio
+
+  from polylm_jax.data import documents
+
+  for registry, baseline in (
+    (seqio.MixtureRegistry, _BASELINE["mixtures"]),
+    (seqio.TaskRegistry, _BASELINE["tasks"]),
+  ):
+    for name in set(registry.names()) - baseline:
+      registry.remove(name)
+  for name, task in _BASELINE["task_objects"].items():  # a test replaced a sample task
+    if seqio.TaskRegistry.get(name) is not task:
+      seqio.TaskRegistry.remove(name)
+      seqio.TaskRegistry.add_provider(name, task)
+  languages.set_active(languages.Languages())
+  with documents._LOCK:
+    documents._DROPPED.clear()
+  gin.clear_config()
+
+
+def _baseline():
+  import seqio
+
+  from polylm_jax.data import tasks  # noqa: F401 (registers the sample tasks and mixture)
+
+  return {
+    "tasks": set(seqio.TaskRegistry.names()),
+    "mixtures": set(seqio.MixtureRegistry.names()),
+    "task_objects": {n: seqio.TaskRegistry.get(n) for n in seqio.TaskRegistry.names()},
+  }
+
+
+_BASELINE = _baseline()

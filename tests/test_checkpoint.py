@@ -17,15 +17,20 @@ import pytest
 from polylm_jax import sharding
 from polylm_jax.config import PRESETS
 from polylm_jax.train import cli
-from polylm_jax.train.checkpoint import CheckpointConfig, CheckpointMismatchError, Checkpointer
+from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatchError
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.step import TrainStep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
-RUN = ["--gin_file=gin_configs/quickstart.gin", "--gin_bindings=DataConfig.seq_len = 64",
-       "--gin_bindings=DataConfig.batch_size = 8", "--gin_bindings=OptimizerConfig.warmup_steps = 3",
-       "--gin_bindings=OptimizerConfig.decay_steps = 30", "--gin_bindings=TrainerConfig.log_every = 5"]
+RUN = [
+  "--gin_file=gin_configs/quickstart.gin",
+  "--gin_bindings=DataConfig.seq_len = 64",
+  "--gin_bindings=DataConfig.batch_size = 8",
+  "--gin_bindings=OptimizerConfig.warmup_steps = 3",
+  "--gin_bindings=OptimizerConfig.decay_steps = 30",
+  "--gin_bindings=TrainerConfig.log_every = 5",
+]
 
 
 def _bindings(**kv):
@@ -34,10 +39,11 @@ def _bindings(**kv):
 
 def _final(workdir, cfg=TINY, mesh_shape=(1, 1, 1)):
   """The newest checkpoint's state, restored on a mesh of the given shape."""
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
-  step = TrainStep(cfg, OptimizerConfig(warmup_steps=3, decay_steps=30), mesh,
-                   sharding.DEFAULT_RULES, 30)
+  step = TrainStep(
+    cfg, OptimizerConfig(warmup_steps=3, decay_steps=30), mesh, sharding.DEFAULT_RULES, 30
+  )
   ckpt = Checkpointer(workdir, CheckpointConfig(), step)
   state, meta = ckpt.restore(ckpt.steps()[-1], None)
   ckpt.close()
@@ -56,8 +62,9 @@ def test_resume_continues_exactly(tmp_path):
   common = RUN + _bindings(**{"CheckpointConfig.every_steps": 4})
   cli.main(common + _bindings(**{"TrainerConfig.num_steps": 12}) + [f"--workdir={tmp_path / 'a'}"])
   cli.main(common + _bindings(**{"TrainerConfig.num_steps": 8}) + [f"--workdir={tmp_path / 'b'}"])
-  result = cli.main(common + _bindings(**{"TrainerConfig.num_steps": 12})
-                    + [f"--workdir={tmp_path / 'b'}"])
+  result = cli.main(
+    common + _bindings(**{"TrainerConfig.num_steps": 12}) + [f"--workdir={tmp_path / 'b'}"]
+  )
   assert int(result["state"].step) == 12
   a, b = _losses_by_step(tmp_path / "a"), _losses_by_step(tmp_path / "b")
   assert [a[s] for s in range(9, 13)] == [b[s] for s in range(9, 13)]
@@ -71,9 +78,19 @@ def test_resume_continues_exactly(tmp_path):
 def _launch(workdir, steps, log):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.Popen(
-      [sys.executable, "-m", "polylm_jax.train", f"--workdir={workdir}", *RUN,
-       *_bindings(**{"TrainerConfig.num_steps": steps, "CheckpointConfig.every_steps": 3})],
-      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    [
+      sys.executable,
+      "-m",
+      "polylm_jax.train",
+      f"--workdir={workdir}",
+      *RUN,
+      *_bindings(**{"TrainerConfig.num_steps": steps, "CheckpointConfig.every_steps": 3}),
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
 
 
 def _lines(workdir):
@@ -141,10 +158,14 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path, make_batch):
   ckpt.save(1, state, NoData(), {"model_config": TINY.__dict__})
   ckpt.close()
   for shape in ((1, 1, 1), (4, 1, 2)):
-    devices = jax.devices()[:int(np.prod(shape))]
-    other = TrainStep(TINY, OptimizerConfig(warmup_steps=1),
-                      sharding.make_mesh(sharding.MeshConfig(*shape), devices),
-                      sharding.DEFAULT_RULES, 10)
+    devices = jax.devices()[: int(np.prod(shape))]
+    other = TrainStep(
+      TINY,
+      OptimizerConfig(warmup_steps=1),
+      sharding.make_mesh(sharding.MeshConfig(*shape), devices),
+      sharding.DEFAULT_RULES,
+      10,
+    )
     restorer = Checkpointer(tmp_path, CheckpointConfig(), other)
     restored, _ = restorer.restore(1, None)
     restorer.close()
@@ -182,8 +203,9 @@ def _saved_steps(tmp_path, steps, config):
 
 
 def test_keep_last_k_plus_every_mth(tmp_path):
-  ckpt, _, _ = _saved_steps(tmp_path, range(1, 11),
-                            CheckpointConfig(keep_last=2, keep_every=4, async_save=False))
+  ckpt, _, _ = _saved_steps(
+    tmp_path, range(1, 11), CheckpointConfig(keep_last=2, keep_every=4, async_save=False)
+  )
   assert ckpt.steps() == [4, 8, 9, 10]
   assert sorted(int(d.name) for d in (tmp_path / "data_state").iterdir()) == [4, 8, 9, 10]
   ckpt.close()
@@ -217,11 +239,15 @@ def test_checkpoint_of_another_model_names_the_mismatch(tmp_path):
   ckpt.close()
   other_cfg = TINY.replace(d_ff=128)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  other = Checkpointer(tmp_path, CheckpointConfig(),
-                       TrainStep(other_cfg, OptimizerConfig(warmup_steps=1), mesh,
-                                 sharding.DEFAULT_RULES, 10))
-  with pytest.raises(CheckpointMismatchError,
-                     match=r"\['blocks'\]\['mlp'\]\['fc_kernel'\]: checkpoint \(2, 64, 256\) vs "
-                           r"model \(2, 64, 128\)"):
+  other = Checkpointer(
+    tmp_path,
+    CheckpointConfig(),
+    TrainStep(other_cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10),
+  )
+  with pytest.raises(
+    CheckpointMismatchError,
+    match=r"\['blocks'\]\['mlp'\]\['fc_kernel'\]: checkpoint \(2, 64, 256\) vs "
+    r"model \(2, 64, 128\)",
+  ):
     other.restore_latest(None)
   other.close()

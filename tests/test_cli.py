@@ -11,18 +11,28 @@ import pytest
 from polylm_jax.train import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHORT = ["TrainerConfig.num_steps = 6", "TrainerConfig.log_every = 2",
-         "OptimizerConfig.warmup_steps = 2", "DataConfig.seq_len = 64", "DataConfig.batch_size = 8"]
+SHORT = [
+  "TrainerConfig.num_steps = 6",
+  "TrainerConfig.log_every = 2",
+  "OptimizerConfig.warmup_steps = 2",
+  "DataConfig.seq_len = 64",
+  "DataConfig.batch_size = 8",
+]
 
 
 def _losses(workdir):
-  return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_short_run_writes_metrics_events_and_config(tmp_path):
-  result = cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-                     *[f"--gin_bindings={b}" for b in SHORT]])
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  result = cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={tmp_path}",
+      *[f"--gin_bindings={b}" for b in SHORT],
+    ]
+  )
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   for r in records:
     for key in ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "step_time_s"):
@@ -44,12 +54,23 @@ def test_short_run_writes_metrics_events_and_config(tmp_path):
 def test_same_config_and_seed_give_the_same_losses(tmp_path):
   runs = []
   for name in ("a", "b"):
-    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path / name}",
-              *[f"--gin_bindings={b}" for b in SHORT]])
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path / name}",
+        *[f"--gin_bindings={b}" for b in SHORT],
+      ]
+    )
     runs.append(_losses(tmp_path / name))
   assert runs[0] == runs[1]
-  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path / 'c'}",
-            *[f"--gin_bindings={b}" for b in SHORT], "--gin_bindings=DataConfig.seed = 7"])
+  cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={tmp_path / 'c'}",
+      *[f"--gin_bindings={b}" for b in SHORT],
+      "--gin_bindings=DataConfig.seed = 7",
+    ]
+  )
   assert _losses(tmp_path / "c") != runs[0]
 
 
@@ -57,18 +78,33 @@ def test_start_up_errors_name_what_is_wrong(tmp_path):
   with pytest.raises(SystemExit, match="--gin_file=nope.gin: no such file"):
     cli.main(["--gin_file=nope.gin", f"--workdir={tmp_path}"])
   with pytest.raises(SystemExit, match="num_stepz"):
-    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-              "--gin_bindings=TrainerConfig.num_stepz = 3"])
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path}",
+        "--gin_bindings=TrainerConfig.num_stepz = 3",
+      ]
+    )
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(SystemExit, match=f"--workdir={blocker}/run is not writable"):
     cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={blocker}/run"])
   with pytest.raises(SystemExit, match="seq_len=256 exceeds the model's max_length=128"):
-    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-              "--gin_bindings=DataConfig.seq_len = 256"])
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path}",
+        "--gin_bindings=DataConfig.seq_len = 256",
+      ]
+    )
   with pytest.raises(SystemExit, match="tokenizer has 4096 ids but ModelConfig.vocab_size=1024"):
-    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-              "--gin_bindings=model_config.overrides = {'vocab_size': 1024}"])
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path}",
+        "--gin_bindings=model_config.overrides = {'vocab_size': 1024}",
+      ]
+    )
 
 
 @pytest.mark.slow
@@ -76,8 +112,19 @@ def test_quickstart_command_trains_and_the_loss_falls(tmp_path):
   """The README's main job, as a user runs it (one CPU device, the shipped gin file)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
-      [sys.executable, "-m", "polylm_jax.train", "--gin_file=gin_configs/quickstart.gin",
-       f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    [
+      sys.executable,
+      "-m",
+      "polylm_jax.train",
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=3000,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   losses = _losses(tmp_path)
   assert len(losses) == 500
@@ -88,17 +135,33 @@ def test_quickstart_command_trains_and_the_loss_falls(tmp_path):
 def test_two_processes_train_one_run(tmp_path):
   """Multi-host as on a pod, with two local processes of 4 CPU devices each (gloo collectives)."""
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "polylm_jax.train", "--distributed",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-       "--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-       *[f"--gin_bindings={b}" for b in SHORT]],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "polylm_jax.train",
+        "--distributed",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path}",
+        *[f"--gin_bindings={b}" for b in SHORT],
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=1800)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   assert "'data': 8" in outs[0]  # one mesh over both processes' devices
@@ -106,11 +169,20 @@ def test_two_processes_train_one_run(tmp_path):
 
 
 def test_held_out_loss_is_logged_per_language(tmp_path):
-  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-            *[f"--gin_bindings={b}" for b in SHORT], "--gin_bindings=TrainerConfig.eval_every = 3"])
-  records = [json.loads(l) for l in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()]
+  cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={tmp_path}",
+      *[f"--gin_bindings={b}" for b in SHORT],
+      "--gin_bindings=TrainerConfig.eval_every = 3",
+    ]
+  )
+  records = [
+    json.loads(line) for line in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in records] == [3, 6]
   from polylm_jax.data import sample
+
   for r in records:
     assert sorted(k.split("/")[1] for k in r if k != "step") == sorted(sample.LANGUAGES)
     assert all(5.0 < r[f"val_loss/{lang}"] < 9.0 for lang in sample.LANGUAGES)
@@ -120,9 +192,11 @@ def test_held_out_loss_is_logged_per_language(tmp_path):
 def test_your_own_corpora_from_gin(tmp_path):
   """JSONL and parallel files registered from gin alone, trained on through a curriculum."""
   from polylm_jax.data import sample
+
   th, en = sample.sample_lines("th", "train"), sample.sample_lines("en", "train")
   (tmp_path / "th.jsonl").write_text(
-      "\n".join(json.dumps({"content": t, "score": 0.9}, ensure_ascii=False) for t in th), "utf-8")
+    "\n".join(json.dumps({"content": t, "score": 0.9}, ensure_ascii=False) for t in th), "utf-8"
+  )
   (tmp_path / "para.en").write_text("\n".join(en), "utf-8")
   (tmp_path / "para.th").write_text("\n".join(th), "utf-8")
   (tmp_path / "mine.gin").write_text(f"""
@@ -140,9 +214,16 @@ BitextCorpora.prefix = 'mybitext_'
 Curriculum.stages = [@only/Stage()]
 only/Stage.rates = {{'mydata_th': 0.5, 'mybitext_en_th': 0.3, 'en': 0.2}}
 """)
-  cli.main([f"--gin_file={tmp_path / 'mine.gin'}", f"--workdir={tmp_path / 'run'}",
-            *[f"--gin_bindings={b}" for b in SHORT]])
-  records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  cli.main(
+    [
+      f"--gin_file={tmp_path / 'mine.gin'}",
+      f"--workdir={tmp_path / 'run'}",
+      *[f"--gin_bindings={b}" for b in SHORT],
+    ]
+  )
+  records = [
+    json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert len(records) == 6
   seen = {k for r in records for k in r if k.startswith("loss/")}
   assert seen <= {"loss/th", "loss/en"} and "loss/th" in seen

@@ -25,7 +25,7 @@ def test_rates_explicit_plus_temperature():
   flat = resolve_rates(Stage(temperature=0.3, tasks=("de", "th"), counts=counts))
   sharp = resolve_rates(Stage(temperature=1.0, tasks=("de", "th"), counts=counts))
   assert sharp["polylm_pt_de"] == pytest.approx(1000 / 1010)
-  assert flat["polylm_pt_th"] == pytest.approx(10 ** 0.3 / (10 ** 0.3 + 1000 ** 0.3))
+  assert flat["polylm_pt_th"] == pytest.approx(10**0.3 / (10**0.3 + 1000**0.3))
   assert flat["polylm_pt_th"] > sharp["polylm_pt_th"]
 
 
@@ -44,12 +44,18 @@ def test_a_language_with_a_rate_but_no_data_fails_at_start():
   name = "polylm_test_empty"
   if name not in seqio.TaskRegistry.names():
     seqio.TaskRegistry.add(
-        name, source=seqio.FunctionDataSource(
-            lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"text": [""]}).take(0),
-            splits=("train",)),
-        preprocessors=[functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-                       seqio.preprocessors.tokenize, tasks.tag_language("en")],
-        output_features=tasks.output_features(tasks.vocabulary(), blocks=False))
+      name,
+      source=seqio.FunctionDataSource(
+        lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"text": [""]}).take(0),
+        splits=("train",),
+      ),
+      preprocessors=[
+        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+        seqio.preprocessors.tokenize,
+        tasks.tag_language("en"),
+      ],
+      output_features=tasks.output_features(tasks.vocabulary(), blocks=False),
+    )
   mixtures = Curriculum(stages=(Stage(rates={"en": 0.5, name: 0.5}),)).mixtures()
   with pytest.raises(ValueError, match="task 'polylm_test_empty' yields no train documents"):
     pipeline.check_has_data(mixtures, pipeline.DataConfig())
@@ -60,8 +66,12 @@ def _languages(batch):
   return {sample.LANGUAGES[t - 1] for t in np.unique(batch["languages"][batch["weights"] > 0])}
 
 
-TWO_STAGES = Curriculum(stages=(Stage(start_step=0, rates={"th": 1.0}, name="thai"),
-                                Stage(start_step=3, rates={"ko": 1.0}, name="korean")))
+TWO_STAGES = Curriculum(
+  stages=(
+    Stage(start_step=0, rates={"th": 1.0}, name="thai"),
+    Stage(start_step=3, rates={"ko": 1.0}, name="korean"),
+  )
+)
 
 
 def test_batches_switch_stage_at_the_boundary():
@@ -94,6 +104,7 @@ def test_host_shards_are_disjoint_and_cover_the_data():
   def documents(index, shards):
     rows = pipeline.batches(config, shard_index=index, num_shards=shards, num_epochs=1)
     return [SP.decode(d) for d in packing.whole_documents(rows)]
+
   whole, a, b = documents(0, 1), documents(0, 2), documents(1, 2)
   assert not set(a) & set(b)
   assert len(a) + len(b) == len(set(a) | set(b))
@@ -103,13 +114,15 @@ def test_host_shards_are_disjoint_and_cover_the_data():
 
 
 def test_bitext_tasks_pair_parallel_sentences_with_a_configurable_format():
-  names = tasks.register_bitext_tasks([("de", "ja")], template="<{src_lang}> {src} <{tgt_lang}> {tgt}",
-                                      prefix="polylm_test_bitext_")
+  names = tasks.register_bitext_tasks(
+    [("de", "ja")], template="<{src_lang}> {src} <{tgt_lang}> {tgt}", prefix="polylm_test_bitext_"
+  )
   assert names == ["polylm_test_bitext_de_ja"]
   assert "polylm_bitext_en_th" in seqio.TaskRegistry.names()
   assert "polylm_bitext_th_en" in seqio.TaskRegistry.names()
   ds = seqio.get_mixture_or_task(names[0]).get_dataset(
-      sequence_length={"targets": 256, "lang": 256}, split="train", shuffle=False)
+    sequence_length={"targets": 256, "lang": 256}, split="train", shuffle=False
+  )
   first = next(iter(ds))  # a block of documents
   de, ja = sample.sample_lines("de", "train")[0], sample.sample_lines("ja", "train")[0]
   assert SP.decode(first["targets"][0].numpy()[:-1].tolist()) == f"<de> {de} <ja> {ja}"

@@ -43,6 +43,7 @@ def test_retraining_the_sample_tokenizer_is_deterministic(tmp_path):
 @pytest.fixture(scope="module")
 def pipeline():
   from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the tasks)
+
   return pipeline
 
 
@@ -77,18 +78,31 @@ def test_packed_batches_are_consistent(pipeline):
 
 def test_packing_cuts_long_documents_without_losing_tokens():
   import tensorflow as tf
+
   from polylm_jax.data import packing
+
   docs = [[5, 6, 7, 2], [8, 2], list(range(10, 19)) + [2], [20, 2]]
   ds = tf.data.Dataset.from_generator(
-      lambda: ({"targets": np.array(d, np.int32)} for d in docs),
-      output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+    lambda: ({"targets": np.array(d, np.int32)} for d in docs),
+    output_signature={"targets": tf.TensorSpec([None], tf.int32)},
+  )
   rows = list(packing.pack(ds, 4, docs_per_batch=3, flush=True).as_numpy_iterator())
   flat = np.concatenate([r["targets"][r["weights"] > 0] for r in rows])
   np.testing.assert_array_equal(flat, np.concatenate(docs))  # every token, in order, once
   assert [r["segment_ids"].tolist() for r in rows] == [
-      [1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    [1, 1, 1, 1],
+    [1, 1, 2, 2],
+    [1, 1, 1, 1],
+    [1, 1, 1, 1],
+    [1, 1, 0, 0],
+  ]
   assert [r["positions"].tolist() for r in rows] == [
-      [0, 1, 2, 3], [0, 1, 0, 1], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 0]]
+    [0, 1, 2, 3],
+    [0, 1, 0, 1],
+    [0, 1, 2, 3],
+    [0, 1, 2, 3],
+    [0, 1, 0, 0],
+  ]
   # Continuations of the long document (rows 2, 3) read their true previous tokens, not BOS.
   assert rows[1]["inputs"].tolist() == [1, 8, 1, 10]
   assert rows[2]["inputs"].tolist() == [11, 12, 13, 14]
@@ -100,6 +114,7 @@ def test_same_seed_same_batches_other_seed_other_batches(pipeline):
   def first(seed, n=3):
     it = pipeline.batches(pipeline.DataConfig(seq_len=64, batch_size=4, seed=seed))
     return [next(it)["targets"] for _ in range(n)]
+
   a, b, c = first(0), first(0), first(1)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)

@@ -30,15 +30,21 @@ def params():
   """A tiny model with spiky logits (random weights scaled up), so greedy paths vary."""
   base = P.init_params(CFG, 1)
   rng = np.random.default_rng(0)
-  return jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape)
-                      .astype(np.float32), jax.device_get(base))
+  return jax.tree.map(
+    lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+    jax.device_get(base),
+  )
 
 
 def _generator(params, cfg=CFG, mesh_shape=(1, 1, 1)):
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
-  placed = jax.device_put(params, sharding.tree_shardings(
-      P.logical_axes(cfg), P.abstract_params(cfg), mesh, sharding.DEFAULT_RULES))
+  placed = jax.device_put(
+    params,
+    sharding.tree_shardings(
+      P.logical_axes(cfg), P.abstract_params(cfg), mesh, sharding.DEFAULT_RULES
+    ),
+  )
   return generate.Generator(cfg, placed, SP, mesh=mesh)
 
 
@@ -56,7 +62,7 @@ def test_kv_cache_equals_recomputing_the_whole_forward(params, scan, mesh_shape)
     assert ids[0] == framing.BOS_ID and out.prompt_tokens == len(ids)
     for token in out.token_ids:
       row = np.zeros(cfg.max_length, np.int32)
-      row[:len(ids)] = ids
+      row[: len(ids)] = ids
       assert token == int(np.argmax(np.asarray(forward(p, row))[len(ids) - 1]))
       ids.append(token)
     assert out.finish_reason in ("length", "eos") and len(out.token_ids) <= 12
@@ -69,10 +75,15 @@ def test_greedy_equals_transformers_generate_on_the_export(params, tmp_path):
   for prompt, mine in zip(PROMPTS, ours):
     ids = torch.as_tensor([framing.TRAINING.prompt(SP.encode(prompt))])
     with torch.no_grad():
-      theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                              do_sample=False, eos_token_id=framing.EOS_ID,
-                              pad_token_id=framing.PAD_ID)
-    assert theirs[0, ids.shape[1]:].tolist() == mine.token_ids
+      theirs = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=16,
+        do_sample=False,
+        eos_token_id=framing.EOS_ID,
+        pad_token_id=framing.PAD_ID,
+      )
+    assert theirs[0, ids.shape[1] :].tolist() == mine.token_ids
 
 
 def test_sampling_is_seeded_and_reproducible(params):
@@ -80,8 +91,9 @@ def test_sampling_is_seeded_and_reproducible(params):
   demo = sampling.SamplingConfig.demo(seed=3)
   a = gen.generate(PROMPTS, max_new_tokens=10, sampling_config=demo)
   b = gen.generate(PROMPTS, max_new_tokens=10, sampling_config=demo)
-  c = gen.generate(PROMPTS, max_new_tokens=10, sampling_config=sampling.SamplingConfig(
-      temperature=1.5, seed=4))
+  c = gen.generate(
+    PROMPTS, max_new_tokens=10, sampling_config=sampling.SamplingConfig(temperature=1.5, seed=4)
+  )
   assert [x.token_ids for x in a] == [x.token_ids for x in b]
   assert [x.token_ids for x in a] != [x.token_ids for x in c]
 
@@ -105,8 +117,9 @@ def test_filters_match_transformers_logits_processors():
 def test_prompts_are_never_truncated_silently_and_stop_strings_cut(params, caplog):
   gen = _generator(params)
   long_prompt = list(range(3, 3 + CFG.max_length + 5))
-  with pytest.raises(generate.PromptTooLongError, match="prompt 0 has 133 tokens but the model's "
-                                                        "context is 128"):
+  with pytest.raises(
+    generate.PromptTooLongError, match="prompt 0 has 133 tokens but the model's context is 128"
+  ):
     gen.generate([long_prompt], max_new_tokens=2)
   with caplog.at_level(logging.WARNING):
     [out] = gen.generate([long_prompt], max_new_tokens=2, truncate="left")
@@ -115,53 +128,94 @@ def test_prompts_are_never_truncated_silently_and_stop_strings_cut(params, caplo
   [free] = gen.generate([PROMPTS[0]], max_new_tokens=12)
   stop = free.text[3:5]
   [cut] = gen.generate([PROMPTS[0]], max_new_tokens=12, stop=[stop])
-  assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.find(stop)]
+  assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
 
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
   from polylm_jax.train import cli
+
   workdir = tmp_path_factory.mktemp("gen") / "run"
-  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={workdir}",
-            "--gin_bindings=TrainerConfig.num_steps = 2", "--gin_bindings=DataConfig.seq_len = 64",
-            "--gin_bindings=DataConfig.batch_size = 8",
-            "--gin_bindings=OptimizerConfig.warmup_steps = 1",
-            "--gin_bindings=TrainerConfig.eval_every = 0"])
+  cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={workdir}",
+      "--gin_bindings=TrainerConfig.num_steps = 2",
+      "--gin_bindings=DataConfig.seq_len = 64",
+      "--gin_bindings=DataConfig.batch_size = 8",
+      "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+      "--gin_bindings=TrainerConfig.eval_every = 0",
+    ]
+  )
   return workdir
 
 
 def test_generate_cli_from_a_workdir_and_from_its_export(trained_workdir, tmp_path, capsys):
   from polylm_jax.export import cli as export_cli
+
   prompts = tmp_path / "in.jsonl"
-  prompts.write_text("\n".join(json.dumps({"id": i, "prompt": p}, ensure_ascii=False)
-                               for i, p in enumerate(PROMPTS)))
-  assert generate_cli.main([f"--workdir={trained_workdir}", f"--prompts={prompts}",
-                            f"--output={tmp_path / 'a.jsonl'}", "--max_new_tokens=6"]) == 0
-  records = [json.loads(l) for l in (tmp_path / "a.jsonl").read_text().splitlines()]
+  prompts.write_text(
+    "\n".join(json.dumps({"id": i, "prompt": p}, ensure_ascii=False) for i, p in enumerate(PROMPTS))
+  )
+  assert (
+    generate_cli.main(
+      [
+        f"--workdir={trained_workdir}",
+        f"--prompts={prompts}",
+        f"--output={tmp_path / 'a.jsonl'}",
+        "--max_new_tokens=6",
+      ]
+    )
+    == 0
+  )
+  records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
   assert [r["id"] for r in records] == [0, 1, 2]
-  assert all(isinstance(r["completion"], str) and r["finish_reason"] in ("length", "eos")
-             for r in records)
+  assert all(
+    isinstance(r["completion"], str) and r["finish_reason"] in ("length", "eos") for r in records
+  )
   assert export_cli.main([f"--workdir={trained_workdir}", f"--out={tmp_path / 'hf'}"]) == 0
-  assert generate_cli.main([f"--hf_dir={tmp_path / 'hf'}", f"--prompts={prompts}",
-                            f"--output={tmp_path / 'b.jsonl'}", "--max_new_tokens=6"]) == 0
+  assert (
+    generate_cli.main(
+      [
+        f"--hf_dir={tmp_path / 'hf'}",
+        f"--prompts={prompts}",
+        f"--output={tmp_path / 'b.jsonl'}",
+        "--max_new_tokens=6",
+      ]
+    )
+    == 0
+  )
   assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
   capsys.readouterr()
-  assert generate_cli.main([f"--workdir={trained_workdir}", f"--prompt={PROMPTS[0]}",
-                            "--max_new_tokens=4", "--demo_sampling", "--seed=1"]) == 0
+  assert (
+    generate_cli.main(
+      [
+        f"--workdir={trained_workdir}",
+        f"--prompt={PROMPTS[0]}",
+        "--max_new_tokens=4",
+        "--demo_sampling",
+        "--seed=1",
+      ]
+    )
+    == 0
+  )
   streamed = capsys.readouterr()
   assert "tokens]" in streamed.err
   assert generate_cli.main([f"--workdir={trained_workdir}", "--prompt=x" * 200]) == 2
   assert "context is 128" in capsys.readouterr().err
 
 
-def test_chat_loop_and_a_model_without_its_tokenizer(trained_workdir, tmp_path, monkeypatch,
-                                                     capsys):
+def test_chat_loop_and_a_model_without_its_tokenizer(
+  trained_workdir, tmp_path, monkeypatch, capsys
+):
   from polylm_jax.export import cli as export_cli
+
   answers = iter(["Hello", "/reset", "How are you", ""])
   monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
   assert generate_cli.main([f"--workdir={trained_workdir}", "--chat", "--max_new_tokens=3"]) == 0
   assert "quit" in capsys.readouterr().err
   from polylm_jax import chat
+
   ids = chat.chat_prompt_ids(SP, [("Hi", "Hello!")], "Bye")
   assert ids == [1] + SP.encode("Hi\n\n") + SP.encode("Hello!") + [2] + SP.encode("Bye\n\n")
   assert export_cli.main([f"--workdir={trained_workdir}", f"--out={tmp_path / 'hf'}"]) == 0

@@ -30,8 +30,9 @@ def _hf_logits(model_dir, dtype=torch.float32):
 
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
   params = P.init_params(CFG, 3)
-  params = jax.tree.map(lambda x: x + 0.01 * np.random.default_rng(1).normal(size=x.shape)
-                        .astype(np.float32), params)  # non-trivial biases and norms
+  params = jax.tree.map(
+    lambda x: x + 0.01 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32), params
+  )  # non-trivial biases and norms
   out = hf_export.export_params(params, CFG, tmp_path / "hf")
   assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu_new"
   np.testing.assert_allclose(_hf_logits(out), _jax_logits(params), atol=1e-4, rtol=0)
@@ -57,12 +58,18 @@ def test_round_trip_is_exact_and_import_matches_a_transformers_model(tmp_path):
   back = hf_export.import_params(out, CFG)
   jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(params))
   unscanned = hf_export.import_params(out, CFG, scanned=False)
-  jax.tree.map(np.testing.assert_array_equal, P.unscanned_to_scan(unscanned),
-               jax.device_get(params))
+  jax.tree.map(
+    np.testing.assert_array_equal, P.unscanned_to_scan(unscanned), jax.device_get(params)
+  )
   # A GPT2LMHeadModel built locally with random weights: importing it reproduces its logits.
   torch.manual_seed(0)
-  hf_cfg = transformers.GPT2Config(**{k: v for k, v in hf_export.hf_layout.hf_config(CFG).items()
-                                      if k not in ("architectures", "model_type", "torch_dtype")})
+  hf_cfg = transformers.GPT2Config(
+    **{
+      k: v
+      for k, v in hf_export.hf_layout.hf_config(CFG).items()
+      if k not in ("architectures", "model_type", "torch_dtype")
+    }
+  )
   model = transformers.GPT2LMHeadModel(hf_cfg)
   with torch.no_grad():
     for p in model.parameters():
@@ -98,9 +105,13 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
 def test_configs_and_indexes_that_cannot_be_trusted_are_refused(tmp_path):
   out = hf_export.export_params(P.init_params(CFG, 7), CFG, tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
-  for key, value in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
-                     ("add_cross_attention", True), ("activation_function", "relu"),
-                     ("tie_word_embeddings", False)):
+  for key, value in (
+    ("scale_attn_by_inverse_layer_idx", True),
+    ("scale_attn_weights", False),
+    ("add_cross_attention", True),
+    ("activation_function", "relu"),
+    ("tie_word_embeddings", False),
+  ):
     (out / "config.json").write_text(json.dumps(dict(config, **{key: value})))
     with pytest.raises(ValueError, match=f"{key}={json.dumps(value)}; this model computes"):
       hf_export.config_from_hf(out)
@@ -108,7 +119,8 @@ def test_configs_and_indexes_that_cannot_be_trusted_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"config.json: missing field\(s\) \['n_head'\]"):
     hf_export.config_from_hf(out)
   (out / "config.json").write_text(json.dumps(config))
-  (out / safetensors_io.INDEX_NAME).write_text(json.dumps(
-      {"weight_map": {"transformer.wte.weight": "../../etc/passwd"}}))
+  (out / safetensors_io.INDEX_NAME).write_text(
+    json.dumps({"weight_map": {"transformer.wte.weight": "../../etc/passwd"}})
+  )
   with pytest.raises(ValueError, match=r"shard file '../../etc/passwd' is not a file inside"):
     hf_export.import_params(out, CFG)

@@ -9,14 +9,18 @@ import torch
 import transformers
 
 from polylm_jax.config import PRESETS
-from polylm_jax.export import checkpoint_reader, cli as export_cli, hf_export, import_cli
-from polylm_jax.export import hf_layout
+from polylm_jax.export import checkpoint_reader, hf_export, hf_layout, import_cli
+from polylm_jax.export import cli as export_cli
 from polylm_jax.train import cli as train_cli
 from polylm_jax.train.checkpoint import CheckpointMismatchError
 
-SHORT = ["--gin_file=gin_configs/quickstart.gin", "--gin_bindings=TrainerConfig.num_steps = 6",
-         "--gin_bindings=OptimizerConfig.warmup_steps = 2", "--gin_bindings=DataConfig.seq_len = 64",
-         "--gin_bindings=DataConfig.batch_size = 8"]
+SHORT = [
+  "--gin_file=gin_configs/quickstart.gin",
+  "--gin_bindings=TrainerConfig.num_steps = 6",
+  "--gin_bindings=OptimizerConfig.warmup_steps = 2",
+  "--gin_bindings=DataConfig.seq_len = 64",
+  "--gin_bindings=DataConfig.batch_size = 8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,14 @@ def test_export_from_workdir_verifies_and_describes_itself(run_dir, tmp_path, ca
   assert export_cli.main([f"--workdir={run_dir}", f"--out={out}", "--verify"]) == 0
   printed = capsys.readouterr().out
   assert "PASS tokenizer" in printed and "PASS logits" in printed and "verify: PASS" in printed
-  for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
-               "tokenizer_config.json", "README.md"):
+  for name in (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "README.md",
+  ):
     assert (out / name).is_file(), name
   card = (out / "README.md").read_text()
   assert "training steps: 6" in card and "tokens seen" in card and "polylm_sample" in card
@@ -47,13 +57,24 @@ def test_export_from_workdir_verifies_and_describes_itself(run_dir, tmp_path, ca
 
 def reader_ids(text, out):
   import sentencepiece as spm
+
   return spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).encode(text)
 
 
 def test_sharded_bf16_export_and_exact_round_trip(run_dir, tmp_path):
   out = tmp_path / "bf16"
-  assert export_cli.main([f"--workdir={run_dir}", f"--out={out}", "--dtype=bfloat16",
-                          "--max_shard_size=100KB", "--verify"]) == 0
+  assert (
+    export_cli.main(
+      [
+        f"--workdir={run_dir}",
+        f"--out={out}",
+        "--dtype=bfloat16",
+        "--max_shard_size=100KB",
+        "--verify",
+      ]
+    )
+    == 0
+  )
   assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 28
   assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
   f32 = tmp_path / "f32"
@@ -75,19 +96,27 @@ def test_export_errors_name_the_problem(run_dir, tmp_path):
     checkpoint_reader.resolve_checkpoint(str(tmp_path))
   reader = checkpoint_reader.CheckpointReader(checkpoint_reader.resolve_checkpoint(str(run_dir)))
   sp = __import__("base64").b64decode(reader.meta["tokenizer_model_b64"])
-  with pytest.raises(ValueError, match="the tokenizer has 4096 ids but the checkpoint's "
-                                       "vocabulary is 1024"):
+  with pytest.raises(
+    ValueError, match="the tokenizer has 4096 ids but the checkpoint's vocabulary is 1024"
+  ):
     export_cli._check_vocab(sp, PRESETS["tiny"].replace(vocab_size=1024))
-  with pytest.raises(ValueError, match="has 4096 ids but the checkpoint's vocabulary is 8192; "
-                                       "pass --allow_vocab_padding"):
+  with pytest.raises(
+    ValueError,
+    match="has 4096 ids but the checkpoint's vocabulary is 8192; pass --allow_vocab_padding",
+  ):
     export_cli._check_vocab(sp, PRESETS["tiny"].replace(vocab_size=8192))
   export_cli._check_vocab(sp, PRESETS["tiny"].replace(vocab_size=8192), allow_vocab_padding=True)
 
 
 def _random_gpt2(directory, cfg):
   torch.manual_seed(0)
-  hf_cfg = transformers.GPT2Config(**{k: v for k, v in hf_layout.hf_config(cfg).items()
-                                      if k not in ("architectures", "model_type", "torch_dtype")})
+  hf_cfg = transformers.GPT2Config(
+    **{
+      k: v
+      for k, v in hf_layout.hf_config(cfg).items()
+      if k not in ("architectures", "model_type", "torch_dtype")
+    }
+  )
   model = transformers.GPT2LMHeadModel(hf_cfg)
   with torch.no_grad():
     for p in model.parameters():
@@ -97,15 +126,20 @@ def _random_gpt2(directory, cfg):
 
 def test_import_then_train_from_the_imported_parameters(tmp_path, capsys):
   _random_gpt2(tmp_path / "hf", PRESETS["tiny"])
-  assert import_cli.main([f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'init'}",
-                          "--verify"]) == 0
+  assert (
+    import_cli.main([f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'init'}", "--verify"]) == 0
+  )
   assert "PASS logits max abs diff" in capsys.readouterr().out
   # The learning rate of step 0 is 0 (warmup), so one step leaves the imported parameters as is.
-  result = train_cli.main(SHORT + [f"--workdir={tmp_path / 'run'}",
-                                   "--gin_bindings=TrainerConfig.num_steps = 1",
-                                   "--gin_bindings=OptimizerConfig.decay_steps = 10",
-                                   f"--gin_bindings=TrainerConfig.init_params_from = "
-                                   f"'{tmp_path / 'init'}'"])
+  result = train_cli.main(
+    SHORT
+    + [
+      f"--workdir={tmp_path / 'run'}",
+      "--gin_bindings=TrainerConfig.num_steps = 1",
+      "--gin_bindings=OptimizerConfig.decay_steps = 10",
+      f"--gin_bindings=TrainerConfig.init_params_from = '{tmp_path / 'init'}'",
+    ]
+  )
   cfg = hf_export.config_from_hf(tmp_path / "hf")
   imported = hf_export.import_params(tmp_path / "hf", cfg)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(result["state"].params), imported)
@@ -114,8 +148,15 @@ def test_import_then_train_from_the_imported_parameters(tmp_path, capsys):
 def test_import_of_another_model_is_refused_by_the_trainer(tmp_path):
   _random_gpt2(tmp_path / "hf", PRESETS["tiny"].replace(d_ff=128))
   assert import_cli.main([f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'init'}"]) == 0
-  with pytest.raises(CheckpointMismatchError, match=r"fc_kernel'\]: checkpoint \(2, 64, 128\) "
-                                                    r"vs model \(2, 64, 256\)"):
-    train_cli.main(SHORT + [f"--workdir={tmp_path / 'run'}",
-                            f"--gin_bindings=TrainerConfig.init_params_from = "
-                            f"'{tmp_path / 'init'}'"])
+  with pytest.raises(
+    CheckpointMismatchError,
+    match=r"fc_kernel'\]: checkpoint \(2, 64, 128\) "
+    r"vs model \(2, 64, 256\)",
+  ):
+    train_cli.main(
+      SHORT
+      + [
+        f"--workdir={tmp_path / 'run'}",
+        f"--gin_bindings=TrainerConfig.init_params_from = '{tmp_path / 'init'}'",
+      ]
+    )

@@ -22,10 +22,15 @@ import pytest
 
 from polylm_jax import files, sharding
 from polylm_jax.config import PRESETS
-from polylm_jax.export import cli as export_cli, hf_export, import_cli
+from polylm_jax.export import cli as export_cli
+from polylm_jax.export import hf_export, import_cli
 from polylm_jax.train import cli
-from polylm_jax.train.checkpoint import (CheckpointConfig, Checkpointer, CheckpointMismatchError,
-                                         NoUsableCheckpointError)
+from polylm_jax.train.checkpoint import (
+  CheckpointConfig,
+  Checkpointer,
+  CheckpointMismatchError,
+  NoUsableCheckpointError,
+)
 from polylm_jax.train.loop import NonFiniteError, TrainerConfig, train
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.step import TrainStep
@@ -34,25 +39,37 @@ pytestmark = pytest.mark.faults
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
-BINDINGS = {"DataConfig.seq_len": 64, "DataConfig.batch_size": 8,
-            "OptimizerConfig.warmup_steps": 2, "OptimizerConfig.decay_steps": 30,
-            "TrainerConfig.eval_every": 0, "TrainerConfig.log_every": 2,
-            "CheckpointConfig.every_steps": 2, "CheckpointConfig.keep_last": 5}
+BINDINGS = {
+  "DataConfig.seq_len": 64,
+  "DataConfig.batch_size": 8,
+  "OptimizerConfig.warmup_steps": 2,
+  "OptimizerConfig.decay_steps": 30,
+  "TrainerConfig.eval_every": 0,
+  "TrainerConfig.log_every": 2,
+  "CheckpointConfig.every_steps": 2,
+  "CheckpointConfig.keep_last": 5,
+}
 
 
 def _args(workdir, steps, **extra):
   bindings = dict(BINDINGS, **{"TrainerConfig.num_steps": steps}, **extra)
-  return (["--gin_file=gin_configs/quickstart.gin", f"--workdir={workdir}"]
-          + [f"--gin_bindings={k} = {v}" for k, v in bindings.items()])
+  return ["--gin_file=gin_configs/quickstart.gin", f"--workdir={workdir}"] + [
+    f"--gin_bindings={k} = {v}" for k, v in bindings.items()
+  ]
 
 
 def _tree_digest(root: pathlib.Path) -> dict[str, str]:
-  return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+    for p in sorted(root.rglob("*"))
+    if p.is_file()
+  }
 
 
 def _metrics(workdir):
-  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [
+    json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +89,7 @@ def run_copy(base_run, tmp_path):
 
 def _truncate(path: pathlib.Path) -> None:
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -81,6 +98,7 @@ def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
 
 # --- restore -----------------------------------------------------------------------------------
 
+
 def test_unreadable_checkpoints_are_moved_aside_and_the_run_never_starts_over(run_copy, caplog):
   ckpts = run_copy / "checkpoints"
   for f in _array_files(ckpts / "6"):
@@ -88,8 +106,12 @@ def test_unreadable_checkpoints_are_moved_aside_and_the_run_never_starts_over(ru
   shutil.rmtree(run_copy / "data_state" / "4")  # a missing data-iterator state
   _truncate(ckpts / "2" / "state" / "_METADATA")  # truncated tree metadata
   damaged = {s: _tree_digest(ckpts / s) for s in ("2", "4", "6")}
-  with caplog.at_level(logging.ERROR), pytest.raises(
-      NoUsableCheckpointError, match="has no checkpoint that can be read.*--start_over"):
+  with (
+    caplog.at_level(logging.ERROR),
+    pytest.raises(
+      NoUsableCheckpointError, match="has no checkpoint that can be read.*--start_over"
+    ),
+  ):
     cli.main(_args(run_copy, 8))
   for step in (2, 4, 6):
     assert f"checkpoint {ckpts / str(step)} is unreadable" in caplog.text
@@ -131,15 +153,25 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_the_run_goes_on_exactly(run_
 def test_a_config_change_on_resume_is_named_and_changes_nothing(run_copy):
   before = _tree_digest(run_copy)
   proc = subprocess.run(
-      [sys.executable, "-m", "polylm_jax.train",
-       *_args(run_copy, 8, **{"OptimizerConfig.grad_clip_norm": 0.0})],
-      cwd=REPO, capture_output=True, text=True, timeout=1800,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    [
+      sys.executable,
+      "-m",
+      "polylm_jax.train",
+      *_args(run_copy, 8, **{"OptimizerConfig.grad_clip_norm": 0.0}),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+    env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+  )
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert last.startswith("polylm-train: error: CheckpointMismatchError")
-  assert ("optimizer state: checkpoint has clip-by-global-norm, config has none "
-          "(OptimizerConfig.grad_clip_norm = 0.0)") in last
+  assert (
+    "optimizer state: checkpoint has clip-by-global-norm, config has none "
+    "(OptimizerConfig.grad_clip_norm = 0.0)"
+  ) in last
   assert "TrainerConfig.reset_optimizer = True" in last
   assert "ERROR Path not found" not in proc.stderr  # gin's misleading include noise is gone
   after = _tree_digest(run_copy)
@@ -148,9 +180,16 @@ def test_a_config_change_on_resume_is_named_and_changes_nothing(run_copy):
 
 def test_reset_optimizer_keeps_the_parameters_step_and_data_position(run_copy, caplog):
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  steps = {clip: TrainStep(TINY, OptimizerConfig(warmup_steps=2, decay_steps=30,
-                                                 grad_clip_norm=clip),
-                           mesh, sharding.DEFAULT_RULES, 30) for clip in (1.0, 0.0)}
+  steps = {
+    clip: TrainStep(
+      TINY,
+      OptimizerConfig(warmup_steps=2, decay_steps=30, grad_clip_norm=clip),
+      mesh,
+      sharding.DEFAULT_RULES,
+      30,
+    )
+    for clip in (1.0, 0.0)
+  }
   ckpt = Checkpointer(run_copy, CheckpointConfig(), steps[1.0])
   saved, _ = ckpt.restore(6, None)
   ckpt.close()
@@ -160,12 +199,15 @@ def test_reset_optimizer_keeps_the_parameters_step_and_data_position(run_copy, c
   fresh, _ = ckpt.restore(6, None, reset_optimizer=True)
   ckpt.close()
   assert int(fresh.step) == 6 and int(fresh.opt_state[0].count) == 0  # Adam starts over
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh.params),
-               jax.device_get(saved.params))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(fresh.params), jax.device_get(saved.params)
+  )
   changed = {"OptimizerConfig.grad_clip_norm": 0.0, "TrainerConfig.reset_optimizer": True}
   with caplog.at_level(logging.INFO):
     cli.main(_args(run_copy, 8, **changed))
-  assert "checkpoint step 6: parameters, step and data position restored with a FRESH" in caplog.text
+  assert (
+    "checkpoint step 6: parameters, step and data position restored with a FRESH" in caplog.text
+  )
   caplog.clear()
   with caplog.at_level(logging.INFO):
     result = cli.main(_args(run_copy, 10, **changed))
@@ -176,25 +218,32 @@ def test_reset_optimizer_keeps_the_parameters_step_and_data_position(run_copy, c
 
 # --- saving ------------------------------------------------------------------------------------
 
+
 def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
   one_task = {"train.curriculum": None, "DataConfig.mixture": "'polylm_pt_en'"}
   work = tmp_path / "run"
   cli.main(_args(work, 4, **one_task))
   # A file-size limit stands in for a full disk: writes past 1000 KB fail (EFBIG). The
   # single-task data state stays under it; the tiny model's Orbax array file does not.
-  command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "polylm_jax.train",
-                                              *_args(work, 8, **one_task)])
+  command = " ".join(
+    shlex.quote(a) for a in [sys.executable, "-m", "polylm_jax.train", *_args(work, 8, **one_task)]
+  )
   proc = subprocess.run(
-      ["bash", "-c", f"ulimit -f 1000 && exec {command}"],
-      cwd=REPO, capture_output=True, text=True, timeout=1800,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    ["bash", "-c", f"ulimit -f 1000 && exec {command}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+    env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+  )
   assert proc.returncode == 1, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert "CheckpointSaveError: saving checkpoint step 6" in last, proc.stderr[-3000:]
   assert "earlier checkpoints are untouched: [2, 4]" in last
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(TINY, OptimizerConfig(warmup_steps=2, decay_steps=30), mesh,
-                   sharding.DEFAULT_RULES, 30)
+  step = TrainStep(
+    TINY, OptimizerConfig(warmup_steps=2, decay_steps=30), mesh, sharding.DEFAULT_RULES, 30
+  )
   ckpt = Checkpointer(work, CheckpointConfig(), step)
   assert ckpt.steps() == [2, 4]
   for s in (2, 4):
@@ -235,10 +284,15 @@ def test_no_checkpoint_during_a_nonfinite_streak(tmp_path, make_batch, caplog):
     b["inputs"][:] = TINY.vocab_size + 7
     bad.append(b)
   with caplog.at_level(logging.WARNING), pytest.raises(NonFiniteError):
-    train(TINY, OptimizerConfig(warmup_steps=1, decay_steps=30), sharding.MeshConfig(data=-1),
-          TrainerConfig(num_steps=6, max_nonfinite_in_a_row=3, tensorboard=False),
-          _ListBatches(good + bad), str(tmp_path),
-          checkpoint=CheckpointConfig(every_steps=1, keep_last=2, async_save=False))
+    train(
+      TINY,
+      OptimizerConfig(warmup_steps=1, decay_steps=30),
+      sharding.MeshConfig(data=-1),
+      TrainerConfig(num_steps=6, max_nonfinite_in_a_row=3, tensorboard=False),
+      _ListBatches(good + bad),
+      str(tmp_path),
+      checkpoint=CheckpointConfig(every_steps=1, keep_last=2, async_save=False),
+    )
   # Steps 3-5 had non-finite updates: no checkpoint of them rotated the good ones out.
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
   assert "no checkpoint at step 3: 1 non-finite update(s) in a row" in caplog.text
@@ -263,18 +317,29 @@ def test_nonfinite_weights_are_never_saved_exported_or_imported(tmp_path):
 
 # --- one trainer per workdir -------------------------------------------------------------------
 
+
 def test_a_second_trainer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, caplog):
   work = tmp_path / "run"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  first = subprocess.Popen([sys.executable, "-m", "polylm_jax.train", *_args(work, 400)],
-                           cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+  first = subprocess.Popen(
+    [sys.executable, "-m", "polylm_jax.train", *_args(work, 400)],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     while not (work / "LOCK").is_file() and first.poll() is None:
       time.sleep(0.2)  # wait for progress: the first trainer has started
     assert first.poll() is None
-    second = subprocess.run([sys.executable, "-m", "polylm_jax.train", *_args(work, 400)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    second = subprocess.run(
+      [sys.executable, "-m", "polylm_jax.train", *_args(work, 400)],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=1800,
+    )
     assert second.returncode == 1
     assert f"is in use by another trainer: pid {first.pid}" in second.stderr.splitlines()[-1]
   finally:
@@ -296,7 +361,7 @@ def test_lock_staleness_on_a_shared_filesystem(tmp_path):
     files.WorkdirLock(tmp_path).acquire()  # fresh heartbeat: in use
   old = time.time() - 3600
   os.utime(lock_path, (old, old))
-  with files.WorkdirLock(tmp_path) as lock:  # no heartbeat for an hour: stale
+  with files.WorkdirLock(tmp_path):  # no heartbeat for an hour: stale
     assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     with files.WorkdirLock(tmp_path):  # the same process may nest it
       pass
@@ -306,12 +371,15 @@ def test_lock_staleness_on_a_shared_filesystem(tmp_path):
 
 # --- exports and imports over their own sources ------------------------------------------------
 
+
 def test_exports_never_replace_their_source_or_anything_but_an_export(run_copy, tmp_path, capsys):
   before = _tree_digest(run_copy)
   step6 = run_copy / "checkpoints" / "6"
-  for argv in ([f"--workdir={run_copy}", f"--out={run_copy}", "--overwrite"],
-               [f"--checkpoint={step6}", f"--out={run_copy}", "--overwrite"],
-               [f"--workdir={run_copy}", f"--out={run_copy / 'hf'}"]):
+  for argv in (
+    [f"--workdir={run_copy}", f"--out={run_copy}", "--overwrite"],
+    [f"--checkpoint={step6}", f"--out={run_copy}", "--overwrite"],
+    [f"--workdir={run_copy}", f"--out={run_copy / 'hf'}"],
+  ):
     assert export_cli.main(argv) == 2
     assert "source" in capsys.readouterr().err
   notes = tmp_path / "notes"
@@ -339,8 +407,10 @@ def test_exports_never_replace_their_source_or_anything_but_an_export(run_copy, 
   meta = json.loads(meta_file.read_text())
   meta["model_config"]["vocab_size"] = 8192
   meta_file.write_text(json.dumps(meta))
-  assert export_cli.main([f"--checkpoint={meta_file.parent.parent}",
-                          f"--out={tmp_path / 'refused'}"]) == 2
+  assert (
+    export_cli.main([f"--checkpoint={meta_file.parent.parent}", f"--out={tmp_path / 'refused'}"])
+    == 2
+  )
   assert "pass --allow_vocab_padding" in capsys.readouterr().err
   assert not (tmp_path / "refused").exists()
 
@@ -356,14 +426,19 @@ def test_imports_never_replace_their_source(run_copy, tmp_path, capsys):
   assert import_cli.main([f"--hf_dir={hf}", f"--out={tmp_path / 'init'}"]) == 0
   assert import_cli.main([f"--hf_dir={hf}", f"--out={tmp_path / 'init'}", "--overwrite"]) == 0
   # A training checkpoint (or workdir) is also a valid start for a new run's parameters.
-  result = cli.main(_args(tmp_path / "new", 1, **{
-      "TrainerConfig.init_params_from": f"'{run_copy / 'checkpoints' / '6'}'"}))
+  result = cli.main(
+    _args(
+      tmp_path / "new",
+      1,
+      **{"TrainerConfig.init_params_from": f"'{run_copy / 'checkpoints' / '6'}'"},
+    )
+  )
   reader = export_cli.checkpoint_reader.CheckpointReader(run_copy / "checkpoints" / "6")
-  np.testing.assert_array_equal(np.asarray(result["state"].params["wte"]),
-                                reader.read(("wte",)))
+  np.testing.assert_array_equal(np.asarray(result["state"].params["wte"]), reader.read(("wte",)))
 
 
 # --- data and settings that cannot work --------------------------------------------------------
+
 
 def _corpus_gin(tmp_path, pattern, record_format, text_field="text"):
   gin_file = tmp_path / "mine.gin"
@@ -383,23 +458,42 @@ only/Stage.rates = {{'faults_th': 0.5, 'en': 0.5}}
 def test_data_that_yields_nothing_fails_at_start_naming_task_files_and_drops(tmp_path):
   lines = [json.dumps({"content": f"sentence {i}"}) for i in range(50)]
   (tmp_path / "th.jsonl").write_text("\n".join(lines))
-  with pytest.raises(ValueError, match=r"task 'faults_th' yields no train documents \(read from "
-                                       r"\['.*th\.jsonl'\]\); records dropped: "
-                                       r"\{'missing_field': 50\}"):
+  with pytest.raises(
+    ValueError,
+    match=r"task 'faults_th' yields no train documents \(read from "
+    r"\['.*th\.jsonl'\]\); records dropped: "
+    r"\{'missing_field': 50\}",
+  ):
     cli.main(_corpus_gin(tmp_path, tmp_path / "th.jsonl", "jsonl", text_field="text"))
   (tmp_path / "empty.txt").write_text("")
-  with pytest.raises(ValueError, match=r"task 'faults_th' yields no train documents \(read from "
-                                       r"\['.*empty\.txt'\]\); records dropped: none"):
+  with pytest.raises(
+    ValueError,
+    match=r"task 'faults_th' yields no train documents \(read from "
+    r"\['.*empty\.txt'\]\); records dropped: none",
+  ):
     cli.main(_corpus_gin(tmp_path, tmp_path / "empty.txt", "text"))
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_wrong_types_and_impossible_settings_name_the_setting(tmp_path):
   with pytest.raises(TypeError, match=r"TrainerConfig.num_steps = 'forty': expected int, got str"):
-    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-              "--gin_bindings=TrainerConfig.num_steps = 'forty'"])
-  with pytest.raises(SystemExit, match=r"decay_steps \(10, or the run's total steps\) must exceed "
-                                       r"warmup_steps \(30\)"):
-    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path}",
-              "--gin_bindings=TrainerConfig.num_steps = 10"])
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path}",
+        "--gin_bindings=TrainerConfig.num_steps = 'forty'",
+      ]
+    )
+  with pytest.raises(
+    SystemExit,
+    match=r"decay_steps \(10, or the run's total steps\) must exceed "
+    r"warmup_steps \(30\)",
+  ):
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path}",
+        "--gin_bindings=TrainerConfig.num_steps = 10",
+      ]
+    )
   assert not (tmp_path / "config.gin").exists()

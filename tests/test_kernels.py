@@ -11,9 +11,10 @@ import pytest
 from polylm_jax import sharding
 from polylm_jax.config import PRESETS
 from polylm_jax.kernels import dispatch, flash_gpu, flash_tpu
-from polylm_jax.kernels.common import BlockSizes, reference_attention
+from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.model import params as P
 from polylm_jax.model.attention import attention
+from polylm_jax.model.attention import xla_attention as reference_attention
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.step import TrainStep
 
@@ -34,8 +35,10 @@ def _rel(x, y):
 
 
 @pytest.mark.parametrize("impl", sorted(KERNELS))
-@pytest.mark.parametrize("dtype,head_dim,tol", [(jnp.float32, 64, 1e-5), (jnp.float32, 128, 1e-5),
-                                                (jnp.bfloat16, 128, 2e-2)])
+@pytest.mark.parametrize(
+  "dtype,head_dim,tol",
+  [(jnp.float32, 64, 1e-5), (jnp.float32, 128, 1e-5), (jnp.bfloat16, 128, 2e-2)],
+)
 def test_forward_and_gradients_match_reference(impl, dtype, head_dim, tol):
   q, k, v, do = _inputs(dtype, head_dim)
   seg = jnp.asarray(SEGMENTS)
@@ -80,8 +83,9 @@ def test_segments_are_isolated(impl):
   noise = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
   out = run(*(jnp.where(doc2, x + noise, x) for x in (q, k, v)))
   others = ~doc2[..., 0, 0]
-  np.testing.assert_allclose(np.asarray(out)[others], np.asarray(base)[others], rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out)[others], np.asarray(base)[others], rtol=1e-6, atol=1e-6
+  )
   assert not np.allclose(np.asarray(out)[doc2[..., 0, 0]], np.asarray(base)[doc2[..., 0, 0]])
 
 
@@ -97,11 +101,13 @@ def test_model_loss_and_gradients_match_xla(impl, make_batch):
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     return jnp.sum(nll * batch["weights"]) / jnp.sum(batch["weights"])
+
   ref_loss, ref_grads = jax.value_and_grad(loss)(params, cfg)
   got_loss, got_grads = jax.value_and_grad(loss)(params, kernel_cfg)
   np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got_grads,
-               ref_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got_grads, ref_grads
+  )
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -111,8 +117,9 @@ def test_sharded_model_with_kernel_matches_xla(kernel, make_batch):
   batch = make_batch(0, 8, 32, PRESETS["tiny"].vocab_size, segments=(13, 11, 5))
   results = {}
   for impl in ("xla", kernel):
-    cfg = PRESETS["tiny"].replace(attention_impl=impl, attention_interpret=True,
-                                  attention_block_q=16, attention_block_k=16)
+    cfg = PRESETS["tiny"].replace(
+      attention_impl=impl, attention_interpret=True, attention_block_q=16, attention_block_k=16
+    )
     step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
     state = step.init(0)
     for _ in range(2):
@@ -124,8 +131,10 @@ def test_sharded_model_with_kernel_matches_xla(kernel, make_batch):
 def test_explicit_choices_that_cannot_run_here_raise(caplog):
   q = jnp.zeros((1, 64, 2, 64), jnp.float32)
   for impl, needs in (("pallas_gpu", "GPU"), ("pallas_tpu", "TPU"), ("cudnn", "GPU")):
-    with pytest.raises(ValueError, match=f"attention_impl='{impl}' needs a {needs} but this "
-                                         f"computation runs on 'cpu'"):
+    with pytest.raises(
+      ValueError,
+      match=f"attention_impl='{impl}' needs a {needs} but this computation runs on 'cpu'",
+    ):
       attention(q, q, q, None, impl=impl)
   with caplog.at_level(logging.INFO):
     dispatch._logged.clear()
@@ -147,21 +156,26 @@ def test_layout_and_block_requirements_are_checked_at_the_call():
   with pytest.raises(ValueError, match="block_k=32 must be a multiple of 128 on TPU"):
     flash_tpu.flash_attention(q, q, q, blocks=BlockSizes(32, 32))
   with pytest.raises(ValueError, match="float32 or bfloat16"):
-    flash_gpu.flash_attention(q.astype(jnp.float16), q.astype(jnp.float16),
-                              q.astype(jnp.float16), interpret=True)
+    flash_gpu.flash_attention(
+      q.astype(jnp.float16), q.astype(jnp.float16), q.astype(jnp.float16), interpret=True
+    )
 
 
 def test_gpu_kernels_lower_to_triton_for_cuda():
   from jax import export
+
   x = jax.ShapeDtypeStruct((2, 256, 4, 128), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 256), jnp.int32)
 
   def loss(q, k, v, s):
-    return jnp.sum(flash_gpu.flash_attention(q, k, v, s, blocks=BlockSizes(64, 64))
-                   .astype(jnp.float32))
+    return jnp.sum(
+      flash_gpu.flash_attention(q, k, v, s, blocks=BlockSizes(64, 64)).astype(jnp.float32)
+    )
+
   exported = export.export(
-      jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+    platforms=["cuda"],
+    disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(x, x, x, seg)
   text = exported.mlir_module()
   assert text.count("xla.gpu.triton") == 3
@@ -173,14 +187,18 @@ def test_gpu_kernels_lower_to_triton_for_cuda():
 def test_tpu_train_step_with_kernel_compiles_for_a_v5p_slice():
   """The whole sharded train step, Mosaic kernel inside shard_map, compiled ahead of time."""
   from jax.experimental import topologies
+
   topo = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu")
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=2), topo.devices)
-  cfg = PRESETS["tiny"].replace(d_model=256, num_heads=2, max_length=256, dtype="bfloat16",
-                                attention_impl="pallas_tpu")
+  cfg = PRESETS["tiny"].replace(
+    d_model=256, num_heads=2, max_length=256, dtype="bfloat16", attention_impl="pallas_tpu"
+  )
   step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
   abstract_state = jax.eval_shape(lambda: step.initial_state(0))
-  batch = {k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "weights" else jnp.int32)
-           for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
+  batch = {
+    k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "weights" else jnp.int32)
+    for k in ("inputs", "targets", "weights", "positions", "segment_ids")
+  }
   with mesh, sharding.activate(mesh, sharding.DEFAULT_RULES):
     compiled = step._step.lower(abstract_state, batch).compile()
   text = compiled.as_text()
@@ -197,11 +215,18 @@ def test_gpu_check_script_runs_in_smoke_mode():
   import pathlib
   import subprocess
   import sys
+
   repo = pathlib.Path(__file__).resolve().parents[1]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = str(repo)
-  proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke"], cwd=repo, env=env,
-                        capture_output=True, text=True, timeout=1800)
+  proc = subprocess.run(
+    [sys.executable, "bench/gpu_check.py", "--smoke"],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert proc.stdout.count("PASS") == 3 and "FAIL" not in proc.stdout
   assert "pallas_gpu / xla (fwd+bwd)" in proc.stdout and "tokens/s" in proc.stdout

@@ -35,18 +35,32 @@ def local_tasks(tmp_path) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def run_and_export(tmp_path_factory):
   from polylm_jax.train import cli
+
   root = tmp_path_factory.mktemp("lmeval")
-  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={root / 'run'}",
-            "--gin_bindings=TrainerConfig.num_steps = 30", "--gin_bindings=DataConfig.seq_len = 64",
-            "--gin_bindings=DataConfig.batch_size = 8", "--gin_bindings=TrainerConfig.eval_every = 0",
-            "--gin_bindings=OptimizerConfig.warmup_steps = 5"])
+  cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={root / 'run'}",
+      "--gin_bindings=TrainerConfig.num_steps = 30",
+      "--gin_bindings=DataConfig.seq_len = 64",
+      "--gin_bindings=DataConfig.batch_size = 8",
+      "--gin_bindings=TrainerConfig.eval_every = 0",
+      "--gin_bindings=OptimizerConfig.warmup_steps = 5",
+    ]
+  )
   assert export_cli.main([f"--workdir={root / 'run'}", f"--out={root / 'hf'}"]) == 0
   return root / "run", root / "hf"
 
 
 def _evaluate(model, tasks, include, **kwargs):
-  return evaluator.simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(
-      include_path=str(include)), log_samples=True, bootstrap_iters=0, **kwargs)
+  return evaluator.simple_evaluate(
+    model=model,
+    tasks=tasks,
+    task_manager=TaskManager(include_path=str(include)),
+    log_samples=True,
+    bootstrap_iters=0,
+    **kwargs,
+  )
 
 
 def test_loglikelihoods_and_accuracy_equal_lm_evals_hf_model(run_and_export, tmp_path):
@@ -56,8 +70,10 @@ def test_loglikelihoods_and_accuracy_equal_lm_evals_hf_model(run_and_export, tmp
   ours = lm_eval_model.PolyLMJax(workdir=str(workdir), batch_size=8, dtype="float32")
   mine = _evaluate(ours, tasks, include)
   from lm_eval.models.huggingface import HFLM
-  theirs = _evaluate(HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=8, device="cpu"),
-                     tasks, include)
+
+  theirs = _evaluate(
+    HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=8, device="cpu"), tasks, include
+  )
   for task in tasks:
     assert mine["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
     a = [r[0][0] for s in mine["samples"][task] for r in s["resps"]]
@@ -79,10 +95,12 @@ def test_rolling_loglikelihood_and_generation_tasks(run_and_export, tmp_path):
   class Request:
     def __init__(self, text):
       self.args = (text,)
+
   texts = ["Hello world, this is a test.", "x" * 700]  # the second spans several windows
   rolling = ours.loglikelihood_rolling([Request(t) for t in texts], disable_tqdm=True)
   # The same sums, token by token from the whole forward (BOS, then the text).
   from polylm_jax.model import params as P
+
   forward = jax.jit(lambda p, x: jax.nn.log_softmax(P.apply(ours.scorer.graphdef, p, x), -1))
   for text, got in zip(texts[:1], rolling[:1]):
     ids = [1] + ours.sp.encode(text)
@@ -92,16 +110,23 @@ def test_rolling_loglikelihood_and_generation_tasks(run_and_export, tmp_path):
   assert rolling[1] < rolling[0] < 0
 
 
-def test_polylm_eval_runs_resumes_compares_and_names_bad_input(run_and_export, tmp_path,
-                                                                 monkeypatch, caplog, capsys):
+def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
+  run_and_export, tmp_path, monkeypatch, caplog, capsys
+):
   import logging
+
   from polylm_jax.eval import cli as eval_cli
+
   for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
     monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
   workdir, hf_dir = run_and_export
   include = local_tasks(tmp_path)
-  common = ["--tasks=polylm_test_mc_en,polylm_test_mc_th", f"--include_path={include}",
-            "--batch_size=8", "--dtype=float32"]
+  common = [
+    "--tasks=polylm_test_mc_en,polylm_test_mc_th",
+    f"--include_path={include}",
+    "--batch_size=8",
+    "--dtype=float32",
+  ]
   out = tmp_path / "ckpt"
   assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={out}", *common]) == 0
   results = json.loads((out / "results.json").read_text())["tasks"]
@@ -117,35 +142,74 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(run_and_export, t
   assert eval_cli.main(["run", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'hf'}", *common]) == 0
   exported = json.loads((tmp_path / "hf" / "results.json").read_text())["tasks"]
   assert {t: r["value"] for t, r in exported.items()} == {t: r["value"] for t, r in results.items()}
-  assert eval_cli.main(["compare", str(out), str(tmp_path / "hf"), "--labels=jax,export",
-                        f"--out={tmp_path / 'both'}"]) == 0
+  assert (
+    eval_cli.main(
+      [
+        "compare",
+        str(out),
+        str(tmp_path / "hf"),
+        "--labels=jax,export",
+        f"--out={tmp_path / 'both'}",
+      ]
+    )
+    == 0
+  )
   both = (tmp_path / "both" / "results.md").read_text()
   assert "| jax |" in both and "| export |" in both
   capsys.readouterr()
   # Bad input: an unknown task lists close matches; missing data names the task and the cache.
-  assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={tmp_path / 'x'}",
-                        "--tasks=polylm_test_mc_eng", f"--include_path={include}"]) == 2
+  assert (
+    eval_cli.main(
+      [
+        "run",
+        f"--workdir={workdir}",
+        f"--out={tmp_path / 'x'}",
+        "--tasks=polylm_test_mc_eng",
+        f"--include_path={include}",
+      ]
+    )
+    == 2
+  )
   assert "did you mean polylm_test_mc_en" in capsys.readouterr().err
   empty = tmp_path / "empty_cache"
-  assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={tmp_path / 'y'}",
-                        "--tasks=xnli", "--languages=th", f"--data_dir={empty}"]) == 2
+  assert (
+    eval_cli.main(
+      [
+        "run",
+        f"--workdir={workdir}",
+        f"--out={tmp_path / 'y'}",
+        "--tasks=xnli",
+        "--languages=th",
+        f"--data_dir={empty}",
+      ]
+    )
+    == 2
+  )
   err = capsys.readouterr().err
   assert "task xnli_th: its data could not be loaded offline" in err and str(empty) in err
 
 
 def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
   from polylm_jax.train import cli
+
   include = local_tasks(tmp_path)
-  cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={tmp_path / 'run'}",
-            "--gin_bindings=TrainerConfig.num_steps = 4", "--gin_bindings=DataConfig.seq_len = 64",
-            "--gin_bindings=DataConfig.batch_size = 8", "--gin_bindings=TrainerConfig.eval_every = 2",
-            "--gin_bindings=OptimizerConfig.warmup_steps = 1",
-            "--gin_bindings=TrainerConfig.lm_eval_every = 2",
-            "--gin_bindings=TrainerConfig.lm_eval_tasks = ['polylm_test_mc_en', "
-            "'polylm_test_mc_th']",
-            f"--gin_bindings=TrainerConfig.lm_eval_include_path = '{include}'"])
-  records = [json.loads(l) for l in (tmp_path / "run" / "eval_metrics.jsonl").read_text()
-             .splitlines()]
+  cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={tmp_path / 'run'}",
+      "--gin_bindings=TrainerConfig.num_steps = 4",
+      "--gin_bindings=DataConfig.seq_len = 64",
+      "--gin_bindings=DataConfig.batch_size = 8",
+      "--gin_bindings=TrainerConfig.eval_every = 2",
+      "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+      "--gin_bindings=TrainerConfig.lm_eval_every = 2",
+      "--gin_bindings=TrainerConfig.lm_eval_tasks = ['polylm_test_mc_en', 'polylm_test_mc_th']",
+      f"--gin_bindings=TrainerConfig.lm_eval_include_path = '{include}'",
+    ]
+  )
+  records = [
+    json.loads(line) for line in (tmp_path / "run" / "eval_metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in records] == [2, 4]
   for r in records:
     assert 0.0 <= r["lm_eval/polylm_test_mc_th/acc"] <= 1.0 and r["lm_eval_seconds"] > 0
@@ -157,18 +221,23 @@ def test_one_token_stream_from_training_to_serving(run_and_export):
   transformers' tokenizer on the export (what vLLM uses too): BOS, then the SentencePiece ids."""
   import tensorflow as tf
   import transformers
+
   from polylm_jax.data import packing
   from polylm_jax.decode import generate
+
   workdir, hf_dir = run_and_export
   text = "Translate to German: Good morning, how are you?"
   lm = lm_eval_model.PolyLMJax(workdir=str(workdir), batch_size=4)
   ids = lm.sp.encode(text)
   docs = tf.data.Dataset.from_tensors({"targets": tf.constant(ids + [2], tf.int32)})
   row = next(iter(packing.pack(docs, 64, flush=True)))
-  training = row["inputs"].numpy()[:len(ids) + 1].tolist()  # what the model sees before each target
+  training = (
+    row["inputs"].numpy()[: len(ids) + 1].tolist()
+  )  # what the model sees before each target
   served = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
-  generator = generate.Generator(lm.config, lm.scorer.params, lm.sp, mesh=lm.scorer.mesh,
-                                 framing=lm.framing)
+  generator = generate.Generator(
+    lm.config, lm.scorer.params, lm.sp, mesh=lm.scorer.mesh, framing=lm.framing
+  )
   assert training == generator.encode(text) == lm.tok_encode(text) == served == [1] + ids
 
 
@@ -176,6 +245,7 @@ def test_scores_are_the_same_on_a_sharded_mesh(run_and_export):
   from polylm_jax import sharding
   from polylm_jax.decode import loading
   from polylm_jax.eval.scoring import Scorer
+
   workdir, _ = run_and_export
   rng = np.random.default_rng(0)
   items = []
@@ -187,6 +257,7 @@ def test_scores_are_the_same_on_a_sharded_mesh(run_and_export):
     mesh = sharding.make_mesh(sharding.parse_mesh(spec), jax.devices()[:count])
     loaded = loading.load(workdir=str(workdir), mesh=mesh)
     results.append(Scorer(loaded.config, loaded.params, mesh=mesh, batch_size=4).score(items))
-  np.testing.assert_allclose([s.logprob for s in results[0]], [s.logprob for s in results[1]],
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    [s.logprob for s in results[0]], [s.logprob for s in results[1]], atol=1e-4
+  )
   assert [s.greedy for s in results[0]] == [s.greedy for s in results[1]]

@@ -12,8 +12,9 @@ from polylm_jax.model.attention import attention
 TINY = PRESETS["tiny"]
 
 
-@pytest.mark.parametrize("name,expected", [("polylm_1.7b", 1_737_084_928),
-                                           ("polylm_13b", 13_906_790_400)])
+@pytest.mark.parametrize(
+  "name,expected", [("polylm_1.7b", 1_737_084_928), ("polylm_13b", 13_906_790_400)]
+)
 def test_released_sizes_param_count_without_allocation(name, expected):
   cfg = PRESETS[name]
   abstract = P.abstract_params(cfg)  # nnx.eval_shape: ShapeDtypeStructs only
@@ -44,12 +45,19 @@ def test_every_parameter_has_logical_axes():
 def test_init_follows_released_recipe():
   cfg = TINY.replace(vocab_size=8192, d_model=128, num_heads=4, d_ff=512)
   params = P.init_params(cfg, seed=3)
-  for w in (params["wte"], params["wpe"], params["blocks"]["attn"]["qkv_kernel"],
-            params["blocks"]["mlp"]["fc_kernel"]):
+  for w in (
+    params["wte"],
+    params["wpe"],
+    params["blocks"]["attn"]["qkv_kernel"],
+    params["blocks"]["mlp"]["fc_kernel"],
+  ):
     assert abs(float(jnp.std(w)) - 0.006) < 0.0003
     assert abs(float(jnp.mean(w))) < 1e-4
-  for b in (params["blocks"]["attn"]["qkv_bias"], params["blocks"]["mlp"]["proj_bias"],
-            params["ln_f"]["bias"]):
+  for b in (
+    params["blocks"]["attn"]["qkv_bias"],
+    params["blocks"]["mlp"]["proj_bias"],
+    params["ln_f"]["bias"],
+  ):
     assert not np.any(np.asarray(b))
   np.testing.assert_array_equal(params["blocks"]["ln_1"]["scale"], 1.0)
 
@@ -64,10 +72,11 @@ def test_scanned_and_unscanned_agree_and_convert():
   scanned = _logits(TINY, params, tokens)
   unscanned_cfg = TINY.replace(scan_layers=False)
   per_layer = P.scan_to_unscanned(params, TINY.num_layers)
-  np.testing.assert_allclose(_logits(unscanned_cfg, per_layer, tokens), scanned, rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    _logits(unscanned_cfg, per_layer, tokens), scanned, rtol=1e-6, atol=1e-6
+  )
   # The unscanned model's own init has the same tree as the converted one.
-  assert (jax.tree.structure(P.init_params(unscanned_cfg, 0)) == jax.tree.structure(per_layer))
+  assert jax.tree.structure(P.init_params(unscanned_cfg, 0)) == jax.tree.structure(per_layer)
   back = P.unscanned_to_scan(per_layer)
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -79,6 +88,7 @@ def test_remat_policies_do_not_change_gradients(policy):
 
   def loss(p, cfg):
     return jnp.mean(_logits(cfg, p, tokens) ** 2)
+
   ref = jax.grad(loss)(params, TINY)
   for scan in (True, False):
     cfg = TINY.replace(remat_policy=policy, scan_layers=scan)
@@ -141,6 +151,7 @@ def test_tied_head_and_gpt2_layer_math():
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
   p = jax.tree.map(np.asarray, params)
   blk = p["blocks"][0]
   x = p["wte"][tokens[0]] + p["wpe"][:4]
@@ -154,7 +165,7 @@ def test_tied_head_and_gpt2_layer_math():
   o = np.einsum("hqk,khd->qhd", a, v)
   x = x + np.einsum("thk,hkd->td", o, blk["attn"]["out_kernel"]) + blk["attn"]["out_bias"]
   h = ln(x, blk["ln_2"]) @ blk["mlp"]["fc_kernel"] + blk["mlp"]["fc_bias"]
-  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
   x = x + h @ blk["mlp"]["proj_kernel"] + blk["mlp"]["proj_bias"]
   expected = ln(x, p["ln_f"]) @ p["wte"].T
   np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,6 @@ the instruction task family; ROUGE-L equals plain dynamic programming."""
 
 import http.server
 import json
-import os
 import pathlib
 import random
 import signal
@@ -70,8 +69,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         head = f" {instruction}" if k == 0 else f"###\n{number}. Instruction: {instruction}"
         text += f"{head}\n{number}. Input:\n<noinput>\n{number}. Output:\n{output}\n"
       text += "###\nthis chunk has no task format\n"
-      payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}
-                           ).encode()
+      payload = json.dumps(
+        {"choices": [{"message": {"role": "assistant", "content": text}}]}
+      ).encode()
     self.send_response(200)
     self.send_header("Content-Type", "application/json")
     self.end_headers()
@@ -88,23 +88,41 @@ def endpoint():
 
 
 def _seeds(path):
-  lines = [json.dumps({"lang": lang, "instruction": f"{sample.sample_lines(lang)[i]}?",
-                       "input": "", "output": sample.sample_lines(lang)[i + 50]},
-                      ensure_ascii=False) for lang in ("th", "vi") for i in range(3)]
+  lines = [
+    json.dumps(
+      {
+        "lang": lang,
+        "instruction": f"{sample.sample_lines(lang)[i]}?",
+        "input": "",
+        "output": sample.sample_lines(lang)[i + 50],
+      },
+      ensure_ascii=False,
+    )
+    for lang in ("th", "vi")
+    for i in range(3)
+  ]
   path.write_text("\n".join(lines) + "\n", encoding="utf-8")
   return path
 
 
 def _args(endpoint, tmp_path, **extra):
-  options = {"seeds": _seeds(tmp_path / "seeds.jsonl"), "out_dir": tmp_path / "out",
-             "base_url": endpoint.base_url, "model": "fake", "languages": "th,vi",
-             "target_per_language": 40, "max_requests": 30, "concurrency": 3,
-             "backoff_s": 0.01, **extra}
+  options = {
+    "seeds": _seeds(tmp_path / "seeds.jsonl"),
+    "out_dir": tmp_path / "out",
+    "base_url": endpoint.base_url,
+    "model": "fake",
+    "languages": "th,vi",
+    "target_per_language": 40,
+    "max_requests": 30,
+    "concurrency": 3,
+    "backoff_s": 0.01,
+    **extra,
+  }
   return [f"--{k}={v}" for k, v in options.items()]
 
 
 def _records(path):
-  return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
+  return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_self_instruct_end_to_end_with_retries_filters_and_resume(endpoint, tmp_path, capsys):
@@ -116,8 +134,10 @@ def test_self_instruct_end_to_end_with_retries_filters_and_resume(endpoint, tmp_
   for lang in ("th", "vi"):
     decisions = report["languages"][lang]["decisions"]
     assert decisions["kept"] > 0 and decisions["wrong_language"] > 0
-    assert decisions["unparseable"] > 0 and decisions.get("duplicate", 0) + decisions.get(
-        "similar", 0) > 0
+    assert (
+      decisions["unparseable"] > 0
+      and decisions.get("duplicate", 0) + decisions.get("similar", 0) > 0
+    )
     kept = _records(tmp_path / "out" / f"{lang}.jsonl")
     assert len(kept) == decisions["kept"] and all(r["lang"] == lang for r in kept)
     assert len({r["instruction"] for r in kept}) == len(kept)
@@ -128,21 +148,29 @@ def test_self_instruct_end_to_end_with_retries_filters_and_resume(endpoint, tmp_
     kept = _records(tmp_path / "out" / f"{lang}.jsonl")
     assert len(kept) > first[lang] and len({r["instruction"] for r in kept}) == len(kept)
   # The output feeds the instruction task family as it is.
-  stats = instructions.InstructionCorpora(directory=str(tmp_path / "out"),
-                                          file_pattern="{lang}.jsonl", prefix="si_test_",
-                                          mixture="si_test", holdout_fraction=0.0).register(
-                                              seq_len=128)
+  stats = instructions.InstructionCorpora(
+    directory=str(tmp_path / "out"),
+    file_pattern="{lang}.jsonl",
+    prefix="si_test_",
+    mixture="si_test",
+    holdout_fraction=0.0,
+  ).register(seq_len=128)
   assert sorted(stats) == ["th", "vi"] and all(s["skipped"] == {} for s in stats.values())
 
 
 def test_a_killed_run_continues_without_duplicates(endpoint, tmp_path):
   endpoint.delay_s = 0.3  # slow enough to kill mid-run
   args = _args(endpoint, tmp_path, max_requests=200, target_per_language=60, concurrency=2)
-  proc = subprocess.Popen([sys.executable, "-m", "polylm_jax.self_instruct", *args], cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "polylm_jax.self_instruct", *args],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   out = tmp_path / "out" / "th.jsonl"
-  while (not out.is_file() or len(out.read_text(encoding="utf-8").splitlines()) < 5) \
-      and proc.poll() is None:
+  while (
+    not out.is_file() or len(out.read_text(encoding="utf-8").splitlines()) < 5
+  ) and proc.poll() is None:
     time.sleep(0.05)  # waits on progress
   assert proc.poll() is None, "the first run ended before it could be killed"
   proc.send_signal(signal.SIGKILL)
@@ -158,7 +186,6 @@ def test_a_killed_run_continues_without_duplicates(endpoint, tmp_path):
 def test_rouge_l_matches_dynamic_programming_and_tokenizes_by_script():
   assert rouge.tokenize("Hello, World!", "en") == ["hello", "world"]
   assert rouge.tokenize("สวัสดี ครับ", "th") == list("สวัสดีครับ")
-  rng = random.Random(0)
   for lang in ("en", "ja", "th"):
     lines = sample.sample_lines(lang)
     pool = rouge.Pool(lang)
@@ -168,7 +195,7 @@ def test_rouge_l_matches_dynamic_programming_and_tokenizes_by_script():
       a = rouge.tokenize(candidate, lang)
       want = 0.0
       for reference in lines[:50]:
-        b = rouge.tokenize(reference, lang)[:rouge.MAX_TOKENS]
+        b = rouge.tokenize(reference, lang)[: rouge.MAX_TOKENS]
         common = rouge.lcs(a, b)
         if common:
           p, r = common / len(a), common / len(b)
@@ -176,8 +203,12 @@ def test_rouge_l_matches_dynamic_programming_and_tokenizes_by_script():
       assert pool.max_similarity(candidate) == pytest.approx(want, abs=1e-12)
   checks = filters.Filters()
   checks.remember("en", "Write a poem about the sea.")
-  assert checks.reason("en", {"instruction": "Write a poem about the sea!", "output": "x"}) == \
-      "duplicate"
-  assert checks.reason("en", {"instruction": "Draw a picture of a cat please",
-                              "output": "A cat."}) == "banned_keyword"
+  assert (
+    checks.reason("en", {"instruction": "Write a poem about the sea!", "output": "x"})
+    == "duplicate"
+  )
+  assert (
+    checks.reason("en", {"instruction": "Draw a picture of a cat please", "output": "A cat."})
+    == "banned_keyword"
+  )
   assert checks.reason("en", {"instruction": "Hi", "output": "Hello"}) == "too_short"

@@ -17,28 +17,38 @@ VOCAB = tasks.vocabulary()
 
 
 def _write(path, records):
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                          for r in records), encoding="utf-8")
+  path.write_text(
+    "".join(
+      (r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records
+    ),
+    encoding="utf-8",
+  )
 
 
 def _examples(lang="th", n=12):
   lines, english = sample.sample_lines(lang), sample.sample_lines("en")
-  return [{"instruction": f"แปล {i}", "input": english[i] if i % 2 else "",
-           "output": lines[i]} for i in range(n)]
+  return [
+    {"instruction": f"แปล {i}", "input": english[i] if i % 2 else "", "output": lines[i]}
+    for i in range(n)
+  ]
 
 
 def _rows(task, seq_len=64, split="train"):
-  config = pipeline.DataConfig(mixture=task, seq_len=seq_len, batch_size=1, shuffle=False,
-                               split=split)
+  config = pipeline.DataConfig(
+    mixture=task, seq_len=seq_len, batch_size=1, shuffle=False, split=split
+  )
   return [{k: v[0] for k, v in b.items()} for b in pipeline.batches(config, num_epochs=1)]
 
 
 def test_weights_are_0_on_prompts_and_1_on_responses_and_eos(tmp_path):
   records = _examples()
   _write(tmp_path / "th.jsonl", records)
-  corpora = instructions.InstructionCorpora(files={"th": str(tmp_path / "th.jsonl")},
-                                            prefix="sft_test_w_", mixture="sft_test_w",
-                                            holdout_fraction=0.0)
+  corpora = instructions.InstructionCorpora(
+    files={"th": str(tmp_path / "th.jsonl")},
+    prefix="sft_test_w_",
+    mixture="sft_test_w",
+    holdout_fraction=0.0,
+  )
   assert corpora.register(VOCAB, seq_len=256)["th"]["truncated"] == {}
   expected = {}
   for r in records:
@@ -63,70 +73,110 @@ def test_weights_are_0_on_prompts_and_1_on_responses_and_eos(tmp_path):
 def test_truncation_keeps_responses_and_bad_records_are_counted(tmp_path, caplog):
   long_prompt = " ".join(sample.sample_lines("en")[:6])
   records = [
-      {"instruction": long_prompt, "input": "", "output": "Short answer."},  # prompt cut
-      {"instruction": "Q", "output": long_prompt},  # response cut (no EOS)
-      {"turns": [{"instruction": long_prompt, "output": long_prompt},
-                 {"instruction": "Again?", "output": "Yes."}]},  # oldest turn dropped
-      '{"instruction": "broken json"', {"instruction": "No output"},
-      {"instruction": "  ", "output": "x"}, {"instruction": "Fine", "output": "Good."}]
+    {"instruction": long_prompt, "input": "", "output": "Short answer."},  # prompt cut
+    {"instruction": "Q", "output": long_prompt},  # response cut (no EOS)
+    {
+      "turns": [
+        {"instruction": long_prompt, "output": long_prompt},
+        {"instruction": "Again?", "output": "Yes."},
+      ]
+    },  # oldest turn dropped
+    '{"instruction": "broken json"',
+    {"instruction": "No output"},
+    {"instruction": "  ", "output": "x"},
+    {"instruction": "Fine", "output": "Good."},
+  ]
   _write(tmp_path / "en.jsonl", records)
-  corpora = instructions.InstructionCorpora(files={"en": str(tmp_path / "en.jsonl")},
-                                            prefix="sft_test_t_", mixture="sft_test_t",
-                                            holdout_fraction=0.0, min_prompt_tokens=4)
+  corpora = instructions.InstructionCorpora(
+    files={"en": str(tmp_path / "en.jsonl")},
+    prefix="sft_test_t_",
+    mixture="sft_test_t",
+    holdout_fraction=0.0,
+    min_prompt_tokens=4,
+  )
   with caplog.at_level(logging.INFO):
     stats = corpora.register(VOCAB, seq_len=32)["en"]
   assert stats["skipped"] == {"invalid_json": 1, "missing_field": 1, "empty": 1}
-  assert stats["truncated"] == {"truncated_prompt": 1, "truncated_response": 1,
-                                "dropped_turns": 1}
+  assert stats["truncated"] == {"truncated_prompt": 1, "truncated_response": 1, "dropped_turns": 1}
   assert stats["train_examples"] == 4
   assert "instructions en: 4 train" in caplog.text and "skipped {" in caplog.text
   fmt = chat.InstructionFormat()
-  ids, w, how = instructions.encode_example(SP, [chat.Turn(long_prompt, "Short answer.")], fmt,
-                                            32, min_prompt_tokens=4)
+  ids, w, how = instructions.encode_example(
+    SP, [chat.Turn(long_prompt, "Short answer.")], fmt, 32, min_prompt_tokens=4
+  )
   answer = SP.encode("Short answer.") + [framing.EOS_ID]
-  assert how == "truncated_prompt" and len(ids) == 33 and ids[-len(answer):] == answer
-  assert w[-len(answer):] == [1.0] * len(answer) and set(w[:-len(answer)]) == {0.0}
+  assert how == "truncated_prompt" and len(ids) == 33 and ids[-len(answer) :] == answer
+  assert w[-len(answer) :] == [1.0] * len(answer) and set(w[: -len(answer)]) == {0.0}
   ids, w, how = instructions.encode_example(SP, [chat.Turn("Q", long_prompt)], fmt, 32)
   assert how == "truncated_response" and len(ids) == 33 and ids[-1] != framing.EOS_ID
   rows = _rows("sft_test_t_en", seq_len=32)  # every example fits a row after truncation
   assert sum(len(np.unique(r["segment_ids"][r["segment_ids"] > 0])) for r in rows) == 4
   assert instructions.dropped_counts("sft_test_t_en") == {
-      "invalid_json": 1, "missing_field": 1, "empty": 1, "truncated_prompt": 1,
-      "truncated_response": 1, "dropped_turns": 1}
+    "invalid_json": 1,
+    "missing_field": 1,
+    "empty": 1,
+    "truncated_prompt": 1,
+    "truncated_response": 1,
+    "dropped_turns": 1,
+  }
 
 
 def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
   """Fine-tuned from scratch on six examples, greedy decoding answers them as trained; the export
   carries the chat template (same ids as training) and PolyLM's demo sampling defaults."""
   import transformers
-  from polylm_jax.decode import generate, loading
+
   from polylm_jax import sharding
+  from polylm_jax.decode import generate, loading
   from polylm_jax.export import cli as export_cli
   from polylm_jax.train import cli
-  records = [{"instruction": q, "output": a} for q, a in zip(
-      ["Capital of France?", "2 + 2 =", "Color of the sky?", "ทักทาย", "Hallo auf Englisch",
-       "Say yes"], ["Paris.", "4", "Blue.", "สวัสดี", "Hello", "Yes!"])]
+
+  records = [
+    {"instruction": q, "output": a}
+    for q, a in zip(
+      [
+        "Capital of France?",
+        "2 + 2 =",
+        "Color of the sky?",
+        "ทักทาย",
+        "Hallo auf Englisch",
+        "Say yes",
+      ],
+      ["Paris.", "4", "Blue.", "สวัสดี", "Hello", "Yes!"],
+    )
+  ]
   _write(tmp_path / "en.jsonl", records)
-  cli.main(["--gin_file=gin_configs/sft/quickstart.gin", f"--workdir={tmp_path / 'run'}",
-            "--gin_bindings=TrainerConfig.init_params_from = None",
-            f"--gin_bindings=InstructionCorpora.files = {{'en': '{tmp_path / 'en.jsonl'}'}}",
-            "--gin_bindings=InstructionCorpora.embedded_sample = False",
-            "--gin_bindings=InstructionCorpora.holdout_fraction = 0.0",
-            "--gin_bindings=train.epochs = None", "--gin_bindings=TrainerConfig.num_steps = 150",
-            "--gin_bindings=TrainerConfig.eval_every = 0",
-            "--gin_bindings=DataConfig.batch_size = 8", "--gin_bindings=DataConfig.seq_len = 32",
-            "--gin_bindings=OptimizerConfig.peak_lr = 3e-3"])
+  cli.main(
+    [
+      "--gin_file=gin_configs/sft/quickstart.gin",
+      f"--workdir={tmp_path / 'run'}",
+      "--gin_bindings=TrainerConfig.init_params_from = None",
+      f"--gin_bindings=InstructionCorpora.files = {{'en': '{tmp_path / 'en.jsonl'}'}}",
+      "--gin_bindings=InstructionCorpora.embedded_sample = False",
+      "--gin_bindings=InstructionCorpora.holdout_fraction = 0.0",
+      "--gin_bindings=train.epochs = None",
+      "--gin_bindings=TrainerConfig.num_steps = 150",
+      "--gin_bindings=TrainerConfig.eval_every = 0",
+      "--gin_bindings=DataConfig.batch_size = 8",
+      "--gin_bindings=DataConfig.seq_len = 32",
+      "--gin_bindings=OptimizerConfig.peak_lr = 3e-3",
+    ]
+  )
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), __import__("jax").devices()[:1])
   loaded = loading.load(workdir=str(tmp_path / "run"), mesh=mesh)
   gen = generate.Generator(loaded.config, loaded.params, SP, mesh=mesh)
-  prompts = [chat.encode_turns(SP, [chat.Turn(r["instruction"])], answer_last=False)[0]
-             for r in records]
+  prompts = [
+    chat.encode_turns(SP, [chat.Turn(r["instruction"])], answer_last=False)[0] for r in records
+  ]
   answers = [c.text for c in gen.generate(prompts, max_new_tokens=8)]
   assert answers == [r["output"] for r in records]
   assert export_cli.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}"]) == 0
   tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-  messages = [{"role": "user", "content": "Capital of France?"},
-              {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Say yes"}]
+  messages = [
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "Say yes"},
+  ]
   templated = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
   templated = templated["input_ids"] if hasattr(templated, "keys") else list(templated)
   assert templated == chat.chat_prompt_ids(SP, [("Capital of France?", "Paris.")], "Say yes")
@@ -136,6 +186,7 @@ def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
 
 def test_epochs_set_the_steps_and_a_constant_schedule_stays_at_peak():
   from polylm_jax.train.optimizer import OptimizerConfig, lr_schedule
+
   schedule = lr_schedule(OptimizerConfig(peak_lr=1e-3, warmup_steps=10, schedule="constant"), 100)
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == float(schedule(99)) == pytest.approx(1e-3, rel=1e-6)

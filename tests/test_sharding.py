@@ -1,4 +1,5 @@
-"""Sharded training on 8 host CPU devices: same numbers on every mesh, parameters placed by the rules."""
+"""Sharded training on 8 host CPU devices: same numbers on every mesh, parameters placed by the
+rules."""
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
 
 
 def _run(mesh_shape, make_batch, steps=3):
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
   step = TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
   state = step.init(seed=0)
@@ -30,6 +31,7 @@ def _run(mesh_shape, make_batch, steps=3):
 @pytest.fixture(scope="module")
 def runs():
   from tests.conftest import synthetic_batch
+
   return {shape: _run(shape, synthetic_batch) for shape in MESHES}
 
 
@@ -40,8 +42,11 @@ def test_same_losses_and_params_on_every_mesh(runs, shape):
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   # atol: Adam divides by sqrt(v) + 1e-8, so coordinates whose gradient is ~1e-8 turn
   # reduction-order rounding into update differences; 5e-8 is < 0.1% of one update (lr 6e-5).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-8),
-               jax.device_get(state.params), jax.device_get(ref_state.params))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-8),
+    jax.device_get(state.params),
+    jax.device_get(ref_state.params),
+  )
 
 
 @pytest.mark.parametrize("shape", MESHES)
@@ -49,7 +54,8 @@ def test_parameters_and_optimizer_state_sharded_by_the_rules(runs, shape):
   _, state = runs[shape]
   axes = {"data": shape[0], "fsdp": shape[1], "tensor": shape[2]}
   logical = jax.tree_util.tree_leaves_with_path(
-      model_params.logical_axes(TINY), is_leaf=lambda x: isinstance(x, tuple))
+    model_params.logical_axes(TINY), is_leaf=lambda x: isinstance(x, tuple)
+  )
   arrays = jax.tree.leaves(state.params)
   for (path, names), arr in zip(logical, arrays):
     expected = sharding.logical_to_mesh_spec(names, sharding.DEFAULT_RULES)
@@ -73,16 +79,23 @@ def test_mesh_sizes_that_do_not_fit_fail_before_compiling():
   with pytest.raises(ValueError, match="MeshConfig.data=-1 cannot be resolved"):
     sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=3))
   assert dict(sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=2)).shape) == {
-      "data": 4, "fsdp": 2, "tensor": 1}
+    "data": 4,
+    "fsdp": 2,
+    "tensor": 1,
+  }
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=8))
-  with pytest.raises(ValueError, match=r"splits attention heads 8 ways \(rule 'heads' -> mesh axes "
-                                       r"\('tensor',\)\), which does not divide "
-                                       r"ModelConfig.num_heads=4"):
+  with pytest.raises(
+    ValueError,
+    match=r"splits attention heads 8 ways \(rule 'heads' -> mesh axes "
+    r"\('tensor',\)\), which does not divide "
+    r"ModelConfig.num_heads=4",
+  ):
     TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
   # The checks follow the rules, not the mesh axis names: heads over fsdp are checked there.
   fsdp = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
-  moved = sharding.MeshConfig(rule_overrides={"heads": "fsdp", "activation_heads": "fsdp",
-                                              "embed": None}).effective_rules
+  moved = sharding.MeshConfig(
+    rule_overrides={"heads": "fsdp", "activation_heads": "fsdp", "embed": None}
+  ).effective_rules
   with pytest.raises(ValueError, match=r"rule 'heads' -> mesh axes \('fsdp',\)"):
     TrainStep(TINY, OptimizerConfig(warmup_steps=1), fsdp, moved, 10)
 
@@ -95,8 +108,9 @@ def test_indivisible_parameter_names_the_tensor():
 
 
 def test_rules_are_data():
-  assert sharding.logical_to_mesh_spec(("activation_batch", "activation_length"),
-                                       sharding.DEFAULT_RULES) == P(("data", "fsdp"), None)
+  assert sharding.logical_to_mesh_spec(
+    ("activation_batch", "activation_length"), sharding.DEFAULT_RULES
+  ) == P(("data", "fsdp"), None)
   with pytest.raises(KeyError, match="'experts' has no rule"):
     sharding.logical_to_mesh_spec(("experts",), sharding.DEFAULT_RULES)
   with pytest.raises(ValueError, match="map mesh axis 'tensor' twice"):
@@ -110,5 +124,5 @@ def test_rules_are_data():
   assert dict(config.effective_rules)["vocab"] == "tensor"
   with pytest.raises(ValueError, match=r"names \['embed'\] more than once"):
     sharding.MeshConfig(rules=sharding.DEFAULT_RULES + (("embed", None),))
-  with pytest.raises(ValueError, match="'model' not mesh axes|\['model'\] not mesh axes"):
+  with pytest.raises(ValueError, match=r"'model' not mesh axes|\['model'\] not mesh axes"):
     sharding.MeshConfig(rule_overrides={"embed": "model"})

@@ -3,7 +3,6 @@
 import json
 import logging
 
-import jax
 import numpy as np
 import pytest
 
@@ -33,12 +32,16 @@ def _run(tmp_path, mode, steps=34):
   data = pipeline.DataConfig(seq_len=64, batch_size=8, seed=0)
   batches = CorruptingBatches(data)
   result = train(
-      PRESETS["tiny"], OptimizerConfig(peak_lr=3e-3, warmup_steps=3, decay_steps=200),
-      sharding.MeshConfig(data=-1), TrainerConfig(num_steps=steps, tensorboard=False),
-      batches, str(tmp_path), checkpoint=CheckpointConfig(every_steps=5, async_save=True),
-      spikes=SpikeConfig(mode=mode, warmup_steps=10, z_threshold=4.0,
-                         rollback_skip_batches=3))
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    PRESETS["tiny"],
+    OptimizerConfig(peak_lr=3e-3, warmup_steps=3, decay_steps=200),
+    sharding.MeshConfig(data=-1),
+    TrainerConfig(num_steps=steps, tensorboard=False),
+    batches,
+    str(tmp_path),
+    checkpoint=CheckpointConfig(every_steps=5, async_save=True),
+    spikes=SpikeConfig(mode=mode, warmup_steps=10, z_threshold=4.0, rollback_skip_batches=3),
+  )
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   return result, records, batches
 
 
@@ -59,8 +62,10 @@ def test_rollback_restores_the_checkpoint_and_skips_batches(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     result, records, batches = _run(tmp_path, "rollback")
   # The last checkpoint before the spike is step 25; the data resumes 3 batches past the spike.
-  assert (f"loss spike at step {CORRUPT_AT}: rolled back to step 25 and skipped 4 batches "
-          f"(data resumes at position {CORRUPT_AT + 3})") in caplog.text
+  assert (
+    f"loss spike at step {CORRUPT_AT}: rolled back to step 25 and skipped 4 batches "
+    f"(data resumes at position {CORRUPT_AT + 3})"
+  ) in caplog.text
   assert int(result["state"].step) == 34
   assert batches.position == CORRUPT_AT + 3 + (34 - 25)
   steps = [r["step"] for r in records]
@@ -70,7 +75,9 @@ def test_rollback_restores_the_checkpoint_and_skips_batches(tmp_path, caplog):
 
 def test_detector_statistics_and_grad_norm_option():
   import jax.numpy as jnp
+
   from polylm_jax.train import spikes
+
   cfg = SpikeConfig(warmup_steps=5, z_threshold=4.0)
   with_grad = SpikeConfig(warmup_steps=5, z_threshold=4.0, grad_norm_z_threshold=4.0)
   stats_a = stats_b = spikes.initial_stats()
@@ -78,11 +85,12 @@ def test_detector_statistics_and_grad_norm_option():
   for _ in range(30):
     loss, gn = 3.0 + 0.05 * rng.normal(), 1.0 + 0.05 * rng.normal()
     spike_a, stats_a, _ = spikes.detect(stats_a, jnp.float32(loss), jnp.float32(gn), True, cfg)
-    spike_b, stats_b, _ = spikes.detect(stats_b, jnp.float32(loss), jnp.float32(gn), True,
-                                        with_grad)
+    spike_b, stats_b, _ = spikes.detect(
+      stats_b, jnp.float32(loss), jnp.float32(gn), True, with_grad
+    )
     assert not spike_a and not spike_b
   assert float(stats_a[0]) == 30
-  np.testing.assert_allclose(float(stats_a[1] / (1 - 0.99 ** 30)), 3.0, atol=0.05)
+  np.testing.assert_allclose(float(stats_a[1] / (1 - 0.99**30)), 3.0, atol=0.05)
   big_grad = (jnp.float32(3.0), jnp.float32(10.0), True)
   assert not spikes.detect(stats_a, *big_grad, cfg)[0]
   assert spikes.detect(stats_b, *big_grad, with_grad)[0]

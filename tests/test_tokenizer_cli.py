@@ -1,4 +1,5 @@
-"""polylm-tokenizer: training from text and JSONL with language weights, and the compression report."""
+"""polylm-tokenizer: training from text and JSONL with language weights, and the compression
+report."""
 
 import csv
 import json
@@ -9,28 +10,55 @@ from polylm_jax.data import sample, tokenizer, tokenizer_cli
 
 
 def test_train_from_text_and_jsonl_with_weights(tmp_path):
-  (tmp_path / "th.jsonl").write_text("\n".join(json.dumps({"body": l})
-                                               for l in sample.sample_lines("th")), "utf-8")
+  (tmp_path / "th.jsonl").write_text(
+    "\n".join(json.dumps({"body": line}) for line in sample.sample_lines("th")), "utf-8"
+  )
   out = tmp_path / "tok.model"
-  assert tokenizer_cli.main([
-      "train", f"--input=en={sample.sample_path('en')}", f"--input=th={tmp_path / 'th.jsonl'}",
-      "--text_field=body", "--weight=th=3", "--vocab_size=700", f"--out={out}"]) == 0
+  assert (
+    tokenizer_cli.main(
+      [
+        "train",
+        f"--input=en={sample.sample_path('en')}",
+        f"--input=th={tmp_path / 'th.jsonl'}",
+        "--text_field=body",
+        "--weight=th=3",
+        "--vocab_size=700",
+        f"--out={out}",
+      ]
+    )
+    == 0
+  )
   sp = tokenizer.load(out)
   assert sp.vocab_size() == 700
   assert [sp.id_to_piece(i) for i in sp.encode("907")] == ["9", "0", "7"]
   for text in (sample.sample_lines("th")[5], "ok 🧪 ሰላም", sample.sample_lines("ja")[0]):
     assert sp.decode(sp.encode(text)) == text  # byte fallback: lossless for unseen scripts too
   with pytest.raises(SystemExit, match="'nothing/\\*.txt' matches no file"):
-    tokenizer_cli.main(["train", "--input=en=nothing/*.txt", "--vocab_size=300",
-                        f"--out={tmp_path / 'x.model'}"])
+    tokenizer_cli.main(
+      ["train", "--input=en=nothing/*.txt", "--vocab_size=300", f"--out={tmp_path / 'x.model'}"]
+    )
 
 
 def test_report_compares_two_models_per_language(tmp_path, capsys):
-  small = tokenizer.train({l: sample.sample_lines(l) for l in ("en", "de", "fr", "es")},
-                          tmp_path / "small.model", 500, hard_vocab_limit=False)
+  small = tokenizer.train(
+    {lang: sample.sample_lines(lang) for lang in ("en", "de", "fr", "es")},
+    tmp_path / "small.model",
+    500,
+    hard_vocab_limit=False,
+  )
   csv_path = tmp_path / "report.csv"
-  assert tokenizer_cli.main(["report", f"--model={sample.TOKENIZER_MODEL}", f"--model={small}",
-                             f"--dir={sample.SAMPLE_DIR}", f"--csv={csv_path}"]) == 0
+  assert (
+    tokenizer_cli.main(
+      [
+        "report",
+        f"--model={sample.TOKENIZER_MODEL}",
+        f"--model={small}",
+        f"--dir={sample.SAMPLE_DIR}",
+        f"--csv={csv_path}",
+      ]
+    )
+    == 0
+  )
   table = capsys.readouterr().out
   rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
   assert sorted(r["language"] for r in rows) == sorted(sample.LANGUAGES)
@@ -38,6 +66,7 @@ def test_report_compares_two_models_per_language(tmp_path, capsys):
   assert float(by_lang["en"]["ratio_to_en_0"]) == 1.0
   # The Latin-only model splits Thai into byte pieces: more tokens per sentence, fewer bytes each.
   assert float(by_lang["th"]["tokens_per_sentence_1"]) > 2 * float(
-      by_lang["th"]["tokens_per_sentence_0"])
+    by_lang["th"]["tokens_per_sentence_0"]
+  )
   assert float(by_lang["th"]["bytes_per_token_1"]) < float(by_lang["th"]["bytes_per_token_0"])
   assert "vs en[1]" in table and len(table.splitlines()) == 3 + 18

@@ -15,7 +15,7 @@ TINY = PRESETS["tiny"]
 
 
 def _step(opt=None, mesh_shape=(1, 1, 1)):
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
   return TrainStep(TINY, opt or OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
 
@@ -37,8 +37,11 @@ def test_gradient_accumulation_matches_one_big_batch(make_batch):
     assert weight == results[0][1] == 8 * 32 - 4 * 7
     np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
     scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(results[0][2]))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale),
-                 grads, results[0][2])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale),
+      grads,
+      results[0][2],
+    )
   with pytest.raises(ValueError, match="grad_accum_steps"):
     _step(OptimizerConfig(warmup_steps=1, grad_accum_steps=3)).check_batch_shape(8)
 
@@ -54,8 +57,9 @@ def test_chunked_loss_matches_the_whole_logits(make_batch):
     step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
     state = step.init(0)
     with step.mesh, sharding.activate(step.mesh, step.rules):
-      results.append(jax.device_get(
-          jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch))))
+      results.append(
+        jax.device_get(jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch)))
+      )
   (loss0, grads0, aux0), (loss1, grads1, aux1) = results
   np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
   np.testing.assert_allclose(aux1["language_loss"], aux0["language_loss"], rtol=1e-5)
@@ -96,10 +100,17 @@ def test_loop_stops_after_k_nonfinite_steps_in_a_row(make_batch, tmp_path):
         b["weights"][:] = np.inf
       i += 1
       yield b
+
   trainer = TrainerConfig(num_steps=20, max_nonfinite_in_a_row=3, tensorboard=False)
   with pytest.raises(NonFiniteError, match=r"3 consecutive non-finite.*max_nonfinite_in_a_row=3"):
-    train(TINY, OptimizerConfig(warmup_steps=1), sharding.MeshConfig(data=-1), trainer,
-          batches(), str(tmp_path))
+    train(
+      TINY,
+      OptimizerConfig(warmup_steps=1),
+      sharding.MeshConfig(data=-1),
+      trainer,
+      batches(),
+      str(tmp_path),
+    )
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 5  # steps 1-2 fine, 3-5 skipped, then stop
 
@@ -119,6 +130,7 @@ def test_schedule_is_warmup_then_cosine_to_the_floor():
 
 def test_weight_decay_skips_biases_and_norms_as_megatron_does():
   from polylm_jax.model import params as P
+
   abstract = P.abstract_params(TINY)
   mask = decay_mask(abstract, OptimizerConfig())
   assert mask["blocks"]["attn"]["qkv_kernel"] and mask["blocks"]["mlp"]["fc_kernel"]
@@ -139,12 +151,15 @@ def test_weight_decay_is_applied_to_matrices_only(make_batch):
   new, _ = step(new, step.place_batch(zero))
   lr = float(lr_schedule(step.optimizer_config, 10)(1))
   assert lr > 0
-  np.testing.assert_allclose(np.asarray(new.params["blocks"]["mlp"]["fc_kernel"]),
-                             old["blocks"]["mlp"]["fc_kernel"] * (1 - lr * 0.5), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(new.params["wte"]), old["wte"] * (1 - lr * 0.5),
-                             rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(new.params["blocks"]["ln_1"]["scale"]),
-                                old["blocks"]["ln_1"]["scale"])
+  np.testing.assert_allclose(
+    np.asarray(new.params["blocks"]["mlp"]["fc_kernel"]),
+    old["blocks"]["mlp"]["fc_kernel"] * (1 - lr * 0.5),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(np.asarray(new.params["wte"]), old["wte"] * (1 - lr * 0.5), rtol=1e-6)
+  np.testing.assert_array_equal(
+    np.asarray(new.params["blocks"]["ln_1"]["scale"]), old["blocks"]["ln_1"]["scale"]
+  )
 
 
 def test_flops_formula_and_peak_table():
@@ -157,6 +172,7 @@ def test_flops_formula_and_peak_table():
   class FakeDevice:  # only device_kind and platform are read
     device_kind = "NVIDIA H100 80GB HBM3"
     platform = "gpu"
+
   assert flops.peak_flops_per_device(FakeDevice()) == 989e12
   FakeDevice.device_kind, FakeDevice.platform = "cpu", "cpu"
   assert flops.peak_flops_per_device(FakeDevice()) is None

@@ -22,21 +22,27 @@ def main(argv: list[str] | None = None) -> list[str]:
   parser.add_argument("--gin_bindings", action="append", default=[])
   parser.add_argument("--cache_dir", required=True, help="local, gs://, ... (tf.io.gfile)")
   parser.add_argument("--tasks", default=".*", help="regex over registered cacheable task names")
-  parser.add_argument("--beam_option", action="append", default=[],
-                      help="a Beam pipeline option, e.g. --runner=SparkRunner (repeatable)")
+  parser.add_argument(
+    "--beam_option",
+    action="append",
+    default=[],
+    help="a Beam pipeline option, e.g. --runner=SparkRunner (repeatable)",
+  )
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      force=True)
+  logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+  )
   try:
     import apache_beam  # noqa: F401
   except ImportError as e:
     raise SystemExit("polylm-cache needs Apache Beam: pip install apache-beam") from e
   import gin
 
+  from polylm_jax import gin_setup
   from polylm_jax.data import cache, tasks  # noqa: F401 (registers the sample tasks)
-  from polylm_jax.train import cli
-  cli.register_configurables()
-  cli.parse_gin(args.gin_file, args.gin_bindings)
+
+  gin_setup.register_configurables()
+  gin_setup.parse_gin(args.gin_file, args.gin_bindings)
   for key in ("train.corpora", "train.bitext"):
     try:
       reference = gin.query_parameter(key)

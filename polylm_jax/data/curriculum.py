@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
+
 import seqio
 
 from polylm_jax import languages
@@ -42,8 +42,9 @@ def task_name(key: str) -> str:
     return key
   name = task_registry.TASK_PREFIX + key
   if name not in seqio.TaskRegistry.names():
-    raise ValueError(f"curriculum: {key!r} is neither a registered task nor a language with a "
-                     f"task {name!r}")
+    raise ValueError(
+      f"curriculum: {key!r} is neither a registered task nor a language with a task {name!r}"
+    )
   return name
 
 
@@ -51,8 +52,9 @@ def _example_count(name: str, split: str) -> float:
   task = seqio.get_mixture_or_task(name)
   n = task.num_input_examples(split) if hasattr(task, "num_input_examples") else None
   if not n:
-    raise ValueError(f"curriculum: no example count for {name!r}; give Stage.counts for "
-                     f"temperature sampling")
+    raise ValueError(
+      f"curriculum: no example count for {name!r}; give Stage.counts for temperature sampling"
+    )
   return float(n)
 
 
@@ -69,8 +71,10 @@ def resolve_rates(stage: Stage, split: str = "train") -> dict[str, float]:
     rest = [t for t in pool if t not in explicit]
     share = 1.0 - sum(explicit.values())
     if share < 0:
-      raise ValueError(f"curriculum {label}: explicit rates sum to {sum(explicit.values())} > 1, "
-                       f"leaving nothing for temperature sampling")
+      raise ValueError(
+        f"curriculum {label}: explicit rates sum to {sum(explicit.values())} > 1, "
+        f"leaving nothing for temperature sampling"
+      )
     counts = {task_name(k): float(v) for k, v in (stage.counts or {}).items()}
     n = {t: counts.get(t) or _example_count(t, split) for t in rest}
     weights = {t: n[t] ** stage.temperature for t in rest}
@@ -95,8 +99,9 @@ class Curriculum:
       raise ValueError("Curriculum.stages is empty")
     starts = [s.start_step for s in stages]
     if starts[0] != 0 or sorted(set(starts)) != starts:
-      raise ValueError(f"Curriculum.stages must start at step 0 and have increasing start "
-                       f"steps; got {starts}")
+      raise ValueError(
+        f"Curriculum.stages must start at step 0 and have increasing start steps; got {starts}"
+      )
 
   def stage_at(self, batch_index: int) -> int:
     """The stage that feeds the batch of step batch_index + 1."""
@@ -105,7 +110,7 @@ class Curriculum:
   def mixtures(self, split: str = "train") -> list[str]:
     """Registers (once) and returns one seqio Mixture per stage."""
     names = []
-    for i, stage in enumerate(self.stages):
+    for stage in self.stages:
       rates = resolve_rates(stage, split)
       key = hashlib.sha1(json.dumps(sorted(rates.items())).encode()).hexdigest()[:10]
       name = f"polylm_curriculum_{key}"
@@ -119,8 +124,12 @@ class Curriculum:
     for i, stage in enumerate(self.stages):
       rates = resolve_rates(stage, split)
       english = sum(v for k, v in rates.items() if k.endswith("_en") or k == "en")
-      shown = ", ".join(f"{task_registry.task_language(k)} {v:.1%}"
-                        for k, v in sorted(rates.items(), key=lambda kv: -kv[1]))
-      rows.append(f"stage {i} {stage.name!r} from step {stage.start_step}: non-English "
-                  f"{1 - english:.1%} | {shown}")
+      shown = ", ".join(
+        f"{task_registry.task_language(k)} {v:.1%}"
+        for k, v in sorted(rates.items(), key=lambda kv: -kv[1])
+      )
+      rows.append(
+        f"stage {i} {stage.name!r} from step {stage.start_step}: non-English "
+        f"{1 - english:.1%} | {shown}"
+      )
     return "\n".join(rows)

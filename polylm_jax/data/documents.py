@@ -26,8 +26,15 @@ import tensorflow as tf
 from polylm_jax import languages
 from polylm_jax.typecheck import check_fields
 
-REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty", "too_short", "too_long",
-           "low_lang_score")
+REASONS = (
+  "invalid_utf8",
+  "invalid_json",
+  "missing_field",
+  "empty",
+  "too_short",
+  "too_long",
+  "low_lang_score",
+)
 _DROPPED: collections.Counter = collections.Counter()
 _LOCK = threading.Lock()
 
@@ -67,7 +74,8 @@ class RecordFilter:
 
   def texts(self, task: str, records) -> list[bytes]:
     """UTF-8 texts of the usable records; the others counted in dropped_records()."""
-    kept, dropped = [], collections.Counter()
+    kept: list[bytes] = []
+    dropped: collections.Counter = collections.Counter()
     for raw in records:
       reason = None
       try:
@@ -116,16 +124,22 @@ BLOCK_SIZE = 1024  # records per document block
 SHUFFLE_BLOCKS = 8
 
 
-def tokenize_records(task: str, language: str, records: RecordFilter = RecordFilter(), *,
-                     block_size: int = BLOCK_SIZE, parallel_blocks: int = 1):
+def tokenize_records(
+  task: str,
+  language: str,
+  records: RecordFilter = RecordFilter(),
+  *,
+  block_size: int = BLOCK_SIZE,
+  parallel_blocks: int = 1,
+):
   """seqio preprocessor: records (`text`, a tf.string per record) -> document blocks: each
   element holds up to `block_size` documents as ragged [docs, tokens] features {"targets":
   tokens + EOS, "lang": the language tag per token} (declare them with rank 2, see
   tasks.output_features). Blocks, not single documents, because every per-element tf.data step
   costs more CPU than tokenizing a sentence; packing.pack takes blocks as they are.
   `parallel_blocks`: blocks tokenized at once. 1 suits a mixture of many tasks (each task's
-  pipeline already runs beside the others; more threads per task measured 10-20% more CPU per
-  token on 18 tasks); raise it when one task must feed a many-core host alone."""
+  pipeline already runs beside the others, and more threads per task cost more CPU per token:
+  docs/benchmarks.md); raise it when one task must feed a many-core host alone."""
 
   def preprocess(ds: tf.data.Dataset, output_features) -> tf.data.Dataset:
     # The tag is looked up when the dataset is built, i.e. with the run's configured language set.
@@ -133,8 +147,10 @@ def tokenize_records(task: str, language: str, records: RecordFilter = RecordFil
     vocab = output_features["targets"].vocabulary
     sp = vocab.tokenizer  # the sentencepiece processor of vocab's model
     if vocab.eos_id != sp.eos_id() or sp.eos_id() < 0:
-      raise ValueError(f"task {task!r}: the vocabulary's EOS id {vocab.eos_id} is not its "
-                       f"SentencePiece model's ({sp.eos_id()})")
+      raise ValueError(
+        f"task {task!r}: the vocabulary's EOS id {vocab.eos_id} is not its "
+        f"SentencePiece model's ({sp.eos_id()})"
+      )
 
     def encode(raw: np.ndarray):
       texts = records.texts(task, raw.tolist())
@@ -146,17 +162,21 @@ def tokenize_records(task: str, language: str, records: RecordFilter = RecordFil
 
     def batch_fn(texts):
       flat, lengths = tf.numpy_function(encode, [texts], [tf.int32, tf.int64], stateful=False)
-      docs = tf.RaggedTensor.from_row_lengths(tf.ensure_shape(flat, [None]),
-                                              tf.ensure_shape(lengths, [None]))
+      docs = tf.RaggedTensor.from_row_lengths(
+        tf.ensure_shape(flat, [None]), tf.ensure_shape(lengths, [None])
+      )
       return {"targets": docs, "lang": tf.ones_like(docs) * language_tag}
 
     if isinstance(ds.element_spec, dict):  # e.g. {"text": ...} from TFDS or a FunctionDataSource
       field = records.text_field if records.record_format == "tfds" else "text"
       if field not in ds.element_spec:
-        raise ValueError(f"task {task!r}: records have no field {field!r} (fields: "
-                         f"{sorted(ds.element_spec)}); set the text field")
+        raise ValueError(
+          f"task {task!r}: records have no field {field!r} (fields: "
+          f"{sorted(ds.element_spec)}); set the text field"
+        )
       ds = ds.map(lambda ex: ex[field])
     return ds.batch(block_size).map(
-        batch_fn, num_parallel_calls=None if parallel_blocks == 1 else parallel_blocks)
+      batch_fn, num_parallel_calls=None if parallel_blocks == 1 else parallel_blocks
+    )
 
   return preprocess

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -62,8 +61,11 @@ def parse_record(raw) -> tuple[list[chat.Turn] | None, str | None]:
       return None, "missing_field"
     instruction, output = item.get("instruction"), item.get("output")
     input_text = item.get("input", "") or ""
-    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(
-        input_text, str):
+    if (
+      not isinstance(instruction, str)
+      or not isinstance(output, str)
+      or not isinstance(input_text, str)
+    ):
       return None, "missing_field"
     if not instruction.strip() or not output.strip():
       return None, "empty"
@@ -71,8 +73,9 @@ def parse_record(raw) -> tuple[list[chat.Turn] | None, str | None]:
   return turns, None
 
 
-def encode_example(sp, turns, fmt: chat.InstructionFormat, max_tokens: int,
-                   min_prompt_tokens: int = 8) -> tuple[list[int], list[float], str | None]:
+def encode_example(
+  sp, turns, fmt: chat.InstructionFormat, max_tokens: int, min_prompt_tokens: int = 8
+) -> tuple[list[int], list[float], str | None]:
   """(ids, weights, truncation or None); ids start with BOS and hold at most max_tokens + 1."""
   parts = [(sp.encode(fmt.render(t.instruction, t.input)), sp.encode(t.output)) for t in turns]
   total = lambda ps: 1 + sum(len(p) + len(r) + 1 for p, r in ps)
@@ -90,11 +93,11 @@ def encode_example(sp, turns, fmt: chat.InstructionFormat, max_tokens: int,
   for i, (prompt, response) in enumerate(parts):
     answer = response + [framing.EOS_ID]
     if excess > 0 and i == len(parts) - 1:  # the last answer loses its EOS and then its end
-      answer = answer[:max(0, len(answer) - excess)]
+      answer = answer[: max(0, len(answer) - excess)]
       how = "truncated_response"
     ids += prompt + answer
     weights += [0.0] * len(prompt) + [1.0] * len(answer)
-  return ids[:max_tokens + 1], weights[:max_tokens + 1], how
+  return ids[: max_tokens + 1], weights[: max_tokens + 1], how
 
 
 def _count(task: str, reason: str, n: int = 1) -> None:
@@ -102,8 +105,14 @@ def _count(task: str, reason: str, n: int = 1) -> None:
     documents._DROPPED[(task, reason)] += n
 
 
-def tokenize_instructions(task: str, lang: str, fmt: chat.InstructionFormat, max_tokens: int,
-                          min_prompt_tokens: int = 8, block_size: int = 256):
+def tokenize_instructions(
+  task: str,
+  lang: str,
+  fmt: chat.InstructionFormat,
+  max_tokens: int,
+  min_prompt_tokens: int = 8,
+  block_size: int = 256,
+):
   """seqio preprocessor: serialized records -> blocks of examples {"targets", "loss_weights",
   "lang"} (ragged [examples, tokens]; targets exclude the leading BOS, which packing adds)."""
 
@@ -124,17 +133,21 @@ def tokenize_instructions(task: str, lang: str, fmt: chat.InstructionFormat, max
         targets += ids[1:]
         weights += w[1:]
         lengths.append(len(ids) - 1)
-      return (np.asarray(targets, np.int32), np.asarray(weights, np.float32),
-              np.asarray(lengths, np.int64))
+      return (
+        np.asarray(targets, np.int32),
+        np.asarray(weights, np.float32),
+        np.asarray(lengths, np.int64),
+      )
 
     def batch_fn(texts):
-      t, w, n = tf.numpy_function(encode, [texts], [tf.int32, tf.float32, tf.int64],
-                                  stateful=False)
+      t, w, n = tf.numpy_function(encode, [texts], [tf.int32, tf.float32, tf.int64], stateful=False)
       n = tf.ensure_shape(n, [None])
       docs = tf.RaggedTensor.from_row_lengths(tf.ensure_shape(t, [None]), n)
-      return {"targets": docs,
-              "loss_weights": tf.RaggedTensor.from_row_lengths(tf.ensure_shape(w, [None]), n),
-              "lang": tf.ones_like(docs) * tag}
+      return {
+        "targets": docs,
+        "loss_weights": tf.RaggedTensor.from_row_lengths(tf.ensure_shape(w, [None]), n),
+        "lang": tf.ones_like(docs) * tag,
+      }
 
     if isinstance(ds.element_spec, dict):
       ds = ds.map(lambda ex: ex["text"])
@@ -145,8 +158,9 @@ def tokenize_instructions(task: str, lang: str, fmt: chat.InstructionFormat, max
 
 def output_features(vocab) -> dict[str, seqio.Feature]:
   features = tasks.output_features(vocab)
-  features["loss_weights"] = seqio.Feature(seqio.PassThroughVocabulary(2), add_eos=False,
-                                           dtype=tf.float32, rank=2)
+  features["loss_weights"] = seqio.Feature(
+    seqio.PassThroughVocabulary(2), add_eos=False, dtype=tf.float32, rank=2
+  )
   return features
 
 
@@ -162,7 +176,7 @@ def read_file(path: str) -> list[str]:
     except ValueError as e:
       raise ValueError(f"{path}: not a valid JSON array ({e})") from e
     return [json.dumps(r, ensure_ascii=False) for r in records]
-  return [l for l in text.splitlines() if l.strip()]
+  return [line for line in text.splitlines() if line.strip()]
 
 
 def _holdout(record: str, fraction: float) -> bool:
@@ -191,8 +205,9 @@ class InstructionCorpora:
     if not self.files and not self.directory and not self.embedded_sample:
       raise ValueError("InstructionCorpora: set files, directory or embedded_sample")
     if not 0.0 <= self.holdout_fraction < 1.0:
-      raise ValueError(f"InstructionCorpora.holdout_fraction={self.holdout_fraction} must be in "
-                       f"[0, 1)")
+      raise ValueError(
+        f"InstructionCorpora.holdout_fraction={self.holdout_fraction} must be in [0, 1)"
+      )
 
   def _globs(self) -> dict[str, dict[str, str]]:
     out = {}
@@ -205,9 +220,11 @@ class InstructionCorpora:
         if lang not in out and tf.io.gfile.glob(pattern):
           out[lang] = {"train": pattern}
       if not out:
-        raise ValueError(f"InstructionCorpora.directory={directory!r}: no file matches "
-                         f"{self.file_pattern!r} for any of the run's languages "
-                         f"{list(languages.active().codes)}")
+        raise ValueError(
+          f"InstructionCorpora.directory={directory!r}: no file matches "
+          f"{self.file_pattern!r} for any of the run's languages "
+          f"{list(languages.active().codes)}"
+        )
     return out
 
   def register(self, vocab=None, seq_len: int = 2048) -> dict[str, dict]:
@@ -230,18 +247,26 @@ class InstructionCorpora:
       random.Random(f"{self.seed}/{lang}").shuffle(records["train"])  # mix blocks, fixed order
       stats[lang] = self._statistics(sp, records, seq_len)
       if not stats[lang]["train_examples"]:
-        raise ValueError(f"task {name!r}: no usable training example in {splits} "
-                         f"(skipped: {stats[lang]['skipped']})")
+        raise ValueError(
+          f"task {name!r}: no usable training example in {splits} "
+          f"(skipped: {stats[lang]['skipped']})"
+        )
       documents.reset_dropped(name)
       if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
       seqio.TaskRegistry.add(
-          name, source=seqio.FunctionDataSource(
-              _records_fn(records), splits=tuple(records),
-              num_input_examples={s: len(r) for s, r in records.items()}),
-          preprocessors=[tokenize_instructions(name, lang, self.format, seq_len,
-                                               self.min_prompt_tokens)],
-          output_features=output_features(vocab), shuffle_buffer_size=64)
+        name,
+        source=seqio.FunctionDataSource(
+          _records_fn(records),
+          splits=tuple(records),
+          num_input_examples={s: len(r) for s, r in records.items()},
+        ),
+        preprocessors=[
+          tokenize_instructions(name, lang, self.format, seq_len, self.min_prompt_tokens)
+        ],
+        output_features=output_features(vocab),
+        shuffle_buffer_size=64,
+      )
       n = stats[lang]["train_examples"]
       rates[name] = float(n) if self.temperature is None else float(n) ** self.temperature
     if self.mixture in seqio.MixtureRegistry.names():
@@ -249,14 +274,23 @@ class InstructionCorpora:
     seqio.MixtureRegistry.add(self.mixture, list(rates.items()))
     total = sum(rates.values())
     for lang, s in stats.items():
-      logging.info("instructions %s: %d train / %d validation examples, %d packed rows per epoch, "
-                   "rate %.1f%%; skipped %s; truncated %s", lang, s["train_examples"],
-                   s["validation_examples"], s["rows"], 100 * rates[self.prefix + lang] / total,
-                   s["skipped"] or "none", s["truncated"] or "none")
+      logging.info(
+        "instructions %s: %d train / %d validation examples, %d packed rows per epoch, "
+        "rate %.1f%%; skipped %s; truncated %s",
+        lang,
+        s["train_examples"],
+        s["validation_examples"],
+        s["rows"],
+        100 * rates[self.prefix + lang] / total,
+        s["skipped"] or "none",
+        s["truncated"] or "none",
+      )
     return stats
 
   def _statistics(self, sp, records, seq_len: int) -> dict:
-    skipped, truncated, lengths = collections.Counter(), collections.Counter(), []
+    skipped: collections.Counter = collections.Counter()
+    truncated: collections.Counter = collections.Counter()
+    lengths: list[int] = []
     for record in records["train"]:
       turns, reason = parse_record(record)
       if reason:
@@ -267,15 +301,20 @@ class InstructionCorpora:
         truncated[how] += 1
       lengths.append(len(ids) - 1)
     valid = sum(parse_record(r)[1] is None for r in records.get("validation", []))
-    return {"train_examples": len(lengths), "validation_examples": valid, "rows":
-            rows_per_epoch(lengths, seq_len), "skipped": dict(skipped),
-            "truncated": dict(truncated)}
+    return {
+      "train_examples": len(lengths),
+      "validation_examples": valid,
+      "rows": rows_per_epoch(lengths, seq_len),
+      "skipped": dict(skipped),
+      "truncated": dict(truncated),
+    }
 
 
 def _records_fn(records: dict[str, list[str]]):
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # the order is fixed at registration; seqio shuffles the blocks
     return tf.data.Dataset.from_tensor_slices({"text": records[split]})
+
   return dataset_fn
 
 
@@ -283,13 +322,15 @@ def rows_per_epoch(lengths, seq_len: int, block_size: int = 256) -> int:
   """Rows that packing makes of examples of these lengths (whole examples, block by block)."""
   rows = 0
   for start in range(0, len(lengths), block_size):
-    rows += len(greedy_rows(lengths[start:start + block_size], seq_len))
+    rows += len(greedy_rows(lengths[start : start + block_size], seq_len))
   return rows
 
 
 def greedy_rows(lengths, seq_len: int) -> list[list[int]]:
   """Example indices per row: in order, a new row when the next example does not fit."""
-  rows, current, used = [], [], 0
+  rows: list[list[int]] = []
+  current: list[int] = []
+  used = 0
   for i, n in enumerate(lengths):
     if current and used + n > seq_len:
       rows.append(current)

@@ -7,7 +7,8 @@ next row as a new segment (positions restart at 0; its first input is the true p
 
 Per row the train step gets `inputs` (BOS + targets shifted right, per document), `targets`,
 `weights` (1 on tokens, 0 on padding), `positions`, `segment_ids` (1, 2, ... per row; 0 on
-padding) and `languages` (the `lang` tags; 0 for untagged tasks and padding). Only a finite stream (evaluation) ends with
+padding) and `languages` (the `lang` tags; 0 for untagged tasks and padding). Only a finite stream
+(evaluation) ends with
 a padded row: `flush=True` emits the remainder.
 
 Why not seqio's packing: seqio's feature converters pack one example at a time in tf.data ops and
@@ -28,9 +29,13 @@ ROW_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "languag
 
 
 def _empty_carry() -> dict[str, tf.Tensor]:
-  return {"targets": tf.zeros([0], tf.int32), "inputs": tf.zeros([0], tf.int32),
-          "doc": tf.zeros([0], tf.int64), "pos": tf.zeros([0], tf.int32),
-          "lang": tf.zeros([0], tf.int32)}
+  return {
+    "targets": tf.zeros([0], tf.int32),
+    "inputs": tf.zeros([0], tf.int32),
+    "doc": tf.zeros([0], tf.int64),
+    "pos": tf.zeros([0], tf.int32),
+    "lang": tf.zeros([0], tf.int32),
+  }
 
 
 def _stream(docs: dict[str, tf.RaggedTensor], first_doc: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -44,8 +49,13 @@ def _stream(docs: dict[str, tf.RaggedTensor], first_doc: tf.Tensor) -> dict[str,
   previous = tf.concat([[BOS_ID], flat[:-1]], axis=0)
   # Untagged documents: language 0 ("none") on every token.
   lang = tf.cast(docs["lang"].flat_values, tf.int32) if "lang" in docs else tf.zeros_like(flat)
-  return {"targets": flat, "inputs": tf.where(pos == 0, BOS_ID, previous),
-          "doc": rowids + first_doc, "pos": pos, "lang": lang}
+  return {
+    "targets": flat,
+    "inputs": tf.where(pos == 0, BOS_ID, previous),
+    "doc": rowids + first_doc,
+    "pos": pos,
+    "lang": lang,
+  }
 
 
 def _rows(stream: dict[str, tf.Tensor], seq_len: int, num_rows: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -57,20 +67,28 @@ def _rows(stream: dict[str, tf.Tensor], seq_len: int, num_rows: tf.Tensor) -> di
   seg = tf.where(real, seg, 0)
   # A segment that began in an earlier row restarts its positions at this row's start.
   positions = tf.where(seg == 1, cut["pos"] - cut["pos"][:, :1], cut["pos"])
-  return {"inputs": cut["inputs"], "targets": cut["targets"],
-          "weights": tf.cast(real, tf.float32), "positions": tf.where(real, positions, 0),
-          "segment_ids": seg, "languages": cut["lang"]}
+  return {
+    "inputs": cut["inputs"],
+    "targets": cut["targets"],
+    "weights": tf.cast(real, tf.float32),
+    "positions": tf.where(real, positions, 0),
+    "segment_ids": seg,
+    "languages": cut["lang"],
+  }
 
 
 def _pad(stream: dict[str, tf.Tensor], seq_len: int) -> dict[str, tf.Tensor]:
   """Pads a stream shorter than a row up to seq_len (padding tokens: 0, doc -1)."""
   short = (seq_len - tf.shape(stream["targets"])[0] % seq_len) % seq_len
-  return {k: tf.concat([v, tf.fill([short], tf.constant(-1 if k == "doc" else 0, v.dtype))], 0)
-          for k, v in stream.items()}
+  return {
+    k: tf.concat([v, tf.fill([short], tf.constant(-1 if k == "doc" else 0, v.dtype))], 0)
+    for k, v in stream.items()
+  }
 
 
-def pack(ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024,
-         flush: bool = False) -> tf.data.Dataset:
+def pack(
+  ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024, flush: bool = False
+) -> tf.data.Dataset:
   """Rows of `seq_len` tokens (dicts of ROW_KEYS, [seq_len] each) from a dataset of documents
   ({"targets": [n] int, optionally "lang": [n] int}) or of document blocks (the same as ragged
   [docs, n]: documents.tokenize_records; much faster). `flush` pads and emits the final partial row
@@ -80,14 +98,20 @@ def pack(ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024,
     ds = ds.map(lambda ex: {k: ex[k] for k in keys})
     ds = ds.filter(lambda ex: tf.size(ex["targets"]) > 0).ragged_batch(docs_per_batch)
     # Documents that all have one static length batch to dense tensors: make them ragged too.
-    ds = ds.map(lambda b: {k: v if isinstance(v, tf.RaggedTensor) else
-                           tf.RaggedTensor.from_tensor(v) for k, v in b.items()})
+    ds = ds.map(
+      lambda b: {
+        k: v if isinstance(v, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(v)
+        for k, v in b.items()
+      }
+    )
   else:
     ds = ds.map(lambda b: {k: b[k] for k in keys})
   batches = ds.map(lambda b: (b, False))
   if flush:
-    empty = {k: tf.RaggedTensor.from_row_splits(tf.zeros([0], spec.dtype), tf.zeros([1], tf.int64))
-             for k, spec in ds.element_spec.items()}
+    empty = {
+      k: tf.RaggedTensor.from_row_splits(tf.zeros([0], spec.dtype), tf.zeros([1], tf.int64))
+      for k, spec in ds.element_spec.items()
+    }
     batches = batches.concatenate(tf.data.Dataset.from_tensors((empty, True)))
 
   def step(state, element):
@@ -99,7 +123,7 @@ def pack(ds: tf.data.Dataset, seq_len: int, *, docs_per_batch: int = 1024,
       stream = tf.cond(last, lambda: _pad(stream, seq_len), lambda: stream)
     num_rows = tf.shape(stream["targets"], out_type=tf.int64)[0] // seq_len
     rows = _rows(stream, seq_len, num_rows)
-    rest = {k: v[num_rows * seq_len:] for k, v in stream.items()}
+    rest = {k: v[num_rows * seq_len :] for k, v in stream.items()}
     return (rest, next_doc + docs["targets"].nrows()), rows
 
   initial = (_empty_carry(), tf.constant(0, tf.int64))
@@ -125,8 +149,10 @@ def pack_examples(ds: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
   def rows(targets, weights, langs, lengths):
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     plan = greedy_rows(lengths.tolist(), seq_len)
-    out = {k: np.zeros((len(plan), seq_len), np.float32 if k == "weights" else np.int32)
-           for k in ROW_KEYS}
+    out = {
+      k: np.zeros((len(plan), seq_len), np.float32 if k == "weights" else np.int32)
+      for k in ROW_KEYS
+    }
     for r, docs in enumerate(plan):
       at = 0
       for s, d in enumerate(docs, start=1):
@@ -134,22 +160,29 @@ def pack_examples(ds: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
         n = b - a
         if n > seq_len:
           raise ValueError(f"an example of {n} tokens does not fit a row of {seq_len}")
-        out["targets"][r, at:at + n] = targets[a:b]
+        out["targets"][r, at : at + n] = targets[a:b]
         out["inputs"][r, at] = BOS_ID
-        out["inputs"][r, at + 1:at + n] = targets[a:b - 1]
-        out["weights"][r, at:at + n] = weights[a:b]
-        out["positions"][r, at:at + n] = np.arange(n)
-        out["segment_ids"][r, at:at + n] = s
-        out["languages"][r, at:at + n] = langs[a:b]
+        out["inputs"][r, at + 1 : at + n] = targets[a : b - 1]
+        out["weights"][r, at : at + n] = weights[a:b]
+        out["positions"][r, at : at + n] = np.arange(n)
+        out["segment_ids"][r, at : at + n] = s
+        out["languages"][r, at : at + n] = langs[a:b]
         at += n
     return tuple(out[k] for k in ROW_KEYS)
 
   def block_rows(block):
     dtypes = [tf.float32 if k == "weights" else tf.int32 for k in ROW_KEYS]
     made = tf.numpy_function(
-        rows, [block["targets"].flat_values, tf.cast(block["loss_weights"].flat_values,
-                                                      tf.float32),
-               block["lang"].flat_values, block["targets"].row_lengths()], dtypes, stateful=False)
+      rows,
+      [
+        block["targets"].flat_values,
+        tf.cast(block["loss_weights"].flat_values, tf.float32),
+        block["lang"].flat_values,
+        block["targets"].row_lengths(),
+      ],
+      dtypes,
+      stateful=False,
+    )
     return {k: tf.ensure_shape(v, [None, seq_len]) for k, v in zip(ROW_KEYS, made)}
 
   return ds.map(block_rows).unbatch()

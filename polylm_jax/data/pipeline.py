@@ -39,44 +39,74 @@ def _task_seed(seed: int, index: int) -> int:
 def _use_cache(task: seqio.Task, config: DataConfig) -> bool:
   use_cached = config.use_cached and task.supports_caching
   if use_cached and not task.cache_dir:
-    raise ValueError(f"DataConfig.use_cached: task {task.name!r} has no completed cache in "
-                     f"DataConfig.cache_dirs={list(config.cache_dirs)} (make one with "
-                     f"polylm-cache)")
+    raise ValueError(
+      f"DataConfig.use_cached: task {task.name!r} has no completed cache in "
+      f"DataConfig.cache_dirs={list(config.cache_dirs)} (make one with "
+      f"polylm-cache)"
+    )
   return use_cached
 
 
-def _task_rows(task: seqio.Task, index: int, config: DataConfig, *, shard_index: int,
-               num_shards: int, shuffle: bool, num_epochs: int | None) -> tf.data.Dataset:
+def _task_rows(
+  task: seqio.Task,
+  index: int,
+  config: DataConfig,
+  *,
+  shard_index: int,
+  num_shards: int,
+  shuffle: bool,
+  num_epochs: int | None,
+) -> tf.data.Dataset:
   """One task's documents, packed into rows (seqio reads, shards, preprocesses, shuffles)."""
   use_cached = _use_cache(task, config)
   if config.use_cached and not use_cached:
-    logging.info("DataConfig.use_cached: task %s is not cacheable, preprocessed on the fly",
-                 task.name)
-  docs = task.get_dataset(sequence_length=None, split=config.split, shuffle=shuffle,
-                          seed=_task_seed(config.seed, index), use_cached=use_cached,
-                          shard_info=seqio.ShardInfo(shard_index, num_shards),
-                          num_epochs=num_epochs, trim_output_features=False)
+    logging.info(
+      "DataConfig.use_cached: task %s is not cacheable, preprocessed on the fly", task.name
+    )
+  docs = task.get_dataset(
+    sequence_length=None,
+    split=config.split,
+    shuffle=shuffle,
+    seed=_task_seed(config.seed, index),
+    use_cached=use_cached,
+    shard_info=seqio.ShardInfo(shard_index, num_shards),
+    num_epochs=num_epochs,
+    trim_output_features=False,
+  )
   if "targets" not in docs.element_spec:
-    raise ValueError(f"task {task.name!r} has no 'targets' feature (features: "
-                     f"{sorted(docs.element_spec)})")
+    raise ValueError(
+      f"task {task.name!r} has no 'targets' feature (features: {sorted(docs.element_spec)})"
+    )
   if "loss_weights" in docs.element_spec:  # instruction examples: packed whole, prompts weight 0
     return packing.pack_examples(docs, config.seq_len)
   if cache.is_packed(docs.element_spec):  # rows already (a packed-row task, cached or not)
     cache.check_row_length(task.name, docs, config.seq_len)
-    return docs.map(lambda r: {k: tf.ensure_shape(r[k], [config.seq_len])
-                               for k in packing.ROW_KEYS})
+    return docs.map(
+      lambda r: {k: tf.ensure_shape(r[k], [config.seq_len]) for k in packing.ROW_KEYS}
+    )
   return packing.pack(docs, config.seq_len, flush=num_epochs is not None)
 
 
-def _get_dataset(config: DataConfig, *, shard_index: int, num_shards: int, shuffle: bool,
-                 num_epochs: int | None) -> tf.data.Dataset:
+def _get_dataset(
+  config: DataConfig, *, shard_index: int, num_shards: int, shuffle: bool, num_epochs: int | None
+) -> tf.data.Dataset:
   """Packed rows of the mixture: each task packed on its own, rows mixed by the mixture's rates
   (so rates are shares of tokens, every row holds one task's documents). A finite pass
   (num_epochs set, e.g. evaluation) reads the tasks one after another instead."""
   pairs = mixture_tasks(config.mixture)
   seqio.add_global_cache_dirs(list(config.cache_dirs))  # where task.cache_dir looks
-  rows = [_task_rows(t, i, config, shard_index=shard_index, num_shards=num_shards,
-                     shuffle=shuffle, num_epochs=num_epochs) for i, (t, _) in enumerate(pairs)]
+  rows = [
+    _task_rows(
+      t,
+      i,
+      config,
+      shard_index=shard_index,
+      num_shards=num_shards,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+    )
+    for i, (t, _) in enumerate(pairs)
+  ]
   if num_epochs is not None or len(rows) == 1:
     ds = rows[0]
     for more in rows[1:]:
@@ -84,7 +114,8 @@ def _get_dataset(config: DataConfig, *, shard_index: int, num_shards: int, shuff
     return ds
   total = sum(rate for _, rate in pairs)
   return tf.data.Dataset.sample_from_datasets(
-      rows, weights=[rate / total for _, rate in pairs], seed=config.seed)
+    rows, weights=[rate / total for _, rate in pairs], seed=config.seed
+  )
 
 
 def _source_files(task: seqio.Task, split: str) -> list[str]:
@@ -99,6 +130,7 @@ def check_has_data(names, config: DataConfig) -> None:
   records are all dropped (a wrong text field, say) or an empty file fails here, at start, naming
   the task, its files and the drop counts (an infinite stream of nothing would hang training)."""
   from polylm_jax.data import documents
+
   seqio.add_global_cache_dirs(list(config.cache_dirs))
   seen = set()
   for name in names:
@@ -106,23 +138,33 @@ def check_has_data(names, config: DataConfig) -> None:
       if task.name in seen:
         continue
       seen.add(task.name)
-      ds = task.get_dataset(sequence_length=None, split=config.split, shuffle=False,
-                            use_cached=_use_cache(task, config), num_epochs=1,
-                            trim_output_features=False)
+      ds = task.get_dataset(
+        sequence_length=None,
+        split=config.split,
+        shuffle=False,
+        use_cached=_use_cache(task, config),
+        num_epochs=1,
+        trim_output_features=False,
+      )
 
       def tokens(ex):
         t = ex["targets"]
         return tf.size(t.flat_values if isinstance(t, tf.RaggedTensor) else t)
+
       if next(iter(ds.map(tokens).filter(lambda n: n > 0).take(1)), None) is not None:
         continue
       shards = _source_files(task, config.split)
-      where = (f" (read from {shards[:3]}{f' and {len(shards) - 3} more' if len(shards) > 3 else ''})"
-               if shards else "")
+      where = (
+        f" (read from {shards[:3]}{f' and {len(shards) - 3} more' if len(shards) > 3 else ''})"
+        if shards
+        else ""
+      )
       dropped = documents.dropped_records().get(task.name)
       raise ValueError(
-          f"task {task.name!r} yields no {config.split} documents{where}; records dropped: "
-          f"{dropped or 'none'}. Check the files and the record settings (e.g. "
-          f"TextCorpora.text_field, record_format, min_chars, min_lang_score)")
+        f"task {task.name!r} yields no {config.split} documents{where}; records dropped: "
+        f"{dropped or 'none'}. Check the files and the record settings (e.g. "
+        f"TextCorpora.text_field, record_format, min_chars, min_lang_score)"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,24 +216,34 @@ def _hide_tf_from_accelerators() -> None:
     pass  # already initialised: visible devices can no longer change, nothing to do
 
 
-def packed_dataset(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
-                   num_epochs: int | None = None) -> tf.data.Dataset:
+def packed_dataset(
+  config: DataConfig, *, shard_index: int = 0, num_shards: int = 1, num_epochs: int | None = None
+) -> tf.data.Dataset:
   """This shard's packed rows, batched to batch_size // num_shards rows."""
   _hide_tf_from_accelerators()
   absl_logger = logging.getLogger("absl")
   if _ONCE not in absl_logger.filters:
     absl_logger.addFilter(_ONCE)
   if config.batch_size % num_shards:
-    raise ValueError(f"DataConfig.batch_size={config.batch_size} is not divisible by the "
-                     f"{num_shards} data-loading processes")
+    raise ValueError(
+      f"DataConfig.batch_size={config.batch_size} is not divisible by the "
+      f"{num_shards} data-loading processes"
+    )
   for registry in (seqio.MixtureRegistry, seqio.TaskRegistry):
     if config.mixture in registry.names():
       break
   else:
-    raise ValueError(f"DataConfig.mixture={config.mixture!r} is not a registered seqio Mixture or "
-                     f"Task (import the module that registers it, e.g. polylm_jax.data.tasks)")
-  ds = _get_dataset(config, shard_index=shard_index, num_shards=num_shards,
-                    shuffle=config.shuffle, num_epochs=num_epochs)
+    raise ValueError(
+      f"DataConfig.mixture={config.mixture!r} is not a registered seqio Mixture or "
+      f"Task (import the module that registers it, e.g. polylm_jax.data.tasks)"
+    )
+  ds = _get_dataset(
+    config,
+    shard_index=shard_index,
+    num_shards=num_shards,
+    shuffle=config.shuffle,
+    num_epochs=num_epochs,
+  )
   rows = config.batch_size // num_shards
   return ds.batch(rows, drop_remainder=True).prefetch(2)
 
@@ -240,29 +292,37 @@ class BatchIterator:
     self.position = position
 
 
-def batches(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
-            num_epochs: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+  config: DataConfig, *, shard_index: int = 0, num_shards: int = 1, num_epochs: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
   if num_epochs is None:
     return BatchIterator(config, shard_index=shard_index, num_shards=num_shards)
-  return (_to_numpy(raw) for raw in packed_dataset(
-      config, shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs))
+  return (
+    _to_numpy(raw)
+    for raw in packed_dataset(
+      config, shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs
+    )
+  )
 
 
-def eval_batches(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1,
-                 max_batches: int = 4) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  config: DataConfig, *, shard_index: int = 0, num_shards: int = 1, max_batches: int = 4
+) -> list[dict[str, np.ndarray]]:
   """Up to `max_batches` packed batches of one pass over a (validation) split, the last one
   padded with zero-weight rows, so held-out loss is computed on the same tokens every time."""
   rows = config.batch_size // num_shards
   config = dataclasses.replace(config, shuffle=False)
-  ds = _get_dataset(config, shard_index=shard_index, num_shards=num_shards, shuffle=False,
-                    num_epochs=1)
+  ds = _get_dataset(
+    config, shard_index=shard_index, num_shards=num_shards, shuffle=False, num_epochs=1
+  )
   out = []
   for raw in ds.batch(rows).take(max_batches):
     batch = _to_numpy(raw)
     short = rows - batch["inputs"].shape[0]
     if short:
-      batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
+      batch = {
+        k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()
+      }
     out.append(batch)
   if not out:
     raise ValueError(f"{config.mixture!r} has no {config.split!r} data for evaluation")
@@ -277,8 +337,7 @@ class StagedBatches:
   when the stage begins, so where a run restarts does not change what it sees.
   """
 
-  def __init__(self, curriculum, config: DataConfig, *, shard_index: int = 0,
-               num_shards: int = 1):
+  def __init__(self, curriculum, config: DataConfig, *, shard_index: int = 0, num_shards: int = 1):
     self.curriculum = curriculum
     self.config = config
     self.shard_index, self.num_shards = shard_index, num_shards
@@ -288,24 +347,33 @@ class StagedBatches:
     self._inner: BatchIterator | None = None
 
   def _stage_iterator(self, stage: int) -> BatchIterator:
-    cfg = dataclasses.replace(self.config, mixture=self.mixtures[stage],
-                              seed=self.config.seed + stage)
+    cfg = dataclasses.replace(
+      self.config, mixture=self.mixtures[stage], seed=self.config.seed + stage
+    )
     return BatchIterator(cfg, shard_index=self.shard_index, num_shards=self.num_shards)
 
-  def _enter(self, stage: int) -> None:
-    if stage != self.stage:
+  def _enter(self, stage: int) -> BatchIterator:
+    """The iterator of `stage` (a fresh one when the stage changes)."""
+    if stage != self.stage or self._inner is None:
       s = self.curriculum.stages[stage]
-      logging.info("curriculum: stage %d %r feeds steps from %d (batch %d on): mixture %s",
-                   stage, s.name, s.start_step + 1, self.position, self.mixtures[stage])
+      logging.info(
+        "curriculum: stage %d %r feeds steps from %d (batch %d on): mixture %s",
+        stage,
+        s.name,
+        s.start_step + 1,
+        self.position,
+        self.mixtures[stage],
+      )
       self._inner = self._stage_iterator(stage)
       self.stage = stage
+    return self._inner
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    self._enter(self.curriculum.stage_at(self.position))
-    batch = next(self._inner)
+    inner = self._enter(self.curriculum.stage_at(self.position))
+    batch = next(inner)
     self.position += 1
     return batch
 
@@ -318,8 +386,11 @@ class StagedBatches:
     if self._inner is not None:
       self._inner.save(directory)
     with tf.io.gfile.GFile(f"{directory}/stage_{self.shard_index}.json", "w") as f:
-      f.write(json.dumps({"stage": self.stage, "inner_position":
-                          self._inner.position if self._inner else 0}))
+      f.write(
+        json.dumps(
+          {"stage": self.stage, "inner_position": self._inner.position if self._inner else 0}
+        )
+      )
 
   def restore(self, directory: str, position: int) -> None:
     with tf.io.gfile.GFile(f"{directory}/stage_{self.shard_index}.json") as f:
@@ -327,6 +398,6 @@ class StagedBatches:
     self.position = position
     self.stage, self._inner = None, None
     stage = self.curriculum.stage_at(position)
-    self._enter(stage)
+    inner = self._enter(stage)
     if saved["stage"] == stage:
-      self._inner.restore(directory, saved["inner_position"])
+      inner.restore(directory, saved["inner_position"])

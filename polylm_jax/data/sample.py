@@ -8,8 +8,26 @@ from __future__ import annotations
 
 import pathlib
 
-LANGUAGES = ("en", "zh", "ru", "es", "de", "fr", "ar", "pt", "it", "ja", "ko", "th", "id", "vi",
-             "nl", "pl", "tr", "he")
+LANGUAGES = (
+  "en",
+  "zh",
+  "ru",
+  "es",
+  "de",
+  "fr",
+  "ar",
+  "pt",
+  "it",
+  "ja",
+  "ko",
+  "th",
+  "id",
+  "vi",
+  "nl",
+  "pl",
+  "tr",
+  "he",
+)
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
 TOKENIZER_MODEL = SAMPLE_DIR / "sample_sp.model"
 VALIDATION_EVERY = 10
@@ -23,10 +41,12 @@ def sample_path(lang: str) -> pathlib.Path:
 
 def sample_lines(lang: str, split: str | None = None) -> list[str]:
   """The sample sentences of one language; split is None (all), 'train' or 'validation'."""
-  lines = [l for l in sample_path(lang).read_text(encoding="utf-8").splitlines() if l.strip()]
+  lines = [
+    line for line in sample_path(lang).read_text(encoding="utf-8").splitlines() if line.strip()
+  ]
   if split is None:
     return lines
   if split not in ("train", "validation"):
     raise ValueError(f"split {split!r}: expected 'train' or 'validation'")
   held_out = split == "validation"
-  return [l for i, l in enumerate(lines) if (i % VALIDATION_EVERY == 0) == held_out]
+  return [line for i, line in enumerate(lines) if (i % VALIDATION_EVERY == 0) == held_out]

@@ -76,26 +76,41 @@ class TextCorpora:
 
   def _filter(self, record_format: str) -> documents.RecordFilter:
     if self.lang_score_field and record_format == "text":
-      raise ValueError("TextCorpora.lang_score_field needs records with fields: set "
-                       "record_format='jsonl' (plain text lines carry no score)")
-    return documents.RecordFilter(record_format, self.text_field, self.lang_score_field,
-                                  self.min_lang_score, self.min_chars, self.max_chars)
+      raise ValueError(
+        "TextCorpora.lang_score_field needs records with fields: set "
+        "record_format='jsonl' (plain text lines carry no score)"
+      )
+    return documents.RecordFilter(
+      record_format,
+      self.text_field,
+      self.lang_score_field,
+      self.min_lang_score,
+      self.min_chars,
+      self.max_chars,
+    )
 
   def _add(self, name: str, lang: str, source, records: documents.RecordFilter, vocab) -> None:
     if self.cache_seq_len:  # packed rows, cacheable: shuffled per row, not per block
       features = cache.row_output_features(vocab)
       preprocessors = cache.packed_task_preprocessors(
-          name, lang, records, self.cache_seq_len, parallel_blocks=self.parallel_blocks)
+        name, lang, records, self.cache_seq_len, parallel_blocks=self.parallel_blocks
+      )
       buffer = self.shuffle_blocks * documents.BLOCK_SIZE
     else:
       features = tasks.output_features(vocab)
-      preprocessors = tasks.text_preprocessors(name, lang, records,
-                                               parallel_blocks=self.parallel_blocks)
+      preprocessors = tasks.text_preprocessors(
+        name, lang, records, parallel_blocks=self.parallel_blocks
+      )
       buffer = self.shuffle_blocks
     _claim(name, self.replace)  # only now that the task is valid: a bad setting loses nothing
     documents.reset_dropped(name)
-    seqio.TaskRegistry.add(name, source=source, output_features=features,
-                           preprocessors=preprocessors, shuffle_buffer_size=buffer)
+    seqio.TaskRegistry.add(
+      name,
+      source=source,
+      output_features=features,
+      preprocessors=preprocessors,
+      shuffle_buffer_size=buffer,
+    )
 
   def register(self, vocab: seqio.Vocabulary | None = None) -> list[str]:
     vocab = vocab or tasks.vocabulary()
@@ -106,19 +121,27 @@ class TextCorpora:
     for lang, splits in sorted((self.files or {}).items()):
       name = self.prefix + lang
       files = {split: _check_globs(name, split, p) for split, p in splits.items()}
-      self._add(name, lang, seqio.TextLineDataSource(files), self._filter(self.record_format),
-                vocab)
+      self._add(
+        name, lang, seqio.TextLineDataSource(files), self._filter(self.record_format), vocab
+      )
       logging.info("registered %s over %s (%s records)", name, dict(splits), self.record_format)
       names.append(name)
     for lang, spec in sorted((self.tfds or {}).items()):
       name = self.prefix + lang
       if not isinstance(spec, dict) or "name" not in spec or "splits" not in spec:
-        raise ValueError(f"TextCorpora.tfds[{lang!r}] must be {{'name': <tfds name:version>, "
-                         f"'splits': {{'train': <tfds split>, ...}}}}, got {spec!r}")
-      self._add(name, lang, seqio.TfdsDataSource(tfds_name=spec["name"],
-                                                 splits=dict(spec["splits"]),
-                                                 tfds_data_dir=self.tfds_data_dir),
-                self._filter("tfds"), vocab)
+        raise ValueError(
+          f"TextCorpora.tfds[{lang!r}] must be {{'name': <tfds name:version>, "
+          f"'splits': {{'train': <tfds split>, ...}}}}, got {spec!r}"
+        )
+      self._add(
+        name,
+        lang,
+        seqio.TfdsDataSource(
+          tfds_name=spec["name"], splits=dict(spec["splits"]), tfds_data_dir=self.tfds_data_dir
+        ),
+        self._filter("tfds"),
+        vocab,
+      )
       logging.info("registered %s over TFDS %s %s", name, spec["name"], dict(spec["splits"]))
       names.append(name)
     return names
@@ -132,8 +155,10 @@ def _template_parts(template: str) -> list[str]:
   parts = re.split(r"(\{[a-z_]*\})", template)
   for p in parts[1::2]:
     if p[1:-1] not in _FIELDS:
-      raise ValueError(f"BitextCorpora.template {template!r}: unknown placeholder {p}; use "
-                       f"{', '.join('{' + f + '}' for f in _FIELDS)}")
+      raise ValueError(
+        f"BitextCorpora.template {template!r}: unknown placeholder {p}; use "
+        f"{', '.join('{' + f + '}' for f in _FIELDS)}"
+      )
   if "{src}" not in parts or "{tgt}" not in parts:
     raise ValueError(f"BitextCorpora.template {template!r} must contain {{src}} and {{tgt}}")
   return parts
@@ -171,20 +196,25 @@ class BitextCorpora:
       files = {}
       for split, sides in splits.items():
         if isinstance(sides, str) or len(sides) != 2:
-          raise ValueError(f"task {name!r}: {split} must be [source files, target files], got "
-                           f"{sides!r}")
+          raise ValueError(
+            f"task {name!r}: {split} must be [source files, target files], got {sides!r}"
+          )
         a, b = (_check_globs(name, split, side) for side in sides)
         if len(a) != len(b):
-          raise ValueError(f"task {name!r}: {split} has {len(a)} source but {len(b)} target "
-                           f"files; the sides must align file by file")
+          raise ValueError(
+            f"task {name!r}: {split} has {len(a)} source but {len(b)} target "
+            f"files; the sides must align file by file"
+          )
         files[split] = (a, b)
       preprocessors = tasks.text_preprocessors(name, tgt if src == "en" else src)
       _claim(name, self.replace)  # only now that the task is valid: a bad setting loses nothing
       seqio.TaskRegistry.add(
-          name, source=seqio.FunctionDataSource(_bitext_fn(files, parts, src, tgt),
-                                                splits=tuple(files)),
-          preprocessors=preprocessors, output_features=tasks.output_features(vocab),
-          shuffle_buffer_size=self.shuffle_blocks)
+        name,
+        source=seqio.FunctionDataSource(_bitext_fn(files, parts, src, tgt), splits=tuple(files)),
+        preprocessors=preprocessors,
+        output_features=tasks.output_features(vocab),
+        shuffle_buffer_size=self.shuffle_blocks,
+      )
       names.append(name)
     return names
 
@@ -197,8 +227,11 @@ def _bitext_fn(files: dict, parts: list[str], src_lang: str, tgt_lang: str):
     constants = {"{src_lang}": src_lang, "{tgt_lang}": tgt_lang}
 
     def fmt(s, t):
-      pieces = [s if p == "{src}" else t if p == "{tgt}" else constants.get(p, p)
-                for p in parts if p]
+      pieces = [
+        s if p == "{src}" else t if p == "{tgt}" else constants.get(p, p) for p in parts if p
+      ]
       return {"text": tf.strings.join(pieces)}
+
     return pairs.map(fmt)
+
   return dataset_fn

@@ -30,8 +30,9 @@ def vocabulary(model_path: str = str(sample.TOKENIZER_MODEL)) -> seqio.SentenceP
 LANGUAGE_FEATURE = "lang"
 
 
-def output_features(vocab: seqio.Vocabulary, *, language_tagged: bool = True,
-                    blocks: bool = True) -> dict[str, seqio.Feature]:
+def output_features(
+  vocab: seqio.Vocabulary, *, language_tagged: bool = True, blocks: bool = True
+) -> dict[str, seqio.Feature]:
   """`targets`, plus the per-token language tag `lang` (languages.Languages.tag; 0 none)
   that lets the trainer report training loss per language through packing. `blocks`: elements
   are blocks of documents (rank 2, as documents.tokenize_records makes them) rather than one
@@ -40,8 +41,11 @@ def output_features(vocab: seqio.Vocabulary, *, language_tagged: bool = True,
   features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32, rank=rank)}
   if language_tagged:
     features[LANGUAGE_FEATURE] = seqio.Feature(
-        vocabulary=seqio.PassThroughVocabulary(languages.active().slots), add_eos=False,
-        dtype=tf.int32, rank=rank)
+      vocabulary=seqio.PassThroughVocabulary(languages.active().slots),
+      add_eos=False,
+      dtype=tf.int32,
+      rank=rank,
+    )
   return features
 
 
@@ -56,23 +60,30 @@ def tag_language(lang: str):
 
   def fn(ds):
     tag = language_tag(lang)  # when the dataset is built: the run's language set
-    return ds.map(lambda ex: dict(ex, **{LANGUAGE_FEATURE: tf.fill(tf.shape(ex["targets"]), tag)}),
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(
+      lambda ex: dict(ex, **{LANGUAGE_FEATURE: tf.fill(tf.shape(ex["targets"]), tag)}),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
   return fn
 
 
-def text_preprocessors(task: str, lang: str,
-                       records: documents.RecordFilter = documents.RecordFilter(), *,
-                       parallel_blocks: int = 1) -> list:
+def text_preprocessors(
+  task: str,
+  lang: str,
+  records: documents.RecordFilter = documents.RecordFilter(),
+  *,
+  parallel_blocks: int = 1,
+) -> list:
   """From records to blocks of tagged documents ({"targets": tokens + EOS, "lang"})."""
-  return [documents.tokenize_records(task, lang, records,
-                                     parallel_blocks=parallel_blocks)]
+  return [documents.tokenize_records(task, lang, records, parallel_blocks=parallel_blocks)]
 
 
 def _sample_dataset_fn(lang: str):
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one small file per language: example-level shuffling is seqio's
     return tf.data.Dataset.from_tensor_slices({"text": sample.sample_lines(lang, split)})
+
   return dataset_fn
 
 
@@ -84,14 +95,18 @@ def register_sample_tasks(vocab: seqio.Vocabulary | None = None) -> list[str]:
     name = TASK_PREFIX + lang
     if name not in seqio.TaskRegistry.names():
       seqio.TaskRegistry.add(
-          name,
-          source=seqio.FunctionDataSource(
-              _sample_dataset_fn(lang), splits=("train", "validation"),
-              num_input_examples={s: len(sample.sample_lines(lang, s))
-                                  for s in ("train", "validation")}),
-          preprocessors=text_preprocessors(name, lang),
-          output_features=output_features(vocab),
-          shuffle_buffer_size=documents.SHUFFLE_BLOCKS)
+        name,
+        source=seqio.FunctionDataSource(
+          _sample_dataset_fn(lang),
+          splits=("train", "validation"),
+          num_input_examples={
+            s: len(sample.sample_lines(lang, s)) for s in ("train", "validation")
+          },
+        ),
+        preprocessors=text_preprocessors(name, lang),
+        output_features=output_features(vocab),
+        shuffle_buffer_size=documents.SHUFFLE_BLOCKS,
+      )
     names.append(name)
   if SAMPLE_MIXTURE not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add(SAMPLE_MIXTURE, [(n, 1.0) for n in names])
@@ -102,16 +117,21 @@ BITEXT_PREFIX = "polylm_bitext_"
 BITEXT_TEMPLATE = "{src}\n{tgt}"
 
 
-def register_bitext_tasks(pairs=None, *, template: str = BITEXT_TEMPLATE,
-                          vocab: seqio.Vocabulary | None = None, prefix: str = BITEXT_PREFIX
-                          ) -> list[str]:
+def register_bitext_tasks(
+  pairs=None,
+  *,
+  template: str = BITEXT_TEMPLATE,
+  vocab: seqio.Vocabulary | None = None,
+  prefix: str = BITEXT_PREFIX,
+) -> list[str]:
   """Bilingual documents from the parallel sample: `<prefix><src>_<tgt>`, one document per
   sentence pair, formatted by `template` ({src}, {tgt}, {src_lang}, {tgt_lang}). Every token is
   tagged with the non-English language of the pair. Default pairs: English <-> each other language.
   """
   vocab = vocab or vocabulary()
-  pairs = pairs or [p for lang in sample.LANGUAGES if lang != "en"
-                    for p in (("en", lang), (lang, "en"))]
+  pairs = pairs or [
+    p for lang in sample.LANGUAGES if lang != "en" for p in (("en", lang), (lang, "en"))
+  ]
   names = []
   for src, tgt in pairs:
     name = f"{prefix}{src}_{tgt}"
@@ -121,17 +141,23 @@ def register_bitext_tasks(pairs=None, *, template: str = BITEXT_TEMPLATE,
 
     def dataset_fn(split, shuffle_files, seed=None, src=src, tgt=tgt):
       del shuffle_files, seed
-      docs = [template.format(src=a, tgt=b, src_lang=src, tgt_lang=tgt)
-              for a, b in zip(sample.sample_lines(src, split), sample.sample_lines(tgt, split))]
+      docs = [
+        template.format(src=a, tgt=b, src_lang=src, tgt_lang=tgt)
+        for a, b in zip(sample.sample_lines(src, split), sample.sample_lines(tgt, split))
+      ]
       return tf.data.Dataset.from_tensor_slices({"text": docs})
+
     seqio.TaskRegistry.add(
-        name,
-        source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"),
-                                        num_input_examples={s: len(sample.sample_lines(src, s))
-                                                            for s in ("train", "validation")}),
-        preprocessors=text_preprocessors(name, tgt if src == "en" else src),
-        output_features=output_features(vocab),
-        shuffle_buffer_size=documents.SHUFFLE_BLOCKS)
+      name,
+      source=seqio.FunctionDataSource(
+        dataset_fn,
+        splits=("train", "validation"),
+        num_input_examples={s: len(sample.sample_lines(src, s)) for s in ("train", "validation")},
+      ),
+      preprocessors=text_preprocessors(name, tgt if src == "en" else src),
+      output_features=output_features(vocab),
+      shuffle_buffer_size=documents.SHUFFLE_BLOCKS,
+    )
   return names
 
 

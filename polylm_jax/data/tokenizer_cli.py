@@ -5,7 +5,8 @@
   polylm-tokenizer report --model tok/polylm.model [--model other.model] \\
       --dir ../shared/data/ud_text [--csv report.csv]
 
-`report` prints, per language: sentences, UTF-8 bytes per token, tokens per sentence and the ratio of
+`report` prints, per language: sentences, UTF-8 bytes per token, tokens per sentence and the ratio
+of
 tokens per sentence to English (meaningful on a parallel corpus: the same sentences in every
 language), for one model or side by side for two.
 """
@@ -54,8 +55,11 @@ def report_rows(model_paths: list[str], inputs: dict[str, str]) -> list[dict]:
   texts = {lang: list(read_lines(path)) for lang, path in sorted(inputs.items())}
   rows = []
   for lang, lines in texts.items():
-    row = {"language": lang, "sentences": len(lines),
-           "utf8_bytes": sum(len(l.encode("utf-8")) for l in lines)}
+    row: dict = {
+      "language": lang,
+      "sentences": len(lines),
+      "utf8_bytes": sum(len(line.encode("utf-8")) for line in lines),
+    }
     for i, sp in enumerate(models):
       tokens = sum(len(ids) for ids in sp.encode(lines))
       row[f"tokens_{i}"] = tokens
@@ -79,8 +83,10 @@ def format_table(rows: list[dict], model_paths: list[str]) -> str:
   for r in rows:
     line = f"{r['language']:>4} {r['sentences']:>6}"
     for i in range(len(model_paths)):
-      line += (f" | {r[f'bytes_per_token_{i}']:9.2f} {r[f'tokens_per_sentence_{i}']:12.1f} "
-               f"{r[f'ratio_to_en_{i}']:9.2f}")
+      line += (
+        f" | {r[f'bytes_per_token_{i}']:9.2f} {r[f'tokens_per_sentence_{i}']:12.1f} "
+        f"{r[f'ratio_to_en_{i}']:9.2f}"
+      )
     out.append(line)
   return "\n".join(out)
 
@@ -106,8 +112,14 @@ def main(argv=None) -> int:
     inputs = _pairs(args.input, "--input")
     weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
     texts = {lang: read_lines(pattern, args.text_field) for lang, pattern in inputs.items()}
-    path = tokenizer.train(texts, args.out, args.vocab_size, weights=weights,
-                           max_sentences=args.max_sentences, seed=args.seed)
+    path = tokenizer.train(
+      texts,
+      args.out,
+      args.vocab_size,
+      weights=weights,
+      max_sentences=args.max_sentences,
+      seed=args.seed,
+    )
     print(f"wrote {path} ({tokenizer.load(path).vocab_size()} pieces)")
     return 0
   if len(args.model) > 2:

@@ -23,8 +23,11 @@ from polylm_jax import files
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="polylm-generate", description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="polylm-generate",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="a training workdir (newest checkpoint unless --step)")
   src.add_argument("--checkpoint", help="a checkpoint step directory, RUN/checkpoints/<step>")
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--step", type=int, default=None)
   what = parser.add_mutually_exclusive_group(required=True)
   what.add_argument("--prompt", help="one prompt; its completion streams to stdout")
-  what.add_argument("--prompts", help="a JSONL file of {\"prompt\": ...} records")
+  what.add_argument("--prompts", help='a JSONL file of {"prompt": ...} records')
   what.add_argument("--chat", action="store_true", help="an interactive chat loop")
   parser.add_argument("--output", help="JSONL output for --prompts (default: stdout)")
   parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -40,30 +43,55 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--top_k", type=int, default=0)
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--repetition_penalty", type=float, default=1.0)
-  parser.add_argument("--demo_sampling", action="store_true",
-                      help="PolyLM's released demo settings: temperature 0.7, top_p 0.8, "
-                           "repetition penalty 1.02 (overrides the three flags)")
+  parser.add_argument(
+    "--demo_sampling",
+    action="store_true",
+    help="PolyLM's released demo settings: temperature 0.7, top_p 0.8, "
+    "repetition penalty 1.02 (overrides the three flags)",
+  )
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--stop", action="append", default=[],
-                      help="a stop string (repeatable); the completion is cut before it")
-  parser.add_argument("--truncate_prompt", choices=["error", "left"], default="error",
-                      help="a prompt longer than the context: refuse, or drop its oldest tokens")
+  parser.add_argument(
+    "--stop",
+    action="append",
+    default=[],
+    help="a stop string (repeatable); the completion is cut before it",
+  )
+  parser.add_argument(
+    "--truncate_prompt",
+    choices=["error", "left"],
+    default="error",
+    help="a prompt longer than the context: refuse, or drop its oldest tokens",
+  )
   parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (--prompts)")
-  parser.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, e.g. 1,1,8 "
-                                                 "(default: all devices on data)")
-  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                      help="matmul dtype (default: the model's)")
-  parser.add_argument("--attention_impl", default="auto",
-                      help="attention for the prefill: auto, xla, pallas_gpu, pallas_tpu, cudnn")
+  parser.add_argument(
+    "--mesh", default="", help="data,fsdp,tensor sizes, e.g. 1,1,8 (default: all devices on data)"
+  )
+  parser.add_argument(
+    "--dtype",
+    default=None,
+    choices=["float32", "bfloat16", "float16"],
+    help="matmul dtype (default: the model's)",
+  )
+  parser.add_argument(
+    "--attention_impl",
+    default="auto",
+    help="attention for the prefill: auto, xla, pallas_gpu, pallas_tpu, cudnn",
+  )
   return parser
 
 
 def _sampling(args):
   from polylm_jax.decode.sampling import SamplingConfig
+
   if args.demo_sampling:
     return SamplingConfig.demo(seed=args.seed)
-  return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+  return SamplingConfig(
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    repetition_penalty=args.repetition_penalty,
+    seed=args.seed,
+  )
 
 
 class _Stream:
@@ -77,7 +105,7 @@ class _Stream:
     text = self.sp.decode(self.ids)
     if text.endswith("\ufffd"):  # a byte-fallback character still incomplete
       return
-    self.out.write(text[len(self.shown):])
+    self.out.write(text[len(self.shown) :])
     self.out.flush()
     self.shown = text
 
@@ -86,26 +114,42 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   import jax
+
   from polylm_jax import sharding
   from polylm_jax.decode import generate, loading
+
   try:
     sampling_config = _sampling(args)
     mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh))
     overrides = {"attention_impl": args.attention_impl, "attention_interpret": False}
     if args.dtype:
       overrides["dtype"] = args.dtype
-    loaded = loading.load(workdir=args.workdir, step=args.step, checkpoint=args.checkpoint,
-                          hf_dir=args.hf_dir, mesh=mesh, overrides=overrides)
+    loaded = loading.load(
+      workdir=args.workdir,
+      step=args.step,
+      checkpoint=args.checkpoint,
+      hf_dir=args.hf_dir,
+      mesh=mesh,
+      overrides=overrides,
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f"polylm-generate: {e}", file=sys.stderr)
     return 2
   sp = loaded.tokenizer()
   gen = generate.Generator(loaded.config, loaded.params, sp, mesh=mesh, framing=loaded.framing)
   truncate = "left" if args.truncate_prompt == "left" else None
-  common = dict(max_new_tokens=args.max_new_tokens, sampling_config=sampling_config,
-                stop=args.stop, truncate=truncate)
-  logging.info("generating with %s on %d %s device(s)", loaded.source, mesh.devices.size,
-               jax.devices()[0].platform)
+  common = dict(
+    max_new_tokens=args.max_new_tokens,
+    sampling_config=sampling_config,
+    stop=args.stop,
+    truncate=truncate,
+  )
+  logging.info(
+    "generating with %s on %d %s device(s)",
+    loaded.source,
+    mesh.devices.size,
+    jax.devices()[0].platform,
+  )
   try:
     if args.prompt is not None:
       stream = _Stream(sp)
@@ -115,6 +159,7 @@ def main(argv=None) -> int:
       _jsonl(gen, args, common)
     else:
       from polylm_jax import chat
+
       fmt = chat.InstructionFormat(**loaded.meta.get("instruction_format", {}))
       _chat(gen, sp, fmt, common)
   except generate.PromptTooLongError as e:
@@ -134,16 +179,19 @@ def _jsonl(gen, args, common) -> None:
     except ValueError as e:
       raise SystemExit(f"polylm-generate: {path}:{n}: not JSON ({e})") from e
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-      raise SystemExit(f"polylm-generate: {path}:{n}: no \"prompt\" string field")
+      raise SystemExit(f'polylm-generate: {path}:{n}: no "prompt" string field')
     records.append(record)
   lines = []
   for begin in range(0, len(records), args.batch_size):
-    batch = records[begin:begin + args.batch_size]
+    batch = records[begin : begin + args.batch_size]
     for record, done in zip(batch, gen.generate([r["prompt"] for r in batch], **common)):
-      lines.append(json.dumps(dict(record, completion=done.text,
-                                   finish_reason=done.finish_reason), ensure_ascii=False))
+      lines.append(
+        json.dumps(
+          dict(record, completion=done.text, finish_reason=done.finish_reason), ensure_ascii=False
+        )
+      )
     logging.info("%d / %d prompts", min(begin + args.batch_size, len(records)), len(records))
-  text = "".join(l + "\n" for l in lines)
+  text = "".join(line + "\n" for line in lines)
   if args.output:
     files.atomic_write_text(args.output, text)
   else:
@@ -152,9 +200,12 @@ def _jsonl(gen, args, common) -> None:
 
 def _chat(gen, sp, fmt, common) -> None:
   from polylm_jax.chat import chat_prompt_ids
+
   history: list[tuple[str, str]] = []
-  print("polylm-generate chat: empty line or Ctrl-D to quit, /reset to forget the conversation",
-        file=sys.stderr)
+  print(
+    "polylm-generate chat: empty line or Ctrl-D to quit, /reset to forget the conversation",
+    file=sys.stderr,
+  )
   while True:
     try:
       message = input("> ").strip()
@@ -166,8 +217,9 @@ def _chat(gen, sp, fmt, common) -> None:
       history = []
       continue
     stream = _Stream(sp)
-    [done] = gen.generate([chat_prompt_ids(sp, history, message, fmt)], on_tokens=stream,
-                          chunk=1, **common)
+    [done] = gen.generate(
+      [chat_prompt_ids(sp, history, message, fmt)], on_tokens=stream, chunk=1, **common
+    )
     print()
     history.append((message, done.text.strip()))
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from polylm_jax import framing as framing_lib
 from polylm_jax import sharding
@@ -36,14 +37,16 @@ CACHE_BUCKET = 64
 
 @struct.dataclass
 class DecodeState:
-  cache_k: jax.Array  # [layers, batch, heads, slots, head_dim]
-  cache_v: jax.Array
-  last: jax.Array  # [batch] the newest token (not yet in the cache)
-  slot: jax.Array  # scalar: the cache slot `last` goes into
-  start: jax.Array  # [batch] first real slot of each row (left padding before it)
-  seen: jax.Array  # [batch, vocab] bool: tokens in the sequence (repetition penalty)
-  done: jax.Array  # [batch] bool
-  key: jax.Array
+  """The decode loop's carry (jax.Arrays; the same structure holds their shardings)."""
+
+  cache_k: Any  # [layers, batch, heads, slots, head_dim]
+  cache_v: Any
+  last: Any  # [batch] the newest token (not yet in the cache)
+  slot: Any  # scalar: the cache slot `last` goes into
+  start: Any  # [batch] first real slot of each row (left padding before it)
+  seen: Any  # [batch, vocab] bool: tokens in the sequence (repetition penalty)
+  done: Any  # [batch] bool
+  key: Any
 
 
 @dataclasses.dataclass
@@ -65,8 +68,16 @@ def _round_up(n: int, multiple: int) -> int:
 class Generator:
   """Generates from one model on one mesh. `tokenizer`: a SentencePiece processor."""
 
-  def __init__(self, config: ModelConfig, params, tokenizer, *, mesh: Mesh,
-               rules=sharding.DEFAULT_RULES, framing: framing_lib.Framing = framing_lib.TRAINING):
+  def __init__(
+    self,
+    config: ModelConfig,
+    params,
+    tokenizer,
+    *,
+    mesh: Mesh,
+    rules=sharding.DEFAULT_RULES,
+    framing: framing_lib.Framing = framing_lib.TRAINING,
+  ):
     self.config, self.params, self.sp = config, params, tokenizer
     self.mesh, self.rules, self.framing = mesh, tuple(rules), framing
     self.graphdef = model_params.graphdef(config)
@@ -79,12 +90,25 @@ class Generator:
   # --- compiled pieces ---------------------------------------------------------------------
   def _shardings(self, batch: int, slots: int):
     rows = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(("cache_batch",), self.rules))
-    table = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(("cache_batch", None),
-                                                                   self.rules))
+    table = NamedSharding(
+      self.mesh, sharding.logical_to_mesh_spec(("cache_batch", None), self.rules)
+    )
     cache = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(CACHE_LOGICAL, self.rules))
     replicated = NamedSharding(self.mesh, P())
-    return DecodeState(cache_k=cache, cache_v=cache, last=rows, slot=replicated, start=rows,
-                       seen=table, done=rows, key=replicated), table, rows
+    return (
+      DecodeState(
+        cache_k=cache,
+        cache_v=cache,
+        last=rows,
+        slot=replicated,
+        start=rows,
+        seen=table,
+        done=rows,
+        key=replicated,
+      ),
+      table,
+      rows,
+    )
 
   def _prefill_fn(self, batch: int, prompt_len: int, slots: int, cfg: sampling.SamplingConfig):
     cfg = dataclasses.replace(cfg, seed=0)  # the seed is an input (the key), not compiled in
@@ -100,20 +124,27 @@ class Generator:
         hidden, (k, v) = model.prefill(tokens, positions, segments)
         logits = model.logits(hidden[:, -1:])[:, 0]
         pad = [(0, 0), (0, 0), (0, 0), (0, slots - prompt_len), (0, 0)]
-        seen = jnp.zeros((batch, self.config.vocab_size), bool).at[
-            jnp.arange(batch)[:, None], tokens].max(segments.astype(bool))
+        seen = (
+          jnp.zeros((batch, self.config.vocab_size), bool)
+          .at[jnp.arange(batch)[:, None], tokens]
+          .max(segments.astype(bool))
+        )
         rng, now = jax.random.split(rng)
         first = sampling.next_token(logits, seen, now, cfg)
         return DecodeState(
-            cache_k=sharding.constrain(jnp.pad(k.swapaxes(2, 3), pad), CACHE_LOGICAL),
-            cache_v=sharding.constrain(jnp.pad(v.swapaxes(2, 3), pad), CACHE_LOGICAL),
-            last=first, slot=jnp.asarray(prompt_len, jnp.int32), start=start,
-            seen=seen.at[jnp.arange(batch), first].set(True),
-            done=first == framing_lib.EOS_ID, key=rng)
+          cache_k=sharding.constrain(jnp.pad(k.swapaxes(2, 3), pad), CACHE_LOGICAL),
+          cache_v=sharding.constrain(jnp.pad(v.swapaxes(2, 3), pad), CACHE_LOGICAL),
+          last=first,
+          slot=jnp.asarray(prompt_len, jnp.int32),
+          start=start,
+          seen=seen.at[jnp.arange(batch), first].set(True),
+          done=first == framing_lib.EOS_ID,
+          key=rng,
+        )
 
       self._prefills[key] = jax.jit(
-          prefill, in_shardings=(self._param_shardings(), table, rows, None),
-          out_shardings=state_sh)
+        prefill, in_shardings=(self._param_shardings(), table, rows, None), out_shardings=state_sh
+      )
     return self._prefills[key]
 
   def _param_shardings(self):
@@ -128,37 +159,55 @@ class Generator:
       def one(params, state: DecodeState):
         model = model_params.model(self.graphdef, params)
         positions = (state.slot - state.start)[:, None]
-        hidden, (ck, cv) = model.step(state.last[:, None], positions, state.cache_k,
-                                      state.cache_v, state.slot, state.start)
+        hidden, (ck, cv) = model.step(
+          state.last[:, None], positions, state.cache_k, state.cache_v, state.slot, state.start
+        )
         logits = model.logits(hidden)[:, 0]
         rng, now = jax.random.split(state.key)
         token = sampling.next_token(logits, state.seen, now, cfg)
         token = jnp.where(state.done, framing_lib.PAD_ID, token)
         return DecodeState(
-            cache_k=ck, cache_v=cv, last=token, slot=state.slot + 1, start=state.start,
-            seen=state.seen.at[jnp.arange(batch), token].set(True),
-            done=state.done | (token == framing_lib.EOS_ID), key=rng)
+          cache_k=ck,
+          cache_v=cv,
+          last=token,
+          slot=state.slot + 1,
+          start=state.start,
+          seen=state.seen.at[jnp.arange(batch), token].set(True),
+          done=state.done | (token == framing_lib.EOS_ID),
+          key=rng,
+        )
 
       def chunk(params, state):
         def body(s, _):
           s = one(params, s)
           return s, s.last
+
         state, tokens = jax.lax.scan(body, state, None, length=steps)
         return state, tokens.T
 
       self._chunks[key] = jax.jit(
-          chunk, in_shardings=(self._param_shardings(), state_sh),
-          out_shardings=(state_sh, NamedSharding(self.mesh, P())), donate_argnums=1)
+        chunk,
+        in_shardings=(self._param_shardings(), state_sh),
+        out_shardings=(state_sh, NamedSharding(self.mesh, P())),
+        donate_argnums=1,
+      )
     return self._chunks[key]
 
   # --- public ------------------------------------------------------------------------------
   def encode(self, text: str) -> list[int]:
     return self.framing.prompt(self.sp.encode(text))
 
-  def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 128,
-               sampling_config: sampling.SamplingConfig = sampling.SamplingConfig(),
-               stop: Sequence[str] = (), truncate: str | None = None, chunk: int = 8,
-               on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
+  def generate(
+    self,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling_config: sampling.SamplingConfig = sampling.SamplingConfig(),
+    stop: Sequence[str] = (),
+    truncate: str | None = None,
+    chunk: int = 8,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+  ) -> list[Completion]:
     """Completions of `prompts` (texts, framed as in training, or already framed id lists).
 
     A prompt longer than the context is an error unless `truncate="left"` (its oldest tokens are
@@ -175,10 +224,16 @@ class Generator:
       if len(row) > limit:
         if truncate != "left":
           raise PromptTooLongError(
-              f"prompt {i} has {len(row)} tokens but the model's context is {limit}; shorten it "
-              f"or ask for left truncation explicitly (truncate='left', --truncate_prompt=left)")
-        logging.warning("prompt %d: %d tokens > context %d: its first %d tokens were dropped "
-                        "(truncate='left')", i, len(row), limit, len(row) - limit)
+            f"prompt {i} has {len(row)} tokens but the model's context is {limit}; shorten it "
+            f"or ask for left truncation explicitly (truncate='left', --truncate_prompt=left)"
+          )
+        logging.warning(
+          "prompt %d: %d tokens > context %d: its first %d tokens were dropped (truncate='left')",
+          i,
+          len(row),
+          limit,
+          len(row) - limit,
+        )
         ids[i] = row[-limit:]
     n = len(ids)
     batch = _round_up(n, self.batch_parts)
@@ -188,19 +243,23 @@ class Generator:
     tokens = np.full((batch, prompt_len), framing_lib.PAD_ID, np.int32)
     start = np.full((batch,), prompt_len - 1, np.int32)
     for i, row in enumerate(ids):
-      tokens[i, prompt_len - len(row):] = row
+      tokens[i, prompt_len - len(row) :] = row
       start[i] = prompt_len - len(row)
     tokens[n:, -1] = framing_lib.BOS_ID  # filler rows: one real token each
     with self.mesh, sharding.activate(self.mesh, self.rules):
       _, table, rows = self._shardings(batch, slots)
       state_rows = rows
       state = self._prefill_fn(batch, prompt_len, slots, sampling_config)(
-          self.params, sharding.global_array(tokens, table), sharding.global_array(start, rows),
-          jax.random.key(sampling_config.seed))
+        self.params,
+        sharding.global_array(tokens, table),
+        sharding.global_array(start, rows),
+        jax.random.key(sampling_config.seed),
+      )
       out: list[list[int]] = [[] for _ in range(n)]
       reasons: list[str | None] = [None] * n
-      self._take(np.asarray(self._newest(state))[:, None], out, reasons, max_new_tokens, stop,
-                 on_tokens)
+      self._take(
+        np.asarray(self._newest(state))[:, None], out, reasons, max_new_tokens, stop, on_tokens
+      )
       while any(r is None for r in reasons):
         room = slots - int(state.slot)
         if room <= 0:
@@ -211,12 +270,15 @@ class Generator:
         host_done = np.zeros(batch, bool)
         host_done[:n] = [r is not None for r in reasons]
         host_done[n:] = True
-        state = state.replace(done=jnp.logical_or(
-            state.done, sharding.global_array(host_done, state_rows)))
+        state = state.replace(
+          done=jnp.logical_or(state.done, sharding.global_array(host_done, state_rows))
+        )
         state, new = self._chunk_fn(batch, slots, steps, sampling_config)(self.params, state)
         self._take(np.asarray(new), out, reasons, max_new_tokens, stop, on_tokens)
-    return [self._completion(o, r or "length", stop, len(ids[i]))
-            for i, (o, r) in enumerate(zip(out, reasons))]
+    return [
+      self._completion(o, r or "length", stop, len(ids[i]))
+      for i, (o, r) in enumerate(zip(out, reasons))
+    ]
 
   def _take(self, new: np.ndarray, out, reasons, max_new: int, stop, on_tokens) -> None:
     for i in range(len(out)):
@@ -250,4 +312,3 @@ def cache_bytes(config: ModelConfig, batch: int, slots: int) -> int:
   """Memory of a KV cache (both halves), for planning batch sizes."""
   itemsize = jnp.dtype(config.compute_dtype).itemsize
   return 2 * config.num_layers * batch * slots * config.d_model * itemsize
-

@@ -34,26 +34,38 @@ class LoadedModel:
 
   def tokenizer(self):
     import sentencepiece as spm
+
     return spm.SentencePieceProcessor(model_proto=self.tokenizer_model)
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> Any:
-  return sharding.tree_shardings(model_params.logical_axes(cfg), model_params.abstract_params(cfg),
-                                 mesh, rules, prefix="params")
+  return sharding.tree_shardings(
+    model_params.logical_axes(cfg), model_params.abstract_params(cfg), mesh, rules, prefix="params"
+  )
 
 
-def load(*, workdir: str | None = None, step: int | None = None, checkpoint: str | None = None,
-         hf_dir: str | None = None, mesh: Mesh, rules=sharding.DEFAULT_RULES,
-         overrides: dict[str, Any] | None = None) -> LoadedModel:
+def load(
+  *,
+  workdir: str | None = None,
+  step: int | None = None,
+  checkpoint: str | None = None,
+  hf_dir: str | None = None,
+  mesh: Mesh,
+  rules=sharding.DEFAULT_RULES,
+  overrides: dict[str, Any] | None = None,
+) -> LoadedModel:
   """`overrides`: ModelConfig fields to change for running (e.g. dtype, attention_impl)."""
   given = [x for x in (workdir, checkpoint, hf_dir) if x]
   if len(given) != 1:
-    raise ValueError("give exactly one of a training workdir (--workdir), a checkpoint step "
-                     "directory (--checkpoint) or a Hugging Face directory (--hf_dir)")
+    raise ValueError(
+      "give exactly one of a training workdir (--workdir), a checkpoint step "
+      "directory (--checkpoint) or a Hugging Face directory (--hf_dir)"
+    )
   if hf_dir:
     return _load_export(pathlib.Path(hf_dir), mesh, rules, overrides or {})
   from polylm_jax.export import checkpoint_reader
   from polylm_jax.train.checkpoint import restore_params
+
   step_dir = checkpoint_reader.resolve_checkpoint(workdir, step, checkpoint)
   meta = json.loads((step_dir / "meta" / "metadata").read_text())
   if "model_config" not in meta:
@@ -70,11 +82,14 @@ def load(*, workdir: str | None = None, step: int | None = None, checkpoint: str
 
 def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides) -> LoadedModel:
   from polylm_jax.export import hf_export
+
   cfg = hf_export.config_from_hf(hf_dir, **overrides)
   sp_path = hf_dir / "tokenizer.model"
   if not sp_path.is_file():
-    raise FileNotFoundError(f"--hf_dir={hf_dir}: no tokenizer.model (a SentencePiece model is "
-                            f"needed to turn text into ids)")
+    raise FileNotFoundError(
+      f"--hf_dir={hf_dir}: no tokenizer.model (a SentencePiece model is "
+      f"needed to turn text into ids)"
+    )
   sp_bytes = sp_path.read_bytes()
   check_tokenizer(sp_bytes, cfg, str(hf_dir))
   host = hf_export.import_params(hf_dir, cfg, scanned=cfg.scan_layers)
@@ -84,10 +99,13 @@ def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides) -> LoadedModel:
 
 def check_tokenizer(sp_bytes: bytes, cfg: ModelConfig, where: str) -> None:
   import sentencepiece as spm
+
   try:
     size = spm.SentencePieceProcessor(model_proto=sp_bytes).vocab_size()
   except Exception as e:  # noqa: BLE001 (any parse failure: say which file)
     raise ValueError(f"{where}: the tokenizer model cannot be read ({e})") from e
   if size > cfg.vocab_size:
-    raise ValueError(f"{where}: the tokenizer has {size} ids but the model's vocabulary is "
-                     f"{cfg.vocab_size}; this tokenizer does not belong to this model")
+    raise ValueError(
+      f"{where}: the tokenizer has {size} ids but the model's vocabulary is "
+      f"{cfg.vocab_size}; this tokenizer does not belong to this model"
+    )

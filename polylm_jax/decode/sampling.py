@@ -72,13 +72,15 @@ def filter_top_p(logits: jax.Array, p: float) -> jax.Array:
   cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
   remove_sorted = cumulative <= 1.0 - p
   remove_sorted = remove_sorted.at[..., -1].set(False)
-  remove = jnp.zeros_like(remove_sorted).at[
-      jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+  remove = (
+    jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+  )
   return jnp.where(remove, -jnp.inf, logits)
 
 
-def next_token(logits: jax.Array, seen: jax.Array, key: jax.Array, cfg: SamplingConfig
-               ) -> jax.Array:
+def next_token(
+  logits: jax.Array, seen: jax.Array, key: jax.Array, cfg: SamplingConfig
+) -> jax.Array:
   """[batch, vocab] float32 logits -> [batch] int32 tokens."""
   logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, cfg.repetition_penalty)
   if cfg.greedy:

@@ -37,9 +37,12 @@ def _split(text: str | None) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="polylm-eval", description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog="\n".join(__doc__.splitlines()[2:]))
+  parser = argparse.ArgumentParser(
+    prog="polylm-eval",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n".join(__doc__.splitlines()[2:]),
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   run = sub.add_parser("run", help="evaluate one model")
   src = run.add_mutually_exclusive_group(required=True)
@@ -49,19 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--step", type=int, default=None)
   run.add_argument("--out", required=True, help="results directory")
   for p in (run,):
-    p.add_argument("--tasks", default=",".join(_families()),
-                   help="families (xnli, xcopa, pawsx, xwinograd, xstorycloze, tydiqa) and/or "
-                        "lm-eval task names, comma-separated")
-    p.add_argument("--languages", default=None,
-                   help="language codes to keep (default: the languages the model was trained on)")
+    p.add_argument(
+      "--tasks",
+      default=",".join(_families()),
+      help="families (xnli, xcopa, pawsx, xwinograd, xstorycloze, tydiqa) and/or "
+      "lm-eval task names, comma-separated",
+    )
+    p.add_argument(
+      "--languages",
+      default=None,
+      help="language codes to keep (default: the languages the model was trained on)",
+    )
   run.add_argument("--num_fewshot", type=int, default=0)
   run.add_argument("--limit", type=int, default=None, help="documents per task (for a quick look)")
   run.add_argument("--batch_size", type=int, default=16)
   run.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, e.g. 1,1,8")
   run.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-  run.add_argument("--include_path", default=None, help="a directory of your own lm-eval task YAMLs")
-  run.add_argument("--data_dir", default=None, help="a Hugging Face cache directory (HF_HOME) "
-                                                    "filled by `polylm-eval fetch`")
+  run.add_argument(
+    "--include_path", default=None, help="a directory of your own lm-eval task YAMLs"
+  )
+  run.add_argument(
+    "--data_dir",
+    default=None,
+    help="a Hugging Face cache directory (HF_HOME) filled by `polylm-eval fetch`",
+  )
   compare = sub.add_parser("compare", help="two or more result directories side by side")
   compare.add_argument("runs", nargs="+")
   compare.add_argument("--labels", default=None, help="comma-separated, one per run")
@@ -75,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _families() -> list[str]:
   from polylm_jax.eval.suite import FAMILIES
+
   return list(FAMILIES)
 
 
@@ -82,11 +97,13 @@ def _languages(args, meta: dict) -> list[str]:
   if args.languages:
     return _split(args.languages)
   from polylm_jax import languages
+
   return list(meta.get("languages") or languages.DEFAULT_CODES)
 
 
 def write_report(out: pathlib.Path, runs: list[dict], labels: list[str]) -> None:
   from polylm_jax.eval import report
+
   files.atomic_write_text(out / "results.md", report.markdown(runs, labels))
   report.charts(runs, labels, out)
 
@@ -95,38 +112,65 @@ def _run(args) -> int:
   _offline(args.data_dir)
   import jax
   from lm_eval.tasks import TaskManager
+
   from polylm_jax import sharding
   from polylm_jax.decode import loading
   from polylm_jax.eval import lm_eval_model, suite
+
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh))
   overrides = {"attention_impl": "auto", "attention_interpret": False}
   if args.dtype:
     overrides["dtype"] = args.dtype
-  loaded = loading.load(workdir=args.workdir, step=args.step, checkpoint=args.checkpoint,
-                        hf_dir=args.hf_dir, mesh=mesh, overrides=overrides)
-  run_info = {"model": loaded.source, "step": loaded.meta.get("step"),
-              "num_fewshot": args.num_fewshot, "limit": args.limit}
+  loaded = loading.load(
+    workdir=args.workdir,
+    step=args.step,
+    checkpoint=args.checkpoint,
+    hf_dir=args.hf_dir,
+    mesh=mesh,
+    overrides=overrides,
+  )
+  run_info = {
+    "model": loaded.source,
+    "step": loaded.meta.get("step"),
+    "num_fewshot": args.num_fewshot,
+    "limit": args.limit,
+  }
   previous = out / "run.json"
   if previous.is_file() and json.loads(previous.read_text()) != run_info:
-    raise ValueError(f"--out={out} holds results of another evaluation "
-                     f"({json.loads(previous.read_text())}); choose another --out")
+    raise ValueError(
+      f"--out={out} holds results of another evaluation "
+      f"({json.loads(previous.read_text())}); choose another --out"
+    )
   files.atomic_write_text(previous, json.dumps(run_info, indent=2))
   manager = TaskManager(include_path=args.include_path)
   specs = suite.resolve(_split(args.tasks), _languages(args, loaded.meta), set(manager.all_tasks))
   if not specs:
     raise ValueError("no task left to run (check --tasks and --languages)")
-  tasks = suite.load_tasks([s for s in specs if not (out / "tasks" / f"{s.task}.json").is_file()],
-                           manager)
+  tasks = suite.load_tasks(
+    [s for s in specs if not (out / "tasks" / f"{s.task}.json").is_file()], manager
+  )
   lm = lm_eval_model.PolyLMJax.from_parts(
-      loaded.config, loaded.params, loaded.tokenizer(), mesh=mesh, framing=loaded.framing,
-      batch_size=args.batch_size)
+    loaded.config,
+    loaded.params,
+    loaded.tokenizer(),
+    mesh=mesh,
+    framing=loaded.framing,
+    batch_size=args.batch_size,
+  )
   speed = lm.measure_speed() if tasks else None
-  records = suite.run_suite(lm, specs, tasks, out, num_fewshot=args.num_fewshot,
-                            limit=args.limit, requests_per_second=speed, task_manager=manager)
-  files.atomic_write_text(out / "results.json", json.dumps(dict(run_info, tasks=records),
-                                                           indent=2))
+  records = suite.run_suite(
+    lm,
+    specs,
+    tasks,
+    out,
+    num_fewshot=args.num_fewshot,
+    limit=args.limit,
+    requests_per_second=speed,
+    task_manager=manager,
+  )
+  files.atomic_write_text(out / "results.json", json.dumps(dict(run_info, tasks=records), indent=2))
   write_report(out, [records], [pathlib.Path(loaded.source).name])
   print((out / "results.md").read_text())
   logging.info("results in %s (devices: %d %s)", out, mesh.devices.size, jax.devices()[0].platform)
@@ -152,11 +196,16 @@ def _compare(args) -> int:
 def _fetch(args) -> int:
   _offline(args.data_dir, offline=False)
   from lm_eval.tasks import TaskManager
+
   from polylm_jax import languages
   from polylm_jax.eval import suite
+
   manager = TaskManager()
-  specs = suite.resolve(_split(args.tasks), _split(args.languages) or list(
-      languages.DEFAULT_CODES), set(manager.all_tasks))
+  specs = suite.resolve(
+    _split(args.tasks),
+    _split(args.languages) or list(languages.DEFAULT_CODES),
+    set(manager.all_tasks),
+  )
   suite.load_tasks(specs, manager)
   print(f"fetched {len(specs)} task(s) into {args.data_dir}")
   return 0

@@ -15,15 +15,26 @@ from typing import Any
 class Benchmark:
   """Callable(step_fn, params) -> {"lm_eval/<task>/<metric>": value, "lm_eval_seconds": s}."""
 
-  def __init__(self, task_names, tokenizer_model: bytes, *, limit: int | None = None,
-               num_fewshot: int = 0, include_path: str | None = None, batch_size: int = 16,
-               languages=()):
+  def __init__(
+    self,
+    task_names,
+    tokenizer_model: bytes,
+    *,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    include_path: str | None = None,
+    batch_size: int = 16,
+    languages=(),
+  ):
     import os
+
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import sentencepiece as spm
     from lm_eval.tasks import TaskManager
+
     from polylm_jax.eval import suite
+
     # One TaskManager for every evaluation: building one indexes lm-eval's ~14,000 task YAMLs
     # (about 12 s), which simple_evaluate would otherwise do at every call.
     self.manager = manager = TaskManager(include_path=include_path)
@@ -36,28 +47,44 @@ class Benchmark:
 
   def _model(self, step_fn, params):
     from polylm_jax.eval.lm_eval_model import PolyLMJax
+
     if self._lm is None:
-      self._lm = PolyLMJax.from_parts(step_fn.model_config, params, self.sp, mesh=step_fn.mesh,
-                                      rules=step_fn.rules, batch_size=self.batch_size)
+      self._lm = PolyLMJax.from_parts(
+        step_fn.model_config,
+        params,
+        self.sp,
+        mesh=step_fn.mesh,
+        rules=step_fn.rules,
+        batch_size=self.batch_size,
+      )
       self._lm.show_progress = False
     self._lm.set_params(params)
     return self._lm
 
   def __call__(self, step_fn, params) -> dict[str, Any]:
     from lm_eval import evaluator
+
     began = time.perf_counter()
     lm = self._model(step_fn, params)
     out: dict[str, Any] = {}
-    result = evaluator.simple_evaluate(model=lm, tasks=[self.tasks[s.task] for s in self.specs],
-                                       num_fewshot=self.num_fewshot, limit=self.limit,
-                                       bootstrap_iters=0, log_samples=False,
-                                       task_manager=self.manager)
+    result = evaluator.simple_evaluate(
+      model=lm,
+      tasks=[self.tasks[s.task] for s in self.specs],
+      num_fewshot=self.num_fewshot,
+      limit=self.limit,
+      bootstrap_iters=0,
+      log_samples=False,
+      task_manager=self.manager,
+    )
     for spec in self.specs:
       for key, value in result["results"][spec.task].items():
         metric = key.split(",")[0]
         if isinstance(value, (int, float)) and not metric.endswith("_stderr"):
           out[f"lm_eval/{spec.task}/{metric}"] = float(value)
     out["lm_eval_seconds"] = time.perf_counter() - began
-    logging.info("in-training evaluation took %.1f s: %s", out["lm_eval_seconds"],
-                 {k: round(v, 4) for k, v in out.items() if k.startswith("lm_eval/")})
+    logging.info(
+      "in-training evaluation took %.1f s: %s",
+      out["lm_eval_seconds"],
+      {k: round(v, 4) for k, v in out.items() if k.startswith("lm_eval/")},
+    )
     return out

@@ -17,9 +17,9 @@ import logging
 import time
 from typing import Any
 
+from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval import utils as lm_utils
 from tqdm import tqdm
 
 from polylm_jax import framing as framing_lib
@@ -31,11 +31,19 @@ from polylm_jax.eval.scoring import Scorer
 
 @register_model("polylm_jax")
 class PolyLMJax(TemplateLM):
-
-  def __init__(self, workdir: str | None = None, step: int | None = None,
-               checkpoint: str | None = None, hf_dir: str | None = None,
-               batch_size: int | str = 16, mesh: str | None = None, max_gen_toks: int = 256,
-               dtype: str | None = None, attention_impl: str = "auto", **unused: Any):
+  def __init__(
+    self,
+    workdir: str | None = None,
+    step: int | None = None,
+    checkpoint: str | None = None,
+    hf_dir: str | None = None,
+    batch_size: int | str = 16,
+    mesh: str | None = None,
+    max_gen_toks: int = 256,
+    dtype: str | None = None,
+    attention_impl: str = "auto",
+    **unused: Any,
+  ):
     super().__init__()
     if unused:
       logging.info("polylm_jax: ignoring model args %s", sorted(unused))
@@ -43,17 +51,39 @@ class PolyLMJax(TemplateLM):
     overrides = {"attention_impl": attention_impl, "attention_interpret": False}
     if dtype:
       overrides["dtype"] = dtype
-    loaded = loading.load(workdir=workdir, step=int(step) if step is not None else None,
-                          checkpoint=checkpoint, hf_dir=hf_dir, mesh=mesh_obj,
-                          overrides=overrides)
-    self._setup(loaded.config, loaded.params, loaded.tokenizer(), mesh_obj,
-                sharding.DEFAULT_RULES, loaded.framing, int(batch_size), int(max_gen_toks))
+    loaded = loading.load(
+      workdir=workdir,
+      step=int(step) if step is not None else None,
+      checkpoint=checkpoint,
+      hf_dir=hf_dir,
+      mesh=mesh_obj,
+      overrides=overrides,
+    )
+    self._setup(
+      loaded.config,
+      loaded.params,
+      loaded.tokenizer(),
+      mesh_obj,
+      sharding.DEFAULT_RULES,
+      loaded.framing,
+      int(batch_size),
+      int(max_gen_toks),
+    )
     self.source = loaded.source
 
   @classmethod
-  def from_parts(cls, config, params, tokenizer, *, mesh, rules=sharding.DEFAULT_RULES,
-                 framing: framing_lib.Framing = framing_lib.TRAINING, batch_size: int = 16,
-                 max_gen_toks: int = 256) -> "PolyLMJax":
+  def from_parts(
+    cls,
+    config,
+    params,
+    tokenizer,
+    *,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    framing: framing_lib.Framing = framing_lib.TRAINING,
+    batch_size: int = 16,
+    max_gen_toks: int = 256,
+  ) -> "PolyLMJax":
     """Over parameters already in memory (in-training evaluation: no export, no reload)."""
     self = cls.__new__(cls)
     TemplateLM.__init__(self)
@@ -64,8 +94,9 @@ class PolyLMJax(TemplateLM):
   def _setup(self, config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks):
     self.config, self.sp, self.framing = config, tokenizer, framing
     self.scorer = Scorer(config, params, mesh=mesh, rules=rules, batch_size=batch_size)
-    self.generator = gen_lib.Generator(config, params, tokenizer, mesh=mesh, rules=rules,
-                                       framing=framing)
+    self.generator = gen_lib.Generator(
+      config, params, tokenizer, mesh=mesh, rules=rules, framing=framing
+    )
     self.batch_size = self.scorer.batch_size
     self.max_gen_toks = max_gen_toks
     self.show_progress = True
@@ -79,8 +110,9 @@ class PolyLMJax(TemplateLM):
     """Scored requests per second on one batch of `length` tokens (compiled first, so the figure
     is the steady rate a benchmark run will see at that length)."""
     length = min(length, self.max_length)
-    items = [([framing_lib.BOS_ID] + [3] * (length - 1), [3] * length, length // 2)] * \
-        self.scorer.batch_size
+    items = [
+      ([framing_lib.BOS_ID] + [3] * (length - 1), [3] * length, length // 2)
+    ] * self.scorer.batch_size
     self.scorer.score(items)
     began = time.perf_counter()
     self.scorer.score(items)
@@ -114,7 +146,7 @@ class PolyLMJax(TemplateLM):
     limit = self.max_length
     items = []
     for _, context_enc, continuation_enc in requests:
-      whole = (list(context_enc) + list(continuation_enc))[-(limit + 1):]
+      whole = (list(context_enc) + list(continuation_enc))[-(limit + 1) :]
       inputs, targets = whole[:-1], whole[1:]
       items.append((inputs, targets, len(inputs) - len(continuation_enc)))
     with self._progress(len(items), "polylm_jax loglikelihood", disable_tqdm) as bar:
@@ -126,14 +158,19 @@ class PolyLMJax(TemplateLM):
     if len(items) <= self.batch_size:
       return self.scorer.score(items, progress=bar)
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-    first = [items[i] for i in order[:self.batch_size]]
+    first = [items[i] for i in order[: self.batch_size]]
     began = time.perf_counter()
     head = self.scorer.score(first, progress=bar)
     took = time.perf_counter() - began
-    logging.info("polylm_jax: first batch of %d requests took %.1f s (compile included); about "
-                 "%.0f s more for the other %d", len(first), took,
-                 took * (len(items) - len(first)) / len(first), len(items) - len(first))
-    rest = self.scorer.score([items[i] for i in order[self.batch_size:]], progress=bar)
+    logging.info(
+      "polylm_jax: first batch of %d requests took %.1f s (compile included); about "
+      "%.0f s more for the other %d",
+      len(first),
+      took,
+      took * (len(items) - len(first)) / len(first),
+      len(items) - len(first),
+    )
+    rest = self.scorer.score([items[i] for i in order[self.batch_size :]], progress=bar)
     out = [None] * len(items)
     for i, s in zip(order, head + rest):
       out[i] = s
@@ -142,11 +179,17 @@ class PolyLMJax(TemplateLM):
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     items, owner = [], []
     for index, (string,) in enumerate(req.args for req in requests):
-      windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-          token_list=self.sp.encode(string), prefix_token=self.prefix_token_id,
-          max_seq_len=self.max_length, context_len=1))
+      windows = map(
+        lm_utils.make_disjoint_window,
+        lm_utils.get_rolling_token_windows(
+          token_list=self.sp.encode(string),
+          prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length,
+          context_len=1,
+        ),
+      )
       for context, continuation in windows:
-        whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+        whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
         inputs, targets = whole[:-1], whole[1:]
         items.append((inputs, targets, len(inputs) - len(continuation)))
         owner.append(index)
@@ -168,17 +211,20 @@ class PolyLMJax(TemplateLM):
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-        temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) \
-            else 0.0
-        config = sampling.SamplingConfig(temperature=temperature,
-                                         top_p=float(kwargs.pop("top_p", 1.0)))
+        temperature = (
+          float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+        )
+        config = sampling.SamplingConfig(
+          temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0))
+        )
         # As lm-eval's hf model: the context keeps its last (context - max_gen_toks) tokens.
         keep = max(1, self.max_length - max_new)
         for begin in range(0, len(indices), self.batch_size):
-          chunk = indices[begin:begin + self.batch_size]
+          chunk = indices[begin : begin + self.batch_size]
           prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in chunk]
-          results = self.generator.generate(prompts, max_new_tokens=max_new, stop=until,
-                                            sampling_config=config)
+          results = self.generator.generate(
+            prompts, max_new_tokens=max_new, stop=until, sampling_config=config
+          )
           for i, r in zip(chunk, results):
             out[i] = r.text
             self.cache_hook.add_partial("generate_until", requests[i].args, r.text)

@@ -31,15 +31,21 @@ def markdown(runs: Sequence[dict], labels: Sequence[str]) -> str:
   lines = []
   for family, languages in _families(runs).items():
     metric = next(r["metric"] for rs in runs for r in rs.values() if r["family"] == family)
-    lines += [f"### {family} ({metric}, %)", "",
-              "| run | " + " | ".join(languages) + " | avg |",
-              "|---" * (len(languages) + 2) + "|"]
+    lines += [
+      f"### {family} ({metric}, %)",
+      "",
+      "| run | " + " | ".join(languages) + " | avg |",
+      "|---" * (len(languages) + 2) + "|",
+    ]
     for records, label in zip(runs, labels):
-      values = [_cell(records, family, l) for l in languages]
+      values = [_cell(records, family, lang) for lang in languages]
       have = [v for v in values if v is not None]
       avg = f"{sum(have) / len(have):.1f}" if have else "-"
-      lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values)
-                   + f" | {avg} |")
+      lines.append(
+        f"| {label} | "
+        + " | ".join("-" if v is None else f"{v:.1f}" for v in values)
+        + f" | {avg} |"
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -47,17 +53,20 @@ def markdown(runs: Sequence[dict], labels: Sequence[str]) -> str:
 def charts(runs: Sequence[dict], labels: Sequence[str], out_dir: str | pathlib.Path) -> list[str]:
   """A grouped bar chart per family (PNG), languages on the x axis, one bar per run."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   out = pathlib.Path(out_dir)
   written = []
   for family, languages in _families(runs).items():
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(languages) * max(1, len(runs))), 3.2))
     width = 0.8 / len(runs)
     for i, (records, label) in enumerate(zip(runs, labels)):
-      values = [_cell(records, family, l) or 0.0 for l in languages]
-      ax.bar([x + i * width - 0.4 + width / 2 for x in range(len(languages))], values, width,
-             label=label)
+      values = [_cell(records, family, lang) or 0.0 for lang in languages]
+      ax.bar(
+        [x + i * width - 0.4 + width / 2 for x in range(len(languages))], values, width, label=label
+      )
     ax.set_xticks(range(len(languages)), languages)
     metric = next(r["metric"] for rs in runs for r in rs.values() if r["family"] == family)
     ax.set_ylabel(f"{metric} (%)")

@@ -48,20 +48,27 @@ class Scorer:
   input position (same length), and the index of the first position whose target counts (earlier
   positions are context)."""
 
-  def __init__(self, config: ModelConfig, params, *, mesh: Mesh, rules=sharding.DEFAULT_RULES,
-               batch_size: int = 16):
+  def __init__(
+    self,
+    config: ModelConfig,
+    params,
+    *,
+    mesh: Mesh,
+    rules=sharding.DEFAULT_RULES,
+    batch_size: int = 16,
+  ):
     self.config, self.params, self.mesh, self.rules = config, params, mesh, tuple(rules)
     self.graphdef = model_params.graphdef(config)
     parts = sharding.batch_parts(mesh, self.rules)
     self.batch_size = -(-batch_size // parts) * parts
-    self.rows = NamedSharding(mesh, sharding.logical_to_mesh_spec(
-        sharding.ROWS, self.rules))
+    self.rows = NamedSharding(mesh, sharding.logical_to_mesh_spec(sharding.ROWS, self.rules))
     self._fns: dict = {}
-    self.compiled_shapes: set[tuple[int, int]] = set()
+    self.compiled_shapes: set[tuple[int, int, int]] = set()  # (batch, length, window)
 
   def _fn(self, batch: int, length: int, window: int):
     key = (batch, length, window)
     if key not in self._fns:
+
       def token_scores(params, inputs, targets, segments, ends):
         model = model_params.model(self.graphdef, params)
         hidden = model.hidden(inputs, None, segments)
@@ -74,49 +81,67 @@ class Scorer:
         target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         greedy = jnp.argmax(logits, axis=-1) == targets
         return target_logp, greedy
+
       replicated = NamedSharding(self.mesh, PartitionSpec())  # every host reads the scores
-      per_row = NamedSharding(self.mesh, sharding.logical_to_mesh_spec((sharding.BATCH,),
-                                                                       self.rules))
+      per_row = NamedSharding(
+        self.mesh, sharding.logical_to_mesh_spec((sharding.BATCH,), self.rules)
+      )
       self._fns[key] = jax.jit(
-          token_scores, in_shardings=(jax.tree.map(lambda x: x.sharding, self.params),
-                                      self.rows, self.rows, self.rows, per_row),
-          out_shardings=(replicated, replicated))
+        token_scores,
+        in_shardings=(
+          jax.tree.map(lambda x: x.sharding, self.params),
+          self.rows,
+          self.rows,
+          self.rows,
+          per_row,
+        ),
+        out_shardings=(replicated, replicated),
+      )
       self.compiled_shapes.add(key)
     return self._fns[key]
 
-  def score(self, items: Sequence[tuple[Sequence[int], Sequence[int], int]],
-            progress=None) -> list[Scored]:
+  def score(
+    self, items: Sequence[tuple[Sequence[int], Sequence[int], int]], progress=None
+  ) -> list[Scored]:
     limit = self.config.max_length
     for i, (inputs, targets, first) in enumerate(items):
       if len(inputs) != len(targets) or not 0 <= first < len(inputs) or len(inputs) > limit:
-        raise ValueError(f"scoring request {i}: {len(inputs)} inputs, {len(targets)} targets, "
-                         f"first scored {first}, context {limit}")
+        raise ValueError(
+          f"scoring request {i}: {len(inputs)} inputs, {len(targets)} targets, "
+          f"first scored {first}, context {limit}"
+        )
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     out: list[Scored | None] = [None] * len(items)
     with self.mesh, sharding.activate(self.mesh, self.rules):
       for begin in range(0, len(order), self.batch_size):
-        chunk = order[begin:begin + self.batch_size]
+        chunk = order[begin : begin + self.batch_size]
         length = length_bucket(len(items[chunk[0]][0]), limit)
         scored = max(len(items[i][0]) - items[i][2] for i in chunk)
         window = length_bucket(scored, length, smallest=8)
-        inputs = np.full((self.batch_size, length), framing.PAD_ID, np.int32)
-        targets = np.zeros_like(inputs)
-        segments = np.zeros_like(inputs)
+        rows = np.full((self.batch_size, length), framing.PAD_ID, np.int32)
+        goals = np.zeros_like(rows)
+        segments = np.zeros_like(rows)
         ends = np.zeros(self.batch_size, np.int32)
         for row, i in enumerate(chunk):
           n = len(items[i][0])
-          inputs[row, :n], targets[row, :n], segments[row, :n] = items[i][0], items[i][1], 1
+          rows[row, :n], goals[row, :n], segments[row, :n] = items[i][0], items[i][1], 1
           ends[row] = n
-        placed = [sharding.global_array(a, self.rows) for a in (inputs, targets, segments)]
-        placed.append(sharding.global_array(ends, NamedSharding(
-            self.mesh, sharding.logical_to_mesh_spec((sharding.BATCH,), self.rules))))
-        logp, greedy = jax.device_get(self._fn(self.batch_size, length, window)(self.params,
-                                                                                *placed))
+        placed = [sharding.global_array(a, self.rows) for a in (rows, goals, segments)]
+        placed.append(
+          sharding.global_array(
+            ends,
+            NamedSharding(self.mesh, sharding.logical_to_mesh_spec((sharding.BATCH,), self.rules)),
+          )
+        )
+        logp, greedy = jax.device_get(
+          self._fn(self.batch_size, length, window)(self.params, *placed)
+        )
         for row, i in enumerate(chunk):
           n, first = len(items[i][0]), items[i][2]
           lo = window - (n - first)  # the scored positions are the row's last n - first
-          out[i] = Scored(float(np.sum(logp[row, lo:], dtype=np.float64)),
-                          bool(np.all(greedy[row, lo:])))
+          out[i] = Scored(
+            float(np.sum(logp[row, lo:], dtype=np.float64)), bool(np.all(greedy[row, lo:]))
+          )
         if progress is not None:
           progress.update(len(chunk))
     return out  # type: ignore[return-value]

@@ -1,7 +1,8 @@
 """PolyLM's multilingual benchmark suite, as lm-evaluation-harness names its tasks.
 
 The paper reports XNLI, XCOPA, PAWS-X, XWinograd, XStoryCloze (understanding), TyDiQA (QA), MTG and
-WMT20 (generation). lm-eval has the first six; MTG and WMT20 are not in lm-eval. `FAMILIES` maps each
+WMT20 (generation). lm-eval has the first six; MTG and WMT20 are not in lm-eval. `FAMILIES` maps
+each
 family to its task per language code; a run keeps the languages the model was trained on.
 
 `run_suite` loads every task first (so missing data fails before any compute, naming the task and
@@ -24,14 +25,21 @@ from polylm_jax import files
 
 # family -> {language code: lm-eval task}
 FAMILIES: dict[str, dict[str, str]] = {
-    "xnli": {l: f"xnli_{l}" for l in ("ar", "de", "en", "es", "fr", "ru", "th", "tr", "vi",
-                                      "zh")},
-    "xcopa": {l: f"xcopa_{l}" for l in ("id", "it", "th", "tr", "vi", "zh")},
-    "pawsx": {l: f"paws_{l}" for l in ("de", "en", "es", "fr", "ja", "ko", "zh")},
-    "xwinograd": {"en": "xwinograd_en", "fr": "xwinograd_fr", "ja": "xwinograd_jp",
-                  "pt": "xwinograd_pt", "ru": "xwinograd_ru", "zh": "xwinograd_zh"},
-    "xstorycloze": {l: f"xstorycloze_{l}" for l in ("ar", "en", "es", "id", "ru", "zh")},
-    "tydiqa": {l: f"tydiqa_goldp_{l}" for l in ("ar", "en", "id", "ko", "ru")},
+  "xnli": {
+    code: f"xnli_{code}" for code in ("ar", "de", "en", "es", "fr", "ru", "th", "tr", "vi", "zh")
+  },
+  "xcopa": {code: f"xcopa_{code}" for code in ("id", "it", "th", "tr", "vi", "zh")},
+  "pawsx": {code: f"paws_{code}" for code in ("de", "en", "es", "fr", "ja", "ko", "zh")},
+  "xwinograd": {
+    "en": "xwinograd_en",
+    "fr": "xwinograd_fr",
+    "ja": "xwinograd_jp",
+    "pt": "xwinograd_pt",
+    "ru": "xwinograd_ru",
+    "zh": "xwinograd_zh",
+  },
+  "xstorycloze": {code: f"xstorycloze_{code}" for code in ("ar", "en", "es", "id", "ru", "zh")},
+  "tydiqa": {code: f"tydiqa_goldp_{code}" for code in ("ar", "en", "id", "ko", "ru")},
 }
 METRIC = {"tydiqa": "f1"}  # the others: accuracy
 
@@ -59,18 +67,23 @@ def resolve(names, languages, known_tasks) -> list[Spec]:
   out: list[Spec] = []
   for name in names:
     if name in FAMILIES:
-      kept = {l: t for l, t in FAMILIES[name].items() if l in languages}
+      kept = {code: t for code, t in FAMILIES[name].items() if code in languages}
       if not kept:
-        logging.warning("suite: %s has no language this model was trained on (%s); skipped",
-                        name, ", ".join(sorted(FAMILIES[name])))
-      out += [Spec(t, name, l, METRIC.get(name, "acc")) for l, t in sorted(kept.items())]
+        logging.warning(
+          "suite: %s has no language this model was trained on (%s); skipped",
+          name,
+          ", ".join(sorted(FAMILIES[name])),
+        )
+      out += [Spec(t, name, code, METRIC.get(name, "acc")) for code, t in sorted(kept.items())]
       continue
     if name not in known_tasks:
       close = difflib.get_close_matches(name, list(FAMILIES) + list(known_tasks), n=5)
-      raise ValueError(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?"
-                                                   if close else "") +
-                       f" (families: {', '.join(FAMILIES)}; any lm-eval task name works, and "
-                       f"--include_path adds your own)")
+      raise ValueError(
+        f"unknown task {name!r}"
+        + (f"; did you mean {', '.join(close)}?" if close else "")
+        + f" (families: {', '.join(FAMILIES)}; any lm-eval task name works, and "
+        f"--include_path adds your own)"
+      )
     family, language = _split_name(name, languages)
     out.append(Spec(name, family, language, METRIC.get(family, "acc")))
   return out
@@ -82,7 +95,8 @@ class MissingDataError(RuntimeError):
 
 def datasets_cache() -> str:
   return os.environ.get("HF_DATASETS_CACHE") or os.path.join(
-      os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets")
+    os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets"
+  )
 
 
 def load_tasks(specs, task_manager) -> dict[str, Any]:
@@ -93,10 +107,10 @@ def load_tasks(specs, task_manager) -> dict[str, Any]:
       out[spec.task] = task_manager.load([spec.task])["tasks"][spec.task]
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
       raise MissingDataError(
-          f"task {spec.task}: its data could not be loaded offline ({type(e).__name__}: "
-          f"{str(e).splitlines()[0][:200]}); looked in the datasets cache {datasets_cache()}. "
-          f"Fill it on a machine with network (polylm-eval fetch --tasks {spec.task} "
-          f"--data_dir DIR, then copy DIR here and pass --data_dir DIR); see docs/evaluation.md"
+        f"task {spec.task}: its data could not be loaded offline ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:200]}); looked in the datasets cache {datasets_cache()}. "
+        f"Fill it on a machine with network (polylm-eval fetch --tasks {spec.task} "
+        f"--data_dir DIR, then copy DIR here and pass --data_dir DIR); see docs/evaluation.md"
       ) from e
   return out
 
@@ -104,18 +118,27 @@ def load_tasks(specs, task_manager) -> dict[str, Any]:
 def count_requests(task, limit: int | None) -> int:
   docs = list(task.eval_docs)
   if limit is not None:
-    docs = docs[:int(limit)]
+    docs = docs[: int(limit)]
   if not docs:
     return 0
   per_doc = len(task.doc_to_choice(docs[0])) if task.OUTPUT_TYPE == "multiple_choice" else 1
   return per_doc * len(docs)
 
 
-def run_suite(lm, specs, tasks: dict[str, Any], out_dir: str | pathlib.Path, *,
-              num_fewshot: int | None = None, limit: int | None = None,
-              requests_per_second: float | None = None, task_manager=None) -> dict[str, dict]:
+def run_suite(
+  lm,
+  specs,
+  tasks: dict[str, Any],
+  out_dir: str | pathlib.Path,
+  *,
+  num_fewshot: int | None = None,
+  limit: int | None = None,
+  requests_per_second: float | None = None,
+  task_manager=None,
+) -> dict[str, dict]:
   """Evaluates task by task (skipping those already in <out>/tasks/); returns {task: record}."""
   from lm_eval import evaluator
+
   out = pathlib.Path(out_dir)
   (out / "tasks").mkdir(parents=True, exist_ok=True)
   done = {s.task for s in specs if (out / "tasks" / f"{s.task}.json").is_file()}
@@ -123,27 +146,48 @@ def run_suite(lm, specs, tasks: dict[str, Any], out_dir: str | pathlib.Path, *,
   counts = {s.task: count_requests(tasks[s.task], limit) for s in todo}
   total = sum(counts.values())
   if done:
-    logging.info("suite: reusing %d finished task(s) in %s: %s", len(done), out / "tasks",
-                 ", ".join(sorted(done)))
-  estimate = (f", about {total / requests_per_second / 60:.1f} min at the measured "
-              f"{requests_per_second:.1f} requests/s" if requests_per_second else "")
+    logging.info(
+      "suite: reusing %d finished task(s) in %s: %s",
+      len(done),
+      out / "tasks",
+      ", ".join(sorted(done)),
+    )
+  estimate = (
+    f", about {total / requests_per_second / 60:.1f} min at the measured "
+    f"{requests_per_second:.1f} requests/s"
+    if requests_per_second
+    else ""
+  )
   logging.info("suite: %d task(s) to run, %d requests%s", len(todo), total, estimate)
   for spec in todo:
     began = time.perf_counter()
     # task_manager: without one, simple_evaluate re-indexes lm-eval's task YAMLs (~12 s) per call.
-    result = evaluator.simple_evaluate(model=lm, tasks=[tasks[spec.task]], num_fewshot=num_fewshot,
-                                       limit=limit, bootstrap_iters=0, log_samples=False,
-                                       task_manager=task_manager)
+    result = evaluator.simple_evaluate(
+      model=lm,
+      tasks=[tasks[spec.task]],
+      num_fewshot=num_fewshot,
+      limit=limit,
+      bootstrap_iters=0,
+      log_samples=False,
+      task_manager=task_manager,
+    )
     metrics = result["results"][spec.task]
     key = next((k for k in metrics if k.split(",")[0] == spec.metric), None)
     if key is None:
-      raise ValueError(f"task {spec.task} reported no {spec.metric!r} metric (it has "
-                       f"{sorted(metrics)})")
-    record = dict(dataclasses.asdict(spec), value=float(metrics[key]), metrics={
-        k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        num_fewshot=num_fewshot or 0, limit=limit, seconds=time.perf_counter() - began,
-        requests=counts[spec.task])
+      raise ValueError(
+        f"task {spec.task} reported no {spec.metric!r} metric (it has {sorted(metrics)})"
+      )
+    record = dict(
+      dataclasses.asdict(spec),
+      value=float(metrics[key]),
+      metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+      num_fewshot=num_fewshot or 0,
+      limit=limit,
+      seconds=time.perf_counter() - began,
+      requests=counts[spec.task],
+    )
     files.atomic_write_text(out / "tasks" / f"{spec.task}.json", json.dumps(record, indent=2))
-    logging.info("suite: %s %s = %.4f (%.0f s)", spec.task, spec.metric, record["value"],
-                 record["seconds"])
+    logging.info(
+      "suite: %s %s = %.4f (%.0f s)", spec.task, spec.metric, record["value"], record["seconds"]
+    )
   return {s.task: json.loads((out / "tasks" / f"{s.task}.json").read_text()) for s in specs}

@@ -18,8 +18,9 @@ import tensorstore as ts
 from polylm_jax.config import ModelConfig
 
 
-def resolve_checkpoint(workdir: str | None = None, step: int | None = None,
-                       checkpoint: str | None = None) -> pathlib.Path:
+def resolve_checkpoint(
+  workdir: str | None = None, step: int | None = None, checkpoint: str | None = None
+) -> pathlib.Path:
   """The `checkpoints/<step>` directory: the latest complete one of a workdir, a chosen step, or
   an explicit path."""
   if checkpoint:
@@ -30,8 +31,11 @@ def resolve_checkpoint(workdir: str | None = None, step: int | None = None,
   if not workdir:
     raise ValueError("give a training workdir (--workdir) or a checkpoint path (--checkpoint)")
   root = pathlib.Path(workdir) / "checkpoints"
-  complete = sorted(int(p.name) for p in root.glob("*")
-                    if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir())
+  complete = sorted(
+    int(p.name)
+    for p in root.glob("*")
+    if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()
+  )
   if not complete:
     raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint under {root}")
   if step is None:
@@ -42,7 +46,6 @@ def resolve_checkpoint(workdir: str | None = None, step: int | None = None,
 
 
 class CheckpointReader:
-
   def __init__(self, step_dir: str | pathlib.Path):
     self.step_dir = pathlib.Path(step_dir).absolute()
     self.meta: dict[str, Any] = json.loads((self.step_dir / "meta" / "metadata").read_text())
@@ -56,10 +59,18 @@ class CheckpointReader:
     key = ".".join(("params",) + tuple(str(p) for p in path))
     if key not in self._open:
       try:
-        self._open[key] = ts.open({
+        self._open[key] = ts.open(
+          {
             "driver": "zarr",
-            "kvstore": {"driver": "ocdbt", "base": f"file://{self.step_dir / 'state'}/",
-                        "path": key}}, open=True, read=True).result()
+            "kvstore": {
+              "driver": "ocdbt",
+              "base": f"file://{self.step_dir / 'state'}/",
+              "path": key,
+            },
+          },
+          open=True,
+          read=True,
+        ).result()
       except ValueError as e:
         raise KeyError(f"{self.step_dir}: tensor {key} not found ({e})") from e
     return self._open[key]

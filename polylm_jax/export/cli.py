@@ -1,4 +1,5 @@
-"""`polylm-export` / `python -m polylm_jax.export`: a training checkpoint -> a Hugging Face directory.
+"""`polylm-export` / `python -m polylm_jax.export`: a training checkpoint -> a Hugging Face
+directory.
 
   polylm-export --workdir=RUN [--step=N] --out=DIR [--dtype=bfloat16] [--max_shard_size=2GB]
                 [--overwrite] [--verify]
@@ -28,9 +29,17 @@ def parse_size(text: str) -> int:
   return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 * 2**30,
-                      overwrite=False, allow_vocab_padding=False, allow_nonfinite=False,
-                      workdir=None):
+def export_checkpoint(
+  step_dir,
+  out_dir,
+  *,
+  dtype="float32",
+  max_shard_bytes=2 * 2**30,
+  overwrite=False,
+  allow_vocab_padding=False,
+  allow_nonfinite=False,
+  workdir=None,
+):
   """Everything is checked and written in a hidden staging directory next to `out_dir`, which
   becomes `out_dir` only when complete: a refused or failed export leaves nothing that looks like
   a model, and an earlier export at `out_dir` stays until the new one is whole."""
@@ -45,13 +54,25 @@ def export_checkpoint(step_dir, out_dir, *, dtype="float32", max_shard_bytes=2 *
   # An instruction-tuned checkpoint: its chat template, and PolyLM's demo sampling by default.
   instruction_format = reader.meta.get("instruction_format")
   generation = dict(chat.DEMO_GENERATION) if instruction_format else None
-  with files.staged_directory(out_dir, overwrite=overwrite, kind=hf_export.EXPORT_KIND,
-                              looks_like=hf_export.looks_like_export, sources=sources) as staging:
-    hf_export.write_model_files(reader, cfg, staging, dtype=dtype,
-                                max_shard_bytes=max_shard_bytes, allow_nonfinite=allow_nonfinite,
-                                generation=generation)
-    tokenizer_files.write_tokenizer(staging, sp_bytes, cfg.max_length,
-                                    framing.from_meta(reader.meta), instruction_format)
+  with files.staged_directory(
+    out_dir,
+    overwrite=overwrite,
+    kind=hf_export.EXPORT_KIND,
+    looks_like=hf_export.looks_like_export,
+    sources=sources,
+  ) as staging:
+    hf_export.write_model_files(
+      reader,
+      cfg,
+      staging,
+      dtype=dtype,
+      max_shard_bytes=max_shard_bytes,
+      allow_nonfinite=allow_nonfinite,
+      generation=generation,
+    )
+    tokenizer_files.write_tokenizer(
+      staging, sp_bytes, cfg.max_length, framing.from_meta(reader.meta), instruction_format
+    )
     tokenizer_files.write_model_card(staging, reader.meta, dtype, str(step_dir))
   return pathlib.Path(out_dir), reader
 
@@ -60,12 +81,18 @@ def _check_vocab(sp_bytes: bytes, cfg, allow_vocab_padding: bool = False) -> Non
   """The tokenizer must match the embedding: a larger tokenizer can never work, a smaller one
   (a padded embedding) only when asked for with --allow_vocab_padding."""
   import sentencepiece as spm
+
   size = spm.SentencePieceProcessor(model_proto=sp_bytes).vocab_size()
   if size > cfg.vocab_size or (size < cfg.vocab_size and not allow_vocab_padding):
-    raise ValueError(f"the tokenizer has {size} ids but the checkpoint's vocabulary is "
-                     f"{cfg.vocab_size}" + ("" if size > cfg.vocab_size else
-                                             "; pass --allow_vocab_padding if the embedding was "
-                                             "padded on purpose"))
+    raise ValueError(
+      f"the tokenizer has {size} ids but the checkpoint's vocabulary is "
+      f"{cfg.vocab_size}"
+      + (
+        ""
+        if size > cfg.vocab_size
+        else "; pass --allow_vocab_padding if the embedding was padded on purpose"
+      )
+    )
 
 
 def main(argv=None) -> int:
@@ -77,29 +104,48 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True)
   parser.add_argument("--dtype", default="float32", choices=sorted(hf_export.EXPORT_DTYPES))
   parser.add_argument("--max_shard_size", type=parse_size, default=2 * 2**30)
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an earlier export at --out (only an export; swapped in once "
-                           "the new one is complete)")
-  parser.add_argument("--allow_nonfinite", action="store_true",
-                      help="export weights that hold NaN/Inf (refused by default)")
-  parser.add_argument("--allow_vocab_padding", action="store_true",
-                      help="accept a model vocabulary larger than the tokenizer's")
-  parser.add_argument("--verify", action="store_true",
-                      help="load with transformers and compare logits and tokenizer ids")
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an earlier export at --out (only an export; swapped in once "
+    "the new one is complete)",
+  )
+  parser.add_argument(
+    "--allow_nonfinite",
+    action="store_true",
+    help="export weights that hold NaN/Inf (refused by default)",
+  )
+  parser.add_argument(
+    "--allow_vocab_padding",
+    action="store_true",
+    help="accept a model vocabulary larger than the tokenizer's",
+  )
+  parser.add_argument(
+    "--verify",
+    action="store_true",
+    help="load with transformers and compare logits and tokenizer ids",
+  )
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
     step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
-    out, reader = export_checkpoint(step_dir, args.out, dtype=args.dtype,
-                                    max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                                    allow_vocab_padding=args.allow_vocab_padding,
-                                    allow_nonfinite=args.allow_nonfinite, workdir=args.workdir)
+    out, reader = export_checkpoint(
+      step_dir,
+      args.out,
+      dtype=args.dtype,
+      max_shard_bytes=args.max_shard_size,
+      overwrite=args.overwrite,
+      allow_vocab_padding=args.allow_vocab_padding,
+      allow_nonfinite=args.allow_nonfinite,
+      workdir=args.workdir,
+    )
   except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
     print(f"polylm-export: {e}", file=sys.stderr)
     return 2
   print(f"exported {step_dir} -> {out} ({args.dtype})")
   if args.verify:
     from polylm_jax.export import verify
+
     report = verify.verify_export(out, reader)
     print(report.text())
     return 0 if report.ok else 1

@@ -8,8 +8,6 @@ Every tensor is a reshape (no transposes): `qkv_kernel` [d, 3, heads, head_dim] 
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 
 from polylm_jax.config import ModelConfig
@@ -18,29 +16,29 @@ PREFIX = "transformer."
 
 # (HF name inside block i, path in one unscanned block, shape of the HF tensor given d, f)
 _BLOCK = (
-    ("ln_1.weight", ("ln_1", "scale"), lambda d, f: (d,)),
-    ("ln_1.bias", ("ln_1", "bias"), lambda d, f: (d,)),
-    ("attn.c_attn.weight", ("attn", "qkv_kernel"), lambda d, f: (d, 3 * d)),
-    ("attn.c_attn.bias", ("attn", "qkv_bias"), lambda d, f: (3 * d,)),
-    ("attn.c_proj.weight", ("attn", "out_kernel"), lambda d, f: (d, d)),
-    ("attn.c_proj.bias", ("attn", "out_bias"), lambda d, f: (d,)),
-    ("ln_2.weight", ("ln_2", "scale"), lambda d, f: (d,)),
-    ("ln_2.bias", ("ln_2", "bias"), lambda d, f: (d,)),
-    ("mlp.c_fc.weight", ("mlp", "fc_kernel"), lambda d, f: (d, f)),
-    ("mlp.c_fc.bias", ("mlp", "fc_bias"), lambda d, f: (f,)),
-    ("mlp.c_proj.weight", ("mlp", "proj_kernel"), lambda d, f: (f, d)),
-    ("mlp.c_proj.bias", ("mlp", "proj_bias"), lambda d, f: (d,)),
+  ("ln_1.weight", ("ln_1", "scale"), lambda d, f: (d,)),
+  ("ln_1.bias", ("ln_1", "bias"), lambda d, f: (d,)),
+  ("attn.c_attn.weight", ("attn", "qkv_kernel"), lambda d, f: (d, 3 * d)),
+  ("attn.c_attn.bias", ("attn", "qkv_bias"), lambda d, f: (3 * d,)),
+  ("attn.c_proj.weight", ("attn", "out_kernel"), lambda d, f: (d, d)),
+  ("attn.c_proj.bias", ("attn", "out_bias"), lambda d, f: (d,)),
+  ("ln_2.weight", ("ln_2", "scale"), lambda d, f: (d,)),
+  ("ln_2.bias", ("ln_2", "bias"), lambda d, f: (d,)),
+  ("mlp.c_fc.weight", ("mlp", "fc_kernel"), lambda d, f: (d, f)),
+  ("mlp.c_fc.bias", ("mlp", "fc_bias"), lambda d, f: (f,)),
+  ("mlp.c_proj.weight", ("mlp", "proj_kernel"), lambda d, f: (f, d)),
+  ("mlp.c_proj.bias", ("mlp", "proj_bias"), lambda d, f: (d,)),
 )
 _TOP = (
-    ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.d_model)),
-    ("wpe.weight", ("wpe",), lambda c: (c.max_length, c.d_model)),
-    ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.d_model,)),
-    ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.d_model,)),
+  ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.d_model)),
+  ("wpe.weight", ("wpe",), lambda c: (c.max_length, c.d_model)),
+  ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.d_model,)),
+  ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.d_model,)),
 )
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  shapes = {PREFIX + name: shape(cfg) for name, _, shape in _TOP}
+  shapes: dict[str, tuple[int, ...]] = {PREFIX + name: shape(cfg) for name, _, shape in _TOP}
   for i in range(cfg.num_layers):
     for name, _, shape in _BLOCK:
       shapes[f"{PREFIX}h.{i}.{name}"] = shape(cfg.d_model, cfg.d_ff)
@@ -77,11 +75,12 @@ class TreeSource:
 
 def plan(cfg: ModelConfig):
   """(HF name, parameter path, layer or None, HF shape) for every exported tensor, in order."""
-  out = [(PREFIX + name, path, None, shape(cfg)) for name, path, shape in _TOP]
+  out: list[tuple[str, tuple[str, ...], int | None, tuple[int, ...]]] = [
+    (PREFIX + name, path, None, shape(cfg)) for name, path, shape in _TOP
+  ]
   for i in range(cfg.num_layers):
     for name, path, shape in _BLOCK:
-      out.append((f"{PREFIX}h.{i}.{name}", ("blocks",) + path, i,
-                  shape(cfg.d_model, cfg.d_ff)))
+      out.append((f"{PREFIX}h.{i}.{name}", ("blocks",) + path, i, shape(cfg.d_model, cfg.d_ff)))
   return out
 
 
@@ -89,28 +88,35 @@ def check_finite(name: str, values: np.ndarray, flag: str = "--allow_nonfinite")
   """Weights with NaN/Inf are a diverged model: refused, naming the tensor, unless forced."""
   if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
     bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-    raise ValueError(f"tensor {name} has {bad} non-finite value(s) (NaN/Inf): the weights are "
-                     f"diverged; refusing them (pass {flag} to accept them anyway)")
+    raise ValueError(
+      f"tensor {name} has {bad} non-finite value(s) (NaN/Inf): the weights are "
+      f"diverged; refusing them (pass {flag} to accept them anyway)"
+    )
 
 
-def hf_sources(source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**20,
-               allow_nonfinite: bool = False):
+def hf_sources(
+  source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**20, allow_nonfinite: bool = False
+):
   """TensorSources for the safetensors writer. Each tensor is read in chunks of whole parameter
   rows (about `chunk_bytes`) and cast, so host memory stays small whatever the tensor (the
   256000-row embedding included). `source` has read(path, layer, rows) and param_shape(path, layer)
   (TreeSource, or export.checkpoint_reader.CheckpointReader)."""
   from polylm_jax.export.safetensors_io import TensorSource
+
   sources = []
   for name, path, layer, shape in plan(cfg):
     param_shape = source.param_shape(path, layer)
     if int(np.prod(param_shape)) != int(np.prod(shape)):
-      raise ValueError(f"{name}: parameter {'/'.join(map(str, path))} has shape {param_shape}, "
-                       f"which does not fit {shape} for ModelConfig({cfg.name})")
+      raise ValueError(
+        f"{name}: parameter {'/'.join(map(str, path))} has shape {param_shape}, "
+        f"which does not fit {shape} for ModelConfig({cfg.name})"
+      )
     row_bytes = int(np.prod(param_shape[1:], dtype=np.int64)) * 4
     rows_per_chunk = max(1, chunk_bytes // max(row_bytes, 1))
 
-    def chunks(path=path, layer=layer, shape=shape, lead=param_shape[0], step=rows_per_chunk,
-               name=name):
+    def chunks(
+      path=path, layer=layer, shape=shape, lead=param_shape[0], step=rows_per_chunk, name=name
+    ):
       if len(shape) == 1:
         part = source.read(path, layer)
         if not allow_nonfinite:
@@ -122,24 +128,39 @@ def hf_sources(source, cfg: ModelConfig, dtype, *, chunk_bytes: int = 256 * 2**2
         if not allow_nonfinite:
           check_finite(name, part)
         yield part.reshape(-1, *shape[1:]).astype(dtype)
+
     sources.append(TensorSource(name, tuple(shape), np.dtype(dtype), chunks))
   return sources
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, scanned: bool = True,
-                   source: str = "checkpoint", allow_nonfinite: bool = False):
+def params_from_hf(
+  tensors: dict[str, np.ndarray],
+  cfg: ModelConfig,
+  *,
+  scanned: bool = True,
+  source: str = "checkpoint",
+  allow_nonfinite: bool = False,
+):
   """This project's parameter tree from HF GPT-2 tensors; missing, unexpected or misshapen
   tensors are an error that names them."""
   expected = expected_shapes(cfg)
   # Tolerate checkpoints saved without the "transformer." prefix (GPT2Model) and the tied head.
-  tensors = {(n if n.startswith(PREFIX) or n == "lm_head.weight" else PREFIX + n): v
-             for n, v in tensors.items()}
+  tensors = {
+    (n if n.startswith(PREFIX) or n == "lm_head.weight" else PREFIX + n): v
+    for n, v in tensors.items()
+  }
   head = tensors.pop("lm_head.weight", None)
   missing = sorted(set(expected) - set(tensors))
-  unexpected = sorted(n for n in set(tensors) - set(expected) if not n.endswith(".attn.bias")
-                      and not n.endswith(".attn.masked_bias"))
-  wrong = sorted(f"{n}: {tuple(tensors[n].shape)} != {expected[n]}"
-                 for n in set(expected) & set(tensors) if tuple(tensors[n].shape) != expected[n])
+  unexpected = sorted(
+    n
+    for n in set(tensors) - set(expected)
+    if not n.endswith(".attn.bias") and not n.endswith(".attn.masked_bias")
+  )
+  wrong = sorted(
+    f"{n}: {tuple(tensors[n].shape)} != {expected[n]}"
+    for n in set(expected) & set(tensors)
+    if tuple(tensors[n].shape) != expected[n]
+  )
   problems = []
   if missing:
     problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -153,43 +174,70 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, scanned:
     for n in sorted(expected):
       check_finite(f"{source}: {n}", np.asarray(tensors[n]))
   if head is not None and not np.array_equal(head, tensors[PREFIX + "wte.weight"]):
-    raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight, but PolyLM "
-                     f"ties the LM head to the token embedding")
+    raise ValueError(
+      f"{source}: lm_head.weight differs from transformer.wte.weight, but PolyLM "
+      f"ties the LM head to the token embedding"
+    )
   d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
   f32 = lambda n: np.asarray(tensors[n], np.float32)
 
   def block(i):
     t = lambda name: f32(f"{PREFIX}h.{i}.{name}")
     return {
-        "ln_1": {"scale": t("ln_1.weight"), "bias": t("ln_1.bias")},
-        "attn": {"qkv_kernel": t("attn.c_attn.weight").reshape(d, 3, h, k),
-                 "qkv_bias": t("attn.c_attn.bias").reshape(3, h, k),
-                 "out_kernel": t("attn.c_proj.weight").reshape(h, k, d),
-                 "out_bias": t("attn.c_proj.bias")},
-        "ln_2": {"scale": t("ln_2.weight"), "bias": t("ln_2.bias")},
-        "mlp": {"fc_kernel": t("mlp.c_fc.weight"), "fc_bias": t("mlp.c_fc.bias"),
-                "proj_kernel": t("mlp.c_proj.weight"), "proj_bias": t("mlp.c_proj.bias")},
+      "ln_1": {"scale": t("ln_1.weight"), "bias": t("ln_1.bias")},
+      "attn": {
+        "qkv_kernel": t("attn.c_attn.weight").reshape(d, 3, h, k),
+        "qkv_bias": t("attn.c_attn.bias").reshape(3, h, k),
+        "out_kernel": t("attn.c_proj.weight").reshape(h, k, d),
+        "out_bias": t("attn.c_proj.bias"),
+      },
+      "ln_2": {"scale": t("ln_2.weight"), "bias": t("ln_2.bias")},
+      "mlp": {
+        "fc_kernel": t("mlp.c_fc.weight"),
+        "fc_bias": t("mlp.c_fc.bias"),
+        "proj_kernel": t("mlp.c_proj.weight"),
+        "proj_bias": t("mlp.c_proj.bias"),
+      },
     }
+
   per_layer = {i: block(i) for i in range(cfg.num_layers)}
   if scanned:
     import jax
+
     blocks = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(cfg.num_layers)])
   else:
     blocks = per_layer
-  return {"wte": f32(PREFIX + "wte.weight"), "wpe": f32(PREFIX + "wpe.weight"),
-          "ln_f": {"scale": f32(PREFIX + "ln_f.weight"), "bias": f32(PREFIX + "ln_f.bias")},
-          "blocks": blocks}
+  return {
+    "wte": f32(PREFIX + "wte.weight"),
+    "wpe": f32(PREFIX + "wpe.weight"),
+    "ln_f": {"scale": f32(PREFIX + "ln_f.weight"), "bias": f32(PREFIX + "ln_f.bias")},
+    "blocks": blocks,
+  }
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
   """config.json for transformers' GPT2LMHeadModel, numerically identical to the JAX model."""
   return {
-      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-      "vocab_size": cfg.vocab_size, "n_positions": cfg.max_length, "n_ctx": cfg.max_length,
-      "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
-      "n_inner": cfg.d_ff, "activation_function": "gelu_new",  # tanh-approximated GeLU
-      "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
-      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0,
-      "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
-      "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype,
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "vocab_size": cfg.vocab_size,
+    "n_positions": cfg.max_length,
+    "n_ctx": cfg.max_length,
+    "n_embd": cfg.d_model,
+    "n_layer": cfg.num_layers,
+    "n_head": cfg.num_heads,
+    "n_inner": cfg.d_ff,
+    "activation_function": "gelu_new",  # tanh-approximated GeLU
+    "layer_norm_epsilon": cfg.layer_norm_eps,
+    "initializer_range": cfg.init_std,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "summary_first_dropout": 0.0,
+    "scale_attn_weights": True,
+    "tie_word_embeddings": True,
+    "use_cache": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": dtype,
   }

@@ -1,4 +1,5 @@
-"""`polylm-import`: a local Hugging Face PolyLM / GPT-2 checkpoint -> initial parameters for training.
+"""`polylm-import`: a local Hugging Face PolyLM / GPT-2 checkpoint -> initial parameters for
+training.
 
   polylm-import --hf_dir=polylm-1.7b --out=init/polylm-1.7b [--overwrite] [--verify]
 
@@ -23,7 +24,6 @@ from polylm_jax import files
 from polylm_jax.export import hf_export
 from polylm_jax.train.checkpoint import CheckpointConfig, save_args
 
-
 IMPORT_KIND = "polylm-import output (meta.json + params/)"
 
 
@@ -31,26 +31,32 @@ def looks_like_import(path: pathlib.Path) -> bool:
   return (path / "meta.json").is_file() and (path / "params").is_dir()
 
 
-def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True,
-                      allow_nonfinite=False):
+def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True, allow_nonfinite=False):
   """Written in a staging directory beside `out_dir` and swapped in when complete; `out_dir` may
   not be, contain or lie inside `hf_dir`, and only an earlier import is ever replaced."""
   import orbax.checkpoint as ocp
+
   hf_dir = pathlib.Path(hf_dir)
   files.check_apart(out_dir, hf_dir)
   cfg = hf_export.config_from_hf(hf_dir, scan_layers=scan_layers)
-  params = hf_export.import_params(hf_dir, cfg, scanned=scan_layers,
-                                   allow_nonfinite=allow_nonfinite)
-  with files.staged_directory(out_dir, overwrite=overwrite, kind=IMPORT_KIND,
-                              looks_like=looks_like_import, sources=[hf_dir]) as staging:
+  params = hf_export.import_params(
+    hf_dir, cfg, scanned=scan_layers, allow_nonfinite=allow_nonfinite
+  )
+  with files.staged_directory(
+    out_dir, overwrite=overwrite, kind=IMPORT_KIND, looks_like=looks_like_import, sources=[hf_dir]
+  ) as staging:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((staging / "params").absolute(), params,
-                      save_args=save_args(params, CheckpointConfig().chunk_bytes, cfg))
+    checkpointer.save(
+      (staging / "params").absolute(),
+      params,
+      save_args=save_args(params, CheckpointConfig().chunk_bytes, cfg),
+    )
     checkpointer.wait_until_finished()
     meta = {"model_config": dataclasses.asdict(cfg), "source": str(hf_dir.absolute())}
     if (hf_dir / "tokenizer.model").is_file():
       meta["tokenizer_model_b64"] = base64.b64encode(
-          (hf_dir / "tokenizer.model").read_bytes()).decode()
+        (hf_dir / "tokenizer.model").read_bytes()
+      ).decode()
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
   return pathlib.Path(out_dir), cfg, params
 
@@ -59,7 +65,9 @@ def verify_import(hf_dir, cfg, params, *, seed: int = 0) -> tuple[bool, str]:
   """Logits of the transformers model and of the imported JAX parameters on the same ids."""
   import torch
   import transformers
+
   from polylm_jax.model import params as model_params
+
   ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, (2, min(64, cfg.max_length)))
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   model.eval()
@@ -75,18 +83,28 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="polylm-import", description=__doc__.splitlines()[0])
   parser.add_argument("--hf_dir", required=True)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an earlier import at --out (only an import; swapped in once "
-                           "the new one is complete)")
-  parser.add_argument("--allow_nonfinite", action="store_true",
-                      help="import weights that hold NaN/Inf (refused by default)")
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an earlier import at --out (only an import; swapped in once "
+    "the new one is complete)",
+  )
+  parser.add_argument(
+    "--allow_nonfinite",
+    action="store_true",
+    help="import weights that hold NaN/Inf (refused by default)",
+  )
   parser.add_argument("--unscanned", action="store_true", help="per-layer (unscanned) layout")
   parser.add_argument("--verify", action="store_true")
   args = parser.parse_args(argv)
   try:
-    out, cfg, params = import_checkpoint(args.hf_dir, args.out, overwrite=args.overwrite,
-                                         scan_layers=not args.unscanned,
-                                         allow_nonfinite=args.allow_nonfinite)
+    out, cfg, params = import_checkpoint(
+      args.hf_dir,
+      args.out,
+      overwrite=args.overwrite,
+      scan_layers=not args.unscanned,
+      allow_nonfinite=args.allow_nonfinite,
+    )
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"polylm-import: {e}", file=sys.stderr)
     return 2

@@ -1,4 +1,5 @@
-"""A minimal safetensors reader/writer on numpy (bf16 through ml_dtypes), so exporting needs no torch.
+"""A minimal safetensors reader/writer on numpy (bf16 through ml_dtypes), so exporting needs no
+torch.
 
 Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a JSON
 header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the bytes.
@@ -17,9 +18,13 @@ from typing import Callable, Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
-DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-          "BF16": np.dtype(ml_dtypes.bfloat16), "I32": np.dtype(np.int32),
-          "I64": np.dtype(np.int64)}
+DTYPES = {
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I32": np.dtype(np.int32),
+  "I64": np.dtype(np.int64),
+}
 CODES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -38,8 +43,9 @@ class TensorSource:
     return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def write_sharded(out_dir: pathlib.Path, sources: Sequence[TensorSource],
-                  max_shard_bytes: int) -> list[str]:
+def write_sharded(
+  out_dir: pathlib.Path, sources: Sequence[TensorSource], max_shard_bytes: int
+) -> list[str]:
   """Writes shards of at most `max_shard_bytes` (one tensor larger than that gets a shard of its
   own) and, for several shards, the index. Headers are planned from the shapes, then each chunk is
   written as it is produced: host memory holds one chunk at a time."""
@@ -54,13 +60,19 @@ def write_sharded(out_dir: pathlib.Path, sources: Sequence[TensorSource],
     shards[-1].append(src)
     size += src.nbytes
   n = len(shards)
-  names = (["model.safetensors"] if n == 1 else
-           [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+  names = (
+    ["model.safetensors"]
+    if n == 1
+    else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  )
   for name, shard in zip(names, shards):
     header, offset = {}, 0
     for src in shard:
-      header[src.name] = {"dtype": CODES[np.dtype(src.dtype)], "shape": list(src.shape),
-                          "data_offsets": [offset, offset + src.nbytes]}
+      header[src.name] = {
+        "dtype": CODES[np.dtype(src.dtype)],
+        "shape": list(src.shape),
+        "data_offsets": [offset, offset + src.nbytes],
+      }
       offset += src.nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -76,12 +88,16 @@ def write_sharded(out_dir: pathlib.Path, sources: Sequence[TensorSource],
           f.write(chunk.tobytes())
           written += chunk.nbytes
         if written != src.nbytes:
-          raise ValueError(f"tensor {src.name}: produced {written} bytes, expected {src.nbytes} "
-                           f"for shape {src.shape}")
+          raise ValueError(
+            f"tensor {src.name}: produced {written} bytes, expected {src.nbytes} "
+            f"for shape {src.shape}"
+          )
     tmp.rename(out_dir / name)
   if n > 1:
-    index = {"metadata": {"total_size": sum(s.nbytes for s in sources)},
-             "weight_map": {src.name: name for name, shard in zip(names, shards) for src in shard}}
+    index = {
+      "metadata": {"total_size": sum(s.nbytes for s in sources)},
+      "weight_map": {src.name: name for name, shard in zip(names, shards) for src in shard},
+    }
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
   return names
 
@@ -113,8 +129,11 @@ def read_dir(model_dir: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
     files = sorted(set(weight_map.values()))
     root = model_dir.resolve()
     for name in files:
-      if (not isinstance(name, str) or pathlib.PurePath(name).is_absolute()
-          or (model_dir / name).resolve().parent != root):
+      if (
+        not isinstance(name, str)
+        or pathlib.PurePath(name).is_absolute()
+        or (model_dir / name).resolve().parent != root
+      ):
         raise ValueError(f"{index}: shard file {name!r} is not a file inside {model_dir}")
   elif (model_dir / "model.safetensors").is_file():
     files = ["model.safetensors"]

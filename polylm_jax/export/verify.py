@@ -38,14 +38,15 @@ def params_from_reader(reader, cfg):
   """The full parameter tree, read leaf by leaf (fine for verification-sized use)."""
   abstract = model_params.abstract_params(cfg)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: reader.read(tuple(getattr(k, "key", getattr(k, "idx", None))
-                                        for k in path)), abstract)
+    lambda path, _: reader.read(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)),
+    abstract,
+  )
 
 
 def verify_export(out_dir: str | pathlib.Path, reader, *, lines_per_language: int = 2) -> Report:
+  import sentencepiece as spm
   import torch
   import transformers
-  import sentencepiece as spm
 
   out = pathlib.Path(out_dir)
   report = Report()
@@ -55,11 +56,18 @@ def verify_export(out_dir: str | pathlib.Path, reader, *, lines_per_language: in
   sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   doc_framing = framing.from_meta(reader.meta)
-  mismatched = [(lang, line) for lang in sample.LANGUAGES for line in sample.sample_lines(lang)
-                if hf_tok(line)["input_ids"] != doc_framing.prompt(sp.encode(line))]
-  report.check(not mismatched, f"tokenizer: transformers ids == training's framed ids on "
-                               f"{18 * len(sample.sample_lines('en'))} sample sentences"
-                               + (f"; first mismatch {mismatched[0]}" if mismatched else ""))
+  mismatched = [
+    (lang, line)
+    for lang in sample.LANGUAGES
+    for line in sample.sample_lines(lang)
+    if hf_tok(line)["input_ids"] != doc_framing.prompt(sp.encode(line))
+  ]
+  report.check(
+    not mismatched,
+    f"tokenizer: transformers ids == training's framed ids on "
+    f"{18 * len(sample.sample_lines('en'))} sample sentences"
+    + (f"; first mismatch {mismatched[0]}" if mismatched else ""),
+  )
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   model.eval()
   jax_cfg = cfg.replace(dtype="float32", attention_impl="xla")
@@ -69,7 +77,7 @@ def verify_export(out_dir: str | pathlib.Path, reader, *, lines_per_language: in
   worst = 0.0
   for lang in sample.LANGUAGES:
     for line in sample.sample_lines(lang)[:lines_per_language]:
-      ids = np.asarray([doc_framing.prompt(sp.encode(line))[:cfg.max_length]], np.int32)
+      ids = np.asarray([doc_framing.prompt(sp.encode(line))[: cfg.max_length]], np.int32)
       want = np.asarray(model_params.apply(gdef, params, ids))
       with torch.no_grad():
         got = model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
@@ -77,6 +85,8 @@ def verify_export(out_dir: str | pathlib.Path, reader, *, lines_per_language: in
       worst = max(worst, diff)
       if diff > tol:
         report.check(False, f"logits [{lang}] max abs diff {diff:.2e} > {tol:g}: {line[:40]}")
-  report.check(worst <= tol, f"logits: max abs diff {worst:.2e} over 18 languages "
-                             f"({dtype} export, tolerance {tol:g})")
+  report.check(
+    worst <= tol,
+    f"logits: max abs diff {worst:.2e} over 18 languages ({dtype} export, tolerance {tol:g})",
+  )
   return report

@@ -17,7 +17,8 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: Triton block shapes; PolyLM
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Query / key block lengths of the forward kernel and (bwd_*; None = as forward) of both backward
-  kernels, which favour smaller blocks on GPUs (bench/gpu_check.py's sweep). Clamped to the length."""
+  kernels, which favour smaller blocks on GPUs (bench/gpu_check.py's sweep). Clamped to the
+  length."""
 
   block_q: int = 128
   block_k: int = 128
@@ -32,30 +33,45 @@ class BlockSizes:
 
 
 def check_inputs(q, k, v, segment_ids, blocks: BlockSizes, *, impl: str) -> tuple[int, int]:
-  """Raises with what to change when the kernel cannot take these inputs; returns the block sizes."""
+  """Raises with what to change when the kernel cannot take these inputs; returns the block
+  sizes."""
   if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"{impl}: q, k, v must be [batch, length, heads, head_dim] of one shape; got "
-                     f"{q.shape}, {k.shape}, {v.shape}")
+    raise ValueError(
+      f"{impl}: q, k, v must be [batch, length, heads, head_dim] of one shape; got "
+      f"{q.shape}, {k.shape}, {v.shape}"
+    )
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"{impl}: q, k, v must all be float32 or bfloat16, got {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}")
+    raise ValueError(
+      f"{impl}: q, k, v must all be float32 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}"
+    )
   _, length, _, head_dim = q.shape
   if head_dim not in HEAD_DIMS:
-    raise ValueError(f"{impl}: head_dim {head_dim} is not supported; use one of {HEAD_DIMS} "
-                     f"(d_model / num_heads), or attention_impl='xla'")
+    raise ValueError(
+      f"{impl}: head_dim {head_dim} is not supported; use one of {HEAD_DIMS} "
+      f"(d_model / num_heads), or attention_impl='xla'"
+    )
   block_q, block_k = blocks.for_length(length)
   bwd_q, bwd_k = blocks.backward().for_length(length)
-  for name, b in (("block_q", block_q), ("block_k", block_k), ("bwd_block_q", bwd_q),
-                  ("bwd_block_k", bwd_k)):
+  for name, b in (
+    ("block_q", block_q),
+    ("block_k", block_k),
+    ("bwd_block_q", bwd_q),
+    ("bwd_block_k", bwd_k),
+  ):
     if b < 16 or b & (b - 1):
-      raise ValueError(f"{impl}: {name}={b} must be a power of two >= 16 (sequence length "
-                       f"{length}); pad the sequence or change BlockSizes")
+      raise ValueError(
+        f"{impl}: {name}={b} must be a power of two >= 16 (sequence length "
+        f"{length}); pad the sequence or change BlockSizes"
+      )
     if length % b:
-      raise ValueError(f"{impl}: sequence length {length} is not a multiple of {name}={b}; pad the "
-                       f"sequence to a multiple of {b} or choose a smaller {name}")
+      raise ValueError(
+        f"{impl}: sequence length {length} is not a multiple of {name}={b}; pad the "
+        f"sequence to a multiple of {b} or choose a smaller {name}"
+      )
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"{impl}: segment_ids must be [batch, length] = {q.shape[:2]}, got "
-                     f"{segment_ids.shape}")
+    raise ValueError(
+      f"{impl}: segment_ids must be [batch, length] = {q.shape[:2]}, got {segment_ids.shape}"
+    )
   return block_q, block_k
 
 
@@ -67,17 +83,18 @@ def block_mask(q_pos, k_pos, q_seg, k_seg, causal: bool):
   return mask
 
 
-def online_softmax_step(s, v, m, l, acc):
+def online_softmax_step(s, v, m, denom, acc):
   """One key block of flash attention (FlashAttention-2 algorithm 1), all statistics float32.
 
-  s: [bq, bk] masked scores; v: [bk, d]; m, l: [bq] running max and sum; acc: [bq, d]."""
+  s: [bq, bk] masked scores; v: [bk, d]; m, denom: [bq] running max and sum; acc: [bq, d]."""
   m_new = jnp.maximum(m, jnp.max(s, axis=1))
   correction = jnp.exp(m - m_new)
   p = jnp.exp(s - m_new[:, None])
-  l_new = correction * l + jnp.sum(p, axis=1)
-  pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-  return m_new, l_new, correction[:, None] * acc + pv
+  denom_new = correction * denom + jnp.sum(p, axis=1)
+  pv = jax.lax.dot_general(
+    p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
+  return m_new, denom_new, correction[:, None] * acc + pv
 
 
 def dot_t(a, b):
@@ -92,12 +109,6 @@ def dot(a, b):
 def dot_tn(a, b):
   """a.T @ b with float32 accumulation."""
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def reference_attention(q, k, v, segment_ids, causal: bool = True):
-  """Plain XLA attention in float32 (what the kernels are tested against)."""
-  from polylm_jax.model.attention import xla_attention
-  return xla_attention(q, k, v, segment_ids, causal=causal)
 
 
 def segment_ids_or_one(q, segment_ids) -> jax.Array:

@@ -53,46 +53,64 @@ def resolve(impl: str, q, *, interpret: bool = False, blocks: BlockSizes = Block
     key = (platform, chosen, q.shape[1], q.shape[-1])
     if key not in _logged:
       _logged.add(key)
-      logging.info("attention_impl='auto' chose %r on platform %r (length %d, head_dim %d): %s",
-                   chosen, platform, q.shape[1], q.shape[-1], reason)
+      logging.info(
+        "attention_impl='auto' chose %r on platform %r (length %d, head_dim %d): %s",
+        chosen,
+        platform,
+        q.shape[1],
+        q.shape[-1],
+        reason,
+      )
     return chosen
   needed = _PLATFORM_OF.get(impl)
   if needed and platform != needed and not (interpret and impl.startswith("pallas")):
-    hint = (" (set ModelConfig.attention_interpret=True to run the kernel in the Pallas "
-            "interpreter, e.g. in tests)" if impl.startswith("pallas") else "")
-    raise ValueError(f"attention_impl={impl!r} needs a {needed.upper()} but this computation runs "
-                     f"on {platform!r}{hint}")
+    hint = (
+      " (set ModelConfig.attention_interpret=True to run the kernel in the Pallas "
+      "interpreter, e.g. in tests)"
+      if impl.startswith("pallas")
+      else ""
+    )
+    raise ValueError(
+      f"attention_impl={impl!r} needs a {needed.upper()} but this computation runs "
+      f"on {platform!r}{hint}"
+    )
   return impl
 
 
 def _cudnn(q, k, v, segment_ids, *, causal):
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; set "
-                     f"ModelConfig.dtype='bfloat16' or use another attention_impl")
+    raise ValueError(
+      f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; set "
+      f"ModelConfig.dtype='bfloat16' or use another attention_impl"
+    )
   mask = None
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                      implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
 
 
 def kernel_fn(impl: str, *, causal: bool, blocks: BlockSizes, interpret: bool):
   """A per-device attention function f(q, k, v, segment_ids) for a resolved non-xla impl."""
   if impl == "pallas_gpu":
     from polylm_jax.kernels import flash_gpu
-    return functools.partial(flash_gpu.flash_attention, causal=causal, blocks=blocks,
-                             interpret=interpret)
+
+    return functools.partial(
+      flash_gpu.flash_attention, causal=causal, blocks=blocks, interpret=interpret
+    )
   if impl == "pallas_tpu":
     from polylm_jax.kernels import flash_tpu
-    return functools.partial(flash_tpu.flash_attention, causal=causal, blocks=blocks,
-                             interpret=interpret)
+
+    return functools.partial(
+      flash_tpu.flash_attention, causal=causal, blocks=blocks, interpret=interpret
+    )
   if impl == "cudnn":
     return functools.partial(_cudnn, causal=causal)
   raise ValueError(f"no kernel for attention_impl={impl!r}")
 
 
-def run_kernel(impl: str, q, k, v, segment_ids, *, causal: bool, blocks: BlockSizes,
-               interpret: bool):
+def run_kernel(
+  impl: str, q, k, v, segment_ids, *, causal: bool, blocks: BlockSizes, interpret: bool
+):
   if impl.startswith("pallas"):
     check_inputs(q, k, v, segment_ids, blocks, impl=impl)  # fail at the call, before shard_map
   fn = kernel_fn(impl, causal=causal, blocks=blocks, interpret=interpret)
@@ -104,8 +122,15 @@ def run_kernel(impl: str, q, k, v, segment_ids, *, causal: bool, blocks: BlockSi
   qkv_spec = sharding.logical_to_mesh_spec(sharding.BTHK, rules)
   seg_spec = sharding.logical_to_mesh_spec(sharding.ROWS, rules)
   if qkv_spec[1] is not None or qkv_spec[3] is not None:
-    raise ValueError(f"attention_impl={impl!r} needs whole sequences and head dims per device, "
-                     f"but the rules shard them ({qkv_spec}); map activation_length and "
-                     f"activation_kv to None")
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
-                       out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)
+    raise ValueError(
+      f"attention_impl={impl!r} needs whole sequences and head dims per device, "
+      f"but the rules shard them ({qkv_spec}); map activation_length and "
+      f"activation_kv to None"
+    )
+  return jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+    out_specs=qkv_spec,
+    check_vma=False,
+  )(q, k, v, segment_ids)

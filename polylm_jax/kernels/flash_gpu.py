@@ -19,15 +19,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from polylm_jax.kernels.common import (MASK_VALUE, BlockSizes, block_mask, check_inputs,
-                                       differentiable, dot, dot_t, dot_tn, online_softmax_step,
-                                       segment_ids_or_one)
+from polylm_jax.kernels.common import (
+  MASK_VALUE,
+  BlockSizes,
+  block_mask,
+  check_inputs,
+  differentiable,
+  dot,
+  dot_t,
+  dot_tn,
+  online_softmax_step,
+  segment_ids_or_one,
+)
 
 
 def _compiler_params(head_dim: int, block_q: int, block_k: int):
-  # H100 sweep at head_dim 128 (docs/kernels.md): 8 warps only pay off for 128x128 tiles; 4 warps
-  # win for every smaller tile; 3 pipeline stages are never worse than 2.
+  # From a block sweep on Hopper at head_dim 128 (docs/kernels.md): 8 warps pay off only for
+  # 128x128 tiles, 4 for every smaller tile; 3 pipeline stages are never worse than 2.
   from jax.experimental.pallas import triton as plgpu
+
   big_tile = head_dim > 64 and block_q * block_k >= 128 * 128
   return plgpu.CompilerParams(num_warps=8 if big_tile else 4, num_stages=3)
 
@@ -42,8 +52,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale, causal, 
   q = q_ref[...]
   q_pos = i * block_q + jnp.arange(block_q)
   q_seg = seg_ref[pl.ds(i * block_q, block_q)]
-  carry = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-           jnp.zeros(q.shape, jnp.float32))
+  carry = (
+    jnp.full((block_q,), -jnp.inf, jnp.float32),
+    jnp.zeros((block_q,), jnp.float32),
+    jnp.zeros(q.shape, jnp.float32),
+  )
 
   def body(j, carry):
     k_seg = seg_ref[pl.ds(j * block_k, block_k)]
@@ -55,16 +68,30 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale, causal, 
       k_pos = j * block_k + jnp.arange(block_k)
       s = jnp.where(block_mask(q_pos, k_pos, q_seg, k_seg, causal), s, MASK_VALUE)
       return online_softmax_step(s, v, *carry)
+
     return lax.cond(_ranges_overlap(q_seg, k_seg), compute, lambda c: c, carry)
 
   num_k = lax.div((i + 1) * block_q + block_k - 1, block_k) if causal else length // block_k
-  m, l, acc = lax.fori_loop(0, num_k, body, carry)
-  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log(l)
+  m, denom, acc = lax.fori_loop(0, num_k, body, carry)
+  o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(denom)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, causal,
-               block_q, block_k):
+def _dq_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  seg_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  *,
+  scale,
+  causal,
+  block_q,
+  block_k,
+):
   i = pl.program_id(2)
   length = k_ref.shape[0]
   q, do = q_ref[...], do_ref[...]
@@ -83,6 +110,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
       p = jnp.where(mask, jnp.exp(dot_t(q, k) * scale - lse[:, None]), 0.0)
       ds = p * (dot_t(do, v) - delta[:, None])
       return dq + dot(ds.astype(k.dtype), k)
+
     return lax.cond(_ranges_overlap(q_seg, k_seg), compute, lambda d: d, dq)
 
   num_k = lax.div((i + 1) * block_q + block_k - 1, block_k) if causal else length // block_k
@@ -90,8 +118,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale,
-                causal, block_q, block_k):
+def _dkv_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  seg_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  scale,
+  causal,
+  block_q,
+  block_k,
+):
   j = pl.program_id(2)
   length = q_ref.shape[0]
   k, v = k_ref[...], v_ref[...]
@@ -114,6 +156,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref
       ds = p * (dot_t(do, v) - delta[:, None])
       dk = dk + dot_tn(ds.astype(q.dtype), q)
       return dk, dv
+
     return lax.cond(_ranges_overlap(q_seg, k_seg), compute, lambda c: c, carry)
 
   first_q = lax.div(j * block_k, block_q) if causal else 0
@@ -137,48 +180,69 @@ def _forward(q, k, v, seg, causal, blocks, interpret):
   batch, length, heads, head_dim = q.shape
   block_q, block_k = blocks.for_length(length)
   rows, full, stat_rows, _, seg_spec = _specs(block_q, length, head_dim)
-  kernel = functools.partial(_fwd_kernel, scale=head_dim ** -0.5, causal=causal, block_q=block_q,
-                             block_k=block_k)
+  kernel = functools.partial(
+    _fwd_kernel, scale=head_dim**-0.5, causal=causal, block_q=block_q, block_k=block_k
+  )
   return pl.pallas_call(
-      kernel, grid=(batch, heads, length // block_q),
-      in_specs=[rows, full, full, seg_spec], out_specs=[rows, stat_rows],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)],
-      compiler_params=None if interpret else _compiler_params(head_dim, block_q, block_k),
-      interpret=interpret, name="polylm_flash_fwd_gpu")(q, k, v, seg)
+    kernel,
+    grid=(batch, heads, length // block_q),
+    in_specs=[rows, full, full, seg_spec],
+    out_specs=[rows, stat_rows],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
+    ],
+    compiler_params=None if interpret else _compiler_params(head_dim, block_q, block_k),
+    interpret=interpret,
+    name="polylm_flash_fwd_gpu",
+  )(q, k, v, seg)
 
 
 def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   batch, length, heads, head_dim = q.shape
   block_q, block_k = blocks.backward().for_length(length)
-  scale = head_dim ** -0.5
+  scale = head_dim**-0.5
   # delta_i = sum_d o_id * do_id: one fused XLA reduction, read by both kernels.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   params = None if interpret else _compiler_params(head_dim, block_q, block_k)
   rows_q, full, stat_q, stat_full, seg_spec = _specs(block_q, length, head_dim)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),
-      grid=(batch, heads, length // block_q),
-      in_specs=[rows_q, full, full, seg_spec, rows_q, stat_q, stat_q], out_specs=rows_q,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=params,
-      interpret=interpret, name="polylm_flash_dq_gpu")(q, k, v, seg, do, lse, delta)
+    functools.partial(_dq_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),
+    grid=(batch, heads, length // block_q),
+    in_specs=[rows_q, full, full, seg_spec, rows_q, stat_q, stat_q],
+    out_specs=rows_q,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=params,
+    interpret=interpret,
+    name="polylm_flash_dq_gpu",
+  )(q, k, v, seg, do, lse, delta)
   rows_k = _specs(block_k, length, head_dim)[0]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),
-      grid=(batch, heads, length // block_k),
-      in_specs=[full, rows_k, rows_k, seg_spec, full, stat_full, stat_full],
-      out_specs=[rows_k, rows_k],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params, interpret=interpret,
-      name="polylm_flash_dkv_gpu")(q, k, v, seg, do, lse, delta)
+    functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),
+    grid=(batch, heads, length // block_k),
+    in_specs=[full, rows_k, rows_k, seg_spec, full, stat_full, stat_full],
+    out_specs=[rows_k, rows_k],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=params,
+    interpret=interpret,
+    name="polylm_flash_dkv_gpu",
+  )(q, k, v, seg, do, lse, delta)
   return dq, dk, dv
 
 
 _flash = differentiable(_forward, _backward)
 
 
-def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True,
-                    blocks: BlockSizes = BlockSizes(), interpret: bool = False) -> jax.Array:
+def flash_attention(
+  q,
+  k,
+  v,
+  segment_ids=None,
+  *,
+  causal: bool = True,
+  blocks: BlockSizes = BlockSizes(),
+  interpret: bool = False,
+) -> jax.Array:
   """[B, T, H, D] attention with packing (segment ids) and causal masking, on a GPU.
 
   `interpret=True` runs the same kernels in the Pallas interpreter (any platform; for tests)."""

@@ -20,8 +20,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from polylm_jax.kernels.common import (MASK_VALUE, BlockSizes, check_inputs, differentiable, dot,
-                                       dot_t, segment_ids_or_one)
+from polylm_jax.kernels.common import (
+  MASK_VALUE,
+  BlockSizes,
+  check_inputs,
+  differentiable,
+  dot,
+  dot_t,
+  segment_ids_or_one,
+)
 
 LANES, SUBLANES = 128, 8
 
@@ -55,8 +62,27 @@ def _lane_slice(x, width):
   return x[:, :width]
 
 
-def _fwd_kernel(qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
-                m_scr, l_scr, acc_scr, *, scale, causal, block_q, block_k):
+def _fwd_kernel(
+  qmin,
+  qmax,
+  kmin,
+  kmax,
+  q_ref,
+  k_ref,
+  v_ref,
+  qseg_ref,
+  kseg_ref,
+  o_ref,
+  lse_ref,
+  m_scr,
+  l_scr,
+  acc_scr,
+  *,
+  scale,
+  causal,
+  block_q,
+  block_k,
+):
   b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(kj == 0)
@@ -65,13 +91,17 @@ def _fwd_kernel(qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  @pl.when(_should_run(b, qi, kj, qmin, qmax, kmin, kmax, causal=causal, block_q=block_q,
-                       block_k=block_k))
+  @pl.when(
+    _should_run(b, qi, kj, qmin, qmax, kmin, kmax, causal=causal, block_q=block_q, block_k=block_k)
+  )
   def _step():
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     s = dot_t(q, k) * scale
-    s = jnp.where(_mask(qseg_ref, kseg_ref, qi, kj, causal=causal, block_q=block_q,
-                        block_k=block_k), s, MASK_VALUE)
+    s = jnp.where(
+      _mask(qseg_ref, kseg_ref, qi, kj, causal=causal, block_q=block_q, block_k=block_k),
+      s,
+      MASK_VALUE,
+    )
     m_prev, l_prev = m_scr[...], l_scr[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     correction = jnp.exp(m_prev - m_next)
@@ -83,9 +113,9 @@ def _fwd_kernel(qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish():
-    l = l_scr[...]
-    o_ref[...] = (acc_scr[...] / _lane_slice(l, acc_scr.shape[-1])).astype(o_ref.dtype)
-    lse_ref[...] = m_scr[...] + jnp.log(l)
+    denom = l_scr[...]
+    o_ref[...] = (acc_scr[...] / _lane_slice(denom, acc_scr.shape[-1])).astype(o_ref.dtype)
+    lse_ref[...] = m_scr[...] + jnp.log(denom)
 
 
 def _probabilities(q, k, lse, qseg_ref, kseg_ref, qi, kj, *, scale, causal, block_q, block_k):
@@ -94,20 +124,51 @@ def _probabilities(q, k, lse, qseg_ref, kseg_ref, qi, kj, *, scale, causal, bloc
   return jnp.where(mask, jnp.exp(s - _lane_slice(lse, block_k)), 0.0)
 
 
-def _dq_kernel(qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, dq_scr, *, scale, causal, block_q, block_k):
+def _dq_kernel(
+  qmin,
+  qmax,
+  kmin,
+  kmax,
+  q_ref,
+  k_ref,
+  v_ref,
+  qseg_ref,
+  kseg_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dq_ref,
+  dq_scr,
+  *,
+  scale,
+  causal,
+  block_q,
+  block_k,
+):
   b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(kj == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
-  @pl.when(_should_run(b, qi, kj, qmin, qmax, kmin, kmax, causal=causal, block_q=block_q,
-                       block_k=block_k))
+  @pl.when(
+    _should_run(b, qi, kj, qmin, qmax, kmin, kmax, causal=causal, block_q=block_q, block_k=block_k)
+  )
   def _step():
     k, v, do = k_ref[...], v_ref[...], do_ref[...]
-    p = _probabilities(q_ref[...], k, lse_ref[...], qseg_ref, kseg_ref, qi, kj, scale=scale,
-                       causal=causal, block_q=block_q, block_k=block_k)
+    p = _probabilities(
+      q_ref[...],
+      k,
+      lse_ref[...],
+      qseg_ref,
+      kseg_ref,
+      qi,
+      kj,
+      scale=scale,
+      causal=causal,
+      block_q=block_q,
+      block_k=block_k,
+    )
     ds = p * (dot_t(do, v) - _lane_slice(delta_ref[...], block_k))
     dq_scr[...] += dot(ds.astype(k.dtype), k)
 
@@ -116,8 +177,29 @@ def _dq_kernel(qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, 
     dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, scale, causal, block_q, block_k):
+def _dkv_kernel(
+  qmin,
+  qmax,
+  kmin,
+  kmax,
+  q_ref,
+  k_ref,
+  v_ref,
+  qseg_ref,
+  kseg_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  dk_ref,
+  dv_ref,
+  dk_scr,
+  dv_scr,
+  *,
+  scale,
+  causal,
+  block_q,
+  block_k,
+):
   b, kj, qi = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(qi == 0)
@@ -125,12 +207,24 @@ def _dkv_kernel(qmin, qmax, kmin, kmax, q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  @pl.when(_should_run(b, qi, kj, qmin, qmax, kmin, kmax, causal=causal, block_q=block_q,
-                       block_k=block_k))
+  @pl.when(
+    _should_run(b, qi, kj, qmin, qmax, kmin, kmax, causal=causal, block_q=block_q, block_k=block_k)
+  )
   def _step():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    p = _probabilities(q, k, lse_ref[...], qseg_ref, kseg_ref, qi, kj, scale=scale,
-                       causal=causal, block_q=block_q, block_k=block_k)
+    p = _probabilities(
+      q,
+      k,
+      lse_ref[...],
+      qseg_ref,
+      kseg_ref,
+      qi,
+      kj,
+      scale=scale,
+      causal=causal,
+      block_q=block_q,
+      block_k=block_k,
+    )
     dv_scr[...] += dot(p.T.astype(do.dtype), do)
     ds = p * (dot_t(do, v) - _lane_slice(delta_ref[...], block_k))
     dk_scr[...] += dot(ds.T.astype(q.dtype), q)
@@ -159,13 +253,18 @@ def _layout(q, k, v, seg, blocks):
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret, name):
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=scratch)
+    num_scalar_prefetch=4, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
+  )
   return pl.pallas_call(
-      kernel, grid_spec=grid_spec, out_shape=out_shape, name=name,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=pltpu.InterpretParams() if interpret else False)
+    kernel,
+    grid_spec=grid_spec,
+    out_shape=out_shape,
+    name=name,
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    ),
+    interpret=pltpu.InterpretParams() if interpret else False,
+  )
 
 
 def _specs(block_q, block_k, head_dim, *, kv_major: bool):
@@ -176,10 +275,8 @@ def _specs(block_q, block_k, head_dim, *, kv_major: bool):
   else:
     qi = lambda o, i: o
     kj = lambda o, i: i
-  q_spec = pl.BlockSpec((None, None, block_q, head_dim),
-                        lambda b, h, o, i, *_: (b, h, qi(o, i), 0))
-  k_spec = pl.BlockSpec((None, None, block_k, head_dim),
-                        lambda b, h, o, i, *_: (b, h, kj(o, i), 0))
+  q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, o, i, *_: (b, h, qi(o, i), 0))
+  k_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, o, i, *_: (b, h, kj(o, i), 0))
   stat = pl.BlockSpec((None, None, block_q, LANES), lambda b, h, o, i, *_: (b, h, qi(o, i), 0))
   qseg = pl.BlockSpec((None, block_q, LANES), lambda b, h, o, i, *_: (b, qi(o, i), 0))
   kseg = pl.BlockSpec((None, SUBLANES, block_k), lambda b, h, o, i, *_: (b, 0, kj(o, i)))
@@ -190,16 +287,26 @@ def _forward(q, k, v, seg, causal, blocks, interpret):
   batch, length, heads, head_dim = q.shape
   qt, kt, vt, qseg, kseg, ranges, block_q, block_k = _layout(q, k, v, seg, blocks)
   q_spec, k_spec, stat, qseg_spec, kseg_spec = _specs(block_q, block_k, head_dim, kv_major=False)
-  kernel = functools.partial(_fwd_kernel, scale=head_dim ** -0.5, causal=causal, block_q=block_q,
-                             block_k=block_k)
+  kernel = functools.partial(
+    _fwd_kernel, scale=head_dim**-0.5, causal=causal, block_q=block_q, block_k=block_k
+  )
   o, lse = _call(
-      kernel, (batch, heads, length // block_q, length // block_k),
-      [q_spec, k_spec, k_spec, qseg_spec, kseg_spec], [q_spec, stat],
-      [jax.ShapeDtypeStruct(qt.shape, q.dtype),
-       jax.ShapeDtypeStruct((batch, heads, length, LANES), jnp.float32)],
-      [pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
-       pltpu.VMEM((block_q, head_dim), jnp.float32)],
-      interpret, "polylm_flash_fwd_tpu")(*ranges, qt, kt, vt, qseg, kseg)
+    kernel,
+    (batch, heads, length // block_q, length // block_k),
+    [q_spec, k_spec, k_spec, qseg_spec, kseg_spec],
+    [q_spec, stat],
+    [
+      jax.ShapeDtypeStruct(qt.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, heads, length, LANES), jnp.float32),
+    ],
+    [
+      pltpu.VMEM((block_q, LANES), jnp.float32),
+      pltpu.VMEM((block_q, LANES), jnp.float32),
+      pltpu.VMEM((block_q, head_dim), jnp.float32),
+    ],
+    interpret,
+    "polylm_flash_fwd_tpu",
+  )(*ranges, qt, kt, vt, qseg, kseg)
   return jnp.swapaxes(o, 1, 2), lse
 
 
@@ -209,24 +316,30 @@ def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   dot_ = jnp.swapaxes(do, 1, 2)
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   delta = jnp.broadcast_to(delta[..., None], (*delta.shape, LANES))
-  scale = head_dim ** -0.5
+  scale = head_dim**-0.5
   nq, nk = length // block_q, length // block_k
   q_spec, k_spec, stat, qseg_spec, kseg_spec = _specs(block_q, block_k, head_dim, kv_major=False)
   dq = _call(
-      functools.partial(_dq_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),
-      (batch, heads, nq, nk),
-      [q_spec, k_spec, k_spec, qseg_spec, kseg_spec, q_spec, stat, stat], q_spec,
-      jax.ShapeDtypeStruct(qt.shape, q.dtype), [pltpu.VMEM((block_q, head_dim), jnp.float32)],
-      interpret, "polylm_flash_dq_tpu")(*ranges, qt, kt, vt, qseg, kseg, dot_, lse, delta)
+    functools.partial(_dq_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),
+    (batch, heads, nq, nk),
+    [q_spec, k_spec, k_spec, qseg_spec, kseg_spec, q_spec, stat, stat],
+    q_spec,
+    jax.ShapeDtypeStruct(qt.shape, q.dtype),
+    [pltpu.VMEM((block_q, head_dim), jnp.float32)],
+    interpret,
+    "polylm_flash_dq_tpu",
+  )(*ranges, qt, kt, vt, qseg, kseg, dot_, lse, delta)
   q_spec, k_spec, stat, qseg_spec, kseg_spec = _specs(block_q, block_k, head_dim, kv_major=True)
   dk, dv = _call(
-      functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=block_q,
-                        block_k=block_k),
-      (batch, heads, nk, nq),
-      [q_spec, k_spec, k_spec, qseg_spec, kseg_spec, q_spec, stat, stat], [k_spec, k_spec],
-      [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-      [pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)],
-      interpret, "polylm_flash_dkv_tpu")(*ranges, qt, kt, vt, qseg, kseg, dot_, lse, delta)
+    functools.partial(_dkv_kernel, scale=scale, causal=causal, block_q=block_q, block_k=block_k),
+    (batch, heads, nk, nq),
+    [q_spec, k_spec, k_spec, qseg_spec, kseg_spec, q_spec, stat, stat],
+    [k_spec, k_spec],
+    [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+    [pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)],
+    interpret,
+    "polylm_flash_dkv_tpu",
+  )(*ranges, qt, kt, vt, qseg, kseg, dot_, lse, delta)
   back = lambda x: jnp.swapaxes(x, 1, 2)
   return back(dq), back(dk), back(dv)
 
@@ -234,15 +347,27 @@ def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
 _flash = differentiable(_forward, _backward)
 
 
-def flash_attention(q, k, v, segment_ids=None, *, causal: bool = True,
-                    blocks: BlockSizes = BlockSizes(), interpret: bool = False) -> jax.Array:
+def flash_attention(
+  q,
+  k,
+  v,
+  segment_ids=None,
+  *,
+  causal: bool = True,
+  blocks: BlockSizes = BlockSizes(),
+  interpret: bool = False,
+) -> jax.Array:
   """[B, T, H, D] attention with packing (segment ids) and causal masking, on a TPU.
 
   `interpret=True` runs the same kernels in the Pallas TPU interpreter (any platform; for tests)."""
   block_q, block_k = check_inputs(q, k, v, segment_ids, blocks, impl="pallas_tpu")
-  for name, b in (("block_k", block_k),
-                  ("bwd_block_k", blocks.backward().for_length(q.shape[1])[1])):
+  for name, b in (
+    ("block_k", block_k),
+    ("bwd_block_k", blocks.backward().for_length(q.shape[1])[1]),
+  ):
     if not interpret and b % LANES:
-      raise ValueError(f"pallas_tpu: {name}={b} must be a multiple of {LANES} on TPU "
-                       f"(segment-id lanes); use a sequence of at least {LANES} tokens")
+      raise ValueError(
+        f"pallas_tpu: {name}={b} must be a multiple of {LANES} on TPU "
+        f"(segment-id lanes); use a sequence of at least {LANES} tokens"
+      )
   return _flash(q, k, v, segment_ids_or_one(q, segment_ids), causal, blocks, interpret)

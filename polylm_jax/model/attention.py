@@ -17,9 +17,17 @@ from polylm_jax.kernels import dispatch
 from polylm_jax.kernels.common import BlockSizes
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
-              causal: bool = True, impl: str = "xla", interpret: bool = False,
-              blocks: BlockSizes = BlockSizes()) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None,
+  *,
+  causal: bool = True,
+  impl: str = "xla",
+  interpret: bool = False,
+  blocks: BlockSizes = BlockSizes(),
+) -> jax.Array:
   """Multi-head attention over packed sequences.
 
   Args:
@@ -32,16 +40,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     blocks: kernel block sizes.
   """
   if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"attention: q, k, v must all be [batch, length, heads, head_dim]; got "
-                     f"{q.shape}, {k.shape}, {v.shape}")
+    raise ValueError(
+      f"attention: q, k, v must all be [batch, length, heads, head_dim]; got "
+      f"{q.shape}, {k.shape}, {v.shape}"
+    )
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"attention: segment_ids must be [batch, length] = {q.shape[:2]}, "
-                     f"got {segment_ids.shape}")
+    raise ValueError(
+      f"attention: segment_ids must be [batch, length] = {q.shape[:2]}, got {segment_ids.shape}"
+    )
   impl = dispatch.resolve(impl, q, interpret=interpret, blocks=blocks)
   if impl == "xla":
     return xla_attention(q, k, v, segment_ids, causal=causal)
-  return dispatch.run_kernel(impl, q, k, v, segment_ids, causal=causal, blocks=blocks,
-                             interpret=interpret)
+  return dispatch.run_kernel(
+    impl, q, k, v, segment_ids, causal=causal, blocks=blocks, interpret=interpret
+  )
 
 
 def mask(segment_ids: jax.Array | None, length: int, causal: bool) -> jax.Array | None:
@@ -65,14 +77,19 @@ def xla_attention(q, k, v, segment_ids, *, causal: bool = True) -> jax.Array:
     # Finite, not -inf: a fully masked row (cannot happen with causal + own segment) stays NaN-free.
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
 
 
-
-def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, new_k: jax.Array,
-                     new_v: jax.Array, slot: jax.Array, start: jax.Array) -> jax.Array:
+def cached_attention(
+  q: jax.Array,
+  cache_k: jax.Array,
+  cache_v: jax.Array,
+  new_k: jax.Array,
+  new_v: jax.Array,
+  slot: jax.Array,
+  start: jax.Array,
+) -> jax.Array:
   """Decode-time attention (XLA; a few query rows need no kernel). q, new_k, new_v [B, T, H, K]
   are the tokens at cache slots slot..slot+T-1; each attends to the cache slots before `slot`
   from its row's `start` on (the slots before `start` hold left padding) and causally to the new
@@ -90,8 +107,9 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, new_k
   top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
   p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
   total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-  out = (jnp.einsum("bhqk,bhkd->bqhd", (p_old / total).astype(cache_v.dtype), cache_v,
-                    preferred_element_type=f32)
-         + jnp.einsum("bhqk,bkhd->bqhd", (p_new / total).astype(new_v.dtype), new_v,
-                      preferred_element_type=f32))
+  out = jnp.einsum(
+    "bhqk,bhkd->bqhd", (p_old / total).astype(cache_v.dtype), cache_v, preferred_element_type=f32
+  ) + jnp.einsum(
+    "bhqk,bkhd->bqhd", (p_new / total).astype(new_v.dtype), new_v, preferred_element_type=f32
+  )
   return out.astype(q.dtype)

@@ -1,7 +1,8 @@
 """Parameters as plain nested dicts: creation, abstract shapes, logical axes, scan <-> unscanned.
 
 The trainer, optimizer, checkpoints and export all see parameters as a nested dict of arrays
-(`nnx.State.to_pure_dict()`); the NNX module is rebuilt around them with `nnx.merge(graphdef, params)`.
+(`nnx.State.to_pure_dict()`); the NNX module is rebuilt around them with `nnx.merge(graphdef,
+params)`.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def abstract_params(cfg: ModelConfig) -> Params:
 def logical_axes(cfg: ModelConfig) -> Params:
   """Same tree as the parameters, each leaf the tuple of logical axis names of that parameter."""
   state = _abstract_state(cfg)[1]
-  return jax.tree.map(lambda v: tuple(v.sharding_names), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+  return jax.tree.map(
+    lambda v: tuple(v.sharding_names), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  ).to_pure_dict()
 
 
 def apply(gdef, params: Params, tokens, positions=None, segment_ids=None) -> jax.Array:

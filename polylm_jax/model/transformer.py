@@ -13,32 +13,36 @@ import jax.numpy as jnp
 from flax import nnx
 
 from polylm_jax.config import ModelConfig
-from polylm_jax.model import layers
 from polylm_jax.kernels.common import BlockSizes
+from polylm_jax.model import layers
 from polylm_jax.model.attention import attention, cached_attention
 from polylm_jax.sharding import BTD, BTF, BTHK, BTV, constrain
 
 REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
-    self.qkv_kernel = layers.normal(rngs, cfg.init_std, (d, 3, h, k), ("embed", "qkv", "heads", "kv"))
+    self.qkv_kernel = layers.normal(
+      rngs, cfg.init_std, (d, 3, h, k), ("embed", "qkv", "heads", "kv")
+    )
     self.qkv_bias = layers.zeros((3, h, k), ("qkv", "heads", "kv"))
     self.out_kernel = layers.normal(rngs, cfg.init_std, (h, k, d), ("heads", "kv", "embed"))
     self.out_bias = layers.zeros((d,), ("embed",))
     self.dtype = cfg.compute_dtype
     self.impl = cfg.attention_impl
     self.interpret = cfg.attention_interpret
-    self.kernel_blocks = BlockSizes(cfg.attention_block_q, cfg.attention_block_k,
-                                    cfg.attention_bwd_block_q or None,
-                                    cfg.attention_bwd_block_k or None)
+    self.kernel_blocks = BlockSizes(
+      cfg.attention_block_q,
+      cfg.attention_block_k,
+      cfg.attention_bwd_block_q or None,
+      cfg.attention_bwd_block_k or None,
+    )
 
   def _qkv(self, x: jax.Array):
     dt = self.dtype
@@ -59,12 +63,21 @@ class Attention(nnx.Module):
   def prefill(self, x: jax.Array, segment_ids: jax.Array | None):
     """The output and this call's keys and values (what a KV cache keeps)."""
     q, k, v = self._qkv(x)
-    o = attention(q, k, v, segment_ids, causal=True, impl=self.impl, interpret=self.interpret,
-                  blocks=self.kernel_blocks)
+    o = attention(
+      q,
+      k,
+      v,
+      segment_ids,
+      causal=True,
+      impl=self.impl,
+      interpret=self.interpret,
+      blocks=self.kernel_blocks,
+    )
     return self._out(o), (k, v)
 
-  def step(self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, slot: jax.Array,
-           start: jax.Array):
+  def step(
+    self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, slot: jax.Array, start: jax.Array
+  ):
     """New tokens x [B, T, D] at cache slots slot..slot+T-1 attend to the cache [B, H, S, K]
     before them (from each row's `start` slot on: left padding) and to each other, causally.
     The cache is only read; the new keys and values are returned for the caller to write (once,
@@ -76,7 +89,6 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_ff
     self.fc_kernel = layers.normal(rngs, cfg.init_std, (d, f), ("embed", "mlp"))
@@ -119,24 +131,30 @@ class Block(nnx.Module):
 
 
 class PolyLM(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.config = cfg
     self.wte = layers.normal(rngs, cfg.init_std, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
-    self.wpe = layers.normal(rngs, cfg.init_std, (cfg.max_length, cfg.d_model), ("position", "embed"))
+    self.wpe = layers.normal(
+      rngs, cfg.init_std, (cfg.max_length, cfg.d_model), ("position", "embed")
+    )
     if cfg.scan_layers:
       # One Block whose parameters have a leading `layers` axis, run with lax.scan.
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_blocks(rngs):
         return Block(cfg, rngs)
+
       self.blocks = make_blocks(rngs)
     else:
       self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.ln_f = layers.LayerNorm(cfg.d_model, cfg.layer_norm_eps)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """tokens, positions, segment_ids: [batch, length] int. Returns float32 logits [B, T, vocab].
 
     Packed rows pass per-document positions (restarting at 0) and segment ids; unpacked callers
@@ -144,29 +162,45 @@ class PolyLM(nnx.Module):
     """
     return self.logits(self.hidden(tokens, positions, segment_ids))
 
-  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> jax.Array:
+  def hidden(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """The final LayerNorm's output, float32 [B, T, d_model] (what the LM head reads)."""
     x = self._embed(tokens, positions)
     x, _ = self._layers(x, lambda block, h, _: (block(h, segment_ids), None), remat=True)
     return self.ln_f(x)
 
-  def prefill(self, tokens: jax.Array, positions: jax.Array | None = None,
-              segment_ids: jax.Array | None = None):
+  def prefill(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+  ):
     """hidden() and every layer's keys and values: ([B, T, d_model], (k, v) [L, B, T, H, K];
     a KV cache holds them as [L, B, H, S, K])."""
     x = self._embed(tokens, positions)
     x, kv = self._layers(x, lambda block, h, _: block.prefill(h, segment_ids))
     return self.ln_f(x), kv
 
-  def step(self, tokens: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-           slot: jax.Array, start: jax.Array):
+  def step(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    slot: jax.Array,
+    start: jax.Array,
+  ):
     """Decode: new tokens [B, T] at cache slots slot.. (see Attention.step); the cache is
     [L, B, H, S, K]. Returns the final hidden states and the cache with the new keys and values
     written in (one in-place update of the donated cache)."""
     x = self._embed(tokens, positions)
-    x, (k, v) = self._layers(x, lambda block, h, c: block.step(h, c[0], c[1], slot, start),
-                             (cache_k, cache_v))
+    x, (k, v) = self._layers(
+      x, lambda block, h, c: block.step(h, c[0], c[1], slot, start), (cache_k, cache_v)
+    )
     # [L, B, T, H, K] -> the cache's [L, B, H, T, K], written at slot
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.swapaxes(2, 3), slot, axis=3)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.swapaxes(2, 3), slot, axis=3)
@@ -175,8 +209,9 @@ class PolyLM(nnx.Module):
   def _embed(self, tokens, positions):
     cfg = self.config
     if tokens.shape[1] > cfg.max_length:
-      raise ValueError(f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_length="
-                       f"{cfg.max_length}")
+      raise ValueError(
+        f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_length={cfg.max_length}"
+      )
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jnp.take(self.wte[...], tokens, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
@@ -185,8 +220,9 @@ class PolyLM(nnx.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """LM head, tied to the token embedding: [B, T, d_model] -> float32 logits [B, T, vocab]."""
     dt = self.config.compute_dtype
-    logits = jnp.einsum("btd,vd->btv", x.astype(dt), self.wte[...].astype(dt),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "btd,vd->btv", x.astype(dt), self.wte[...].astype(dt), preferred_element_type=jnp.float32
+    )
     return constrain(logits, BTV)
 
   def _layers(self, x, call, per_layer=None, *, remat: bool = False):
@@ -198,14 +234,16 @@ class PolyLM(nnx.Module):
       return call(nnx.merge(graphdef, state), h, layer_input)
 
     if remat and cfg.remat_policy != "none":
-      apply = jax.checkpoint(apply, policy=REMAT[cfg.remat_policy], static_argnums=(0,),
-                             prevent_cse=not cfg.scan_layers)
+      apply = jax.checkpoint(
+        apply, policy=REMAT[cfg.remat_policy], static_argnums=(0,), prevent_cse=not cfg.scan_layers
+      )
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)
 
       def body(h, xs):
         layer, layer_input = xs
         return apply(graphdef, layer, h, layer_input)
+
       return jax.lax.scan(body, x, (state, per_layer))
     outputs = []
     for i, block in enumerate(self.blocks):

@@ -38,14 +38,20 @@ def read_seeds(path: str) -> dict[str, list[dict]]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="polylm-self-instruct", description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="polylm-self-instruct",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   parser.add_argument("--seeds", required=True)
   parser.add_argument("--out_dir", required=True)
   parser.add_argument("--base_url", required=True, help="e.g. http://localhost:8000/v1")
   parser.add_argument("--model", required=True)
-  parser.add_argument("--api_key_env", default="OPENAI_API_KEY",
-                      help="environment variable holding the API key (unset: no key sent)")
+  parser.add_argument(
+    "--api_key_env",
+    default="OPENAI_API_KEY",
+    help="environment variable holding the API key (unset: no key sent)",
+  )
   parser.add_argument("--languages", default=None, help="comma-separated (default: the seeds')")
   parser.add_argument("--target_per_language", type=int, default=1000)
   parser.add_argument("--max_requests", type=int, default=100)
@@ -63,17 +69,34 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   from polylm_jax.self_instruct import client, filters, generate
+
   try:
     seeds = read_seeds(args.seeds)
     langs = args.languages.split(",") if args.languages else sorted(seeds)
     config = generate.SelfInstructConfig(
-        tuple(langs), args.target_per_language, args.max_requests, args.time_budget_s,
-        args.concurrency, args.examples_in_prompt, args.tasks_per_request, args.seed)
-    chat_client = client.ChatClient(args.base_url, args.model, os.environ.get(args.api_key_env),
-                                    timeout_s=args.timeout_s, max_retries=args.max_retries,
-                                    backoff_s=args.backoff_s, temperature=args.temperature)
-    checks = filters.Filters(filters.FilterConfig(rouge_threshold=args.rouge_threshold,
-                                                  check_language=not args.no_language_check))
+      tuple(langs),
+      args.target_per_language,
+      args.max_requests,
+      args.time_budget_s,
+      args.concurrency,
+      args.examples_in_prompt,
+      args.tasks_per_request,
+      args.seed,
+    )
+    chat_client = client.ChatClient(
+      args.base_url,
+      args.model,
+      os.environ.get(args.api_key_env),
+      timeout_s=args.timeout_s,
+      max_retries=args.max_retries,
+      backoff_s=args.backoff_s,
+      temperature=args.temperature,
+    )
+    checks = filters.Filters(
+      filters.FilterConfig(
+        rouge_threshold=args.rouge_threshold, check_language=not args.no_language_check
+      )
+    )
     report = generate.run(chat_client, seeds, args.out_dir, config, checks)
   except (ValueError, FileNotFoundError) as e:
     print(f"polylm-self-instruct: {e}", file=sys.stderr)

@@ -40,9 +40,15 @@ class ChatClient:
   def complete(self, prompt: str) -> str:
     """The assistant message's text; MalformedResponse for a 200 whose body is not a chat
     completion; RequestFailed after the retries."""
-    body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                       "temperature": self.temperature, "top_p": self.top_p,
-                       "max_tokens": self.max_tokens}).encode()
+    body = json.dumps(
+      {
+        "model": self.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": self.temperature,
+        "top_p": self.top_p,
+        "max_tokens": self.max_tokens,
+      }
+    ).encode()
     headers = {"Content-Type": "application/json"}
     if self.api_key:
       headers["Authorization"] = f"Bearer {self.api_key}"
@@ -62,7 +68,7 @@ class ChatClient:
       if attempt == self.max_retries:
         raise RequestFailed(f"{url}: gave up after {attempt + 1} attempts ({error})")
       self.retries += 1
-      delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random())
+      delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
       logging.info("self-instruct: %s, retrying in %.1f s", error, delay)
       time.sleep(delay)
     try:

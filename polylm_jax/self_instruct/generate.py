@@ -2,7 +2,8 @@
 example tasks of a language, parse the new tasks it writes, keep those that pass the filters.
 
 Output: <out_dir>/<lang>.jsonl, Alpaca records plus "lang", only ever appended to (each kept record
-is one line, flushed and synced as it is kept), so the directory feeds `InstructionCorpora.directory`
+is one line, flushed and synced as it is kept), so the directory feeds
+`InstructionCorpora.directory`
 directly, and a killed run started again reads what it kept, counts it toward its targets and
 refuses to keep it twice. <out_dir>/report.json: what each filter removed, per language, and the
 requests made.
@@ -47,25 +48,33 @@ List of {n} tasks:
 
 def format_task(index: int, record: dict) -> str:
   given = record.get("input", "") or "<noinput>"
-  return (f"###\n{index}. Instruction: {record['instruction']}\n{index}. Input:\n{given}\n"
-          f"{index}. Output:\n{record['output']}\n")
+  return (
+    f"###\n{index}. Instruction: {record['instruction']}\n{index}. Input:\n{given}\n"
+    f"{index}. Output:\n{record['output']}\n"
+  )
 
 
 def build_prompt(lang: str, examples: list[dict], n: int) -> str:
   shown = "".join(format_task(i + 1, r) for i, r in enumerate(examples))
-  return (PROMPT.format(n=n, language=languages.active().name(lang)) + shown
-          + f"###\n{len(examples) + 1}. Instruction:")
+  return (
+    PROMPT.format(n=n, language=languages.active().name(lang))
+    + shown
+    + f"###\n{len(examples) + 1}. Instruction:"
+  )
 
 
-_TASK = re.compile(r"^\s*\d+\.\s*Instruction:(.*?)\n\s*\d+\.\s*Input:\s*(.*?)\n\s*\d+\.\s*Output:"
-                   r"\s*(.*)$", re.DOTALL)
+_TASK = re.compile(
+  r"^\s*\d+\.\s*Instruction:(.*?)\n\s*\d+\.\s*Input:\s*(.*?)\n\s*\d+\.\s*Output:"
+  r"\s*(.*)$",
+  re.DOTALL,
+)
 
 
 def parse_tasks(text: str, first_index: int) -> list[dict]:
   """Tasks of a completion (which continues after 'N. Instruction:'); unparseable chunks are
   returned as {} so the caller counts them."""
   chunks = re.split(r"\n?###\n?", f"{first_index}. Instruction:" + text)
-  out = []
+  out: list[dict] = []
   for chunk in chunks:
     if not chunk.strip():
       continue
@@ -74,8 +83,9 @@ def parse_tasks(text: str, first_index: int) -> list[dict]:
       out.append({})
       continue
     instruction, given, output = (part.strip() for part in m.groups())
-    out.append({"instruction": instruction, "input": "" if given == "<noinput>" else given,
-                "output": output})
+    out.append(
+      {"instruction": instruction, "input": "" if given == "<noinput>" else given, "output": output}
+    )
   return out
 
 
@@ -124,24 +134,33 @@ class Output:
     self.records.append(record)
 
 
-def run(client: ChatClient, seeds: dict[str, list[dict]], out_dir: str | pathlib.Path,
-        config: SelfInstructConfig, filters: Filters) -> dict:
+def run(
+  client: ChatClient,
+  seeds: dict[str, list[dict]],
+  out_dir: str | pathlib.Path,
+  config: SelfInstructConfig,
+  filters: Filters,
+) -> dict:
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   outputs = {lang: Output(out_dir, lang) for lang in config.languages}
   for lang in config.languages:
     if not seeds.get(lang):
-      raise ValueError(f"no seed task for language {lang!r} (seeds are JSONL records with "
-                       f"'lang', 'instruction', 'input' and 'output')")
+      raise ValueError(
+        f"no seed task for language {lang!r} (seeds are JSONL records with "
+        f"'lang', 'instruction', 'input' and 'output')"
+      )
     for record in seeds[lang] + outputs[lang].records:
       filters.remember(lang, record["instruction"])
   before = {lang: len(o.records) for lang, o in outputs.items()}
   rng = random.Random(f"{config.seed}/{sum(before.values())}")  # a resumed run asks anew
-  stats = collections.Counter()
+  stats: collections.Counter = collections.Counter()
   began = time.monotonic()
 
   def wanted() -> list[str]:
-    return [l for l in config.languages if len(outputs[l].records) < config.target_per_language]
+    return [
+      lang for lang in config.languages if len(outputs[lang].records) < config.target_per_language
+    ]
 
   def submit(pool, lang):
     examples = rng.sample(seeds[lang], min(config.examples_in_prompt, len(seeds[lang])))
@@ -150,20 +169,22 @@ def run(client: ChatClient, seeds: dict[str, list[dict]], out_dir: str | pathlib
     return pool.submit(client.complete, prompt), lang, len(examples) + 1
 
   with concurrent.futures.ThreadPoolExecutor(config.concurrency) as pool:
-    in_flight = []
+    in_flight: list[tuple] = []
     turn = 0
     while True:
       open_langs = wanted()
-      budget_left = (stats["requests"] < config.max_requests
-                     and time.monotonic() - began < config.time_budget_s)
+      budget_left = (
+        stats["requests"] < config.max_requests and time.monotonic() - began < config.time_budget_s
+      )
       while open_langs and budget_left and len(in_flight) < config.concurrency:
         in_flight.append(submit(pool, open_langs[turn % len(open_langs)]))
         turn += 1
         budget_left = stats["requests"] < config.max_requests
       if not in_flight:
         break
-      done, _ = concurrent.futures.wait([f for f, _, _ in in_flight],
-                                        return_when=concurrent.futures.FIRST_COMPLETED)
+      done, _ = concurrent.futures.wait(
+        [f for f, _, _ in in_flight], return_when=concurrent.futures.FIRST_COMPLETED
+      )
       for item in [i for i in in_flight if i[0] in done]:
         in_flight.remove(item)
         future, lang, first = item
@@ -182,10 +203,17 @@ def run(client: ChatClient, seeds: dict[str, list[dict]], out_dir: str | pathlib
           if filters.consider(lang, task):
             outputs[lang].append(dict(task, lang=lang))
   stats["retries"] = client.retries
-  report = {"requests": dict(stats), "seconds": round(time.monotonic() - began, 1),
-            "languages": {lang: {"kept_before": before[lang],
-                                 "kept_now": len(outputs[lang].records),
-                                 "decisions": dict(filters.counts[lang])}
-                          for lang in config.languages}}
+  report = {
+    "requests": dict(stats),
+    "seconds": round(time.monotonic() - began, 1),
+    "languages": {
+      lang: {
+        "kept_before": before[lang],
+        "kept_now": len(outputs[lang].records),
+        "decisions": dict(filters.counts[lang]),
+      }
+      for lang in config.languages
+    },
+  }
   files.atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
   return report

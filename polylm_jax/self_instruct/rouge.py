@@ -76,8 +76,7 @@ class Pool:
     return self.size
 
   def add(self, text: str) -> None:
-    tokens = [self.ids.setdefault(t, len(self.ids))
-              for t in tokenize(text, self.lang)][:MAX_TOKENS]
+    tokens = [self.ids.setdefault(t, len(self.ids)) for t in tokenize(text, self.lang)][:MAX_TOKENS]
     if self.size == len(self._lengths):
       self._lengths = np.concatenate([self._lengths, np.zeros_like(self._lengths)])
     item = self.size
@@ -96,19 +95,22 @@ class Pool:
     candidate = [self.ids.get(t, -1) for t in tokenize(text, self.lang)]
     if not candidate:
       return 0.0
-    n = self._lengths[:self.size]
+    n = self._lengths[: self.size]
     v = np.full(self.size, np.uint64(0xFFFFFFFFFFFFFFFF), np.uint64)
     with np.errstate(over="ignore"):
       for token in candidate:
         posting = self.postings.get(token)
         if posting is None:
           continue
-        items, masks = posting.items[:posting.size], posting.masks[:posting.size]
+        items, masks = posting.items[: posting.size], posting.masks[: posting.size]
         old = v[items]
         u = old & masks
         v[items] = (old + u) | (old - u)
-    low = np.where(n >= 64, np.uint64(0xFFFFFFFFFFFFFFFF),
-                   (np.uint64(1) << np.minimum(n, 63).astype(np.uint64)) - np.uint64(1))
+    low = np.where(
+      n >= 64,
+      np.uint64(0xFFFFFFFFFFFFFFFF),
+      (np.uint64(1) << np.minimum(n, 63).astype(np.uint64)) - np.uint64(1),
+    )
     ones = np.bitwise_count(v & low) if hasattr(np, "bitwise_count") else _popcount(v & low)
     common = n - ones.astype(np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):

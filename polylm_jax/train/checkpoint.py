@@ -59,12 +59,19 @@ class CheckpointConfig:
 def save_args(tree, chunk_bytes: int, model_config: ModelConfig | None = None):
   """Orbax SaveArgs bounding every array's storage chunks to `chunk_bytes`; the [layers, ...]
   arrays of a scanned model are chunked layer by layer, so one layer reads alone."""
-  layers = model_config.num_layers if model_config is not None and model_config.scan_layers else None
+  layers = (
+    model_config.num_layers if model_config is not None and model_config.scan_layers else None
+  )
 
   def args(path, x):
-    layered = (layers is not None and "blocks" in jax.tree_util.keystr(path)
-               and getattr(x, "ndim", 0) >= 2 and x.shape[0] == layers)
+    layered = (
+      layers is not None
+      and "blocks" in jax.tree_util.keystr(path)
+      and getattr(x, "ndim", 0) >= 2
+      and x.shape[0] == layers
+    )
     return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if layered else ())
+
   return jax.tree_util.tree_map_with_path(args, tree)
 
 
@@ -86,8 +93,16 @@ def _is_resource_error(e: BaseException) -> bool:
 
 
 # Files an earlier run leaves in a workdir: `--start_over` moves them to previous/<time>/.
-RUN_FILES = ("checkpoints", "data_state", "corrupt", "metrics.jsonl", "eval_metrics.jsonl",
-             "tensorboard", "config.gin", "operative_config.gin")
+RUN_FILES = (
+  "checkpoints",
+  "data_state",
+  "corrupt",
+  "metrics.jsonl",
+  "eval_metrics.jsonl",
+  "tensorboard",
+  "config.gin",
+  "operative_config.gin",
+)
 
 
 def set_aside_previous_run(workdir: str | pathlib.Path) -> pathlib.Path | None:
@@ -100,13 +115,15 @@ def set_aside_previous_run(workdir: str | pathlib.Path) -> pathlib.Path | None:
   target.mkdir(parents=True)
   for path in present:
     path.rename(target / path.name)
-  logging.warning("--start_over: the earlier run's files (%s) were moved to %s",
-                  ", ".join(p.name for p in present), target)
+  logging.warning(
+    "--start_over: the earlier run's files (%s) were moved to %s",
+    ", ".join(p.name for p in present),
+    target,
+  )
   return target
 
 
 class Checkpointer:
-
   def __init__(self, workdir: str | pathlib.Path, config: CheckpointConfig, train_step):
     self.workdir = pathlib.Path(workdir)
     self.config = config
@@ -116,12 +133,15 @@ class Checkpointer:
     self.corrupt_dir = self.workdir / "corrupt"
     self.lead = jax.process_index() == 0
     self.manager = ocp.CheckpointManager(
-        self.root,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_last, keep_period=config.keep_every,
-            enable_async_checkpointing=config.async_save, create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+      self.root,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_last,
+        keep_period=config.keep_every,
+        enable_async_checkpointing=config.async_save,
+        create=True,
+      ),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
     self._in_flight: int | None = None  # the step of an asynchronous save not yet confirmed
 
   # --- saving -------------------------------------------------------------------------------
@@ -135,13 +155,24 @@ class Checkpointer:
     self.wait()  # the previous save must have succeeded before anything else is written
     data_iterator.save(str(self.data_dir / str(step)))
     opt = self.train_step.optimizer_config
-    meta = dict(meta, step=step, data_position=data_iterator.position,
-                optimizer_config=dataclasses.asdict(opt), optimizer_chain=chain_names(opt))
+    meta = dict(
+      meta,
+      step=step,
+      data_position=data_iterator.position,
+      optimizer_config=dataclasses.asdict(opt),
+      optimizer_chain=chain_names(opt),
+    )
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state, save_args=save_args(
-              state, self.config.chunk_bytes, self.train_step.model_config)),
-          meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(
+            state, save_args=save_args(state, self.config.chunk_bytes, self.train_step.model_config)
+          ),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+      )
     except Exception as e:
       raise self._save_error(step, e) from e
     self._in_flight = step
@@ -160,8 +191,9 @@ class Checkpointer:
   def _save_error(self, step: int | None, e: Exception) -> CheckpointSaveError:
     intact = self.steps_on_disk()
     return CheckpointSaveError(
-        f"saving checkpoint step {step} in {self.root} failed ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:400]}); earlier checkpoints are untouched: {intact}")
+      f"saving checkpoint step {step} in {self.root} failed ({type(e).__name__}: "
+      f"{str(e).splitlines()[0][:400]}); earlier checkpoints are untouched: {intact}"
+    )
 
   def close(self) -> None:
     try:
@@ -196,11 +228,13 @@ class Checkpointer:
   def has_history(self) -> bool:
     """Checkpoints were written here before (some may have been moved to corrupt/)."""
     return bool(self.steps_on_disk()) or (
-        self.corrupt_dir.is_dir() and any(self.corrupt_dir.iterdir()))
+      self.corrupt_dir.is_dir() and any(self.corrupt_dir.iterdir())
+    )
 
   def _abstract_state(self):
-    return with_shardings(jax.eval_shape(lambda: self.train_step.initial_state(0)),
-                          self.train_step.state_shardings)
+    return with_shardings(
+      jax.eval_shape(lambda: self.train_step.initial_state(0)), self.train_step.state_shardings
+    )
 
   def _read_meta_and_leaves(self, step: int):
     where = self.step_dir(step)
@@ -214,17 +248,21 @@ class Checkpointer:
     except Exception as e:
       if _is_resource_error(e):
         raise
-      raise CorruptCheckpointError(f"checkpoint {where} is unreadable: metadata ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
+      raise CorruptCheckpointError(
+        f"checkpoint {where} is unreadable: metadata ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:300] if str(e) else ''})"
+      ) from e
 
-  def restore(self, step: int, data_iterator, *, reset_optimizer: bool = False
-              ) -> tuple[Any, dict[str, Any]]:
+  def restore(
+    self, step: int, data_iterator, *, reset_optimizer: bool = False
+  ) -> tuple[Any, dict[str, Any]]:
     """(state, meta) of one checkpoint. A damaged checkpoint raises CorruptCheckpointError, one
     that does not fit the configuration CheckpointMismatchError (compat.py)."""
     where = self.step_dir(step)
     meta, saved = self._read_meta_and_leaves(step)
-    check_model_compatible(meta.get("model_config"), self.train_step.model_config,
-                           f"checkpoint {where}")
+    check_model_compatible(
+      meta.get("model_config"), self.train_step.model_config, f"checkpoint {where}"
+    )
     compat.check_languages_compatible(meta.get("languages"), f"checkpoint {where}")
     expected = compat.leaf_names(self._abstract_state())
     params_of = lambda leaves: {k: v for k, v in leaves.items() if k.startswith("params.")}
@@ -236,46 +274,67 @@ class Checkpointer:
     settings_changed = meta.get("optimizer_config", opt_now) != opt_now
     if problems and not reset_optimizer:
       raise compat.mismatch_error(
-          str(where), compat.optimizer_differences(meta, self.train_step.optimizer_config)
-          or problems, optimizer_only=True)
+        str(where),
+        compat.optimizer_differences(meta, self.train_step.optimizer_config) or problems,
+        optimizer_only=True,
+      )
     try:
       if reset_optimizer and (problems or settings_changed):
         state = self._restore_with_fresh_optimizer(step)
       else:
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(self._abstract_state()))).state
+        state = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self._abstract_state()))
+        ).state
     except Exception as e:
       if _is_resource_error(e):
         raise
-      raise CorruptCheckpointError(f"checkpoint {where} is unreadable: arrays ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
+      raise CorruptCheckpointError(
+        f"checkpoint {where} is unreadable: arrays ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:300] if str(e) else ''})"
+      ) from e
     if data_iterator is not None:
       try:
         data_iterator.restore(str(self.data_dir / str(step)), meta["data_position"])
       except Exception as e:
         if _is_resource_error(e):
           raise
-        raise CorruptCheckpointError(f"checkpoint {where} is unreadable: its data-iterator state "
-                                     f"{self.data_dir / str(step)} is missing or damaged "
-                                     f"({type(e).__name__}: {e})") from e
+        raise CorruptCheckpointError(
+          f"checkpoint {where} is unreadable: its data-iterator state "
+          f"{self.data_dir / str(step)} is missing or damaged "
+          f"({type(e).__name__}: {e})"
+        ) from e
     return state, meta
 
   def _restore_with_fresh_optimizer(self, step: int):
     """TrainerConfig.reset_optimizer: parameters, step and counters from the checkpoint, a fresh
     optimizer state for the configured optimizer."""
     abstract = self._abstract_state()
-    item = {"params": abstract.params, "step": abstract.step,
-            "nonfinite_total": abstract.nonfinite_total, "spike_stats": abstract.spike_stats}
+    item = {
+      "params": abstract.params,
+      "step": abstract.step,
+      "nonfinite_total": abstract.nonfinite_total,
+      "spike_stats": abstract.spike_stats,
+    }
     restored = ocp.PyTreeCheckpointer().restore(
-        self.step_dir(step) / "state", args=ocp.args.PyTreeRestore(
-            item=item, restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
-                sharding=a.sharding), item), partial_restore=True))
+      self.step_dir(step) / "state",
+      args=ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item),
+        partial_restore=True,
+      ),
+    )
     state = self.train_step.init_from_params(restored["params"])
-    logging.warning("checkpoint step %d: parameters, step and data position restored with a FRESH "
-                    "optimizer state (TrainerConfig.reset_optimizer; optimizer %s)", step,
-                    chain_names(self.train_step.optimizer_config))
-    return state.replace(step=restored["step"], nonfinite_total=restored["nonfinite_total"],
-                         spike_stats=restored["spike_stats"])
+    logging.warning(
+      "checkpoint step %d: parameters, step and data position restored with a FRESH "
+      "optimizer state (TrainerConfig.reset_optimizer; optimizer %s)",
+      step,
+      chain_names(self.train_step.optimizer_config),
+    )
+    return state.replace(
+      step=restored["step"],
+      nonfinite_total=restored["nonfinite_total"],
+      spike_stats=restored["spike_stats"],
+    )
 
   def quarantine(self, step: int) -> pathlib.Path:
     """Moves a damaged checkpoint (and its data state) to corrupt/; nothing is deleted."""
@@ -288,12 +347,14 @@ class Checkpointer:
         (self.data_dir / str(step)).rename(target / "data_state")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"polylm_quarantine_{step}")
     self.manager.reload()
     return target
 
-  def restore_latest(self, data_iterator, *, reset_optimizer: bool = False
-                     ) -> tuple[Any, dict[str, Any]] | None:
+  def restore_latest(
+    self, data_iterator, *, reset_optimizer: bool = False
+  ) -> tuple[Any, dict[str, Any]] | None:
     """The newest checkpoint that can be read. Damaged ones are moved to corrupt/ and the previous
     one is tried; if none is left, NoUsableCheckpointError (the run never silently starts over).
     None only when this workdir has no checkpoint history at all."""
@@ -307,25 +368,37 @@ class Checkpointer:
         logging.error("%s; moved to %s (not deleted); trying the previous checkpoint", e, target)
     if moved or self.has_history():
       raise NoUsableCheckpointError(
-          f"{self.root} has no checkpoint that can be read"
-          + (f" (unreadable ones were moved to {self.corrupt_dir})" if self.corrupt_dir.is_dir()
-             else "")
-          + ". The run will not start over on its own: restore a checkpoint there, or pass "
-          "--start_over (polylm-train) to begin a new run in this workdir; the earlier files "
-          "are then moved to previous/, not deleted.")
+        f"{self.root} has no checkpoint that can be read"
+        + (
+          f" (unreadable ones were moved to {self.corrupt_dir})"
+          if self.corrupt_dir.is_dir()
+          else ""
+        )
+        + ". The run will not start over on its own: restore a checkpoint there, or pass "
+        "--start_over (polylm-train) to begin a new run in this workdir; the earlier files "
+        "are then moved to previous/, not deleted."
+      )
     return None
 
 
 def with_shardings(abstract, shardings):
   """Restore targets: each abstract array with the sharding it should be read into."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def _latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
   root = directory / "checkpoints"
-  steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit()
-                 and (p / "state").is_dir() and (p / "meta").is_dir()) if root.is_dir() else []
+  steps = (
+    sorted(
+      int(p.name)
+      for p in root.glob("*")
+      if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()
+    )
+    if root.is_dir()
+    else []
+  )
   return root / str(steps[-1]) if steps else None
 
 
@@ -333,10 +406,15 @@ def restore_params(step_dir: str | pathlib.Path, model_config: ModelConfig, shar
   """Just the parameters of a training checkpoint, read straight into `shardings`."""
   abstract = with_shardings(model_params.abstract_params(model_config), shardings)
   restored = ocp.PyTreeCheckpointer().restore(
-      (pathlib.Path(step_dir) / "state").absolute(), args=ocp.args.PyTreeRestore(
-          item={"params": abstract}, restore_args={"params": jax.tree.map(
-              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)},
-          partial_restore=True))
+    (pathlib.Path(step_dir) / "state").absolute(),
+    args=ocp.args.PyTreeRestore(
+      item={"params": abstract},
+      restore_args={
+        "params": jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+      },
+      partial_restore=True,
+    ),
+  )
   return restored["params"]
 
 
@@ -348,14 +426,16 @@ def load_initial_params(directory: str | pathlib.Path, train_step):
   if (directory / "meta.json").is_file():
     meta = json.loads((directory / "meta.json").read_text())
     check_model_compatible(meta.get("model_config"), train_step.model_config, str(directory))
-    abstract = with_shardings(model_params.abstract_params(train_step.model_config),
-                              train_step.param_shardings)
+    abstract = with_shardings(
+      model_params.abstract_params(train_step.model_config), train_step.param_shardings
+    )
     return ocp.StandardCheckpointer().restore((directory / "params").absolute(), abstract)
   step_dir = directory if (directory / "state").is_dir() else _latest_step_dir(directory)
   if step_dir is None or not (step_dir / "meta" / "metadata").is_file():
     raise FileNotFoundError(
-        f"TrainerConfig.init_params_from={directory}: neither a polylm-import output "
-        f"(meta.json), a checkpoint step directory (state/, meta/) nor a workdir with checkpoints")
+      f"TrainerConfig.init_params_from={directory}: neither a polylm-import output "
+      f"(meta.json), a checkpoint step directory (state/, meta/) nor a workdir with checkpoints"
+    )
   meta = json.loads((step_dir / "meta" / "metadata").read_text())
   check_model_compatible(meta.get("model_config"), train_step.model_config, str(step_dir))
   return restore_params(step_dir, train_step.model_config, train_step.param_shardings)

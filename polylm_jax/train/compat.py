@@ -34,8 +34,10 @@ def _key(k) -> str:
 
 def leaf_names(tree) -> Leaves:
   """Dotted leaf names as Orbax writes them (`opt_state.1.mu.wte`), with shapes and dtypes."""
-  return {".".join(_key(k) for k in path): (tuple(x.shape), str(x.dtype))
-          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    ".".join(_key(k) for k in path): (tuple(x.shape), str(x.dtype))
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def saved_leaf_names(metadata_tree) -> Leaves:
@@ -50,18 +52,29 @@ def check_model_compatible(saved: dict[str, Any] | None, current: ModelConfig, w
     return
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   saved_cfg = dataclasses.replace(current, **{k: v for k, v in saved.items() if k in known})
-  shapes = lambda c: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
-                      jax.tree_util.tree_leaves_with_path(model_params.abstract_params(c))}
+  shapes = lambda c: {
+    jax.tree_util.keystr(p): tuple(x.shape)
+    for p, x in jax.tree_util.tree_leaves_with_path(model_params.abstract_params(c))
+  }
   old, new = shapes(saved_cfg), shapes(current)
-  diffs = sorted(f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
-                 for k in set(old) | set(new) if old.get(k) != new.get(k))
+  diffs = sorted(
+    f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}"
+    for k in set(old) | set(new)
+    if old.get(k) != new.get(k)
+  )
   if diffs:
-    fields = [f"{f}: checkpoint {getattr(saved_cfg, f)!r}, config {getattr(current, f)!r}"
-              for f in sorted(known) if f != "name" and getattr(saved_cfg, f) != getattr(current, f)]
+    fields = [
+      f"{f}: checkpoint {getattr(saved_cfg, f)!r}, config {getattr(current, f)!r}"
+      for f in sorted(known)
+      if f != "name" and getattr(saved_cfg, f) != getattr(current, f)
+    ]
     raise CheckpointMismatchError(
-        f"{where} was saved for model {saved.get('name')!r}, which does not match "
-        f"{current.name!r}: " + "; ".join(diffs[:10]) + (" ..." if len(diffs) > 10 else "")
-        + (f" (ModelConfig differs: {'; '.join(fields)})" if fields else ""))
+      f"{where} was saved for model {saved.get('name')!r}, which does not match "
+      f"{current.name!r}: "
+      + "; ".join(diffs[:10])
+      + (" ..." if len(diffs) > 10 else "")
+      + (f" (ModelConfig differs: {'; '.join(fields)})" if fields else "")
+    )
 
 
 def check_languages_compatible(saved: list[str] | None, where: str) -> None:
@@ -70,9 +83,10 @@ def check_languages_compatible(saved: list[str] | None, where: str) -> None:
   now = list(languages.active().codes)
   if saved is not None and list(saved) != now:
     raise CheckpointMismatchError(
-        f"{where} was trained with the language set {saved}, but this run configures {now} "
-        f"(Languages.codes); per-language tags would mean other languages. Set Languages.codes "
-        f"to the checkpoint's list (a new run in another --workdir may use any set)")
+      f"{where} was trained with the language set {saved}, but this run configures {now} "
+      f"(Languages.codes); per-language tags would mean other languages. Set Languages.codes "
+      f"to the checkpoint's list (a new run in another --workdir may use any set)"
+    )
 
 
 def optimizer_differences(saved_meta: dict[str, Any], current: OptimizerConfig) -> list[str]:
@@ -98,30 +112,47 @@ def state_differences(saved: Leaves, expected: Leaves) -> list[str]:
   """Leaf-level differences between a checkpoint's arrays and the configured state's."""
   only_saved = sorted(set(saved) - set(expected))
   only_expected = sorted(set(expected) - set(saved))
-  changed = sorted(f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, config {expected[k][0]} "
-                   f"{expected[k][1]}" for k in set(saved) & set(expected)
-                   if saved[k] != expected[k])
+  changed = sorted(
+    f"{k}: checkpoint {saved[k][0]} {saved[k][1]}, config {expected[k][0]} {expected[k][1]}"
+    for k in set(saved) & set(expected)
+    if saved[k] != expected[k]
+  )
   out = []
   if only_saved:
-    out.append(f"arrays only in the checkpoint: {only_saved[:5]}"
-               + (f" (+{len(only_saved) - 5} more)" if len(only_saved) > 5 else ""))
+    out.append(
+      f"arrays only in the checkpoint: {only_saved[:5]}"
+      + (f" (+{len(only_saved) - 5} more)" if len(only_saved) > 5 else "")
+    )
   if only_expected:
-    out.append(f"arrays only in the configured state: {only_expected[:5]}"
-               + (f" (+{len(only_expected) - 5} more)" if len(only_expected) > 5 else ""))
+    out.append(
+      f"arrays only in the configured state: {only_expected[:5]}"
+      + (f" (+{len(only_expected) - 5} more)" if len(only_expected) > 5 else "")
+    )
   if changed:
     out.append(f"arrays of another shape or dtype: {changed[:5]}")
   return out
 
 
-def mismatch_error(step_dir: str, problems: list[str], *, optimizer_only: bool
-                   ) -> CheckpointMismatchError:
-  how = ("To keep its parameters, step and data position and start a fresh optimizer state for the "
-         "new settings, set TrainerConfig.reset_optimizer = True; to start a new run from its "
-         f"parameters, use another --workdir with TrainerConfig.init_params_from = '{step_dir}'; "
-         "or go back to the settings it was saved with.") if optimizer_only else (
-         "Go back to the settings it was saved with, or start a new run in another --workdir "
-         "(TrainerConfig.init_params_from loads parameters of a matching model).")
+def mismatch_error(
+  step_dir: str, problems: list[str], *, optimizer_only: bool
+) -> CheckpointMismatchError:
+  how = (
+    (
+      "To keep its parameters, step and data position and start a fresh optimizer state for the "
+      "new settings, set TrainerConfig.reset_optimizer = True; to start a new run from its "
+      f"parameters, use another --workdir with TrainerConfig.init_params_from = '{step_dir}'; "
+      "or go back to the settings it was saved with."
+    )
+    if optimizer_only
+    else (
+      "Go back to the settings it was saved with, or start a new run in another --workdir "
+      "(TrainerConfig.init_params_from loads parameters of a matching model)."
+    )
+  )
   return CheckpointMismatchError(
-      f"checkpoint {step_dir} does not match the configured training state (a configuration "
-      f"change, not a damaged checkpoint; nothing was changed on disk): " + "; ".join(problems)
-      + ". " + how)
+    f"checkpoint {step_dir} does not match the configured training state (a configuration "
+    f"change, not a damaged checkpoint; nothing was changed on disk): "
+    + "; ".join(problems)
+    + ". "
+    + how
+  )

@@ -21,15 +21,15 @@ from polylm_jax.config import ModelConfig
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity), matched as substrings of
 # jax.Device.device_kind. Override with TrainerConfig.peak_flops_per_device.
 PEAK_FLOPS_BY_DEVICE_KIND = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("A100", 312e12),
+  ("L4", 121e12),
+  ("TPU v6 lite", 918e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),
+  ("TPU v4", 275e12),
 )
 
 
@@ -49,11 +49,15 @@ def peak_flops_per_device(device: jax.Device, override: float | None = None) -> 
   kind = device.device_kind
   for key, flops in PEAK_FLOPS_BY_DEVICE_KIND:
     if key in kind:
-      logging.info("MFU: peak %.3g FLOP/s per device for device kind %r (table entry %r)",
-                   flops, kind, key)
+      logging.info(
+        "MFU: peak %.3g FLOP/s per device for device kind %r (table entry %r)", flops, kind, key
+      )
       return flops
   # A CPU has no table entry by design; an accelerator missing from the table is worth a warning.
   log = logging.info if device.platform == "cpu" else logging.warning
-  log("MFU not reported: device kind %r is not in the peak-FLOP/s table; set "
-      "TrainerConfig.peak_flops_per_device to report it", kind)
+  log(
+    "MFU not reported: device kind %r is not in the peak-FLOP/s table; set "
+    "TrainerConfig.peak_flops_per_device to report it",
+    kind,
+  )
   return None

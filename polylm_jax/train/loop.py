@@ -22,8 +22,13 @@ import numpy as np
 from polylm_jax import files, framing, languages, sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
 from polylm_jax.train import flops
-from polylm_jax.train.checkpoint import (CheckpointConfig, Checkpointer, CheckpointSaveError,
-                                         load_initial_params, set_aside_previous_run)
+from polylm_jax.train.checkpoint import (
+  CheckpointConfig,
+  Checkpointer,
+  CheckpointSaveError,
+  load_initial_params,
+  set_aside_previous_run,
+)
 from polylm_jax.train.metrics import MetricsWriter
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.spikes import SpikeConfig
@@ -64,8 +69,10 @@ class TrainerConfig:
       if getattr(self, name) < 0:
         raise ValueError(f"TrainerConfig.{name}={getattr(self, name)} must be >= 0 (0: never)")
     if bool(self.lm_eval_tasks) != bool(self.lm_eval_every):
-      raise ValueError("TrainerConfig.lm_eval_tasks and lm_eval_every go together: set both "
-                       f"(got tasks={self.lm_eval_tasks!r}, every={self.lm_eval_every})")
+      raise ValueError(
+        "TrainerConfig.lm_eval_tasks and lm_eval_every go together: set both "
+        f"(got tasks={self.lm_eval_tasks!r}, every={self.lm_eval_every})"
+      )
 
 
 class NonFiniteError(RuntimeError):
@@ -96,12 +103,21 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.MeshConfig,
-          trainer: TrainerConfig, batches: Iterator[dict[str, np.ndarray]], workdir: str, *,
-          checkpoint: CheckpointConfig | None = None, spikes: SpikeConfig = SpikeConfig(),
-          metadata: dict[str, Any] | None = None,
-          eval_sets: dict[str, list[dict[str, np.ndarray]]] | None = None,
-          start_over: bool = False, benchmark=None) -> dict[str, Any]:
+def train(
+  model: ModelConfig,
+  optimizer: OptimizerConfig,
+  mesh_config: sharding.MeshConfig,
+  trainer: TrainerConfig,
+  batches: Iterator[dict[str, np.ndarray]],
+  workdir: str,
+  *,
+  checkpoint: CheckpointConfig | None = None,
+  spikes: SpikeConfig = SpikeConfig(),
+  metadata: dict[str, Any] | None = None,
+  eval_sets: dict[str, list[dict[str, np.ndarray]]] | None = None,
+  start_over: bool = False,
+  benchmark=None,
+) -> dict[str, Any]:
   """Runs up to `trainer.num_steps` steps; returns the last metrics, final state, step object.
 
   Process 0 holds the workdir's lock for the whole run. `start_over` moves an earlier run's files
@@ -112,14 +128,26 @@ def train(model: ModelConfig, optimizer: OptimizerConfig, mesh_config: sharding.
   with files.WorkdirLock(workdir) if lead else contextlib.nullcontext():
     if start_over and lead:
       set_aside_previous_run(workdir)
-    return _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint, spikes,
-                  metadata, eval_sets, benchmark)
+    return _train(
+      model,
+      optimizer,
+      mesh_config,
+      trainer,
+      batches,
+      workdir,
+      checkpoint,
+      spikes,
+      metadata,
+      eval_sets,
+      benchmark,
+    )
 
 
 @dataclasses.dataclass
 class _Pending:
   """A step's metrics, still on device: read one step late, so the host never waits on the
   device between dispatches."""
+
   step: int
   metrics: dict[str, jax.Array]
   rows: int  # global rows of the batch
@@ -127,26 +155,50 @@ class _Pending:
   position: int  # data position after this step's batch
 
 
-def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint, spikes, metadata,
-           eval_sets, benchmark):
+def _train(
+  model,
+  optimizer,
+  mesh_config,
+  trainer,
+  batches,
+  workdir,
+  checkpoint,
+  spikes,
+  metadata,
+  eval_sets,
+  benchmark,
+):
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(mesh_config)
-  step_fn = TrainStep(model, optimizer, mesh, mesh_config.effective_rules, trainer.num_steps,
-                     spikes)
-  logging.info("mesh %s over %d %s device(s); model %s, %.4g parameters", dict(mesh.shape),
-               mesh.devices.size, jax.devices()[0].platform, model.name,
-               analytic_param_count(model))
+  step_fn = TrainStep(
+    model, optimizer, mesh, mesh_config.effective_rules, trainer.num_steps, spikes
+  )
+  logging.info(
+    "mesh %s over %d %s device(s); model %s, %.4g parameters",
+    dict(mesh.shape),
+    mesh.devices.size,
+    jax.devices()[0].platform,
+    model.name,
+    analytic_param_count(model),
+  )
   ckpt = None
   if checkpoint is not None and checkpoint.enabled:
     for attr in ("save", "restore", "position"):
       if not hasattr(batches, attr):
-        raise TypeError("checkpointing needs a resumable batch iterator (save/restore/position, "
-                        "e.g. data.pipeline.BatchIterator); set CheckpointConfig.enabled=False")
+        raise TypeError(
+          "checkpointing needs a resumable batch iterator (save/restore/position, "
+          "e.g. data.pipeline.BatchIterator); set CheckpointConfig.enabled=False"
+        )
     ckpt = Checkpointer(workdir, checkpoint, step_fn)
   if spikes.mode == "rollback" and ckpt is None:
     raise ValueError("SpikeConfig.mode='rollback' needs checkpoints (CheckpointConfig.enabled)")
-  meta = dict(metadata or {}, model_config=dataclasses.asdict(model), seed=trainer.seed,
-              framing=framing.TRAINING.to_meta(), languages=list(languages.active().codes))
+  meta = dict(
+    metadata or {},
+    model_config=dataclasses.asdict(model),
+    seed=trainer.seed,
+    framing=framing.TRAINING.to_meta(),
+    languages=list(languages.active().codes),
+  )
 
   try:
     state = _initial_state(ckpt, step_fn, batches, trainer)
@@ -157,14 +209,24 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
   if lead and meta.get("gin_config"):  # the config of this (re)start, once start-up succeeded
     files.atomic_write_text(pathlib.Path(workdir) / "config.gin", meta["gin_config"])
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
-  writer = MetricsWriter(workdir, tensorboard=trainer.tensorboard, total_steps=trainer.num_steps,
-                         start_step=int(state.step), progress_bar=trainer.progress_bar,
-                         enabled=lead)
+  writer = MetricsWriter(
+    workdir,
+    tensorboard=trainer.tensorboard,
+    total_steps=trainer.num_steps,
+    start_step=int(state.step),
+    progress_bar=trainer.progress_bar,
+    enabled=lead,
+  )
   eval_writer = None
   if (eval_sets and trainer.eval_every) or (benchmark is not None and trainer.lm_eval_every):
-    eval_writer = MetricsWriter(workdir, filename="eval_metrics.jsonl", progress_bar=False,
-                                start_step=int(state.step), tensorboard=trainer.tensorboard,
-                                enabled=lead)
+    eval_writer = MetricsWriter(
+      workdir,
+      filename="eval_metrics.jsonl",
+      progress_bar=False,
+      start_step=int(state.step),
+      tensorboard=trainer.tensorboard,
+      enabled=lead,
+    )
   pending: _Pending | None = None
   last_time = time.perf_counter()
   last: dict[str, Any] = {}
@@ -192,8 +254,9 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
         if eval_writer is not None:
           _evaluate_if_due(eval_writer, step, trainer, step_fn, state.params, eval_sets, benchmark)
         if stop:
-          logging.warning("stopped at step %d for preemption; the checkpoint is being finalised",
-                          step)
+          logging.warning(
+            "stopped at step %d for preemption; the checkpoint is being finalised", step
+          )
           break
       if pending is not None:
         last, _ = _report(pending, writer, trainer, model, peak, mesh, last_time)
@@ -216,12 +279,14 @@ def _train(model, optimizer, mesh_config, trainer, batches, workdir, checkpoint,
 def _initial_state(ckpt, step_fn: TrainStep, batches, trainer: TrainerConfig):
   """Resume (the default whenever the workdir has checkpoints), or start from imported
   parameters, or from the seed."""
-  restored = (ckpt.restore_latest(batches, reset_optimizer=trainer.reset_optimizer)
-              if ckpt else None)
+  restored = ckpt.restore_latest(batches, reset_optimizer=trainer.reset_optimizer) if ckpt else None
   if restored is not None:
     state, saved_meta = restored
-    logging.info("resumed from checkpoint step %d (data position %d)", int(state.step),
-                 saved_meta["data_position"])
+    logging.info(
+      "resumed from checkpoint step %d (data position %d)",
+      int(state.step),
+      saved_meta["data_position"],
+    )
     return state
   if trainer.init_params_from:
     state = step_fn.init_from_params(load_initial_params(trainer.init_params_from, step_fn))
@@ -232,13 +297,23 @@ def _initial_state(ckpt, step_fn: TrainStep, batches, trainer: TrainerConfig):
 
 def _save_if_sound(ckpt: Checkpointer, step_fn: TrainStep, step: int, state, batches, meta):
   """Never a checkpoint of a non-finite state or in the middle of a non-finite streak: it would
-  rotate a good checkpoint out (the parameters of a skipped step are the last finite ones anyway)."""
+  rotate a good checkpoint out (the parameters of a skipped step are the last finite ones
+  anyway)."""
   in_a_row = int(state.nonfinite_in_a_row)
-  reason = (f"{in_a_row} non-finite update(s) in a row" if in_a_row
-            else None if step_fn.is_finite(state) else "the state holds NaN/Inf values")
+  reason = (
+    f"{in_a_row} non-finite update(s) in a row"
+    if in_a_row
+    else None
+    if step_fn.is_finite(state)
+    else "the state holds NaN/Inf values"
+  )
   if reason:
-    logging.warning("no checkpoint at step %d: %s; the newest checkpoint stays step %s", step,
-                    reason, (ckpt.steps_on_disk() or [None])[-1])
+    logging.warning(
+      "no checkpoint at step %d: %s; the newest checkpoint stays step %s",
+      step,
+      reason,
+      max(ckpt.steps_on_disk(), default="none"),
+    )
     return
   ckpt.save(step, state, batches, meta)
 
@@ -267,19 +342,27 @@ def evaluate(step_fn: TrainStep, params, eval_sets) -> dict[str, float]:
 
 
 def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig):
-  """PaLM-style: back to the last checkpoint, data resumed `rollback_skip_batches` past the spike."""
+  """PaLM-style: back to the last checkpoint, data resumed `rollback_skip_batches` past the
+  spike."""
   spike_step, spike_position = pending.step, pending.position
   ckpt.wait()
   restored = ckpt.restore_latest(batches)
   if restored is None:
-    raise RuntimeError(f"loss spike at step {spike_step} but no checkpoint to roll back to; save "
-                       f"more often (CheckpointConfig.every_steps) or use SpikeConfig.mode='skip'")
+    raise RuntimeError(
+      f"loss spike at step {spike_step} but no checkpoint to roll back to; save "
+      f"more often (CheckpointConfig.every_steps) or use SpikeConfig.mode='skip'"
+    )
   state, meta = restored
   skip = spike_position + spikes.rollback_skip_batches - batches.position
   batches.skip(max(skip, 0))
-  logging.warning("loss spike at step %d: rolled back to step %d and skipped %d batches (data "
-                  "resumes at position %d)", spike_step, int(state.step), max(skip, 0),
-                  batches.position)
+  logging.warning(
+    "loss spike at step %d: rolled back to step %d and skipped %d batches (data "
+    "resumes at position %d)",
+    spike_step,
+    int(state.step),
+    max(skip, 0),
+    batches.position,
+  )
   return state, int(state.step)
 
 
@@ -291,35 +374,53 @@ def _report(pending: _Pending, writer, trainer, model, peak, mesh, last_time):
   dt = now - last_time
   tokens = rows * seq_len
   out = {
-      "loss": values["loss"], "grad_norm": values["grad_norm"],
-      "learning_rate": values["learning_rate"], "tokens_per_sec": tokens / dt, "step_time_s": dt,
-      "skipped": values["skipped"], "nonfinite_total": values["nonfinite_total"],
-      "spike": values["spike"],
+    "loss": values["loss"],
+    "grad_norm": values["grad_norm"],
+    "learning_rate": values["learning_rate"],
+    "tokens_per_sec": tokens / dt,
+    "step_time_s": dt,
+    "skipped": values["skipped"],
+    "nonfinite_total": values["nonfinite_total"],
+    "spike": values["spike"],
   }
   if "language_tokens" in fetched:  # training loss per language (slot 0: untagged tokens)
-    for i, (total, count) in enumerate(zip(fetched["language_loss"][1:],
-                                           fetched["language_tokens"][1:])):
+    for i, (total, count) in enumerate(
+      zip(fetched["language_loss"][1:], fetched["language_tokens"][1:])
+    ):
       if count > 0:
         out[f"loss/{languages.active().code(i + 1)}"] = float(total / count)
   if peak:
     per_token = flops.train_flops_per_token(model, seq_len)
     out["mfu"] = per_token * out["tokens_per_sec"] / (peak * mesh.devices.size)
   if values["nonfinite"]:
-    logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped "
-                    "(%d in a row, %d in total)", step, values["loss"], values["grad_norm"],
-                    values["nonfinite_in_a_row"], values["nonfinite_total"])
+    logging.warning(
+      "step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped "
+      "(%d in a row, %d in total)",
+      step,
+      values["loss"],
+      values["grad_norm"],
+      values["nonfinite_in_a_row"],
+      values["nonfinite_total"],
+    )
   if values["spike"]:
-    logging.warning("step %d: loss spike: loss %.4g (threshold %.4g), grad norm %.4g (threshold "
-                    "%.4g)%s", step, values["loss"], values["loss_threshold"],
-                    values["grad_norm"], values["grad_norm_threshold"],
-                    "; update skipped" if values["skipped"] else "")
+    logging.warning(
+      "step %d: loss spike: loss %.4g (threshold %.4g), grad norm %.4g (threshold %.4g)%s",
+      step,
+      values["loss"],
+      values["loss_threshold"],
+      values["grad_norm"],
+      values["grad_norm_threshold"],
+      "; update skipped" if values["skipped"] else "",
+    )
     out["loss_threshold"] = values["loss_threshold"]
     out["grad_norm_threshold"] = values["grad_norm_threshold"]
-  writer.write(step, out, console=step % trainer.log_every == 0 or step == 1
-               or step == trainer.num_steps)
+  writer.write(
+    step, out, console=step % trainer.log_every == 0 or step == 1 or step == trainer.num_steps
+  )
   if values["nonfinite_in_a_row"] >= trainer.max_nonfinite_in_a_row:
     raise NonFiniteError(
-        f"stopping at step {step}: {values['nonfinite_in_a_row']} consecutive non-finite updates "
-        f"(TrainerConfig.max_nonfinite_in_a_row={trainer.max_nonfinite_in_a_row}); the parameters "
-        f"are those of the last finite step")
+      f"stopping at step {step}: {values['nonfinite_in_a_row']} consecutive non-finite updates "
+      f"(TrainerConfig.max_nonfinite_in_a_row={trainer.max_nonfinite_in_a_row}); the parameters "
+      f"are those of the last finite step"
+    )
   return out, now

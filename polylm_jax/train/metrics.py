@@ -39,9 +39,17 @@ def _drop_records_after(path: pathlib.Path, step: int) -> None:
 class MetricsWriter:
   """Writes only where `enabled` (process 0 of a multi-host run); a no-op elsewhere."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, total_steps: int = 0,
-               start_step: int = 0, progress_bar: bool | None = None, enabled: bool = True,
-               filename: str = "metrics.jsonl"):
+  def __init__(
+    self,
+    workdir: str | pathlib.Path,
+    *,
+    tensorboard: bool = True,
+    total_steps: int = 0,
+    start_step: int = 0,
+    progress_bar: bool | None = None,
+    enabled: bool = True,
+    filename: str = "metrics.jsonl",
+  ):
     self.workdir = pathlib.Path(workdir)
     self.enabled = enabled
     if enabled:
@@ -52,17 +60,20 @@ class MetricsWriter:
       try:
         from tensorboardX import SummaryWriter
       except ImportError as e:
-        raise ImportError("TrainerConfig.tensorboard=True needs the tensorboardX package "
-                          "(pip install tensorboardX) or set it to False") from e
+        raise ImportError(
+          "TrainerConfig.tensorboard=True needs the tensorboardX package "
+          "(pip install tensorboardX) or set it to False"
+        ) from e
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
     use_bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
     self._bar = None
     if use_bar:
       from tqdm import tqdm
+
       self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
   def write(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> None:
-    if not self.enabled:
+    if not self.enabled or self._jsonl is None:
       return
     record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
@@ -75,8 +86,11 @@ class MetricsWriter:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
     elif console:
-      shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in record.items() if k != "step" and v is not None)
+      shown = " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in record.items()
+        if k != "step" and v is not None
+      )
       logging.info("step %d: %s", step, shown)
 
   def close(self) -> None:

@@ -1,7 +1,8 @@
-"""AdamW as PolyLM was trained: b=(0.9, 0.95), eps 1e-8, weight decay 1e-4, clip 1.0, warmup + cosine.
+"""AdamW as PolyLM was trained: b=(0.9, 0.95), eps 1e-8, weight decay 1e-4, clip 1.0, warmup +
+cosine.
 
-The learning rate is applied by the train step (`lr = schedule(step)`), not inside optax, so that the
-schedule follows the data step even when a non-finite update is skipped (PaLM-style skipping).
+The learning rate is applied by the train step (`lr = schedule(step)`), not inside optax, so that
+the schedule follows the data step even when a non-finite update is skipped (PaLM-style skipping).
 """
 
 from __future__ import annotations
@@ -40,21 +41,33 @@ class OptimizerConfig:
     if self.warmup_steps < 0:
       raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0")
     if self.schedule not in ("cosine", "constant"):
-      raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}: expected 'cosine' or "
-                       f"'constant'")
+      raise ValueError(
+        f"OptimizerConfig.schedule={self.schedule!r}: expected 'cosine' or 'constant'"
+      )
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   if cfg.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.peak_lr, max(cfg.warmup_steps, 1)),
-                                 optax.constant_schedule(cfg.peak_lr)], [cfg.warmup_steps])
+    return optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, cfg.peak_lr, max(cfg.warmup_steps, 1)),
+        optax.constant_schedule(cfg.peak_lr),
+      ],
+      [cfg.warmup_steps],
+    )
   decay = cfg.decay_steps or total_steps
   if decay <= cfg.warmup_steps:
-    raise ValueError(f"OptimizerConfig: decay_steps ({decay}, or the run's total steps) must exceed "
-                     f"warmup_steps ({cfg.warmup_steps})")
+    raise ValueError(
+      f"OptimizerConfig: decay_steps ({decay}, or the run's total steps) must exceed "
+      f"warmup_steps ({cfg.warmup_steps})"
+    )
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=cfg.warmup_steps, decay_steps=decay,
-      end_value=cfg.end_lr)
+    init_value=0.0,
+    peak_value=cfg.peak_lr,
+    warmup_steps=cfg.warmup_steps,
+    decay_steps=decay,
+    end_value=cfg.end_lr,
+  )
 
 
 def _is_decayed(path, cfg: OptimizerConfig) -> bool:
@@ -74,8 +87,11 @@ def decay_mask(params, cfg: OptimizerConfig):
 # The transformations of the chain, by name, and the setting that switches each on: recorded in
 # checkpoints so that a resume with another chain (another optimizer-state structure) can say what
 # changed instead of failing on a tree mismatch.
-CHAIN_SETTINGS = {"clip-by-global-norm": "grad_clip_norm", "adam": None,
-                  "weight-decay": "weight_decay"}
+CHAIN_SETTINGS = {
+  "clip-by-global-norm": "grad_clip_norm",
+  "adam": None,
+  "weight-decay": "weight_decay",
+}
 
 
 def chain_names(cfg: OptimizerConfig) -> list[str]:
@@ -89,10 +105,11 @@ def chain_names(cfg: OptimizerConfig) -> list[str]:
 def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
   """Direction only (clip -> Adam -> + wd * param); the step multiplies by -lr."""
   make = {
-      "clip-by-global-norm": lambda: optax.clip_by_global_norm(cfg.grad_clip_norm),
-      "adam": lambda: optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-      "weight-decay": lambda: optax.add_decayed_weights(cfg.weight_decay,
-                                                        mask=decay_mask(params, cfg)),
+    "clip-by-global-norm": lambda: optax.clip_by_global_norm(cfg.grad_clip_norm),
+    "adam": lambda: optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+    "weight-decay": lambda: optax.add_decayed_weights(
+      cfg.weight_decay, mask=decay_mask(params, cfg)
+    ),
   }
   return optax.chain(*(make[name]() for name in chain_names(cfg)))
 

@@ -3,7 +3,8 @@
 A step is a spike when, after `warmup_steps` finite steps, its loss exceeds both mean + z * std and
 mean * (1 + min_relative_jump) of the exponential moving statistics; with
 `grad_norm_z_threshold` set, a gradient norm past the same kind of threshold is a spike too (off by
-default: pre-clipping gradient norms are spiky early in training without anything being wrong). Spike
+default: pre-clipping gradient norms are spiky early in training without anything being wrong).
+Spike
 steps do not update the statistics. What happens then is `mode`:
   off       nothing is computed
   log       the update is applied; the trainer logs the event
@@ -56,8 +57,9 @@ def _threshold(mean, second, z: float, cfg: SpikeConfig):
   return jnp.maximum(mean + z * std, mean * (1.0 + cfg.min_relative_jump))
 
 
-def detect(stats: jax.Array, loss: jax.Array, grad_norm: jax.Array, finite: jax.Array,
-           cfg: SpikeConfig) -> tuple[jax.Array, jax.Array, dict]:
+def detect(
+  stats: jax.Array, loss: jax.Array, grad_norm: jax.Array, finite: jax.Array, cfg: SpikeConfig
+) -> tuple[jax.Array, jax.Array, dict]:
   """(is_spike, new_stats, numbers for the log)."""
   count, lm, l2, gm, g2 = stats[0], stats[1], stats[2], stats[3], stats[4]
   # Bias-corrected EMAs (as Adam's) so the statistics are usable from the first steps.
@@ -73,6 +75,13 @@ def detect(stats: jax.Array, loss: jax.Array, grad_norm: jax.Array, finite: jax.
   learn = finite & ~spike
   d = cfg.ema_decay
   ema = lambda old, x: jnp.where(learn, d * old + (1.0 - d) * x, old)
-  new = jnp.stack([count + learn.astype(jnp.float32), ema(lm, loss), ema(l2, loss * loss),
-                   ema(gm, grad_norm), ema(g2, grad_norm * grad_norm)])
+  new = jnp.stack(
+    [
+      count + learn.astype(jnp.float32),
+      ema(lm, loss),
+      ema(l2, loss * loss),
+      ema(gm, grad_norm),
+      ema(g2, grad_norm * grad_norm),
+    ]
+  )
   return spike, new, {"loss_threshold": loss_thr, "grad_norm_threshold": grad_thr}

@@ -1,27 +1,32 @@
 """The train step: loss, gradients (optionally over microbatches), a guarded AdamW update, as one
 `jax.jit` with explicit in/out shardings over the (data, fsdp, tensor) mesh.
 
-Imports only jax/flax/optax, so the GPU check machine (no seqio/tensorflow/gin) can run it.
+Imports only jax/flax/optax: it runs on hosts without seqio/tensorflow/gin (e.g. a GPU benchmark).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from polylm_jax import sharding
+from polylm_jax import languages, sharding
 from polylm_jax.config import ModelConfig
-from polylm_jax import languages
 from polylm_jax.model import params as model_params
 from polylm_jax.train import spikes
-from polylm_jax.train.optimizer import (OptimizerConfig, global_norm, lr_schedule, make_optimizer,
-                                        scale_by_lr)
+from polylm_jax.train.optimizer import (
+  OptimizerConfig,
+  global_norm,
+  lr_schedule,
+  make_optimizer,
+  scale_by_lr,
+)
 
 # The batch the step consumes: packed rows with per-document positions and segment ids.
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
@@ -70,8 +75,11 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
 
 
 def _all_finite(state: TrainState) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves((state.params, state.opt_state))
-            if jnp.issubdtype(x.dtype, jnp.floating)]
+  leaves = [
+    x
+    for x in jax.tree.leaves((state.params, state.opt_state))
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
@@ -95,45 +103,68 @@ class TrainStep:
     self.tx = make_optimizer(self.optimizer_config, abstract)
     self.schedule = lr_schedule(self.optimizer_config, self.total_steps)
     self.param_shardings = sharding.tree_shardings(
-        model_params.logical_axes(self.model_config), abstract, self.mesh, self.rules,
-        prefix="params")
+      model_params.logical_axes(self.model_config), abstract, self.mesh, self.rules, prefix="params"
+    )
     replicated = NamedSharding(self.mesh, P())
     abstract_opt = jax.eval_shape(self.tx.init, abstract)
     # Optimizer moments mirror the parameters and are sharded like them; counters are replicated.
     opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+      self.tx,
+      lambda _, s: s,
+      abstract_opt,
+      self.param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
     self.state_shardings = TrainState(
-        step=replicated, params=self.param_shardings, opt_state=opt_shardings,
-        nonfinite_in_a_row=replicated, nonfinite_total=replicated, spike_stats=replicated)
+      step=replicated,
+      params=self.param_shardings,
+      opt_state=opt_shardings,
+      nonfinite_in_a_row=replicated,
+      nonfinite_total=replicated,
+      spike_stats=replicated,
+    )
     self.batch_sharding = NamedSharding(
-        self.mesh, sharding.logical_to_mesh_spec(BATCH_LOGICAL, self.rules))
+      self.mesh, sharding.logical_to_mesh_spec(BATCH_LOGICAL, self.rules)
+    )
     self._init = jax.jit(self.initial_state, static_argnums=0, out_shardings=self.state_shardings)
     self._step = jax.jit(
-        self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    self._eval = jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.batch_sharding),
-                         out_shardings=(replicated, replicated))
-    self._finite = jax.jit(_all_finite, in_shardings=(self.state_shardings,),
-                           out_shardings=replicated)
+      self._train_step,
+      in_shardings=(self.state_shardings, self.batch_sharding),
+      out_shardings=(self.state_shardings, replicated),
+      donate_argnums=0,
+    )
+    self._eval = jax.jit(
+      self._eval_sums,
+      in_shardings=(self.param_shardings, self.batch_sharding),
+      out_shardings=(replicated, replicated),
+    )
+    self._finite = jax.jit(
+      _all_finite, in_shardings=(self.state_shardings,), out_shardings=replicated
+    )
 
   def check_batch_shape(self, batch_size: int) -> None:
     parts = sharding.batch_parts(self.mesh, self.rules)
     accum = self.optimizer_config.grad_accum_steps
     if batch_size % (parts * accum):
       raise ValueError(
-          f"global batch size {batch_size} must be divisible by the {parts} ways the mesh splits "
-          f"the batch (rule {sharding.BATCH!r}) times OptimizerConfig.grad_accum_steps ({accum})")
+        f"global batch size {batch_size} must be divisible by the {parts} ways the mesh splits "
+        f"the batch (rule {sharding.BATCH!r}) times OptimizerConfig.grad_accum_steps ({accum})"
+      )
 
   # --- init ---------------------------------------------------------------------------------
   def initial_state(self, seed: int) -> TrainState:
     """Fresh state (traceable; jax.eval_shape of it gives the state's abstract shapes)."""
     params = model_params.init_params(self.model_config, seed)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
-                      nonfinite_in_a_row=zero, nonfinite_total=zero,
-                      spike_stats=spikes.initial_stats())
+    return TrainState(
+      step=zero,
+      params=params,
+      opt_state=self.tx.init(params),
+      nonfinite_in_a_row=zero,
+      nonfinite_total=zero,
+      spike_stats=spikes.initial_stats(),
+    )
 
   def init(self, seed: int) -> TrainState:
     with self.mesh, sharding.activate(self.mesh, self.rules):
@@ -141,30 +172,47 @@ class TrainStep:
 
   def init_from_params(self, params) -> TrainState:
     """Step 0 with given (already placed) parameters and a fresh optimizer state."""
+
     def make(p):
       zero = jnp.zeros((), jnp.int32)
-      return TrainState(step=zero, params=p, opt_state=self.tx.init(p), nonfinite_in_a_row=zero,
-                        nonfinite_total=zero, spike_stats=spikes.initial_stats())
+      return TrainState(
+        step=zero,
+        params=p,
+        opt_state=self.tx.init(p),
+        nonfinite_in_a_row=zero,
+        nonfinite_total=zero,
+        spike_stats=spikes.initial_stats(),
+      )
+
     with self.mesh, sharding.activate(self.mesh, self.rules):
-      return jax.jit(make, in_shardings=(self.param_shardings,),
-                     out_shardings=self.state_shardings)(params)
+      return jax.jit(
+        make, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings
+      )(params)
 
   # --- step ---------------------------------------------------------------------------------
   def _loss_sums(self, params, batch):
     """(summed NLL, aux): aux holds the token count and, given "languages", per-language sums."""
     chunk = self.model_config.loss_chunk
     if chunk and chunk < batch["inputs"].shape[1]:
-      nll = token_nll_chunked(model_params.model(self.graphdef, params), batch["inputs"],
-                              batch["targets"], batch["positions"], batch["segment_ids"], chunk)
+      nll = token_nll_chunked(
+        model_params.model(self.graphdef, params),
+        batch["inputs"],
+        batch["targets"],
+        batch["positions"],
+        batch["segment_ids"],
+        chunk,
+      )
     else:
-      logits = model_params.apply(self.graphdef, params, batch["inputs"], batch["positions"],
-                                  batch["segment_ids"])
+      logits = model_params.apply(
+        self.graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"]
+      )
       nll = token_nll(logits, batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     aux = {"weight": jnp.sum(w)}
     if "languages" in batch:
-      onehot = jax.nn.one_hot(batch["languages"], self.language_slots,
-                              dtype=jnp.float32) * w[..., None]
+      onehot = (
+        jax.nn.one_hot(batch["languages"], self.language_slots, dtype=jnp.float32) * w[..., None]
+      )
       aux["language_loss"] = jnp.einsum("btl,bt->l", onehot, nll)
       aux["language_tokens"] = jnp.sum(onehot, axis=(0, 1))
     return jnp.sum(nll * w), aux
@@ -180,13 +228,17 @@ class TrainStep:
       def split(x):
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
         return sharding.constrain(x, (None,) + BATCH_LOGICAL)
+
       micro = jax.tree.map(split, batch)
 
       def body(carry, mb):
-        (l, a), g = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
-      zero_aux = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: self._loss_sums(params, jax.tree.map(lambda x: x[0], micro))[1]))
+        (loss_sum, a), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (loss_sum, a, g)), None
+
+      zero_aux = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(lambda: self._loss_sums(params, jax.tree.map(lambda x: x[0], micro))[1]),
+      )
       init = (jnp.zeros((), jnp.float32), zero_aux, jax.tree.map(jnp.zeros_like, params))
       (loss_sum, aux, grads), _ = jax.lax.scan(body, init, micro)
     denom = jnp.maximum(aux["weight"], 1.0)
@@ -202,24 +254,36 @@ class TrainStep:
     # A non-finite loss or gradient leaves parameters and optimizer state untouched; so does a
     # loss spike when SpikeConfig.mode is skip or rollback.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    spike_stats, spike, spike_info = state.spike_stats, jnp.zeros((), bool), {}
+    spike_stats, spike = state.spike_stats, jnp.zeros((), bool)
+    spike_info: dict[str, jax.Array] = {}
     if self.spike_config.mode != "off":
-      spike, spike_stats, spike_info = spikes.detect(state.spike_stats, loss, grad_norm, finite,
-                                                     self.spike_config)
+      spike, spike_stats, spike_info = spikes.detect(
+        state.spike_stats, loss, grad_norm, finite, self.spike_config
+      )
     apply = finite & ~spike if self.spike_config.blocks_update else finite
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
     bad = (~finite).astype(jnp.int32)
     new_state = TrainState(
-        step=state.step + 1, params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
-        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-        nonfinite_total=state.nonfinite_total + bad, spike_stats=spike_stats)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "target_tokens": weight,
-               "skipped": (~apply).astype(jnp.int32), "nonfinite": bad,
-               "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
-               "nonfinite_total": new_state.nonfinite_total, "spike": spike.astype(jnp.int32),
-               **spike_info,
-               **{k: v for k, v in aux.items() if k.startswith("language_")}}
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+      nonfinite_total=state.nonfinite_total + bad,
+      spike_stats=spike_stats,
+    )
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "learning_rate": lr,
+      "target_tokens": weight,
+      "skipped": (~apply).astype(jnp.int32),
+      "nonfinite": bad,
+      "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+      "nonfinite_total": new_state.nonfinite_total,
+      "spike": spike.astype(jnp.int32),
+      **spike_info,
+      **{k: v for k, v in aux.items() if k.startswith("language_")},
+    }
     return new_state, metrics
 
   def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -246,5 +310,6 @@ class TrainStep:
     if missing:
       raise KeyError(f"batch is missing {missing}; a batch needs {BATCH_KEYS}")
     keys = BATCH_KEYS + (("languages",) if "languages" in local_batch else ())
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-            for k in keys}
+    return {
+      k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k]) for k in keys
+    }

@@ -1,0 +1,79 @@
+"""gin for every command-line tool: the configurables, where the shipped gin files are, parsing.
+
+The library's config dataclasses know nothing of gin; they are registered here under the names the
+gin files use (`TrainerConfig`, `DataConfig`, ...), and the training entry point (`train/run.py`)
+as `train`. Tools that read a training gin file (polylm-train, polylm-cache) parse it here.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import gin
+
+# The shipped gin files, inside the package (also a non-editable install or a wheel has them).
+GIN_DIR = pathlib.Path(__file__).resolve().parent / "gin_configs"
+
+_train_fn = None  # the training entry point as wrapped by gin
+
+
+def register_configurables():
+  """Makes the config dataclasses gin-configurable without gin in the library modules; returns
+  the gin-wrapped training entry point (train/run.py)."""
+  global _train_fn
+  if _train_fn is not None:
+    return _train_fn
+  from polylm_jax import chat, sharding
+  from polylm_jax import config as model_configs
+  from polylm_jax import languages as language_sets
+  from polylm_jax.data.curriculum import Curriculum, Stage
+  from polylm_jax.data.pipeline import DataConfig
+  from polylm_jax.train import loop
+  from polylm_jax.train.checkpoint import CheckpointConfig
+  from polylm_jax.train.optimizer import OptimizerConfig
+  from polylm_jax.train.run import run
+  from polylm_jax.train.spikes import SpikeConfig
+
+  gin.external_configurable(model_configs.model_config, "model_config")
+  gin.external_configurable(OptimizerConfig, "OptimizerConfig")
+  gin.external_configurable(sharding.MeshConfig, "MeshConfig")
+  gin.external_configurable(DataConfig, "DataConfig")
+  gin.external_configurable(Curriculum, "Curriculum")
+  gin.external_configurable(Stage, "Stage")
+  from polylm_jax.data.instructions import InstructionCorpora
+  from polylm_jax.data.sources import BitextCorpora, TextCorpora
+
+  gin.external_configurable(InstructionCorpora, "InstructionCorpora")
+  gin.external_configurable(chat.InstructionFormat, "InstructionFormat")
+  gin.external_configurable(TextCorpora, "TextCorpora")
+  gin.external_configurable(BitextCorpora, "BitextCorpora")
+  gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
+  gin.external_configurable(CheckpointConfig, "CheckpointConfig")
+  gin.external_configurable(SpikeConfig, "SpikeConfig")
+  gin.external_configurable(language_sets.Languages, "Languages")
+  _train_fn = gin.external_configurable(run, "train")
+  return _train_fn
+
+
+def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
+  for f in gin_files:
+    if not pathlib.Path(f).is_file() and not (GIN_DIR / f).is_file():
+      raise SystemExit(
+        f"--gin_file={f}: no such file (looked in the current directory and {GIN_DIR})"
+      )
+  gin.clear_config()  # one run per parse: bindings never leak between in-process runs
+  gin.add_config_file_search_path(str(GIN_DIR))
+  for f in gin_files:
+    gin.add_config_file_search_path(str(pathlib.Path(f).resolve().parent))
+  try:
+    gin.parse_config_files_and_bindings(
+      [f if pathlib.Path(f).is_file() else str(GIN_DIR / f) for f in gin_files], bindings
+    )
+  except (ValueError, KeyError, IOError, SyntaxError) as e:
+    hint = (
+      " (set it in your gin file or with --gin_bindings, e.g. "
+      "--gin_bindings='TrainerConfig.num_steps = 1000')"
+      if "gin.REQUIRED" in str(e)
+      else ""
+    )
+    raise SystemExit(f"gin configuration error: {e}{hint}") from e

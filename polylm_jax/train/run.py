@@ -1,0 +1,152 @@
+"""The training entry point gin calls (`train`): wires languages, corpora, the seqio pipeline,
+held-out sets and benchmarks to the training loop. Settings that need nothing built are checked
+before anything is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+import gin
+
+from polylm_jax import languages as language_sets
+from polylm_jax.train import loop
+from polylm_jax.train.checkpoint import CheckpointConfig, tokenizer_b64
+from polylm_jax.train.spikes import SpikeConfig
+
+
+def run(
+  workdir: str,
+  model=gin.REQUIRED,
+  optimizer=gin.REQUIRED,
+  mesh=gin.REQUIRED,
+  data=gin.REQUIRED,
+  trainer=gin.REQUIRED,
+  checkpoint=CheckpointConfig(),
+  spikes=SpikeConfig(),
+  curriculum=None,
+  corpora=None,
+  bitext=None,
+  start_over=False,
+  languages=None,
+  instructions=None,
+  epochs=None,
+):
+  """The gin entry point: wires the seqio pipeline to the training loop."""
+  # The run's language set first: tags, loss slots and curricula all ask languages.active().
+  language_sets.set_active(languages or language_sets.Languages())
+  import jax
+  import seqio
+
+  from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
+
+  # Settings that need nothing built are checked first.
+  if data.seq_len > model.max_length:
+    raise SystemExit(
+      f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length={model.max_length}"
+    )
+  if epochs is None:
+    _check_schedule(optimizer, trainer.num_steps)
+  for registry in (corpora, bitext):  # TextCorpora, BitextCorpora: before anything names a task
+    if registry is not None:
+      registry.register()
+  instruction_meta = {}
+  if instructions is not None:  # instruction tuning (data/instructions.py)
+    stats = instructions.register(tasks.vocabulary(), data.seq_len)
+    instruction_meta = {"instruction_format": instructions.format.to_meta()}
+    if epochs is not None:
+      from polylm_jax.data.instructions import steps_for_epochs
+
+      steps = steps_for_epochs(stats, epochs, data.batch_size)
+      logging.info("train.epochs = %s: %d steps of %d rows", epochs, steps, data.batch_size)
+      trainer = dataclasses.replace(trainer, num_steps=steps)
+      _check_schedule(optimizer, trainer.num_steps)
+  elif epochs is not None:
+    raise SystemExit(
+      "train.epochs needs instruction data (train.instructions); for "
+      "pre-training set TrainerConfig.num_steps"
+    )
+  vocab = tasks.vocabulary()
+  if vocab.vocab_size > model.vocab_size:
+    raise SystemExit(
+      f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
+      f"{model.vocab_size} ({model.name}); enlarge the model vocabulary"
+    )
+  if curriculum is not None:
+    logging.info(
+      "curriculum (DataConfig.mixture=%r is not used):\n%s",
+      data.mixture,
+      curriculum.table(data.split),
+    )
+    staged = pipeline.StagedBatches(
+      curriculum, data, shard_index=jax.process_index(), num_shards=jax.process_count()
+    )
+    batches: pipeline.StagedBatches | pipeline.BatchIterator = staged
+    names = staged.mixtures
+  else:
+    batches = pipeline.BatchIterator(
+      data, shard_index=jax.process_index(), num_shards=jax.process_count()
+    )
+    names = [data.mixture]
+  pipeline.check_has_data(names, data)
+  eval_sets = None
+  if trainer.eval_every:
+    # Held-out loss per language: the validation split of every task the run trains on.
+    task_names = sorted({t.name for n in names for t, _ in pipeline.mixture_tasks(n)})
+    eval_sets = {
+      tasks.task_language(t): pipeline.eval_batches(
+        dataclasses.replace(data, mixture=t, split="validation"),
+        shard_index=jax.process_index(),
+        num_shards=jax.process_count(),
+      )
+      for t in task_names
+      if "validation" in seqio.get_mixture_or_task(t).splits
+    }
+  metadata = {
+    "gin_config": gin.config_str(),
+    "tokenizer_model_b64": tokenizer_b64(vocab.sentencepiece_model_file),
+    "data_config": dataclasses.asdict(data),
+    **instruction_meta,
+  }
+  benchmark = None
+  if trainer.lm_eval_tasks:
+    from polylm_jax.eval.in_training import Benchmark
+
+    benchmark = Benchmark(
+      trainer.lm_eval_tasks,
+      pathlib.Path(vocab.sentencepiece_model_file).read_bytes(),
+      limit=trainer.lm_eval_limit,
+      num_fewshot=trainer.lm_eval_num_fewshot,
+      include_path=trainer.lm_eval_include_path,
+      languages=language_sets.active().codes,
+    )
+  result = loop.train(
+    model,
+    optimizer,
+    mesh,
+    trainer,
+    batches,
+    workdir,
+    checkpoint=checkpoint,
+    spikes=spikes,
+    metadata=metadata,
+    eval_sets=eval_sets,
+    start_over=start_over,
+    benchmark=benchmark,
+  )
+  from polylm_jax.data import sources
+
+  for task, counts in sources.dropped_records().items():
+    logging.warning("data: task %s dropped records %s", task, counts)
+  return result
+
+
+def _check_schedule(optimizer, num_steps: int) -> None:
+  from polylm_jax.train.optimizer import lr_schedule
+
+  try:
+    lr_schedule(optimizer, num_steps)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
