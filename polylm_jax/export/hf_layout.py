@@ -14,35 +14,47 @@ from polylm_jax.config import ModelConfig
 
 PREFIX = "transformer."
 
-# (HF name inside block i, path in one unscanned block, shape of the HF tensor given d, f)
+# The one table of the layout, read by export (plan) and import (params_from_hf) alike:
+# (HF name inside block i, path in one unscanned block, HF shape, parameter shape).
 _BLOCK = (
-  ("ln_1.weight", ("ln_1", "scale"), lambda d, f: (d,)),
-  ("ln_1.bias", ("ln_1", "bias"), lambda d, f: (d,)),
-  ("attn.c_attn.weight", ("attn", "qkv_kernel"), lambda d, f: (d, 3 * d)),
-  ("attn.c_attn.bias", ("attn", "qkv_bias"), lambda d, f: (3 * d,)),
-  ("attn.c_proj.weight", ("attn", "out_kernel"), lambda d, f: (d, d)),
-  ("attn.c_proj.bias", ("attn", "out_bias"), lambda d, f: (d,)),
-  ("ln_2.weight", ("ln_2", "scale"), lambda d, f: (d,)),
-  ("ln_2.bias", ("ln_2", "bias"), lambda d, f: (d,)),
-  ("mlp.c_fc.weight", ("mlp", "fc_kernel"), lambda d, f: (d, f)),
-  ("mlp.c_fc.bias", ("mlp", "fc_bias"), lambda d, f: (f,)),
-  ("mlp.c_proj.weight", ("mlp", "proj_kernel"), lambda d, f: (f, d)),
-  ("mlp.c_proj.bias", ("mlp", "proj_bias"), lambda d, f: (d,)),
-)
+  ("ln_1.weight", ("ln_1", "scale"), lambda c: (c.d_model,), None),
+  ("ln_1.bias", ("ln_1", "bias"), lambda c: (c.d_model,), None),
+  (
+    "attn.c_attn.weight",
+    ("attn", "qkv_kernel"),
+    lambda c: (c.d_model, 3 * c.d_model),
+    lambda c: (c.d_model, 3, c.num_heads, c.head_dim),
+  ),
+  (
+    "attn.c_attn.bias",
+    ("attn", "qkv_bias"),
+    lambda c: (3 * c.d_model,),
+    lambda c: (3, c.num_heads, c.head_dim),
+  ),
+  (
+    "attn.c_proj.weight",
+    ("attn", "out_kernel"),
+    lambda c: (c.d_model, c.d_model),
+    lambda c: (c.num_heads, c.head_dim, c.d_model),
+  ),
+  ("attn.c_proj.bias", ("attn", "out_bias"), lambda c: (c.d_model,), None),
+  ("ln_2.weight", ("ln_2", "scale"), lambda c: (c.d_model,), None),
+  ("ln_2.bias", ("ln_2", "bias"), lambda c: (c.d_model,), None),
+  ("mlp.c_fc.weight", ("mlp", "fc_kernel"), lambda c: (c.d_model, c.d_ff), None),
+  ("mlp.c_fc.bias", ("mlp", "fc_bias"), lambda c: (c.d_ff,), None),
+  ("mlp.c_proj.weight", ("mlp", "proj_kernel"), lambda c: (c.d_ff, c.d_model), None),
+  ("mlp.c_proj.bias", ("mlp", "proj_bias"), lambda c: (c.d_model,), None),
+)  # parameter shape None: the same as the HF tensor's
 _TOP = (
-  ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.d_model)),
-  ("wpe.weight", ("wpe",), lambda c: (c.max_length, c.d_model)),
-  ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.d_model,)),
-  ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.d_model,)),
+  ("wte.weight", ("wte",), lambda c: (c.vocab_size, c.d_model), None),
+  ("wpe.weight", ("wpe",), lambda c: (c.max_length, c.d_model), None),
+  ("ln_f.weight", ("ln_f", "scale"), lambda c: (c.d_model,), None),
+  ("ln_f.bias", ("ln_f", "bias"), lambda c: (c.d_model,), None),
 )
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  shapes: dict[str, tuple[int, ...]] = {PREFIX + name: shape(cfg) for name, _, shape in _TOP}
-  for i in range(cfg.num_layers):
-    for name, _, shape in _BLOCK:
-      shapes[f"{PREFIX}h.{i}.{name}"] = shape(cfg.d_model, cfg.d_ff)
-  return shapes
+  return {name: shape for name, _, _, shape in plan(cfg)}
 
 
 def _get(tree, path):
@@ -74,14 +86,20 @@ class TreeSource:
 
 
 def plan(cfg: ModelConfig):
-  """(HF name, parameter path, layer or None, HF shape) for every exported tensor, in order."""
+  """(HF name, parameter path, layer or None, HF shape) for every tensor, in export order."""
   out: list[tuple[str, tuple[str, ...], int | None, tuple[int, ...]]] = [
-    (PREFIX + name, path, None, shape(cfg)) for name, path, shape in _TOP
+    (PREFIX + name, path, None, shape(cfg)) for name, path, shape, _ in _TOP
   ]
   for i in range(cfg.num_layers):
-    for name, path, shape in _BLOCK:
-      out.append((f"{PREFIX}h.{i}.{name}", ("blocks",) + path, i, shape(cfg.d_model, cfg.d_ff)))
+    for name, path, shape, _ in _BLOCK:
+      out.append((f"{PREFIX}h.{i}.{name}", ("blocks",) + path, i, shape(cfg)))
   return out
+
+
+def _set(tree: dict, path, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
 
 
 def check_finite(name: str, values: np.ndarray, flag: str = "--allow_nonfinite") -> None:
@@ -178,41 +196,27 @@ def params_from_hf(
       f"{source}: lm_head.weight differs from transformer.wte.weight, but PolyLM "
       f"ties the LM head to the token embedding"
     )
-  d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
   f32 = lambda n: np.asarray(tensors[n], np.float32)
 
-  def block(i):
-    t = lambda name: f32(f"{PREFIX}h.{i}.{name}")
-    return {
-      "ln_1": {"scale": t("ln_1.weight"), "bias": t("ln_1.bias")},
-      "attn": {
-        "qkv_kernel": t("attn.c_attn.weight").reshape(d, 3, h, k),
-        "qkv_bias": t("attn.c_attn.bias").reshape(3, h, k),
-        "out_kernel": t("attn.c_proj.weight").reshape(h, k, d),
-        "out_bias": t("attn.c_proj.bias"),
-      },
-      "ln_2": {"scale": t("ln_2.weight"), "bias": t("ln_2.bias")},
-      "mlp": {
-        "fc_kernel": t("mlp.c_fc.weight"),
-        "fc_bias": t("mlp.c_fc.bias"),
-        "proj_kernel": t("mlp.c_proj.weight"),
-        "proj_bias": t("mlp.c_proj.bias"),
-      },
-    }
+  def converted(name, hf_shape, param_shape):
+    return f32(name).reshape((param_shape or hf_shape)(cfg))
 
-  per_layer = {i: block(i) for i in range(cfg.num_layers)}
+  per_layer = {}
+  for i in range(cfg.num_layers):
+    layer: dict = {}
+    for name, path, hf_shape, param_shape in _BLOCK:
+      _set(layer, path, converted(f"{PREFIX}h.{i}.{name}", hf_shape, param_shape))
+    per_layer[i] = layer
   if scanned:
     import jax
 
     blocks = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(cfg.num_layers)])
   else:
     blocks = per_layer
-  return {
-    "wte": f32(PREFIX + "wte.weight"),
-    "wpe": f32(PREFIX + "wpe.weight"),
-    "ln_f": {"scale": f32(PREFIX + "ln_f.weight"), "bias": f32(PREFIX + "ln_f.bias")},
-    "blocks": blocks,
-  }
+  params: dict = {"blocks": blocks}
+  for top_name, top_path, top_hf, top_param in _TOP:
+    _set(params, top_path, converted(PREFIX + top_name, top_hf, top_param))
+  return params
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:

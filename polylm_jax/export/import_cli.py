@@ -63,19 +63,10 @@ def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True, all
 
 def verify_import(hf_dir, cfg, params, *, seed: int = 0) -> tuple[bool, str]:
   """Logits of the transformers model and of the imported JAX parameters on the same ids."""
-  import torch
-  import transformers
-
-  from polylm_jax.model import params as model_params
+  from polylm_jax.export.verify import logits_differences
 
   ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, (2, min(64, cfg.max_length)))
-  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  model.eval()
-  with torch.no_grad():
-    want = model(torch.as_tensor(ids)).logits.numpy()
-  jax_cfg = cfg.replace(dtype="float32", attention_impl="xla")
-  got = np.asarray(model_params.apply(model_params.graphdef(jax_cfg), params, ids))
-  diff = float(np.max(np.abs(got - want)))
+  diff = max(logits_differences(hf_dir, cfg, params, ids.tolist()))
   return diff <= 1e-4, f"logits max abs diff {diff:.2e} (tolerance 1e-4)"
 
 
