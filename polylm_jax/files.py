@@ -50,6 +50,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file in the same directory and an atomic rename."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
 def move_aside(path: str | os.PathLike, holding_dir: str | os.PathLike, label: str) -> pathlib.Path:
   """Moves `path` into `holding_dir` as `<label>-<time>` (never deletes); returns the new path."""
   holding = pathlib.Path(holding_dir)

@@ -70,3 +70,41 @@ def test_report_compares_two_models_per_language(tmp_path, capsys):
   )
   assert float(by_lang["th"]["bytes_per_token_1"]) < float(by_lang["th"]["bytes_per_token_0"])
   assert "vs en[1]" in table and len(table.splitlines()) == 3 + 18
+
+
+def test_weights_up_sample_and_balancing_evens_out_the_languages(tmp_path, capsys):
+  texts = {lang: sample.sample_lines(lang) for lang in ("en", "ru", "de")}
+  plain = tokenizer.weighted_sentences(texts)
+  assert len(plain) == 300
+  doubled = tokenizer.weighted_sentences(texts, {"ru": 2.0, "de": 0.5})
+  assert doubled.count(texts["ru"][3]) == 2 and 25 <= sum(s in texts["de"] for s in doubled) <= 75
+  # Up-weighting a language buys it vocabulary: fewer tokens per sentence, even on a corpus
+  # smaller than any sentence budget.
+  tps = {}
+  for w in (1.0, 4.0):
+    model = tokenizer.train(texts, None, 800, weights={"ru": w}, hard_vocab_limit=False)
+    sp = __import__("sentencepiece").SentencePieceProcessor(model_proto=model)
+    tps[w] = tokenizer.tokens_per_sentence(sp, texts["ru"])
+  assert tps[4.0] < tps[1.0]
+  # balance: from the CLI, on a parallel dev set (the sample is parallel), weights saved.
+  dev = tmp_path / "dev"
+  dev.mkdir()
+  for lang, lines in texts.items():
+    (dev / f"{lang}.txt").write_text("\n".join(lines[:50]), "utf-8")
+  args = [
+    "balance",
+    f"--dev_dir={dev}",
+    "--vocab_size=800",
+    "--target=1.05",
+    f"--out={tmp_path / 'bal.model'}",
+    "--iterations=4",
+  ]
+  args += [f"--input={lang}={sample.sample_path(lang)}" for lang in texts]
+  assert tokenizer_cli.main(args) == 0
+  record = json.loads((tmp_path / "bal.model.balance.json").read_text())
+  first, last = record["iterations"][0], record["iterations"][-1]
+  assert last["ratios"][last["worst"]] < first["ratios"][first["worst"]]
+  assert record["weights"][first["worst"]] > 1.0
+  assert "balance 0: worst" in capsys.readouterr().out
+  sp = tokenizer.load(tmp_path / "bal.model")
+  assert all(sp.decode(sp.encode(s)) == s for lines in texts.values() for s in lines)

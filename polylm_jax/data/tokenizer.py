@@ -17,24 +17,25 @@ from typing import Iterable, Mapping
 
 import sentencepiece as spm
 
+from polylm_jax import files
+
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
 
 
-def train(
+def weighted_sentences(
   texts: Mapping[str, Iterable[str]],
-  model_path: str | pathlib.Path,
-  vocab_size: int,
-  *,
   weights: Mapping[str, float] | None = None,
+  *,
   max_sentences: int = 10_000_000,
   seed: int = 0,
-  character_coverage: float = 0.9995,
-  hard_vocab_limit: bool = True,
-) -> str:
-  """Trains a BPE model from per-language sentences and writes `<model_path>` (.model).
+) -> list[str]:
+  """The training sentences: each language's non-empty sentences times its weight, then a uniform
+  sample of at most `max_sentences` of them all.
 
-  Each language contributes up to `weights[lang] * max_sentences` sentences (weights normalised),
-  sampled with `seed`, so memory stays bounded and low-resource languages get vocabulary.
+  A weight is a multiplier: 2 repeats every sentence of the language twice, 1.5 adds a random
+  half once more, 0.5 keeps a random half, 0 drops the language. Repeating a language's sentences
+  raises the frequency of its pieces, which is what earns them a place in the vocabulary: weights
+  up-sample as well as down-sample, whatever the corpus size.
   """
   langs = sorted(texts)
   unknown = sorted(set(weights or {}) - set(langs))
@@ -43,23 +44,32 @@ def train(
   w = {lang: float((weights or {}).get(lang, 1.0)) for lang in langs}
   if any(v < 0 for v in w.values()) or not sum(w.values()):
     raise ValueError(f"tokenizer weights must be >= 0 and not all zero, got {w}")
-  total = sum(w.values())
   rng = random.Random(seed)
   sentences: list[str] = []
   for lang in langs:
-    budget = int(max_sentences * w[lang] / total)
-    # Reservoir sampling: bounded memory whatever the size of the source.
-    kept: list[str] = []
-    for i, line in enumerate(t for t in texts[lang] if t.strip()):
-      if len(kept) < budget:
-        kept.append(line)
-      else:
-        j = rng.randint(0, i)
-        if j < budget:
-          kept[j] = line
-    sentences.extend(kept)
-  model_path = pathlib.Path(model_path)
-  if model_path.suffix != ".model":
+    whole, part = int(w[lang]), w[lang] - int(w[lang])
+    lines = [t for t in texts[lang] if t.strip()]
+    sentences += lines * whole + [t for t in lines if rng.random() < part]
+  if len(sentences) > max_sentences:
+    sentences = rng.sample(sentences, max_sentences)
+  return sentences
+
+
+def train(
+  texts: Mapping[str, Iterable[str]],
+  model_path: str | pathlib.Path | None,
+  vocab_size: int,
+  *,
+  weights: Mapping[str, float] | None = None,
+  max_sentences: int = 10_000_000,
+  seed: int = 0,
+  character_coverage: float = 0.9995,
+  hard_vocab_limit: bool = True,
+) -> str | bytes:
+  """Trains a BPE model from per-language sentences (weighted: see `weighted_sentences`) and
+  writes `<model_path>` (.model); with model_path None returns the serialized model instead."""
+  sentences = weighted_sentences(texts, weights, max_sentences=max_sentences, seed=seed)
+  if model_path is not None and pathlib.Path(model_path).suffix != ".model":
     raise ValueError(f"tokenizer model path must end with .model, got {model_path}")
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
@@ -81,9 +91,79 @@ def train(
     minloglevel=2,
     **SPECIAL_IDS,  # type: ignore[arg-type]
   )
-  model_path.parent.mkdir(parents=True, exist_ok=True)
-  model_path.write_bytes(model.getvalue())
-  return str(model_path)
+  if model_path is None:
+    return model.getvalue()
+  path = pathlib.Path(model_path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  files.atomic_write_bytes(path, model.getvalue())
+  return str(path)
+
+
+def tokens_per_sentence(sp: spm.SentencePieceProcessor, lines: list[str]) -> float:
+  return sum(len(ids) for ids in sp.encode(lines)) / max(len(lines), 1)
+
+
+def balance(
+  texts: Mapping[str, list[str]],
+  dev: Mapping[str, list[str]],
+  vocab_size: int,
+  *,
+  reference: str = "en",
+  target: float = 1.10,
+  max_reference_cost: float = 0.05,
+  iterations: int = 12,
+  gain: float = 3.0,
+  seed: int = 0,
+  log=print,
+) -> tuple[bytes, dict[str, float], list[dict]]:
+  """Chooses per-language weights so that no language of the parallel development set `dev` needs
+  more than `target` times the reference language's tokens per sentence.
+
+  Each iteration trains a model with the current weights, measures every dev language's ratio to
+  the reference, and multiplies the weight of each language above the target by
+  (ratio / target) ** gain. The reference language's tokens per sentence may rise by at most
+  `max_reference_cost` over the unweighted model: when it would, the reference's own weight goes
+  up instead. Stops at the target or after `iterations`. Returns (the last model, the weights,
+  one table row per iteration).
+  """
+  if reference not in dev:
+    raise ValueError(f"the development set needs the reference language {reference!r}")
+  missing = sorted(set(dev) - set(texts))
+  if missing:
+    raise ValueError(f"development languages {missing} have no training text")
+  weights = {lang: 1.0 for lang in texts}
+  history: list[dict] = []
+  base_reference = None
+  model = b""
+  for it in range(iterations + 1):
+    model = train(texts, None, vocab_size, weights=weights, seed=seed, hard_vocab_limit=False)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    tps = {lang: tokens_per_sentence(sp, lines) for lang, lines in dev.items()}
+    base_reference = base_reference or tps[reference]
+    ratios = {lang: tps[lang] / tps[reference] for lang in dev}
+    worst = max(ratios, key=ratios.get)  # type: ignore[arg-type]
+    cost = tps[reference] / base_reference - 1.0
+    history.append(
+      {
+        "iteration": it,
+        "weights": dict(weights),
+        "ratios": ratios,
+        "worst": worst,
+        "reference_cost": cost,
+      }
+    )
+    log(
+      f"balance {it}: worst {worst} {ratios[worst]:.3f}, {reference} tokens/sentence "
+      f"{cost:+.1%}; " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ratios.items()))
+    )
+    if ratios[worst] <= target or it == iterations:
+      break
+    for lang, ratio in ratios.items():
+      if lang != reference and ratio > target:
+        weights[lang] *= (ratio / target) ** gain
+    if cost > max_reference_cost * 0.8:  # protect the reference before it passes its bound
+      weights[reference] *= 1.0 + cost
+  return model, weights, history
 
 
 def load(model_path: str | pathlib.Path) -> spm.SentencePieceProcessor:
@@ -99,7 +179,7 @@ def train_sample_tokenizer(vocab_size: int = 4096) -> str:
   from polylm_jax.data import sample
 
   texts = {lang: sample.sample_lines(lang) for lang in sample.LANGUAGES}
-  return train(texts, sample.TOKENIZER_MODEL, vocab_size, hard_vocab_limit=False)
+  return str(train(texts, sample.TOKENIZER_MODEL, vocab_size, hard_vocab_limit=False))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 """`polylm-tokenizer`: train a PolyLM-style SentencePiece model, and report compression by language.
 
-  polylm-tokenizer train --input en='corpus/en/*.txt' --input th=th.jsonl --weight th=3 \\
+  polylm-tokenizer train --dir corpus/ --input th=th.jsonl --weight th=3 \\
       --vocab_size 256000 --out tok/polylm.model
+  polylm-tokenizer balance --dir corpus/ --dev_dir parallel_dev/ --vocab_size 256000 \\
+      --out tok/balanced.model          # + tok/balanced.model.balance.json
   polylm-tokenizer report --model tok/polylm.model [--model other.model] \\
-      --dir ../shared/data/ud_text [--csv report.csv]
+      --dir parallel_test/ [--csv report.csv]
 
-`report` prints, per language: sentences, UTF-8 bytes per token, tokens per sentence and the ratio
-of
-tokens per sentence to English (meaningful on a parallel corpus: the same sentences in every
-language), for one model or side by side for two.
+`train` weighs languages by multiplying their sentences (`--weight th=3` repeats Thai three times);
+`balance` chooses those weights itself: it trains, measures each language's tokens per sentence
+against English on a parallel development set, up-weights the languages above `--target` and
+repeats, keeping English's cost within `--max_reference_cost` (docs/data.md). `report` prints, per
+language: sentences, UTF-8 bytes per token, tokens per sentence and the ratio of tokens per
+sentence to English (meaningful on a parallel corpus: the same sentences in every language), for
+one model or side by side for two.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pathlib
 import sys
 from typing import Iterator
 
+from polylm_jax import files
 from polylm_jax.data import tokenizer
 
 
@@ -91,29 +97,82 @@ def format_table(rows: list[dict], model_paths: list[str]) -> str:
   return "\n".join(out)
 
 
+def _texts(args) -> dict[str, list[str]]:
+  inputs = _pairs(args.input, "--input")
+  if args.dir:
+    for path in sorted(pathlib.Path(args.dir).glob("*.txt")):
+      inputs.setdefault(path.stem, str(path))
+  if not inputs:
+    raise SystemExit(f"{args.command} needs --dir or --input LANG=GLOB")
+  return {lang: list(read_lines(pattern, args.text_field)) for lang, pattern in inputs.items()}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="polylm-tokenizer", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="train a SentencePiece BPE model")
-  t.add_argument("--input", action="append", required=True, help="LANG=GLOB (text or .jsonl)")
-  t.add_argument("--text_field", default="text", help="JSONL field holding the text")
-  t.add_argument("--weight", action="append", default=[], help="LANG=WEIGHT (default 1)")
-  t.add_argument("--vocab_size", type=int, required=True)
-  t.add_argument("--max_sentences", type=int, default=10_000_000)
-  t.add_argument("--seed", type=int, default=0)
-  t.add_argument("--out", required=True, help="path of the .model file")
-  r = sub.add_parser("report", help="compression per language, one or two models")
-  r.add_argument("--model", action="append", required=True)
-  r.add_argument("--input", action="append", default=[], help="LANG=PATH")
+  fmt = argparse.ArgumentDefaultsHelpFormatter
+  t = sub.add_parser("train", help="train a SentencePiece BPE model", formatter_class=fmt)
+  b = sub.add_parser(
+    "balance",
+    formatter_class=fmt,
+    help="train a model with per-language weights chosen on a parallel dev set",
+  )
+  for p in (t, b):
+    p.add_argument("--dir", help="a directory of <lang>.txt files, one sentence per line")
+    p.add_argument(
+      "--input",
+      action="append",
+      default=[],
+      help="LANG=GLOB of text or .jsonl files (repeatable; adds to or overrides --dir)",
+    )
+    p.add_argument("--text_field", default="text", help="JSONL field holding the text")
+    p.add_argument("--vocab_size", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="path of the .model file")
+  t.add_argument(
+    "--weight",
+    action="append",
+    default=[],
+    help="LANG=WEIGHT (repeatable): a multiplier of the language's sentences; 2 "
+    "repeats each twice, 0.5 keeps half (default 1)",
+  )
+  t.add_argument("--weights_from", help="a <model>.balance.json written by `balance`")
+  t.add_argument(
+    "--max_sentences",
+    type=int,
+    default=10_000_000,
+    help="cap on training sentences after weighting (a uniform sample)",
+  )
+  b.add_argument(
+    "--dev_dir",
+    required=True,
+    help="parallel development set: <lang>.txt files whose line i is one sentence",
+  )
+  b.add_argument("--reference", default="en", help="the language the ratios are measured against")
+  b.add_argument(
+    "--target", type=float, default=1.10, help="largest tokens-per-sentence ratio to the reference"
+  )
+  b.add_argument(
+    "--max_reference_cost",
+    type=float,
+    default=0.05,
+    help="largest rise of the reference's tokens per sentence",
+  )
+  b.add_argument("--iterations", type=int, default=12)
+  r = sub.add_parser(
+    "report", help="compression per language, one or two models", formatter_class=fmt
+  )
+  r.add_argument("--model", action="append", required=True, help="a .model (repeatable, <= 2)")
+  r.add_argument("--input", action="append", default=[], help="LANG=PATH (repeatable)")
   r.add_argument("--dir", help="a directory of <lang>.txt files (e.g. a parallel corpus)")
   r.add_argument("--csv", help="also write the table as CSV")
   args = parser.parse_args(argv)
   if args.command == "train":
-    inputs = _pairs(args.input, "--input")
     weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
-    texts = {lang: read_lines(pattern, args.text_field) for lang, pattern in inputs.items()}
+    if args.weights_from:
+      weights = {**json.loads(pathlib.Path(args.weights_from).read_text())["weights"], **weights}
     path = tokenizer.train(
-      texts,
+      _texts(args),
       args.out,
       args.vocab_size,
       weights=weights,
@@ -121,6 +180,34 @@ def main(argv=None) -> int:
       seed=args.seed,
     )
     print(f"wrote {path} ({tokenizer.load(path).vocab_size()} pieces)")
+    return 0
+  if args.command == "balance":
+    dev = {
+      p.stem: [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+      for p in sorted(pathlib.Path(args.dev_dir).glob("*.txt"))
+    }
+    model, weights, history = tokenizer.balance(
+      _texts(args),
+      dev,
+      args.vocab_size,
+      reference=args.reference,
+      target=args.target,
+      max_reference_cost=args.max_reference_cost,
+      iterations=args.iterations,
+      seed=args.seed,
+    )
+    files.atomic_write_bytes(args.out, model)
+    record = {
+      "weights": weights,
+      "target": args.target,
+      "reference": args.reference,
+      "iterations": history,
+    }
+    files.atomic_write_text(args.out + ".balance.json", json.dumps(record, indent=2))
+    print(
+      f"wrote {args.out} and {args.out}.balance.json; weights: "
+      + ", ".join(f"{k} {v:.2f}" for k, v in sorted(weights.items()))
+    )
     return 0
   if len(args.model) > 2:
     raise SystemExit("report compares at most two models")
@@ -141,7 +228,3 @@ def main(argv=None) -> int:
 
 def console_main() -> None:
   sys.exit(main())
-
-
-if __name__ == "__main__":
-  console_main()
