@@ -43,7 +43,7 @@ def main() -> None:
   dev = {lang: texts[lang][:500] for lang in parallel}
   test = {lang: texts[lang][500:1000] for lang in parallel}
   plain = spm.SentencePieceProcessor(
-    model_proto=tokenizer.train(train, None, args.vocab_size, hard_vocab_limit=False)
+    model_proto=tokenizer.train_model(train, args.vocab_size, hard_vocab_limit=False)
   )
   model, weights, history = tokenizer.balance(
     train, dev, args.vocab_size, target=args.target, log=lambda line: print(line, flush=True)

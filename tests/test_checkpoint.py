@@ -30,6 +30,7 @@ RUN = [
   "--gin_bindings=OptimizerConfig.warmup_steps = 3",
   "--gin_bindings=OptimizerConfig.decay_steps = 30",
   "--gin_bindings=TrainerConfig.log_every = 5",
+  "--gin_bindings=TrainerConfig.eval_every = 0",
 ]
 
 

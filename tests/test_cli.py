@@ -17,6 +17,7 @@ SHORT = [
   "OptimizerConfig.warmup_steps = 2",
   "DataConfig.seq_len = 64",
   "DataConfig.batch_size = 8",
+  "TrainerConfig.eval_every = 0",  # held-out sets cost seconds to build; one test turns them on
 ]
 
 
@@ -24,14 +25,22 @@ def _losses(workdir):
   return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_short_run_writes_metrics_events_and_config(tmp_path):
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+  """One 6-step run (its result and workdir), read by several tests."""
+  workdir = tmp_path_factory.mktemp("short")
   result = cli.main(
     [
       "--gin_file=gin_configs/quickstart.gin",
-      f"--workdir={tmp_path}",
+      f"--workdir={workdir}",
       *[f"--gin_bindings={b}" for b in SHORT],
     ]
   )
+  return result, workdir
+
+
+def test_short_run_writes_metrics_events_and_config(short_run):
+  result, tmp_path = short_run
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
   for r in records:
@@ -51,17 +60,16 @@ def test_short_run_writes_metrics_events_and_config(tmp_path):
   assert int(result["state"].step) == 6
 
 
-def test_same_config_and_seed_give_the_same_losses(tmp_path):
-  runs = []
-  for name in ("a", "b"):
-    cli.main(
-      [
-        "--gin_file=gin_configs/quickstart.gin",
-        f"--workdir={tmp_path / name}",
-        *[f"--gin_bindings={b}" for b in SHORT],
-      ]
-    )
-    runs.append(_losses(tmp_path / name))
+def test_same_config_and_seed_give_the_same_losses(short_run, tmp_path):
+  runs = [_losses(short_run[1])]
+  cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={tmp_path / 'b'}",
+      *[f"--gin_bindings={b}" for b in SHORT],
+    ]
+  )
+  runs.append(_losses(tmp_path / "b"))
   assert runs[0] == runs[1]
   cli.main(
     [

@@ -1,6 +1,7 @@
 """Staged curricula: rate resolution and its errors, stage switching, exact resume across stage
 boundaries, and per-host data shards."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -83,6 +84,32 @@ def test_batches_switch_stage_at_the_boundary():
 
 def _fingerprint(batch):
   return hash(batch["targets"].tobytes() + batch["segment_ids"].tobytes())
+
+
+def test_next_stage_prepared_ahead_yields_the_same_batches():
+  eager = pipeline.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=2), CFG)
+  lazy = pipeline.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=0), CFG)
+  first = [_fingerprint(next(eager)) for _ in range(2)]
+  assert 1 in eager._ahead  # stage 1 is being built in the background before its boundary
+  expected = [_fingerprint(next(lazy)) for _ in range(6)]
+  assert first + [_fingerprint(next(eager)) for _ in range(4)] == expected
+  assert not eager._ahead and not eager._ready
+
+
+def test_a_failed_background_build_fails_the_switch(monkeypatch):
+  batches = pipeline.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=2), CFG)
+  build = batches._stage_iterator
+
+  def broken(stage):
+    if stage == 1:
+      raise OSError("disk gone")
+    return build(stage)
+
+  monkeypatch.setattr(batches, "_stage_iterator", broken)
+  for _ in range(3):
+    next(batches)
+  with pytest.raises(RuntimeError, match="stage 1's input pipeline failed"):
+    next(batches)
 
 
 @pytest.mark.parametrize("restart_at", [2, 3, 4])  # before, at and after the stage boundary

@@ -20,6 +20,7 @@ SHORT = [
   "--gin_bindings=OptimizerConfig.warmup_steps = 2",
   "--gin_bindings=DataConfig.seq_len = 64",
   "--gin_bindings=DataConfig.batch_size = 8",
+  "--gin_bindings=TrainerConfig.eval_every = 0",
 ]
 
 

@@ -82,7 +82,7 @@ def test_weights_up_sample_and_balancing_evens_out_the_languages(tmp_path, capsy
   # smaller than any sentence budget.
   tps = {}
   for w in (1.0, 4.0):
-    model = tokenizer.train(texts, None, 800, weights={"ru": w}, hard_vocab_limit=False)
+    model = tokenizer.train_model(texts, 800, weights={"ru": w}, hard_vocab_limit=False)
     sp = __import__("sentencepiece").SentencePieceProcessor(model_proto=model)
     tps[w] = tokenizer.tokens_per_sentence(sp, texts["ru"])
   assert tps[4.0] < tps[1.0]

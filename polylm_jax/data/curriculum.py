@@ -90,6 +90,9 @@ def resolve_rates(stage: Stage, split: str = "train") -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class Curriculum:
   stages: tuple[Stage, ...] = (Stage(),)
+  # The next stage's input pipeline is built in the background this many steps before its
+  # boundary, so the switch does not stall the run (0: built at the boundary, in the way).
+  prepare_ahead_steps: int = 100
 
   def __post_init__(self):
     stages = tuple(self.stages)
@@ -98,6 +101,8 @@ class Curriculum:
     if not stages:
       raise ValueError("Curriculum.stages is empty")
     starts = [s.start_step for s in stages]
+    if self.prepare_ahead_steps < 0:
+      raise ValueError(f"Curriculum.prepare_ahead_steps={self.prepare_ahead_steps} must be >= 0")
     if starts[0] != 0 or sorted(set(starts)) != starts:
       raise ValueError(
         f"Curriculum.stages must start at step 0 and have increasing start steps; got {starts}"

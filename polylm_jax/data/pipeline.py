@@ -7,9 +7,11 @@ trainer assembles global arrays with `jax.make_array_from_process_local_data`.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import logging
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -267,21 +269,36 @@ class BatchIterator:
     self.shard_index = shard_index
     self._it = iter(packed_dataset(config, shard_index=shard_index, num_shards=num_shards))
     self.position = 0
+    self._peeked: dict[str, np.ndarray] | None = None
 
   def __iter__(self):
     return self
 
+  def warm_up(self) -> None:
+    """Fetches the first batch now (filling the shuffle buffers, opening the files) and keeps it
+    for the first `next`, so whoever calls `next` later does not wait for that."""
+    if self._peeked is None and self.position == 0:
+      self._peeked = _to_numpy(next(self._it))
+
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = _to_numpy(next(self._it))
+    if self._peeked is not None:
+      batch, self._peeked = self._peeked, None
+    else:
+      batch = _to_numpy(next(self._it))
     self.position += 1
     return batch
 
   def skip(self, n: int) -> None:
     for _ in range(n):
-      next(self._it)
+      if self._peeked is not None:
+        self._peeked = None
+      else:
+        next(self._it)
     self.position += n
 
   def save(self, directory: str) -> None:
+    if self._peeked is not None:  # the tf.data state is one batch ahead of `position`
+      raise RuntimeError("BatchIterator.save before its warmed-up first batch was taken")
     tf.train.Checkpoint(iterator=self._it).write(f"{directory}/process_{self.shard_index}")
 
   def restore(self, directory: str, position: int) -> None:
@@ -290,6 +307,7 @@ class BatchIterator:
       raise FileNotFoundError(f"no data-iterator state for process {self.shard_index} at {path}")
     tf.train.Checkpoint(iterator=self._it).read(path).assert_consumed()
     self.position = position
+    self._peeked = None  # the restored state replaces whatever was fetched before
 
 
 def batches(
@@ -329,15 +347,54 @@ def eval_batches(
   return out
 
 
+class HeldOutSets(collections.abc.Mapping):
+  """{name: eval batches}, built at the first evaluation rather than before step 1 (building
+  18 languages' held-out pipelines takes seconds the first step should not wait for)."""
+
+  def __init__(self, configs: dict[str, DataConfig], *, shard_index: int = 0, num_shards: int = 1):
+    self.configs = configs
+    self.shard_index, self.num_shards = shard_index, num_shards
+    self._built: dict[str, list[dict[str, np.ndarray]]] | None = None
+
+  def _sets(self) -> dict[str, list[dict[str, np.ndarray]]]:
+    if self._built is None:
+      self._built = {
+        name: eval_batches(cfg, shard_index=self.shard_index, num_shards=self.num_shards)
+        for name, cfg in self.configs.items()
+      }
+    return self._built
+
+  def __getitem__(self, name: str):
+    return self._sets()[name]
+
+  def __iter__(self):
+    return iter(self.configs)
+
+  def __len__(self) -> int:
+    return len(self.configs)
+
+
 class StagedBatches:
   """Batches that follow a curriculum: stage i's mixture feeds steps from its start_step on.
 
   Resumable exactly, also across stage boundaries: the state is the stage index plus the current
   stage's `BatchIterator` state; a stage's iterator always starts fresh (seeded with seed + stage)
   when the stage begins, so where a run restarts does not change what it sees.
+
+  The next stage's iterator is built in a background thread `Curriculum.prepare_ahead_steps`
+  batches before its boundary (its tf.data pipeline and shuffle buffers take a while to fill), so
+  the switch costs about one ordinary step instead of a stall; building it early changes nothing
+  it yields. A failed background build fails the switch, in the training thread.
   """
 
-  def __init__(self, curriculum, config: DataConfig, *, shard_index: int = 0, num_shards: int = 1):
+  def __init__(
+    self,
+    curriculum,
+    config: DataConfig,
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+  ):
     self.curriculum = curriculum
     self.config = config
     self.shard_index, self.num_shards = shard_index, num_shards
@@ -345,6 +402,8 @@ class StagedBatches:
     self.position = 0
     self.stage: int | None = None
     self._inner: BatchIterator | None = None
+    self._ahead: dict[int, threading.Thread] = {}
+    self._ready: dict[int, BatchIterator | BaseException] = {}
 
   def _stage_iterator(self, stage: int) -> BatchIterator:
     cfg = dataclasses.replace(
@@ -364,9 +423,44 @@ class StagedBatches:
         self.position,
         self.mixtures[stage],
       )
-      self._inner = self._stage_iterator(stage)
+      previous = [self._inner]
+      self._inner = self._take_prepared(stage) or self._stage_iterator(stage)
       self.stage = stage
+      # Tearing down a tf.data pipeline that is still prefetching blocks for seconds: let the
+      # last reference to the previous stage's iterator go in a background thread.
+      threading.Thread(target=previous.clear, name="release-stage", daemon=True).start()
+    self._prepare_next(stage)
     return self._inner
+
+  def _prepare_next(self, stage: int) -> None:
+    nxt = stage + 1
+    if nxt >= len(self.curriculum.stages) or nxt in self._ahead:
+      return
+    if (
+      self.position >= self.curriculum.stages[nxt].start_step - self.curriculum.prepare_ahead_steps
+    ):
+
+      def build(nxt=nxt):
+        try:
+          built = self._stage_iterator(nxt)
+          built.warm_up()
+          self._ready[nxt] = built
+        except BaseException as e:  # raised again at the boundary, in the training thread
+          self._ready[nxt] = e
+
+      thread = threading.Thread(target=build, name=f"prepare-stage-{nxt}", daemon=True)
+      thread.start()
+      self._ahead[nxt] = thread
+
+  def _take_prepared(self, stage: int) -> BatchIterator | None:
+    thread = self._ahead.pop(stage, None)
+    if thread is None:
+      return None
+    thread.join()  # usually long finished
+    built = self._ready.pop(stage)
+    if isinstance(built, BaseException):
+      raise RuntimeError(f"building curriculum stage {stage}'s input pipeline failed") from built
+    return built
 
   def __iter__(self):
     return self

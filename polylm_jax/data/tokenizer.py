@@ -57,7 +57,22 @@ def weighted_sentences(
 
 def train(
   texts: Mapping[str, Iterable[str]],
-  model_path: str | pathlib.Path | None,
+  model_path: str | pathlib.Path,
+  vocab_size: int,
+  **options,
+) -> str:
+  """Trains a BPE model (train_model) and writes it to `model_path` (.model)."""
+  if pathlib.Path(model_path).suffix != ".model":
+    raise ValueError(f"tokenizer model path must end with .model, got {model_path}")
+  model = train_model(texts, vocab_size, **options)
+  path = pathlib.Path(model_path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  files.atomic_write_bytes(path, model)
+  return str(path)
+
+
+def train_model(
+  texts: Mapping[str, Iterable[str]],
   vocab_size: int,
   *,
   weights: Mapping[str, float] | None = None,
@@ -65,12 +80,9 @@ def train(
   seed: int = 0,
   character_coverage: float = 0.9995,
   hard_vocab_limit: bool = True,
-) -> str | bytes:
-  """Trains a BPE model from per-language sentences (weighted: see `weighted_sentences`) and
-  writes `<model_path>` (.model); with model_path None returns the serialized model instead."""
+) -> bytes:
+  """A serialized BPE model trained on per-language sentences (weighted: `weighted_sentences`)."""
   sentences = weighted_sentences(texts, weights, max_sentences=max_sentences, seed=seed)
-  if model_path is not None and pathlib.Path(model_path).suffix != ".model":
-    raise ValueError(f"tokenizer model path must end with .model, got {model_path}")
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
     sentence_iterator=iter(sentences),
@@ -91,12 +103,7 @@ def train(
     minloglevel=2,
     **SPECIAL_IDS,  # type: ignore[arg-type]
   )
-  if model_path is None:
-    return model.getvalue()
-  path = pathlib.Path(model_path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_bytes(path, model.getvalue())
-  return str(path)
+  return model.getvalue()
 
 
 def tokens_per_sentence(sp: spm.SentencePieceProcessor, lines: list[str]) -> float:
@@ -136,7 +143,7 @@ def balance(
   base_reference = None
   model = b""
   for it in range(iterations + 1):
-    model = train(texts, None, vocab_size, weights=weights, seed=seed, hard_vocab_limit=False)
+    model = train_model(texts, vocab_size, weights=weights, seed=seed, hard_vocab_limit=False)
     sp = spm.SentencePieceProcessor(model_proto=model)
     tps = {lang: tokens_per_sentence(sp, lines) for lang, lines in dev.items()}
     base_reference = base_reference or tps[reference]
@@ -179,7 +186,7 @@ def train_sample_tokenizer(vocab_size: int = 4096) -> str:
   from polylm_jax.data import sample
 
   texts = {lang: sample.sample_lines(lang) for lang in sample.LANGUAGES}
-  return str(train(texts, sample.TOKENIZER_MODEL, vocab_size, hard_vocab_limit=False))
+  return train(texts, sample.TOKENIZER_MODEL, vocab_size, hard_vocab_limit=False)
 
 
 if __name__ == "__main__":

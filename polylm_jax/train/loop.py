@@ -13,8 +13,9 @@ import dataclasses
 import logging
 import pathlib
 import signal
+import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -114,7 +115,7 @@ def train(
   checkpoint: CheckpointConfig | None = None,
   spikes: SpikeConfig = SpikeConfig(),
   metadata: dict[str, Any] | None = None,
-  eval_sets: dict[str, list[dict[str, np.ndarray]]] | None = None,
+  eval_sets: Mapping[str, list[dict[str, np.ndarray]]] | None = None,
   start_over: bool = False,
   benchmark=None,
 ) -> dict[str, Any]:
@@ -141,6 +142,29 @@ def train(
       eval_sets,
       benchmark,
     )
+
+
+class _FirstBatch:
+  """`next(batches)` in a background thread, taken once by the training loop."""
+
+  def __init__(self, batches):
+    self._result: Any = None
+    self._error: BaseException | None = None
+
+    def fetch():
+      try:
+        self._result = next(batches)
+      except BaseException as e:  # raised again in the training thread
+        self._error = e
+
+    self._thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
+    self._thread.start()
+
+  def take(self):
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._result
 
 
 @dataclasses.dataclass
@@ -200,12 +224,18 @@ def _train(
     languages=list(languages.active().codes),
   )
 
+  # The first batch (tf.data fills its shuffle buffers, opens every file) is fetched in the
+  # background while the state is initialised and the step compiled; a resume must restore the
+  # data state first.
+  first = None if ckpt is not None and ckpt.steps_on_disk() else _FirstBatch(batches)
   try:
     state = _initial_state(ckpt, step_fn, batches, trainer)
   except BaseException:
     if ckpt is not None:
       ckpt.manager.close()
     raise
+  if first is None and int(state.step) < trainer.num_steps:
+    first = _FirstBatch(batches)
   if lead and meta.get("gin_config"):  # the config of this (re)start, once start-up succeeded
     files.atomic_write_text(pathlib.Path(workdir) / "config.gin", meta["gin_config"])
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
@@ -234,7 +264,8 @@ def _train(
     with _Preemption() as preemption:
       step = int(state.step)
       while step < trainer.num_steps:
-        local = next(batches)
+        local = first.take() if first is not None else next(batches)
+        first = None
         if pending is None:
           step_fn.check_batch_shape(local["inputs"].shape[0] * jax.process_count())
         state, metrics = step_fn(state, step_fn.place_batch(local))

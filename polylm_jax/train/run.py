@@ -95,15 +95,15 @@ def run(
   if trainer.eval_every:
     # Held-out loss per language: the validation split of every task the run trains on.
     task_names = sorted({t.name for n in names for t, _ in pipeline.mixture_tasks(n)})
-    eval_sets = {
-      tasks.task_language(t): pipeline.eval_batches(
-        dataclasses.replace(data, mixture=t, split="validation"),
-        shard_index=jax.process_index(),
-        num_shards=jax.process_count(),
-      )
-      for t in task_names
-      if "validation" in seqio.get_mixture_or_task(t).splits
-    }
+    eval_sets = pipeline.HeldOutSets(
+      {
+        tasks.task_language(t): dataclasses.replace(data, mixture=t, split="validation")
+        for t in task_names
+        if "validation" in seqio.get_mixture_or_task(t).splits
+      },
+      shard_index=jax.process_index(),
+      num_shards=jax.process_count(),
+    )
   metadata = {
     "gin_config": gin.config_str(),
     "tokenizer_model_b64": tokenizer_b64(vocab.sentencepiece_model_file),
