@@ -11,9 +11,17 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$ROOT/.venv/bin/activate"
-python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -r "$ROOT/${1:-requirements.txt}" -e "$ROOT"
-if [ -n "${2:-}" ]; then
-  python -m pip install --quiet --no-deps -r "$ROOT/$2"
+# Skip pip when this very set of requirement files was installed already (a re-run of the
+# quickstart starts at once); any change to them or to pyproject.toml installs again (delete
+# .venv/.polylm-installed to force a reinstall).
+stamp="$ROOT/.venv/.polylm-installed"
+want="$(cd "$ROOT" && cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16) ${1:-requirements.txt} ${2:-}"
+if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+  python -m pip install --quiet --upgrade pip
+  python -m pip install --quiet -r "$ROOT/${1:-requirements.txt}" -e "$ROOT"
+  if [ -n "${2:-}" ]; then
+    python -m pip install --quiet --no-deps -r "$ROOT/$2"
+  fi
+  echo "$want" >> "$stamp"
 fi
 cd "$ROOT"

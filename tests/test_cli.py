@@ -60,6 +60,23 @@ def test_short_run_writes_metrics_events_and_config(short_run):
   assert int(result["state"].step) == 6
 
 
+def test_rerunning_a_finished_run_says_so_and_builds_nothing(short_run, caplog):
+  _, workdir = short_run
+  before = (workdir / "metrics.jsonl").read_text()
+  with caplog.at_level("INFO"):
+    result = cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={workdir}",
+        *[f"--gin_bindings={b}" for b in SHORT],
+      ]
+    )
+  assert result["complete_at"] == 6 and result["state"] is None
+  assert f"{workdir} is complete: its checkpoint of step 6 reaches" in caplog.text
+  assert "--start_over" in caplog.text and "mesh" not in caplog.text  # nothing was built
+  assert (workdir / "metrics.jsonl").read_text() == before
+
+
 def test_same_config_and_seed_give_the_same_losses(short_run, tmp_path):
   runs = [_losses(short_run[1])]
   cli.main(

@@ -46,7 +46,12 @@ def test_export_from_workdir_verifies_and_describes_itself(run_dir, tmp_path, ca
   ):
     assert (out / name).is_file(), name
   card = (out / "README.md").read_text()
-  assert "training steps: 6" in card and "tokens seen" in card and "polylm_sample" in card
+  assert "training steps: 6" in card and "tokens seen" in card
+  # The curriculum that fed the run, stage by stage (not DataConfig.mixture, which it replaced).
+  provenance = card.split("## Training configuration")[0]
+  assert "a language curriculum of 2 stage(s)" in provenance
+  assert "stage 1 'final' from step 300: non-English 60.0%" in provenance
+  assert "polylm_sample" not in provenance
   tok = transformers.AutoTokenizer.from_pretrained(out)
   # BOS first, as training framed every document (framing.py); no EOS.
   ids = tok("hello")["input_ids"]

@@ -46,6 +46,15 @@ def write_tokenizer(
   )
 
 
+def _data_lines(meta: dict, data: dict) -> list[str]:
+  if meta.get("curriculum"):  # the table of curriculum.Curriculum.table: one line per stage
+    stages = meta["curriculum"].strip().splitlines()
+    return [f"- data: a language curriculum of {len(stages)} stage(s):"] + [
+      f"  - {line}" for line in stages
+    ]
+  return [f"- data mixture: `{data.get('mixture', 'unknown')}`"]
+
+
 def write_model_card(out: pathlib.Path, meta: dict, dtype: str, source: str) -> None:
   cfg = meta["model_config"]
   data = meta.get("data_config", {})
@@ -73,7 +82,7 @@ def write_model_card(out: pathlib.Path, meta: dict, dtype: str, source: str) -> 
     f"- tokens seen (steps x global batch x sequence length): {tokens:,}"
     if tokens is not None
     else "- tokens seen: unknown",
-    f"- data mixture: `{data.get('mixture', 'unknown')}` (curriculum: see the gin config below)",
+    *_data_lines(meta, data),
     f"- layers {cfg['num_layers']}, d_model {cfg['d_model']}, heads {cfg['num_heads']}, "
     f"vocab {cfg['vocab_size']}, positions {cfg['max_length']}",
     f"- exported dtype: {dtype}",

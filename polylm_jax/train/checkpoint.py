@@ -123,6 +123,14 @@ def set_aside_previous_run(workdir: str | pathlib.Path) -> pathlib.Path | None:
   return target
 
 
+def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+  """The steps of the finished checkpoint directories in a workdir (no Orbax, no devices)."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
 class Checkpointer:
   def __init__(self, workdir: str | pathlib.Path, config: CheckpointConfig, train_step):
     self.workdir = pathlib.Path(workdir)
@@ -202,9 +210,7 @@ class Checkpointer:
       self.manager.close()
 
   def steps_on_disk(self) -> list[int]:
-    if not self.root.is_dir():
-      return []
-    return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
+    return checkpoint_steps(self.workdir)
 
   def _drop_orphan_data_states(self, keep: int) -> None:
     """Data states whose checkpoint is gone (rotated out by the keep policy, or never completed).

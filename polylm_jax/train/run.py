@@ -13,7 +13,7 @@ import gin
 
 from polylm_jax import languages as language_sets
 from polylm_jax.train import loop
-from polylm_jax.train.checkpoint import CheckpointConfig, tokenizer_b64
+from polylm_jax.train.checkpoint import CheckpointConfig, checkpoint_steps, tokenizer_b64
 from polylm_jax.train.spikes import SpikeConfig
 
 
@@ -68,6 +68,17 @@ def run(
       "train.epochs needs instruction data (train.instructions); for "
       "pre-training set TrainerConfig.num_steps"
     )
+  done = checkpoint_steps(workdir) if checkpoint.enabled and not start_over else []
+  if done and done[-1] >= trainer.num_steps:
+    logging.info(
+      "%s is complete: its checkpoint of step %d reaches TrainerConfig.num_steps=%d, so there is "
+      "nothing to train. To train further, raise TrainerConfig.num_steps; to begin a new run, "
+      "give another --workdir, or pass --start_over (this run's files move to previous/).",
+      workdir,
+      done[-1],
+      trainer.num_steps,
+    )
+    return {"metrics": {}, "state": None, "train_step": None, "complete_at": done[-1]}
   vocab = tasks.vocabulary()
   if vocab.vocab_size > model.vocab_size:
     raise SystemExit(
@@ -110,6 +121,8 @@ def run(
     "data_config": dataclasses.asdict(data),
     **instruction_meta,
   }
+  if curriculum is not None:  # what fed the run, for the export's model card
+    metadata["curriculum"] = curriculum.table(data.split)
   benchmark = None
   if trainer.lm_eval_tasks:
     from polylm_jax.eval.in_training import Benchmark

@@ -1,0 +1,144 @@
+"""The cluster launch scripts, run here with stand-ins for gcloud and srun that record what they
+were asked to do (no cloud, no cluster): every TPU worker is set up and started, SLURM starts one
+trainer per node with the given gin files and workdir, and missing arguments are refused."""
+
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _recorder(tmp_path, name):
+  log = tmp_path / f"{name}.log"
+  tool = tmp_path / "bin" / name
+  tool.parent.mkdir(exist_ok=True)
+  tool.write_text(
+    f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {shlex.quote(str(log))}\n'
+    f"printf '\\036' >> {shlex.quote(str(log))}\n"  # one record per call
+  )
+  tool.chmod(0o755)
+  return tool, log
+
+
+def _calls(log):
+  return [call.rstrip("\0").split("\0") for call in log.read_text().split("\036") if call]
+
+
+def _in_git_checkout():
+  return (ROOT / ".git").exists()
+
+
+@pytest.mark.skipif(not _in_git_checkout(), reason="tpu_vm.sh ships `git archive HEAD`")
+def test_tpu_vm_sets_up_and_starts_every_worker(tmp_path):
+  gcloud, log = _recorder(tmp_path, "gcloud")
+  run = subprocess.run(
+    [
+      "bash",
+      str(ROOT / "launch/tpu_vm.sh"),
+      "--tpu=pod1",
+      "--zone=us-east5-a",
+      "--workdir=/mnt/runs/13b run",
+      "--gin_file=runs/pretrain.gin",
+      "--gin_file=models/polylm_13b.gin",
+      "--gin_bindings=MeshConfig.fsdp = -1",
+    ],
+    env=dict(os.environ, GCLOUD=str(gcloud)),
+    capture_output=True,
+    text=True,
+  )
+  assert run.returncode == 0, run.stderr
+  calls = _calls(log)
+  assert [c[:4] for c in calls] == [["compute", "tpus", "tpu-vm", "scp"]] + [
+    ["compute", "tpus", "tpu-vm", "ssh"]
+  ] * 2
+  assert all("--worker=all" in c and "--zone=us-east5-a" in c for c in calls)
+  setup = next(a for a in calls[1] if a.startswith("--command="))
+  assert "launch/tpu_worker_setup.sh" in setup
+  start = next(a for a in calls[2] if a.startswith("--command="))
+  words = shlex.split(start.split("nohup ", 1)[1].split(">", 1)[0])
+  assert words == [
+    "python",
+    "-m",
+    "polylm_jax.train",
+    "--distributed",
+    "--workdir=/mnt/runs/13b run",
+    "--gin_file=runs/pretrain.gin",
+    "--gin_file=models/polylm_13b.gin",
+    "--gin_bindings=MeshConfig.fsdp = -1",
+  ]
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--zone=z", "--workdir=w", "--gin_file=g"], "--tpu=NAME is required"),
+    (["--tpu=t", "--zone=z", "--gin_file=g"], "--workdir=DIR is required"),
+    (["--tpu=t", "--zone=z", "--workdir=w"], "--gin_file"),
+  ],
+)
+def test_tpu_vm_refuses_incomplete_arguments(tmp_path, args, message):
+  gcloud, log = _recorder(tmp_path, "gcloud")
+  run = subprocess.run(
+    ["bash", str(ROOT / "launch/tpu_vm.sh"), *args],
+    env=dict(os.environ, GCLOUD=str(gcloud)),
+    capture_output=True,
+    text=True,
+  )
+  assert run.returncode == 2 and message in run.stderr
+  assert not log.exists()  # nothing was copied or started
+
+
+def test_slurm_starts_one_trainer_per_node_with_the_gin_files(tmp_path):
+  _, log = _recorder(tmp_path, "srun")
+  env = dict(
+    os.environ,
+    PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+    POLYLM_PYTHON=sys.executable,
+    POLYLM_ROOT=str(ROOT),
+    SLURM_JOB_NUM_NODES="4",
+  )
+  env.pop("XLA_FLAGS", None)
+  run = subprocess.run(
+    [
+      "bash",
+      str(ROOT / "launch/slurm.sbatch"),
+      "/shared/run1",
+      "runs/pretrain.gin",
+      "models/polylm_13b.gin",
+      "--",
+      "--gin_bindings=MeshConfig.fsdp = -1",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert run.returncode == 0, run.stderr
+  [call] = _calls(log)
+  assert "--ntasks-per-node=1" in call and "--kill-on-bad-exit=1" in call
+  trainer = call[call.index(sys.executable) :]
+  assert trainer == [
+    sys.executable,
+    "-m",
+    "polylm_jax.train",
+    "--distributed",
+    "--gin_file=runs/pretrain.gin",
+    "--gin_file=models/polylm_13b.gin",
+    "--workdir=/shared/run1",
+    "--gin_bindings=MeshConfig.fsdp = -1",
+  ]
+
+
+def test_slurm_refuses_a_job_without_gin_files(tmp_path):
+  _, log = _recorder(tmp_path, "srun")
+  run = subprocess.run(
+    ["bash", str(ROOT / "launch/slurm.sbatch"), "/shared/run1"],
+    env=dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}"),
+    capture_output=True,
+    text=True,
+  )
+  assert run.returncode == 2 and "usage" in run.stderr and not log.exists()
