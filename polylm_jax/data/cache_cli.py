@@ -41,8 +41,16 @@ def main(argv: list[str] | None = None) -> list[str]:
   from polylm_jax import gin_setup
   from polylm_jax.data import cache, tasks  # noqa: F401 (registers the sample tasks)
 
+  from polylm_jax import languages
+
   gin_setup.register_configurables()
   gin_setup.parse_gin(args.gin_file, args.gin_bindings)
+  try:  # the run's language set: cached rows carry its per-token language tags
+    language_set = gin.query_parameter("train.languages")
+  except ValueError:
+    language_set = None
+  if language_set is not None:
+    languages.set_active(language_set.scoped_configurable_fn())
   for key in ("train.corpora", "train.bitext"):
     try:
       reference = gin.query_parameter(key)

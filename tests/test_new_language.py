@@ -1,0 +1,110 @@
+"""A language outside PolyLM's 18 (Swahili) added by configuration only: its text in a file glob,
+`Languages.codes` naming it. It trains with its own loss/sw and val_loss/sw, gets a curriculum
+rate, a row in the tokenizer report and a Beam cache, and checkpoints remember the set."""
+
+import json
+import random
+
+import pytest
+
+from polylm_jax import languages
+from polylm_jax.data import cache_cli, pipeline, sample, tokenizer_cli
+from polylm_jax.train import cli
+from polylm_jax.train.checkpoint import CheckpointMismatchError
+
+WORDS = (
+  "habari za asubuhi watoto wanacheza shuleni mama anapika chakula kitamu leo jua linawaka sana "
+  "mvua inanyesha kesho tutakwenda sokoni kununua matunda na mboga rafiki yangu anaishi mjini "
+  "kitabu hiki ni kizuri mwalimu anafundisha darasa letu baba anasoma gazeti jioni"
+).split()
+CODES = [*languages.POLYLM, "sw"]
+
+
+def _swahili(n: int, seed: int) -> str:
+  rng = random.Random(seed)
+  lines = [" ".join(rng.choices(WORDS, k=rng.randint(6, 14))).capitalize() + "." for _ in range(n)]
+  return "\n".join(lines) + "\n"
+
+
+def _gin(tmp_path, codes):
+  corpus = tmp_path / "sw"
+  corpus.mkdir(exist_ok=True)
+  for shard in range(2):
+    (corpus / f"train-{shard}.txt").write_text(_swahili(150, shard), "utf-8")
+  (corpus / "val.txt").write_text(_swahili(40, 99), "utf-8")
+  path = tmp_path / f"swahili-{codes[0]}.gin"
+  path.write_text(f"""
+train.languages = @Languages()
+Languages.codes = {codes!r}
+train.corpora = @TextCorpora()
+TextCorpora.files = {{'sw': {{'train': '{corpus}/train-*.txt', 'validation': '{corpus}/val.txt'}}}}
+stage1/Stage.rates = {{'en': 0.5, 'sw': 0.3}}
+final/Stage.counts = {{'sw': 300}}  # temperature sampling needs a size for a file corpus
+""")
+  return path, corpus
+
+
+def _train(gin_file, workdir, steps):
+  return cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--gin_file={gin_file}",
+      f"--workdir={workdir}",
+      f"--gin_bindings=TrainerConfig.num_steps = {steps}",
+      "--gin_bindings=OptimizerConfig.warmup_steps = 2",
+      "--gin_bindings=DataConfig.seq_len = 64",
+      "--gin_bindings=DataConfig.batch_size = 8",
+      "--gin_bindings=TrainerConfig.eval_every = 4",
+      "--gin_bindings=CheckpointConfig.every_steps = 4",
+    ]
+  )
+
+
+@pytest.mark.slow
+def test_a_19th_language_from_configuration(tmp_path, caplog, capsys):
+  gin_file, corpus = _gin(tmp_path, CODES)
+  workdir = tmp_path / "run"
+  with caplog.at_level("INFO"):
+    _train(gin_file, workdir, 4)
+  # A curriculum rate: the explicit one in stage 1, a temperature-sampled share in the final stage.
+  [stage1] = [line for line in caplog.text.splitlines() if line.startswith("stage 0 'stage1'")]
+  [final] = [line for line in caplog.text.splitlines() if line.startswith("stage 1 'final'")]
+  assert "sw 30.0%" in stage1 and ", sw " in final
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("loss/sw" in r for r in records)  # its own training loss (tag 19)
+  [evaluation] = [
+    json.loads(line) for line in (workdir / "eval_metrics.jsonl").read_text().splitlines()
+  ]
+  assert evaluation["val_loss/sw"] > 0 and "val_loss/en" in evaluation
+
+  # A tokenizer report row.
+  tokenizer_cli.main(["report", f"--model={sample.TOKENIZER_MODEL}", f"--input=sw={corpus}/*"])
+  assert any(line.split()[:1] == ["sw"] for line in capsys.readouterr().out.splitlines())
+
+  # A Beam cache of its packed rows, tagged with its place in the set.
+  cache_dir = tmp_path / "cache"
+  cache_cli.main(
+    [
+      f"--gin_file={gin_file}",
+      "--gin_bindings=TextCorpora.cache_seq_len = 64",
+      f"--cache_dir={cache_dir}",
+      "--tasks=polylm_pt_sw",
+    ]
+  )
+  assert (cache_dir / "polylm_pt_sw" / "COMPLETED").exists()
+  config = pipeline.DataConfig(
+    mixture="polylm_pt_sw",
+    seq_len=64,
+    batch_size=1,
+    shuffle=False,
+    use_cached=True,
+    cache_dirs=(str(cache_dir),),
+  )
+  row = next(pipeline.batches(config, num_epochs=1))
+  assert set(row["languages"][row["segment_ids"] > 0].tolist()) == {CODES.index("sw") + 1}
+
+  # The checkpoint remembers the set: resuming with another one (here: the same languages in
+  # another order, so other tags) stops and says why.
+  other, _ = _gin(tmp_path, ["sw", *languages.POLYLM])
+  with pytest.raises(CheckpointMismatchError, match="Languages.codes"):
+    _train(other, workdir, 6)
