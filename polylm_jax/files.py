@@ -34,6 +34,21 @@ def timestamp() -> str:
   return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def _usual_mode(path: str) -> None:
+  """The permissions a plain open() would give (0666 less the umask): mkstemp's 0600 would make
+  a written config, tokenizer or model unreadable to the user's colleagues and servers."""
+  os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+  # Read, not set-and-restore: os.umask would change it for every thread for a moment.
+  with contextlib.suppress(OSError, ValueError):
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  return 0o022
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to `path` via a temporary file in the same directory and an atomic rename."""
   path = pathlib.Path(path)
@@ -43,6 +58,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    _usual_mode(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -59,6 +75,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    _usual_mode(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

@@ -6,14 +6,16 @@ import pytest
 from polylm_jax.data import sample, tokenizer
 
 
-def test_sample_has_100_sentences_in_each_of_the_18_languages():
+def test_sample_has_parallel_sentences_and_treebank_text_in_each_of_the_18_languages():
   assert len(sample.LANGUAGES) == 18
   for lang in sample.LANGUAGES:
-    lines = sample.sample_lines(lang)
-    assert len(lines) >= 100, lang
-    assert len(set(lines)) == len(lines), f"{lang}: duplicate sentences"
-    assert len(sample.sample_lines(lang, "validation")) == 10
-    assert len(sample.sample_lines(lang, "train")) == len(lines) - 10
+    parallel, lines = sample.parallel_lines(lang), sample.sample_lines(lang)
+    assert len(parallel) == 100 and lines[:100] == parallel, lang
+    assert len(lines) >= 841, lang  # + 741-1,915 treebank sentences
+    assert len(set(lines)) >= 0.99 * len(lines), f"{lang}: duplicate sentences"
+    validation = sample.sample_lines(lang, "validation")
+    assert len(validation) == (len(lines) + 9) // 10 and validation[:10] == parallel[::10]
+    assert len(sample.sample_lines(lang, "train")) == len(lines) - len(validation)
   with pytest.raises(ValueError, match="not in the sample corpus"):
     sample.sample_path("xx")
 
@@ -23,7 +25,7 @@ def test_sample_tokenizer_conventions_and_round_trip():
   assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
   assert [sp.id_to_piece(i) for i in sp.encode("2048")] == ["2", "0", "4", "8"]
   for lang in sample.LANGUAGES:
-    for line in sample.sample_lines(lang)[:20]:
+    for line in sample.sample_lines(lang):
       ids = sp.encode(line)
       assert 0 not in ids, (lang, line)  # byte fallback: never <unk>
       assert sp.decode(ids) == line

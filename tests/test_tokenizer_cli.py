@@ -73,7 +73,7 @@ def test_report_compares_two_models_per_language(tmp_path, capsys):
 
 
 def test_weights_up_sample_and_balancing_evens_out_the_languages(tmp_path, capsys):
-  texts = {lang: sample.sample_lines(lang) for lang in ("en", "ru", "de")}
+  texts = {lang: sample.parallel_lines(lang) for lang in ("en", "ru", "de")}
   plain = tokenizer.weighted_sentences(texts)
   assert len(plain) == 300
   doubled = tokenizer.weighted_sentences(texts, {"ru": 2.0, "de": 0.5})

@@ -38,10 +38,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     raise SystemExit("polylm-cache needs Apache Beam: pip install apache-beam") from e
   import gin
 
-  from polylm_jax import gin_setup
+  from polylm_jax import gin_setup, languages
   from polylm_jax.data import cache, tasks  # noqa: F401 (registers the sample tasks)
-
-  from polylm_jax import languages
 
   gin_setup.register_configurables()
   gin_setup.parse_gin(args.gin_file, args.gin_bindings)

@@ -124,10 +124,10 @@ def register_bitext_tasks(
   vocab: seqio.Vocabulary | None = None,
   prefix: str = BITEXT_PREFIX,
 ) -> list[str]:
-  """Bilingual documents from the parallel sample: `<prefix><src>_<tgt>`, one document per
-  sentence pair, formatted by `template` ({src}, {tgt}, {src_lang}, {tgt_lang}). Every token is
-  tagged with the non-English language of the pair. Default pairs: English <-> each other language.
-  """
+  """Bilingual documents from the sample's parallel sentences: `<prefix><src>_<tgt>`, one
+  document per sentence pair, formatted by `template` ({src}, {tgt}, {src_lang}, {tgt_lang}).
+  Every token is tagged with the non-English language of the pair. Default pairs: English <->
+  each other language."""
   vocab = vocab or vocabulary()
   pairs = pairs or [
     p for lang in sample.LANGUAGES if lang != "en" for p in (("en", lang), (lang, "en"))
@@ -143,7 +143,7 @@ def register_bitext_tasks(
       del shuffle_files, seed
       docs = [
         template.format(src=a, tgt=b, src_lang=src, tgt_lang=tgt)
-        for a, b in zip(sample.sample_lines(src, split), sample.sample_lines(tgt, split))
+        for a, b in zip(sample.parallel_lines(src, split), sample.parallel_lines(tgt, split))
       ]
       return tf.data.Dataset.from_tensor_slices({"text": docs})
 
@@ -152,7 +152,7 @@ def register_bitext_tasks(
       source=seqio.FunctionDataSource(
         dataset_fn,
         splits=("train", "validation"),
-        num_input_examples={s: len(sample.sample_lines(src, s)) for s in ("train", "validation")},
+        num_input_examples={s: len(sample.parallel_lines(src, s)) for s in ("train", "validation")},
       ),
       preprocessors=text_preprocessors(name, tgt if src == "en" else src),
       output_features=output_features(vocab),

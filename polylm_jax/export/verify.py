@@ -77,20 +77,20 @@ def verify_export(out_dir: str | pathlib.Path, reader, *, lines_per_language: in
   mismatched = [
     (lang, line)
     for lang in sample.LANGUAGES
-    for line in sample.sample_lines(lang)
+    for line in sample.parallel_lines(lang)
     if hf_tok(line)["input_ids"] != doc_framing.prompt(sp.encode(line))
   ]
   report.check(
     not mismatched,
     f"tokenizer: transformers ids == training's framed ids on "
-    f"{18 * len(sample.sample_lines('en'))} sample sentences"
+    f"{18 * len(sample.parallel_lines('en'))} sample sentences"
     + (f"; first mismatch {mismatched[0]}" if mismatched else ""),
   )
   tol = TOLERANCE.get(dtype, 1e-4)
   texts = [
     (lang, line)
     for lang in sample.LANGUAGES
-    for line in sample.sample_lines(lang)[:lines_per_language]
+    for line in sample.parallel_lines(lang)[:lines_per_language]
   ]
   rows = [doc_framing.prompt(sp.encode(line))[: cfg.max_length] for _, line in texts]
   diffs = logits_differences(out, cfg, params_from_reader(reader, cfg), rows)
