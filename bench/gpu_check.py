@@ -201,7 +201,6 @@ def train_step_mfu(args) -> bool:
         attention_block_k=args.block_k,
         attention_bwd_block_q=args.bwd_block_q,
         attention_bwd_block_k=args.bwd_block_k,
-        loss_chunk=args.loss_chunk,
       )
       batch, length, reps = args.batch, 2048, args.train_reps
     try:
@@ -215,11 +214,15 @@ def train_step_mfu(args) -> bool:
 def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
   from polylm_jax import sharding
   from polylm_jax.train import flops
+  from polylm_jax.train.loss import LossConfig
   from polylm_jax.train.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 1000)
+  loss = LossConfig(impl=args.loss, chunk=args.loss_chunk)
+  step = TrainStep(
+    cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 1000, loss_config=loss
+  )
   state = step.init(0)
   rng = np.random.default_rng(0)
   toks = rng.integers(3, cfg.vocab_size, (batch, length + 1)).astype(np.int32)
@@ -257,7 +260,7 @@ def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
     f"{cfg.name}: {cfg.num_layers} layers (released: 24), batch {batch} x {length}, "
     f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, device {device.device_kind}, "
     f"blocks fwd {cfg.attention_block_q}x{cfg.attention_block_k} bwd "
-    f"{cfg.attention_bwd_block_q}x{cfg.attention_bwd_block_k}, loss_chunk {cfg.loss_chunk}, "
+    f"{cfg.attention_bwd_block_q}x{cfg.attention_bwd_block_k}, loss {args.loss}, "
     f"first step (compile) {compile_s:.0f} s"
   )
   print(
@@ -362,11 +365,12 @@ def main():
     "('none' runs out of memory at batch 4 on 80 GB)",
   )
   parser.add_argument(
-    "--loss_chunk",
-    type=int,
-    default=0,
-    help="ModelConfig.loss_chunk for the train step (0: whole logits)",
+    "--loss",
+    default="full",
+    choices=("full", "chunked", "tiled"),
+    help="LossConfig.impl for the train step",
   )
+  parser.add_argument("--loss_chunk", type=int, default=256, help="LossConfig.chunk (chunked)")
   parser.add_argument("--peak_flops", type=float, default=None)
   parser.add_argument("--sections", default="1,2,3,4")
   args = parser.parse_args()

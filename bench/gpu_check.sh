@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command to run on a lent GPU (see bench/gpu_check.py). Output is also saved to
+# The one command to run on a GPU host (see bench/gpu_check.py). Output is also saved to
 # $OUT/gpu_check.log when $OUT is set (the device tool), else /tmp/gpu_check.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -45,9 +45,6 @@ class ModelConfig:
   # the forward (measurements in docs/kernels.md).
   attention_bwd_block_q: int = 0
   attention_bwd_block_k: int = 0
-  # Training loss over sequence chunks of this many tokens (0: all at once): the [B, T, vocab]
-  # float32 logits are never whole, only [B, loss_chunk, vocab] at a time (remat in backward).
-  loss_chunk: int = 0
 
   def __post_init__(self):
     check_fields(self)
@@ -69,6 +66,12 @@ class ModelConfig:
     for field in ("vocab_size", "max_length", "num_layers", "d_model", "num_heads", "d_ff"):
       if getattr(self, field) <= 0:
         raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+
+  @classmethod
+  def from_dict(cls, fields: dict) -> "ModelConfig":
+    """The config recorded in a checkpoint or export. `loss_chunk` (how the loss was computed,
+    now train.loss.LossConfig) is dropped from records written before it moved."""
+    return cls(**{k: v for k, v in fields.items() if k != "loss_chunk"})
 
   @property
   def head_dim(self) -> int:

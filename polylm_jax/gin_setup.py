@@ -30,6 +30,7 @@ def register_configurables():
   from polylm_jax.data.pipeline import DataConfig
   from polylm_jax.train import loop
   from polylm_jax.train.checkpoint import CheckpointConfig
+  from polylm_jax.train.loss import LossConfig
   from polylm_jax.train.optimizer import OptimizerConfig
   from polylm_jax.train.run import run
   from polylm_jax.train.spikes import SpikeConfig
@@ -48,6 +49,7 @@ def register_configurables():
   gin.external_configurable(TextCorpora, "TextCorpora")
   gin.external_configurable(BitextCorpora, "BitextCorpora")
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
+  gin.external_configurable(LossConfig, "LossConfig")
   gin.external_configurable(CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(SpikeConfig, "SpikeConfig")
   gin.external_configurable(language_sets.Languages, "Languages")
@@ -77,3 +79,19 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
       else ""
     )
     raise SystemExit(f"gin configuration error: {e}{hint}") from e
+
+
+def configured(name: str, default=None):
+  """The object a parsed gin config binds to `name` (e.g. 'train.model'), built now; `default`
+  when the config does not bind it."""
+  try:
+    reference = gin.query_parameter(name)
+  except ValueError:
+    return default
+  if reference is None:
+    return default
+  return (
+    reference.scoped_configurable_fn()
+    if hasattr(reference, "scoped_configurable_fn")
+    else reference
+  )

@@ -3,8 +3,7 @@
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, ...) in its `nnx.Param`
 metadata; activations are constrained with `activation_*` names. `DEFAULT_RULES` maps each logical
 name to mesh axes, as plain data (in the spirit of t5x's `partitioning.py`): to change how a model
-is
-laid out, change the rules (gin: `MeshConfig.rule_overrides` for single rules, `MeshConfig.rules`
+is laid out, change the rules (gin: `MeshConfig.rule_overrides` for single rules, `MeshConfig.rules`
 for the whole table), not the model.
 """
 

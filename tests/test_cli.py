@@ -201,15 +201,19 @@ def test_two_processes_train_one_run(tmp_path):
   assert len(_losses(tmp_path)) == 6  # process 0 alone writes the metrics
 
 
-def test_held_out_loss_is_logged_per_language(tmp_path):
-  cli.main(
-    [
-      "--gin_file=gin_configs/quickstart.gin",
-      f"--workdir={tmp_path}",
-      *[f"--gin_bindings={b}" for b in SHORT],
-      "--gin_bindings=TrainerConfig.eval_every = 3",
-    ]
-  )
+def test_held_out_loss_is_logged_per_language(tmp_path, caplog):
+  with caplog.at_level("INFO"):
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--workdir={tmp_path}",
+        *[f"--gin_bindings={b}" for b in SHORT],
+        "--gin_bindings=TrainerConfig.eval_every = 3",
+      ]
+    )
+  # Before the first step: what the compiled step needs per device (memory_report.py).
+  assert "train step per device on 8 x cpu:" in caplog.text
+  assert "peak" in caplog.text and "arithmetic intensity" in caplog.text
   records = [
     json.loads(line) for line in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()
   ]

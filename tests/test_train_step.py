@@ -1,13 +1,16 @@
 """The train step and optimizer: accumulation, skipping non-finite updates, schedule, decay mask."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from polylm_jax import sharding
 from polylm_jax.config import PRESETS
+from polylm_jax.model import params as model_params
 from polylm_jax.train import flops
 from polylm_jax.train.loop import NonFiniteError, TrainerConfig, train
+from polylm_jax.train.loss import LossConfig, per_token_nll, tiled_token_nll, token_nll
 from polylm_jax.train.optimizer import OptimizerConfig, decay_mask, lr_schedule
 from polylm_jax.train.step import TrainStep
 
@@ -46,29 +49,79 @@ def test_gradient_accumulation_matches_one_big_batch(make_batch):
     _step(OptimizerConfig(warmup_steps=1, grad_accum_steps=3)).check_batch_shape(8)
 
 
-def test_chunked_loss_matches_the_whole_logits(make_batch):
-  """ModelConfig.loss_chunk: the same loss, per-language sums and gradients, in float32."""
+def _loss_and_grads(batch, loss_config, mesh_shape=(1, 1, 1)):
+  cfg = TINY.replace(dtype="float32")
+  mesh = sharding.make_mesh(
+    sharding.MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))]
+  )
+  step = TrainStep(
+    cfg,
+    OptimizerConfig(warmup_steps=1),
+    mesh,
+    sharding.DEFAULT_RULES,
+    10,
+    loss_config=loss_config,
+  )
+  state = step.init(0)
+  with step.mesh, sharding.activate(step.mesh, step.rules):
+    return jax.device_get(jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch)))
+
+
+@pytest.mark.parametrize(
+  "loss_config, mesh_shape",
+  [
+    (LossConfig(impl="chunked", chunk=8), (1, 1, 1)),
+    # Tiles that do not divide the 128 tokens nor the vocabulary: the padding is exercised.
+    (LossConfig(impl="tiled", token_tile=48, vocab_tile=1000), (1, 1, 1)),
+    (LossConfig(impl="tiled", token_tile=32, vocab_tile=512), (2, 2, 2)),  # sharded step
+  ],
+)
+def test_chunked_and_tiled_losses_match_the_whole_logits(make_batch, loss_config, mesh_shape):
+  """Same loss, per-language sums and gradients as the whole float32 logits."""
   batch = make_batch(0, 4, 32, TINY.vocab_size)
   batch["languages"] = np.repeat(np.arange(4)[:, None] + 1, 32, axis=1).astype(np.int32)
-  results = []
-  for chunk in (0, 8):
-    cfg = TINY.replace(loss_chunk=chunk, dtype="float32")
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-    step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
-    state = step.init(0)
-    with step.mesh, sharding.activate(step.mesh, step.rules):
-      results.append(
-        jax.device_get(jax.jit(step.loss_and_grads)(state.params, step.place_batch(batch)))
-      )
-  (loss0, grads0, aux0), (loss1, grads1, aux1) = results
+  loss0, grads0, aux0 = _loss_and_grads(batch, LossConfig())
+  loss1, grads1, aux1 = _loss_and_grads(batch, loss_config, mesh_shape)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
   np.testing.assert_allclose(aux1["language_loss"], aux0["language_loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads1, grads0)
-  with pytest.raises(ValueError, match="loss_chunk=12 does not divide the sequence length 32"):
-    cfg = TINY.replace(loss_chunk=12)
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-    step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
-    step.loss_and_grads(step.init(0).params, step.place_batch(batch))
+
+
+def test_tiled_nll_values_and_gradients_equal_the_plain_ones():
+  """The custom VJP against autodiff of logsumexp - target logit, with uneven weights per token
+  (the cotangent), float32."""
+  rng = np.random.default_rng(0)
+  n, d, v = 70, 16, 300
+  hidden = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(v, d)) * 0.3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+  weights = jnp.asarray(rng.uniform(size=n), jnp.float32)
+
+  def plain(h, w):
+    return jnp.sum(token_nll(h @ w.T, targets) * weights)
+
+  def tiled(h, w):
+    return jnp.sum(tiled_token_nll(h, w, targets, 16, 64, jnp.float32) * weights)
+
+  np.testing.assert_allclose(
+    tiled_token_nll(hidden, table, targets, 16, 64, jnp.float32),
+    token_nll(hidden @ table.T, targets),
+    rtol=1e-6,
+  )
+  for a, b in zip(jax.grad(tiled, (0, 1))(hidden, table), jax.grad(plain, (0, 1))(hidden, table)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_settings_are_checked():
+  with pytest.raises(ValueError, match="LossConfig.impl='blocked'"):
+    LossConfig(impl="blocked")
+  with pytest.raises(ValueError, match="LossConfig.vocab_tile=0 must be >= 1"):
+    LossConfig(impl="tiled", vocab_tile=0)
+  batch = {k: jnp.zeros((2, 32), jnp.int32) for k in ("inputs", "targets", "positions")}
+  batch["segment_ids"] = jnp.ones((2, 32), jnp.int32)
+  with pytest.raises(ValueError, match="LossConfig.chunk=12 does not divide the sequence length"):
+    model = model_params.make_model(TINY)
+    per_token_nll(model, batch, LossConfig(impl="chunked", chunk=12))
 
 
 def test_nonfinite_update_is_skipped_and_counted(make_batch):

@@ -70,7 +70,7 @@ def load(
   meta = json.loads((step_dir / "meta" / "metadata").read_text())
   if "model_config" not in meta:
     raise ValueError(f"{step_dir}: checkpoint metadata has no model_config")
-  cfg = ModelConfig(**meta["model_config"]).replace(**(overrides or {}))
+  cfg = ModelConfig.from_dict(meta["model_config"]).replace(**(overrides or {}))
   if "tokenizer_model_b64" not in meta:
     raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
   sp_bytes = base64.b64decode(meta["tokenizer_model_b64"])

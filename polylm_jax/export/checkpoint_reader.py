@@ -52,7 +52,7 @@ class CheckpointReader:
     fields = self.meta.get("model_config")
     if not fields:
       raise ValueError(f"{self.step_dir}: checkpoint metadata has no model_config")
-    self.model_config = ModelConfig(**fields)
+    self.model_config = ModelConfig.from_dict(fields)
     self._open: dict[str, ts.TensorStore] = {}
 
   def _array(self, path: tuple) -> ts.TensorStore:

@@ -144,7 +144,7 @@ def config_from_hf(model_dir: str | pathlib.Path, **overrides) -> ModelConfig:
   )
   fields.update(overrides)
   try:
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(fields)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{path}: {e}") from e
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from polylm_jax import files, framing, languages, sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
-from polylm_jax.train import flops
+from polylm_jax.train import flops, memory_report
 from polylm_jax.train.checkpoint import (
   CheckpointConfig,
   Checkpointer,
@@ -30,6 +30,7 @@ from polylm_jax.train.checkpoint import (
   load_initial_params,
   set_aside_previous_run,
 )
+from polylm_jax.train.loss import LossConfig
 from polylm_jax.train.metrics import MetricsWriter
 from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.spikes import SpikeConfig
@@ -60,6 +61,8 @@ class TrainerConfig:
   lm_eval_limit: int | None = None  # documents per task
   lm_eval_num_fewshot: int = 0
   lm_eval_include_path: str | None = None  # a directory of your own task YAMLs
+  # How the LM-head loss is computed (whole logits, sequence chunks, vocabulary tiles).
+  loss: LossConfig = LossConfig()
 
   def __post_init__(self):
     check_fields(self)
@@ -144,6 +147,16 @@ def train(
     )
 
 
+def _log_step_memory(memory, mesh) -> None:
+  device = mesh.devices.flat[0]
+  where = f"{mesh.devices.size} x {device.device_kind}"
+  hbm = memory_report.hbm_bytes(device)
+  for line in memory_report.report_lines(memory, hbm, where):
+    logging.info("%s", line)
+  if hbm and memory.peak > hbm:
+    logging.warning("the step needs more memory than the device has; %s", memory_report.KNOBS)
+
+
 class _FirstBatch:
   """`next(batches)` in a background thread, taken once by the training loop."""
 
@@ -195,7 +208,13 @@ def _train(
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(mesh_config)
   step_fn = TrainStep(
-    model, optimizer, mesh, mesh_config.effective_rules, trainer.num_steps, spikes
+    model,
+    optimizer,
+    mesh,
+    mesh_config.effective_rules,
+    trainer.num_steps,
+    spikes,
+    loss_config=trainer.loss,
   )
   logging.info(
     "mesh %s over %d %s device(s); model %s, %.4g parameters",
@@ -265,10 +284,12 @@ def _train(
       step = int(state.step)
       while step < trainer.num_steps:
         local = first.take() if first is not None else next(batches)
-        first = None
-        if pending is None:
+        placed = step_fn.place_batch(local)
+        if first is not None:  # this start's first step: compile it and say what it needs
           step_fn.check_batch_shape(local["inputs"].shape[0] * jax.process_count())
-        state, metrics = step_fn(state, step_fn.place_batch(local))
+          _log_step_memory(step_fn.compile_for(state, placed), mesh)
+        first = None
+        state, metrics = step_fn(state, placed)
         step += 1
         rows, seq_len = local["inputs"].shape
         position = getattr(batches, "position", step)

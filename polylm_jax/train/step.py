@@ -20,6 +20,7 @@ from polylm_jax import languages, sharding
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import params as model_params
 from polylm_jax.train import spikes
+from polylm_jax.train.loss import LossConfig, per_token_nll, token_nll
 from polylm_jax.train.optimizer import (
   OptimizerConfig,
   global_norm,
@@ -43,27 +44,6 @@ class TrainState:
   spike_stats: jax.Array  # running loss / grad-norm statistics (train/spikes.py)
 
 
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihood, float32."""
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-
-
-def token_nll_chunked(model, tokens, targets, positions, segment_ids, chunk: int) -> jax.Array:
-  """token_nll [B, T] computing the [B, chunk, vocab] logits of one sequence chunk at a time,
-  rematerialised in the backward pass: with a 256K vocabulary the full float32 logits (and their
-  softmax and gradient) would otherwise be the largest buffers of the step."""
-  x = model.hidden(tokens, positions, segment_ids)
-  b, t, d = x.shape
-  if t % chunk:
-    raise ValueError(f"ModelConfig.loss_chunk={chunk} does not divide the sequence length {t}")
-  xs = x.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)
-  ys = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)
-  one = jax.checkpoint(lambda args: token_nll(model.logits(args[0]), args[1]))
-  return jax.lax.map(one, (xs, ys)).swapaxes(0, 1).reshape(b, t)
-
-
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   """Summed token-weighted negative log-likelihood and the weight total, both float32."""
   w = weights.astype(jnp.float32)
@@ -83,6 +63,10 @@ def _all_finite(state: TrainState) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _signature(batch) -> tuple:
+  return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+
+
 @dataclasses.dataclass
 class TrainStep:
   """Everything needed to initialise and run sharded training for one model/optimizer/mesh."""
@@ -94,8 +78,11 @@ class TrainStep:
   total_steps: int
   spike_config: spikes.SpikeConfig = spikes.SpikeConfig()
   language_slots: int = 0  # 0: the active language set's (languages.active().slots)
+  loss_config: LossConfig = LossConfig()
 
   def __post_init__(self):
+    self._compiled: Any = None
+    self._compiled_for: Any = None
     self.language_slots = self.language_slots or languages.active().slots
     sharding.check_model_fits_mesh(self.model_config, self.mesh, self.rules)
     self.graphdef = model_params.graphdef(self.model_config)
@@ -192,21 +179,7 @@ class TrainStep:
   # --- step ---------------------------------------------------------------------------------
   def _loss_sums(self, params, batch):
     """(summed NLL, aux): aux holds the token count and, given "languages", per-language sums."""
-    chunk = self.model_config.loss_chunk
-    if chunk and chunk < batch["inputs"].shape[1]:
-      nll = token_nll_chunked(
-        model_params.model(self.graphdef, params),
-        batch["inputs"],
-        batch["targets"],
-        batch["positions"],
-        batch["segment_ids"],
-        chunk,
-      )
-    else:
-      logits = model_params.apply(
-        self.graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"]
-      )
-      nll = token_nll(logits, batch["targets"])
+    nll = per_token_nll(model_params.model(self.graphdef, params), batch, self.loss_config)
     w = batch["weights"].astype(jnp.float32)
     aux = {"weight": jnp.sum(w)}
     if "languages" in batch:
@@ -287,8 +260,45 @@ class TrainStep:
     return new_state, metrics
 
   def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    if self._compiled is not None and self._compiled_for == _signature(batch):
+      return self._compiled(state, batch)
     with self.mesh, sharding.activate(self.mesh, self.rules):
       return self._step(state, batch)
+
+  def compile_for(self, state, batch):
+    """Compiles the step for this state and (placed) batch now, keeps the executable for the
+    steps that follow, and returns XLA's memory and cost analysis of it (memory_report.py)."""
+    from polylm_jax.train import memory_report
+
+    self._compiled = self.lower(state, batch).compile()
+    self._compiled_for = _signature(batch)
+    return memory_report.analyse(self._compiled)
+
+  def lower(self, state, batch):
+    """The step lowered for these (possibly abstract: jax.ShapeDtypeStruct) state and batch;
+    `.compile()` gives the executable and its memory and cost analysis, for any target devices
+    the mesh was built from (e.g. a TPU topology on a CPU host)."""
+    with self.mesh, sharding.activate(self.mesh, self.rules):
+      return self._step.lower(state, batch)
+
+  def abstract_state(self, seed: int = 0) -> TrainState:
+    """The train state's shapes, dtypes and shardings; nothing is allocated."""
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(lambda: self.initial_state(seed)),
+      self.state_shardings,
+    )
+
+  def abstract_batch(self, batch_size: int, seq_len: int, *, languages: bool = True) -> dict:
+    keys = BATCH_KEYS + (("languages",) if languages else ())
+    return {
+      k: jax.ShapeDtypeStruct(
+        (batch_size, seq_len),
+        jnp.float32 if k == "weights" else jnp.int32,
+        sharding=self.batch_sharding,
+      )
+      for k in keys
+    }
 
   def _eval_sums(self, params, batch):
     loss_sum, aux = self._loss_sums(params, batch)

@@ -1,0 +1,163 @@
+"""`polylm-compile`: does a training config fit its target, before the job starts?
+
+    polylm-compile --gin_file=runs/polylm_13b.gin --gin_file=my_data.gin --target=v5p-128
+    polylm-compile --gin_file=quickstart.gin                       (this machine's devices)
+
+Compiles the real train step (the same gin files: model, optimizer, mesh, batch, sequence length,
+remat policy, attention kernel, loss) for the target's devices without running it, and prints per
+device what XLA's analysis of the executable says: arguments (train state + batch), temporaries,
+peak against the device's memory, compiled FLOPs and arithmetic intensity (memory_report.py).
+Exits 0 when the step fits, 1 (with the settings that would make it fit) when it does not, 2 on a
+configuration error.
+
+TPU targets are compiled ahead of time on any host with libtpu installed (requirements-tpu.txt;
+no TPU needed): a slice name (v4-N, v5p-N: N TensorCores, two per chip; v5e-N, v6e-N: N chips) or
+a topology (v5p:4x4x2, v5e:16x16). GPUs cannot be targeted without the GPU itself: on a GPU host
+run with `--target=local`, or read the same report that polylm-train logs before its first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from polylm_jax import gin_setup
+
+# Slice name -> topology, for the common shapes of each generation (chips: v4/v5p count
+# TensorCores in the name, two per chip; v5e/v6e count chips).
+_TOPOLOGIES = {
+  "v4": {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8"},
+  "v5p": {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "4x4x2", 128: "4x4x4", 256: "4x4x8"},
+  "v5e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+  "v6e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+}
+
+
+def topology_name(target: str) -> str:
+  """'v5p-64' -> 'v5p:4x4x2'; a topology ('v5p:4x4x2') is returned as it is."""
+  if ":" in target:
+    return target
+  m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", target)
+  if not m or int(m.group(2)) not in _TOPOLOGIES[m.group(1)]:
+    known = ", ".join(f"{g}-{n}" for g, sizes in _TOPOLOGIES.items() for n in sizes)
+    raise SystemExit(
+      f"--target={target}: not a known TPU slice ({known}) nor a topology such as v5p:4x4x2"
+    )
+  return f"{m.group(1)}:{_TOPOLOGIES[m.group(1)][int(m.group(2))]}"
+
+
+def target_devices(target: str):
+  import jax
+
+  if target == "local":
+    return jax.devices(), f"{len(jax.devices())} x {jax.devices()[0].device_kind} (this host)"
+  # Only compiles for the topology: libtpu must not insist on owning a TPU (or its lock file),
+  # nor look for a TPU VM's metadata (it prints alarming errors about worker hostnames when it
+  # finds none). On a TPU VM these are already set and kept.
+  for key, value in (
+    ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ("TPU_SKIP_MDS_QUERY", "1"),
+    ("TPU_ACCELERATOR_TYPE", target if ":" not in target else "v5p-8"),
+    ("TPU_WORKER_HOSTNAMES", "localhost"),
+    ("TPU_WORKER_ID", "0"),
+  ):
+    os.environ.setdefault(key, value)
+  from jax.experimental import topologies
+
+  name = topology_name(target)
+  try:
+    topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
+  except Exception as e:  # no libtpu, or a topology libtpu does not know
+    raise SystemExit(
+      f"--target={target}: cannot describe TPU topology {name!r} ({e}); TPU targets need libtpu "
+      "(pip install -r requirements-tpu.txt, or jax[tpu])"
+    ) from e
+  devices = list(topo.devices)
+  kind = getattr(devices[0], "device_kind", "TPU")
+  return devices, f"{target} ({name}: {len(devices)} x {kind}, ahead of time)"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="polylm-compile",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument("--gin_file", action="append", default=[], required=True)
+  parser.add_argument("--gin_bindings", action="append", default=[])
+  parser.add_argument("--target", default="local", help="local | a TPU slice or topology")
+  parser.add_argument(
+    "--hbm_gib", type=float, default=None, help="device memory to check against (default: known)"
+  )
+  args = parser.parse_args(argv)
+  from polylm_jax import console
+  from polylm_jax.train.cli import quiet_logging
+
+  quiet_logging()
+  console.choose_platform()
+  from polylm_jax import languages, sharding
+  from polylm_jax.train import memory_report
+  from polylm_jax.train.loop import TrainerConfig
+  from polylm_jax.train.step import TrainStep
+
+  gin_setup.register_configurables()
+  gin_setup.parse_gin(args.gin_file, args.gin_bindings)
+  model = gin_setup.configured("train.model")
+  optimizer = gin_setup.configured("train.optimizer")
+  mesh_config = gin_setup.configured("train.mesh")
+  data = gin_setup.configured("train.data")
+  trainer = gin_setup.configured("train.trainer", TrainerConfig())
+  for name, value in (("model", model), ("optimizer", optimizer), ("mesh", mesh_config)):
+    if value is None:
+      raise SystemExit(f"the gin config binds no train.{name}")
+  if data is None:
+    raise SystemExit("the gin config binds no train.data (DataConfig: batch_size, seq_len)")
+  languages.set_active(gin_setup.configured("train.languages", languages.Languages()))
+  devices, where = target_devices(args.target)
+  mesh = sharding.make_mesh(mesh_config, devices)
+  step = TrainStep(
+    model,
+    optimizer,
+    mesh,
+    mesh_config.effective_rules,
+    trainer.num_steps,
+    loss_config=trainer.loss,
+  )
+  step.check_batch_shape(data.batch_size)
+  print(
+    f"{model.name}: batch {data.batch_size} x {data.seq_len}, mesh {dict(mesh.shape)}, remat "
+    f"{model.remat_policy}, attention {model.attention_impl}, loss {trainer.loss.impl}",
+    flush=True,
+  )
+  compiled = step.lower(
+    step.abstract_state(), step.abstract_batch(data.batch_size, data.seq_len)
+  ).compile()
+  m = memory_report.analyse(compiled)
+  hbm = args.hbm_gib * memory_report.GIB if args.hbm_gib else memory_report.hbm_bytes(devices[0])
+  print("\n".join(memory_report.report_lines(m, hbm, where)))
+  if hbm is None:
+    print("device memory unknown: pass --hbm_gib to check the fit")
+    return 0
+  if m.peak > hbm:
+    print(f"DOES NOT FIT: {m.peak / memory_report.GIB:.1f} GiB > {hbm / memory_report.GIB:.1f}")
+    print(memory_report.KNOBS)
+    return 1
+  print(f"fits ({hbm - m.peak:.3g} bytes to spare per device)")
+  return 0
+
+
+def console_main() -> None:
+  try:
+    code = main(sys.argv[1:])
+  except SystemExit as e:
+    if isinstance(e.code, str):
+      print(f"polylm-compile: {e.code}", file=sys.stderr)
+      sys.exit(2)
+    raise
+  sys.exit(code)
+
+
+if __name__ == "__main__":
+  console_main()
