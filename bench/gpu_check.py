@@ -219,7 +219,12 @@ def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
   from polylm_jax.train.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  loss = LossConfig(impl=args.loss, chunk=args.loss_chunk)
+  loss = LossConfig(
+    impl=args.loss,
+    chunk=args.loss_chunk,
+    token_tile=args.loss_token_tile,
+    vocab_tile=args.loss_vocab_tile,
+  )
   step = TrainStep(
     cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 1000, loss_config=loss
   )
@@ -255,12 +260,15 @@ def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
   tokens_per_s = batch * length / dt
   device = jax.devices()[0]
   peak = flops.peak_flops_per_device(device, args.peak_flops)
+  loss_label = args.loss + (
+    f" {args.loss_token_tile}x{args.loss_vocab_tile}" if args.loss == "tiled" else ""
+  )
   mfu = flops.train_flops_per_token(cfg, length) * tokens_per_s / peak if peak else float("nan")
   print(
     f"{cfg.name}: {cfg.num_layers} layers (released: 24), batch {batch} x {length}, "
     f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, device {device.device_kind}, "
     f"blocks fwd {cfg.attention_block_q}x{cfg.attention_block_k} bwd "
-    f"{cfg.attention_bwd_block_q}x{cfg.attention_bwd_block_k}, loss {args.loss}, "
+    f"{cfg.attention_bwd_block_q}x{cfg.attention_bwd_block_k}, loss {loss_label}, "
     f"first step (compile) {compile_s:.0f} s"
   )
   print(
@@ -371,6 +379,8 @@ def main():
     help="LossConfig.impl for the train step",
   )
   parser.add_argument("--loss_chunk", type=int, default=256, help="LossConfig.chunk (chunked)")
+  parser.add_argument("--loss_token_tile", type=int, default=1024, help="LossConfig.token_tile")
+  parser.add_argument("--loss_vocab_tile", type=int, default=4096, help="LossConfig.vocab_tile")
   parser.add_argument("--peak_flops", type=float, default=None)
   parser.add_argument("--sections", default="1,2,3,4")
   args = parser.parse_args()

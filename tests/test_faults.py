@@ -223,8 +223,8 @@ def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
   one_task = {"train.curriculum": None, "DataConfig.mixture": "'polylm_pt_en'"}
   work = tmp_path / "run"
   cli.main(_args(work, 4, **one_task))
-  # A file-size limit stands in for a full disk: writes past 1000 KB fail (EFBIG). The
-  # single-task data state stays under it; the tiny model's Orbax array file does not.
+  # A file-size limit stands in for a full disk: writes past 1000 KB fail (EFBIG), those of
+  # the data state (its shuffle buffers) or of the Orbax arrays, whichever comes first.
   command = " ".join(
     shlex.quote(a) for a in [sys.executable, "-m", "polylm_jax.train", *_args(work, 8, **one_task)]
   )

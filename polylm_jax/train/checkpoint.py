@@ -161,7 +161,10 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> None:
     self.wait()  # the previous save must have succeeded before anything else is written
-    data_iterator.save(str(self.data_dir / str(step)))
+    try:
+      data_iterator.save(str(self.data_dir / str(step)))
+    except Exception as e:  # e.g. a full disk: the data state is part of the checkpoint
+      raise self._save_error(step, e) from e
     opt = self.train_step.optimizer_config
     meta = dict(
       meta,
