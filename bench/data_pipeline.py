@@ -1,5 +1,5 @@
-"""Data pipeline throughput, in one run on the same text (../shared/data/ud_text when present,
-else the embedded sample), all with the same SentencePiece model:
+"""Data pipeline throughput, in one run on the same text (the Universal Dependencies sentences
+embedded in the package, polylm_jax/data/sample/ud), all with the same SentencePiece model:
 
 1. raw SentencePiece encode (python list API, one thread): the limit;
 2. this pipeline end to end (read files, drop bad records, tokenize, tag, pack, mix 18 languages,
@@ -23,8 +23,6 @@ import shutil
 import tempfile
 import time
 
-UD = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ud_text"
-
 
 def cpu_seconds() -> float:
   r = resource.getrusage(resource.RUSAGE_SELF)
@@ -43,12 +41,8 @@ def main():
   from polylm_jax.data import pipeline, sample, sources, tokenizer
   from polylm_jax.data.curriculum import Curriculum, Stage
 
-  if UD.is_dir():
-    files = {p.stem: str(p) for p in sorted(UD.glob("*.txt"))}
-    corpus = f"ud_text ({UD})"
-  else:
-    files = {lang: str(sample.sample_path(lang)) for lang in sample.LANGUAGES}
-    corpus = "embedded sample"
+  files = {p.stem: str(p) for p in sorted(sample.TREEBANK_DIR.glob("*.txt"))}
+  corpus = f"UD treebank text ({sample.TREEBANK_DIR})"
   lines = [
     line for path in files.values() for line in pathlib.Path(path).read_text("utf-8").splitlines()
   ]

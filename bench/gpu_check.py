@@ -188,30 +188,26 @@ def train_step_mfu(args) -> bool:
   remats = ["none"] if args.smoke else args.remat.split(",")
   for impl, remat in itertools.product(impls.split(","), remats):
     if args.smoke:
-      cfg = PRESETS["tiny"].replace(
-        attention_impl=impl, attention_interpret=True, attention_block_q=16, attention_block_k=16
-      )
+      cfg = PRESETS["tiny"].replace(attention_impl=impl, attention_interpret=True)
+      blocks = BlockSizes(16, 16)
       batch, length, reps = 2, 64, 1
     else:
       cfg = PRESETS["polylm_1.7b"].replace(
         num_layers=args.layers,
         attention_impl=impl,
         remat_policy=remat,
-        attention_block_q=args.block_q,
-        attention_block_k=args.block_k,
-        attention_bwd_block_q=args.bwd_block_q,
-        attention_bwd_block_k=args.bwd_block_k,
       )
+      blocks = BlockSizes(args.block_q, args.block_k, args.bwd_block_q, args.bwd_block_k)
       batch, length, reps = args.batch, 2048, args.train_reps
     try:
-      one_train_step(args, cfg, batch, length, reps)
+      one_train_step(args, cfg, blocks, batch, length, reps)
     except Exception:  # report, then measure the next implementation
       traceback.print_exc()
       ok = False
   return ok
 
 
-def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
+def one_train_step(args, cfg, blocks, batch: int, length: int, reps: int) -> None:
   from polylm_jax import sharding
   from polylm_jax.train import flops
   from polylm_jax.train.loss import LossConfig
@@ -226,7 +222,13 @@ def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
     vocab_tile=args.loss_vocab_tile,
   )
   step = TrainStep(
-    cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 1000, loss_config=loss
+    cfg,
+    OptimizerConfig(warmup_steps=1),
+    mesh,
+    sharding.DEFAULT_RULES,
+    1000,
+    loss_config=loss,
+    attention_blocks=blocks,
   )
   state = step.init(0)
   rng = np.random.default_rng(0)
@@ -267,8 +269,8 @@ def one_train_step(args, cfg, batch: int, length: int, reps: int) -> None:
   print(
     f"{cfg.name}: {cfg.num_layers} layers (released: 24), batch {batch} x {length}, "
     f"attention {cfg.attention_impl}, remat {cfg.remat_policy}, device {device.device_kind}, "
-    f"blocks fwd {cfg.attention_block_q}x{cfg.attention_block_k} bwd "
-    f"{cfg.attention_bwd_block_q}x{cfg.attention_bwd_block_k}, loss {loss_label}, "
+    f"blocks fwd {blocks.block_q}x{blocks.block_k} bwd "
+    f"{blocks.bwd_block_q or 0}x{blocks.bwd_block_k or 0}, loss {loss_label}, "
     f"first step (compile) {compile_s:.0f} s"
   )
   print(

@@ -1,12 +1,13 @@
 """A balanced tokenizer vs plain SentencePiece BPE, measured on parallel sentences the balancing
 never saw.
 
-The Universal Dependencies text (`--ud_dir`, default ../shared/data/ud_text: 1,000 parallel PUD
-sentences in 15 languages plus nl, vi, he) is split: PUD lines 0-499 are the development set the
-balancing measures, lines 500-999 the test set this script reports on, and neither model is
-trained on the test lines. Prints, for the unweighted and the balanced model (same vocabulary
-size): tokens per sentence and the ratio to English per test language, the worst ratio, English's
-cost, the chosen weights, and whether decode(encode(s)) == s for every sentence of the corpus.
+The Universal Dependencies text (`--ud_dir`, default the copy embedded in the package: 1,000
+parallel PUD sentences in 15 languages plus nl, vi, he) is split: PUD lines 0-499 are the
+development set the balancing measures, lines 500-999 the test set this script reports on, and
+neither model is trained on the test lines. Prints, for the unweighted and the balanced model
+(same vocabulary size): tokens per sentence and the ratio to English per test language, the worst
+ratio, English's cost, the chosen weights, and whether decode(encode(s)) == s for every sentence
+of the corpus.
 
   python bench/tokenizer_balance.py [--vocab_size 32000] [--target 1.10]
 """
@@ -18,27 +19,25 @@ import json
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--ud_dir", default=str(REPO.parent / "shared" / "data" / "ud_text"))
+  parser.add_argument("--ud_dir", default=None, help="default: polylm_jax/data/sample/ud")
   parser.add_argument("--vocab_size", type=int, default=32000)
   parser.add_argument("--target", type=float, default=1.10)
   parser.add_argument("--json", help="also write the figures here")
   args = parser.parse_args()
   import sentencepiece as spm
 
-  from polylm_jax.data import tokenizer
+  from polylm_jax.data import sample, tokenizer
 
-  ud = pathlib.Path(args.ud_dir)
+  ud = pathlib.Path(args.ud_dir or sample.TREEBANK_DIR)
   if not ud.is_dir():
     sys.exit(
       f"--ud_dir={ud}: not found (the Universal Dependencies sentences, one file per language)"
     )
   texts = {p.stem: p.read_text(encoding="utf-8").splitlines() for p in sorted(ud.glob("*.txt"))}
-  parallel = sorted(lang for lang in texts if (ud / "pud_ids" / f"{lang}.ids").is_file())
+  parallel = sorted(lang for lang in sample.PUD_LANGUAGES if lang in texts)
   train = {lang: (lines[:500] if lang in parallel else lines) for lang, lines in texts.items()}
   dev = {lang: texts[lang][:500] for lang in parallel}
   test = {lang: texts[lang][500:1000] for lang in parallel}

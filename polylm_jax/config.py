@@ -19,6 +19,15 @@ ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")  # kernel
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+_MOVED_OUT = (
+  "loss_chunk",
+  "attention_block_q",
+  "attention_block_k",
+  "attention_bwd_block_q",
+  "attention_bwd_block_k",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The released PolyLM architecture (GPT-2 style decoder) and how it is computed."""
@@ -39,12 +48,6 @@ class ModelConfig:
   remat_policy: str = "none"  # what the backward pass may keep from the forward pass, per layer
   attention_impl: str = "xla"
   attention_interpret: bool = False  # run Pallas kernels in the interpreter (tests on CPU)
-  attention_block_q: int = 128
-  attention_block_k: int = 128
-  # Backward-kernel blocks; 0 = as the forward. The backward pass can prefer smaller tiles than
-  # the forward (measurements in docs/kernels.md).
-  attention_bwd_block_q: int = 0
-  attention_bwd_block_k: int = 0
 
   def __post_init__(self):
     check_fields(self)
@@ -69,9 +72,10 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, fields: dict) -> "ModelConfig":
-    """The config recorded in a checkpoint or export. `loss_chunk` (how the loss was computed,
-    now train.loss.LossConfig) is dropped from records written before it moved."""
-    return cls(**{k: v for k, v in fields.items() if k != "loss_chunk"})
+    """The config recorded in a checkpoint or export. Settings of how the model is computed that
+    moved out of ModelConfig (the loss: train.loss.LossConfig; the attention kernels' block
+    sizes: TrainerConfig.attention_blocks) are dropped from records written before they moved."""
+    return cls(**{k: v for k, v in fields.items() if k not in _MOVED_OUT})
 
   @property
   def head_dim(self) -> int:

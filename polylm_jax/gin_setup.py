@@ -28,6 +28,7 @@ def register_configurables():
   from polylm_jax import languages as language_sets
   from polylm_jax.data.curriculum import Curriculum, Stage
   from polylm_jax.data.pipeline import DataConfig
+  from polylm_jax.kernels.common import BlockSizes
   from polylm_jax.train import loop
   from polylm_jax.train.checkpoint import CheckpointConfig
   from polylm_jax.train.loss import LossConfig
@@ -50,6 +51,7 @@ def register_configurables():
   gin.external_configurable(BitextCorpora, "BitextCorpora")
   gin.external_configurable(loop.TrainerConfig, "TrainerConfig")
   gin.external_configurable(LossConfig, "LossConfig")
+  gin.external_configurable(BlockSizes, "BlockSizes")
   gin.external_configurable(CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(SpikeConfig, "SpikeConfig")
   gin.external_configurable(language_sets.Languages, "Languages")

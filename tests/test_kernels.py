@@ -91,13 +91,14 @@ def test_segments_are_isolated(impl):
 
 @pytest.mark.parametrize("impl", sorted(KERNELS))
 def test_model_loss_and_gradients_match_xla(impl, make_batch):
-  cfg = PRESETS["tiny"].replace(attention_block_q=16, attention_block_k=16)
+  cfg = PRESETS["tiny"]
   kernel_cfg = cfg.replace(attention_impl=impl, attention_interpret=True)
   params = P.init_params(cfg, 0)
   batch = make_batch(0, 2, 32, cfg.vocab_size, segments=(13, 11, 5))
 
   def loss(p, c):
-    logits = P.apply(P.graphdef(c), p, batch["inputs"], batch["positions"], batch["segment_ids"])
+    gdef = P.graphdef(c, BlockSizes(16, 16))  # several blocks along T=32
+    logits = P.apply(gdef, p, batch["inputs"], batch["positions"], batch["segment_ids"])
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     return jnp.sum(nll * batch["weights"]) / jnp.sum(batch["weights"])
@@ -117,10 +118,15 @@ def test_sharded_model_with_kernel_matches_xla(kernel, make_batch):
   batch = make_batch(0, 8, 32, PRESETS["tiny"].vocab_size, segments=(13, 11, 5))
   results = {}
   for impl in ("xla", kernel):
-    cfg = PRESETS["tiny"].replace(
-      attention_impl=impl, attention_interpret=True, attention_block_q=16, attention_block_k=16
+    cfg = PRESETS["tiny"].replace(attention_impl=impl, attention_interpret=True)
+    step = TrainStep(
+      cfg,
+      OptimizerConfig(warmup_steps=1),
+      mesh,
+      sharding.DEFAULT_RULES,
+      10,
+      attention_blocks=BlockSizes(16, 16),
     )
-    step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
     state = step.init(0)
     for _ in range(2):
       state, m = step(state, step.place_batch(batch))

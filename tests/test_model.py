@@ -214,3 +214,24 @@ def test_attention_matches_naive_and_rejects_unknown_impl():
     attention(q, k, v, None, impl="nope")
   with pytest.raises(ValueError, match="segment_ids"):
     attention(q, k, v, jnp.zeros((2, 7), jnp.int32))
+
+
+def test_configs_recorded_before_computation_settings_moved_out_still_load():
+  """Checkpoints and exports record ModelConfig as a dict; records from before the loss and the
+  kernels' block sizes left ModelConfig load as the same model."""
+  import dataclasses
+
+  from polylm_jax.config import ModelConfig
+
+  tiny = PRESETS["tiny"]
+  old = dict(
+    dataclasses.asdict(tiny),
+    loss_chunk=256,
+    attention_block_q=64,
+    attention_block_k=64,
+    attention_bwd_block_q=0,
+    attention_bwd_block_k=0,
+  )
+  assert ModelConfig.from_dict(old) == tiny
+  with pytest.raises(TypeError):
+    ModelConfig.from_dict(dict(old, hidden_size=3))  # anything else is still an error

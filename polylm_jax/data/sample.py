@@ -34,6 +34,8 @@ LANGUAGES = (
 )
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
 TREEBANK_DIR = SAMPLE_DIR / "ud"
+# The treebank files that hold the 1,000 PUD sentences, parallel line by line (nl, vi, he do not).
+PUD_LANGUAGES = tuple(lang for lang in LANGUAGES if lang not in ("nl", "vi", "he"))
 TOKENIZER_MODEL = SAMPLE_DIR / "sample_sp.model"
 VALIDATION_EVERY = 10
 

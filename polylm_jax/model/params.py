@@ -14,13 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from polylm_jax.config import ModelConfig
+from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.model.transformer import PolyLM
 
 Params = dict[str, Any]
 
 
-def make_model(cfg: ModelConfig, seed: int = 0) -> PolyLM:
-  return PolyLM(cfg, rngs=nnx.Rngs(seed))
+def make_model(cfg: ModelConfig, seed: int = 0, blocks: BlockSizes = BlockSizes()) -> PolyLM:
+  return PolyLM(cfg, rngs=nnx.Rngs(seed), blocks=blocks)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
@@ -28,14 +29,15 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
   return nnx.state(make_model(cfg, seed), nnx.Param).to_pure_dict()
 
 
-def _abstract_state(cfg: ModelConfig):
-  model = nnx.eval_shape(lambda: make_model(cfg, 0))
+def _abstract_state(cfg: ModelConfig, blocks: BlockSizes = BlockSizes()):
+  model = nnx.eval_shape(lambda: make_model(cfg, 0, blocks))
   graphdef, state = nnx.split(model, nnx.Param)
   return graphdef, state
 
 
-def graphdef(cfg: ModelConfig):
-  return _abstract_state(cfg)[0]
+def graphdef(cfg: ModelConfig, blocks: BlockSizes = BlockSizes()):
+  """The model's structure (with the attention kernels' block sizes) without its parameters."""
+  return _abstract_state(cfg, blocks)[0]
 
 
 def abstract_params(cfg: ModelConfig) -> Params:

@@ -26,7 +26,7 @@ REMAT = {
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, blocks: BlockSizes = BlockSizes()):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
     self.qkv_kernel = layers.normal(
       rngs, cfg.init_std, (d, 3, h, k), ("embed", "qkv", "heads", "kv")
@@ -37,12 +37,7 @@ class Attention(nnx.Module):
     self.dtype = cfg.compute_dtype
     self.impl = cfg.attention_impl
     self.interpret = cfg.attention_interpret
-    self.kernel_blocks = BlockSizes(
-      cfg.attention_block_q,
-      cfg.attention_block_k,
-      cfg.attention_bwd_block_q or None,
-      cfg.attention_bwd_block_k or None,
-    )
+    self.kernel_blocks = blocks  # how a Pallas kernel tiles the sequence; not the model
 
   def _qkv(self, x: jax.Array):
     dt = self.dtype
@@ -107,9 +102,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-LayerNorm transformer block; the residual stream is float32."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, blocks: BlockSizes = BlockSizes()):
     self.ln_1 = layers.LayerNorm(cfg.d_model, cfg.layer_norm_eps)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, blocks)
     self.ln_2 = layers.LayerNorm(cfg.d_model, cfg.layer_norm_eps)
     self.mlp = MLP(cfg, rngs)
 
@@ -131,7 +126,9 @@ class Block(nnx.Module):
 
 
 class PolyLM(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, blocks: BlockSizes = BlockSizes()):
+    """`blocks`: the attention kernels' block sizes (kernels/common.py), a computation setting
+    kept out of ModelConfig; the train step takes them from TrainerConfig.attention_blocks."""
     self.config = cfg
     self.wte = layers.normal(rngs, cfg.init_std, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
     self.wpe = layers.normal(
@@ -142,11 +139,11 @@ class PolyLM(nnx.Module):
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_blocks(rngs):
-        return Block(cfg, rngs)
+        return Block(cfg, rngs, blocks)
 
       self.blocks = make_blocks(rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+      self.blocks = nnx.List([Block(cfg, rngs, blocks) for _ in range(cfg.num_layers)])
     self.ln_f = layers.LayerNorm(cfg.d_model, cfg.layer_norm_eps)
 
   def __call__(

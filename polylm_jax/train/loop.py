@@ -22,6 +22,7 @@ import numpy as np
 
 from polylm_jax import files, framing, languages, sharding
 from polylm_jax.config import ModelConfig, analytic_param_count
+from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.train import flops, memory_report
 from polylm_jax.train.checkpoint import (
   CheckpointConfig,
@@ -63,6 +64,9 @@ class TrainerConfig:
   lm_eval_include_path: str | None = None  # a directory of your own task YAMLs
   # How the LM-head loss is computed (whole logits, sequence chunks, vocabulary tiles).
   loss: LossConfig = LossConfig()
+  # How the Pallas attention kernels tile the sequence (ModelConfig.attention_impl picks the
+  # kernel): `TrainerConfig.attention_blocks = @BlockSizes()`, `BlockSizes.block_q = 128`, ...
+  attention_blocks: BlockSizes = BlockSizes()
 
   def __post_init__(self):
     check_fields(self)
@@ -215,6 +219,7 @@ def _train(
     trainer.num_steps,
     spikes,
     loss_config=trainer.loss,
+    attention_blocks=trainer.attention_blocks,
   )
   logging.info(
     "mesh %s over %d %s device(s); model %s, %.4g parameters",

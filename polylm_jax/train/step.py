@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from polylm_jax import languages, sharding
 from polylm_jax.config import ModelConfig
+from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.model import params as model_params
 from polylm_jax.train import spikes
 from polylm_jax.train.loss import LossConfig, per_token_nll, token_nll
@@ -79,13 +80,14 @@ class TrainStep:
   spike_config: spikes.SpikeConfig = spikes.SpikeConfig()
   language_slots: int = 0  # 0: the active language set's (languages.active().slots)
   loss_config: LossConfig = LossConfig()
+  attention_blocks: BlockSizes = BlockSizes()  # the Pallas kernels' tiling (kernels/common.py)
 
   def __post_init__(self):
     self._compiled: Any = None
     self._compiled_for: Any = None
     self.language_slots = self.language_slots or languages.active().slots
     sharding.check_model_fits_mesh(self.model_config, self.mesh, self.rules)
-    self.graphdef = model_params.graphdef(self.model_config)
+    self.graphdef = model_params.graphdef(self.model_config, self.attention_blocks)
     abstract = model_params.abstract_params(self.model_config)
     self.tx = make_optimizer(self.optimizer_config, abstract)
     self.schedule = lr_schedule(self.optimizer_config, self.total_steps)
