@@ -59,13 +59,8 @@ def train_step(cfg, loss_config, devices, batch: int, length: int):
   step = TrainStep(
     cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 100, loss_config=loss_config
   )
-  abstract_state = jax.eval_shape(lambda: step.initial_state(0))
-  spec = {
-    k: jax.ShapeDtypeStruct((batch, length), jnp.float32 if k == "weights" else jnp.int32)
-    for k in ("inputs", "targets", "weights", "positions", "segment_ids")
-  }
-  with mesh, sharding.activate(mesh, sharding.DEFAULT_RULES):
-    compiled = step._step.lower(abstract_state, spec).compile()
+  batch_spec = step.abstract_batch(batch, length, languages=False)
+  compiled = step.lower(step.abstract_state(), batch_spec).compile()
   return step, compiled
 
 

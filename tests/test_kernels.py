@@ -200,13 +200,8 @@ def test_tpu_train_step_with_kernel_compiles_for_a_v5p_slice():
     d_model=256, num_heads=2, max_length=256, dtype="bfloat16", attention_impl="pallas_tpu"
   )
   step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
-  abstract_state = jax.eval_shape(lambda: step.initial_state(0))
-  batch = {
-    k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "weights" else jnp.int32)
-    for k in ("inputs", "targets", "weights", "positions", "segment_ids")
-  }
-  with mesh, sharding.activate(mesh, sharding.DEFAULT_RULES):
-    compiled = step._step.lower(abstract_state, batch).compile()
+  batch = step.abstract_batch(4, 256, languages=False)
+  compiled = step.lower(step.abstract_state(), batch).compile()
   text = compiled.as_text()
   assert "tpu_custom_call" in text
   for name in ("polylm_flash_fwd_tpu", "polylm_flash_dq_tpu", "polylm_flash_dkv_tpu"):

@@ -36,26 +36,18 @@ def main(argv: list[str] | None = None) -> list[str]:
     import apache_beam  # noqa: F401
   except ImportError as e:
     raise SystemExit("polylm-cache needs Apache Beam: pip install apache-beam") from e
-  import gin
 
   from polylm_jax import gin_setup, languages
   from polylm_jax.data import cache, tasks  # noqa: F401 (registers the sample tasks)
 
   gin_setup.register_configurables()
   gin_setup.parse_gin(args.gin_file, args.gin_bindings)
-  try:  # the run's language set: cached rows carry its per-token language tags
-    language_set = gin.query_parameter("train.languages")
-  except ValueError:
-    language_set = None
-  if language_set is not None:
-    languages.set_active(language_set.scoped_configurable_fn())
+  # The run's language set: cached rows carry its per-token language tags.
+  languages.set_active(gin_setup.configured("train.languages", languages.Languages()))
   for key in ("train.corpora", "train.bitext"):
-    try:
-      reference = gin.query_parameter(key)
-    except ValueError:  # not bound in this gin file
-      continue
-    if reference is not None:
-      reference.scoped_configurable_fn().register()
+    registry = gin_setup.configured(key)
+    if registry is not None:
+      registry.register()
   names = cache.select_tasks(args.tasks)
   written = cache.cache_tasks(names, args.cache_dir, args.beam_option)
   for path in written:

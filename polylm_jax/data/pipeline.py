@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from polylm_jax import console
+from polylm_jax.background import Background
 from polylm_jax.data import cache, packing
 from polylm_jax.typecheck import check_fields
 
@@ -402,8 +403,7 @@ class StagedBatches:
     self.position = 0
     self.stage: int | None = None
     self._inner: BatchIterator | None = None
-    self._ahead: dict[int, threading.Thread] = {}
-    self._ready: dict[int, BatchIterator | BaseException] = {}
+    self._ahead: dict[int, Background] = {}  # stage -> its iterator, being built
 
   def _stage_iterator(self, stage: int) -> BatchIterator:
     cfg = dataclasses.replace(
@@ -440,27 +440,21 @@ class StagedBatches:
       self.position >= self.curriculum.stages[nxt].start_step - self.curriculum.prepare_ahead_steps
     ):
 
-      def build(nxt=nxt):
-        try:
-          built = self._stage_iterator(nxt)
-          built.warm_up()
-          self._ready[nxt] = built
-        except BaseException as e:  # raised again at the boundary, in the training thread
-          self._ready[nxt] = e
+      def build(nxt=nxt) -> BatchIterator:
+        built = self._stage_iterator(nxt)
+        built.warm_up()
+        return built
 
-      thread = threading.Thread(target=build, name=f"prepare-stage-{nxt}", daemon=True)
-      thread.start()
-      self._ahead[nxt] = thread
+      self._ahead[nxt] = Background(build, f"prepare-stage-{nxt}")
 
   def _take_prepared(self, stage: int) -> BatchIterator | None:
-    thread = self._ahead.pop(stage, None)
-    if thread is None:
+    job = self._ahead.pop(stage, None)
+    if job is None:
       return None
-    thread.join()  # usually long finished
-    built = self._ready.pop(stage)
-    if isinstance(built, BaseException):
-      raise RuntimeError(f"building curriculum stage {stage}'s input pipeline failed") from built
-    return built
+    try:
+      return job.result()
+    except Exception as e:
+      raise RuntimeError(f"building curriculum stage {stage}'s input pipeline failed") from e
 
   def __iter__(self):
     return self

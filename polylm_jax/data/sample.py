@@ -12,26 +12,9 @@ from __future__ import annotations
 
 import pathlib
 
-LANGUAGES = (
-  "en",
-  "zh",
-  "ru",
-  "es",
-  "de",
-  "fr",
-  "ar",
-  "pt",
-  "it",
-  "ja",
-  "ko",
-  "th",
-  "id",
-  "vi",
-  "nl",
-  "pl",
-  "tr",
-  "he",
-)
+from polylm_jax import languages
+
+LANGUAGES = languages.POLYLM  # the corpus has exactly PolyLM's 18 languages
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
 TREEBANK_DIR = SAMPLE_DIR / "ud"
 # The treebank files that hold the 1,000 PUD sentences, parallel line by line (nl, vi, he do not).

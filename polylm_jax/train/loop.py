@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import pathlib
 import signal
-import threading
 import time
 from typing import Any, Iterator, Mapping
 
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 
 from polylm_jax import files, framing, languages, sharding
+from polylm_jax.background import Background
 from polylm_jax.config import ModelConfig, analytic_param_count
 from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.train import flops, memory_report
@@ -161,27 +161,8 @@ def _log_step_memory(memory, mesh) -> None:
     logging.warning("the step needs more memory than the device has; %s", memory_report.KNOBS)
 
 
-class _FirstBatch:
-  """`next(batches)` in a background thread, taken once by the training loop."""
-
-  def __init__(self, batches):
-    self._result: Any = None
-    self._error: BaseException | None = None
-
-    def fetch():
-      try:
-        self._result = next(batches)
-      except BaseException as e:  # raised again in the training thread
-        self._error = e
-
-    self._thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
-    self._thread.start()
-
-  def take(self):
-    self._thread.join()
-    if self._error is not None:
-      raise self._error
-    return self._result
+def _first_batch(batches) -> Background:
+  return Background(lambda: next(batches), "first-batch")
 
 
 @dataclasses.dataclass
@@ -251,7 +232,7 @@ def _train(
   # The first batch (tf.data fills its shuffle buffers, opens every file) is fetched in the
   # background while the state is initialised and the step compiled; a resume must restore the
   # data state first.
-  first = None if ckpt is not None and ckpt.steps_on_disk() else _FirstBatch(batches)
+  first = None if ckpt is not None and ckpt.steps_on_disk() else _first_batch(batches)
   try:
     state = _initial_state(ckpt, step_fn, batches, trainer)
   except BaseException:
@@ -259,7 +240,7 @@ def _train(
       ckpt.manager.close()
     raise
   if first is None and int(state.step) < trainer.num_steps:
-    first = _FirstBatch(batches)
+    first = _first_batch(batches)
   if lead and meta.get("gin_config"):  # the config of this (re)start, once start-up succeeded
     files.atomic_write_text(pathlib.Path(workdir) / "config.gin", meta["gin_config"])
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
@@ -288,7 +269,7 @@ def _train(
     with _Preemption() as preemption:
       step = int(state.step)
       while step < trainer.num_steps:
-        local = first.take() if first is not None else next(batches)
+        local = first.result() if first is not None else next(batches)
         placed = step_fn.place_batch(local)
         if first is not None:  # this start's first step: compile it and say what it needs
           step_fn.check_batch_shape(local["inputs"].shape[0] * jax.process_count())

@@ -144,7 +144,9 @@ class TrainStep:
   # --- init ---------------------------------------------------------------------------------
   def initial_state(self, seed: int) -> TrainState:
     """Fresh state (traceable; jax.eval_shape of it gives the state's abstract shapes)."""
-    params = model_params.init_params(self.model_config, seed)
+    return self._state_at_step_0(model_params.init_params(self.model_config, seed))
+
+  def _state_at_step_0(self, params) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
       step=zero,
@@ -161,21 +163,11 @@ class TrainStep:
 
   def init_from_params(self, params) -> TrainState:
     """Step 0 with given (already placed) parameters and a fresh optimizer state."""
-
-    def make(p):
-      zero = jnp.zeros((), jnp.int32)
-      return TrainState(
-        step=zero,
-        params=p,
-        opt_state=self.tx.init(p),
-        nonfinite_in_a_row=zero,
-        nonfinite_total=zero,
-        spike_stats=spikes.initial_stats(),
-      )
-
     with self.mesh, sharding.activate(self.mesh, self.rules):
       return jax.jit(
-        make, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings
+        self._state_at_step_0,
+        in_shardings=(self.param_shardings,),
+        out_shardings=self.state_shardings,
       )(params)
 
   # --- step ---------------------------------------------------------------------------------
