@@ -21,9 +21,15 @@ class Background:
     self._thread = threading.Thread(target=run, name=name, daemon=True)
     self._thread.start()
 
+  def wait(self) -> None:
+    """Waits for the work without collecting it: a run that fails before it needs the result
+    leaves nothing running (a thread still inside TensorFlow when the interpreter exits aborts
+    the process)."""
+    self._thread.join()
+
   def result(self) -> Any:
     """Waits for the work (usually long finished) and returns its value or raises its error."""
-    self._thread.join()
+    self.wait()
     if self._error is not None:
       raise self._error
     return self._result

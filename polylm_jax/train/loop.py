@@ -236,6 +236,8 @@ def _train(
   try:
     state = _initial_state(ckpt, step_fn, batches, trainer)
   except BaseException:
+    if first is not None:
+      first.wait()
     if ckpt is not None:
       ckpt.manager.close()
     raise
@@ -299,6 +301,8 @@ def _train(
       if pending is not None:
         last, _ = _report(pending, writer, trainer, model, peak, mesh, last_time)
   except BaseException:
+    if first is not None:  # failed before the first step took its batch
+      first.wait()
     if ckpt is not None:  # the run already failed: a save error would only hide why
       try:
         ckpt.close()
