@@ -38,7 +38,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=16)
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from polylm_jax.data import pipeline, sample, sources, tokenizer
+  from polylm_jax.data import pipeline, resumable, sample, sources, tokenizer
   from polylm_jax.data.curriculum import Curriculum, Stage
 
   files = {p.stem: str(p) for p in sorted(sample.TREEBANK_DIR.glob("*.txt"))}
@@ -59,7 +59,7 @@ def main():
   ).register()
   curriculum = Curriculum(stages=(Stage(rates={f"bench_pt_{k}": 1.0 for k in files}),))
   config = pipeline.DataConfig(seq_len=args.seq_len, batch_size=args.batch_size, seed=0)
-  batches = pipeline.StagedBatches(curriculum, config)
+  batches = resumable.StagedBatches(curriculum, config)
   # Warm-up (not counted, printed): graph construction and the first fill of every task's
   # shuffle buffer and prefetch queues; the figure below is the steady state.
   t, c = time.perf_counter(), cpu_seconds()
@@ -85,7 +85,7 @@ def main():
   t = time.perf_counter()
   cache.cache_tasks(names, cache_dir)
   beam_wall = time.perf_counter() - t
-  cached = pipeline.StagedBatches(
+  cached = resumable.StagedBatches(
     Curriculum(stages=(Stage(rates={n: 1.0 for n in names}),)),
     dataclasses.replace(config, use_cached=True, cache_dirs=(cache_dir,)),
   )

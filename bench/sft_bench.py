@@ -20,9 +20,9 @@ from decode_bench import cpu_name
 
 
 def tokens_per_second(step, data_config, steps: int, warmup: int) -> float:
-  from polylm_jax.data import pipeline
+  from polylm_jax.data import resumable
 
-  batches = pipeline.BatchIterator(data_config)
+  batches = resumable.BatchIterator(data_config)
   state = step.init(0)
   for _ in range(warmup):
     state, metrics = step(state, step.place_batch(next(batches)))

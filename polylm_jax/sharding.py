@@ -177,6 +177,26 @@ def batch_parts(mesh: Mesh, rules: Rules) -> int:
   return parts(BATCH, mesh, rules)[0]
 
 
+def check_process_rows(batch_sharding: NamedSharding, global_rows: int) -> None:
+  """Process p of M must hold rows [p B/M, (p+1) B/M) of every global batch: those are the rows
+  its data streams produce (data/resumable.py), so any other layout would train on the wrong
+  rows. Fails naming the rows this process's devices hold instead."""
+  p, m = jax.process_index(), jax.process_count()
+  if m == 1:
+    return
+  held: set[int] = set()
+  for index in batch_sharding.addressable_devices_indices_map((global_rows, 1)).values():
+    held.update(range(*index[0].indices(global_rows)) if index else range(global_rows))
+  per = global_rows // m
+  if held != set(range(p * per, (p + 1) * per)):
+    raise ValueError(
+      f"process {p} of {m}: its devices hold rows {sorted(held)[:8]}... of the global batch of "
+      f"{global_rows}, not the block [{p * per}, {(p + 1) * per}) its data streams produce; "
+      f"the mesh must place each process's devices on a contiguous block of the batch axis "
+      f"(MeshConfig order data, fsdp, tensor with processes outermost)"
+    )
+
+
 def global_array(x: np.ndarray, target: NamedSharding) -> jax.Array:
   """A jax.Array laid out by `target` from a host array that every process holds in full (the
   same on all hosts: prompts, evaluation requests); works on one host and on many."""

@@ -164,43 +164,6 @@ def test_quickstart_command_trains_and_the_loss_falls(tmp_path):
   assert len(first) == 19 and not rose, rose
 
 
-@pytest.mark.slow
-def test_two_processes_train_one_run(tmp_path):
-  """Multi-host as on a pod, with two local processes of 4 CPU devices each (gloo collectives)."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "polylm_jax.train",
-        "--distributed",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-        "--gin_file=gin_configs/quickstart.gin",
-        f"--workdir={tmp_path}",
-        *[f"--gin_bindings={b}" for b in SHORT],
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=1800)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-  assert "'data': 8" in outs[0]  # one mesh over both processes' devices
-  assert len(_losses(tmp_path)) == 6  # process 0 alone writes the metrics
-
-
 def test_held_out_loss_is_logged_per_language(tmp_path, caplog):
   with caplog.at_level("INFO"):
     cli.main(

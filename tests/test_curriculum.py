@@ -9,7 +9,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from polylm_jax.data import packing, pipeline, sample, tasks, tokenizer
+from polylm_jax.data import packing, pipeline, resumable, sample, tasks, tokenizer
 from polylm_jax.data.curriculum import Curriculum, Stage, resolve_rates
 
 SP = tokenizer.load(sample.TOKENIZER_MODEL)
@@ -76,7 +76,7 @@ TWO_STAGES = Curriculum(
 
 
 def test_batches_switch_stage_at_the_boundary():
-  batches = pipeline.StagedBatches(TWO_STAGES, CFG)
+  batches = resumable.StagedBatches(TWO_STAGES, CFG)
   seen = [_languages(next(batches)) for _ in range(5)]
   assert seen[:3] == [{"th"}] * 3 and seen[3:] == [{"ko"}] * 2
   assert batches.stage == 1 and batches.position == 5
@@ -87,8 +87,8 @@ def _fingerprint(batch):
 
 
 def test_next_stage_prepared_ahead_yields_the_same_batches():
-  eager = pipeline.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=2), CFG)
-  lazy = pipeline.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=0), CFG)
+  eager = resumable.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=2), CFG)
+  lazy = resumable.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=0), CFG)
   first = [_fingerprint(next(eager)) for _ in range(2)]
   assert 1 in eager._ahead  # stage 1 is being built in the background before its boundary
   expected = [_fingerprint(next(lazy)) for _ in range(6)]
@@ -97,7 +97,7 @@ def test_next_stage_prepared_ahead_yields_the_same_batches():
 
 
 def test_a_failed_background_build_fails_the_switch(monkeypatch):
-  batches = pipeline.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=2), CFG)
+  batches = resumable.StagedBatches(dataclasses.replace(TWO_STAGES, prepare_ahead_steps=2), CFG)
   build = batches._stage_iterator
 
   def broken(stage):
@@ -114,13 +114,13 @@ def test_a_failed_background_build_fails_the_switch(monkeypatch):
 
 @pytest.mark.parametrize("restart_at", [2, 3, 4])  # before, at and after the stage boundary
 def test_resume_gives_the_uninterrupted_batches(tmp_path, restart_at):
-  reference = pipeline.StagedBatches(TWO_STAGES, CFG)
+  reference = resumable.StagedBatches(TWO_STAGES, CFG)
   expected = [_fingerprint(next(reference)) for _ in range(6)]
-  first = pipeline.StagedBatches(TWO_STAGES, CFG)
+  first = resumable.StagedBatches(TWO_STAGES, CFG)
   for _ in range(restart_at):
     next(first)
   first.save(str(tmp_path))
-  resumed = pipeline.StagedBatches(TWO_STAGES, CFG)
+  resumed = resumable.StagedBatches(TWO_STAGES, CFG)
   resumed.restore(str(tmp_path), restart_at)
   assert [_fingerprint(next(resumed)) for _ in range(6 - restart_at)] == expected[restart_at:]
 

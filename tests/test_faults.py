@@ -120,7 +120,7 @@ def test_unreadable_checkpoints_are_moved_aside_and_the_run_never_starts_over(ru
   assert sorted(moved) == ["2", "4", "6"]  # ... and nothing deleted: all in corrupt/, as it was
   for step, m in moved.items():
     assert _tree_digest(m / "checkpoint") == damaged[step]
-  assert (moved["6"] / "data_state" / "process_0.index").is_file()
+  assert (moved["6"] / "data_state" / "stream_0.index").is_file()
   # A plain restart still refuses (the history is in corrupt/) ...
   with pytest.raises(NoUsableCheckpointError):
     cli.main(_args(run_copy, 8))
@@ -248,7 +248,7 @@ def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
   assert ckpt.steps() == [2, 4]
   for s in (2, 4):
     state, meta = ckpt.restore(s, None)
-    assert int(state.step) == s and (work / "data_state" / str(s) / "process_0.index").is_file()
+    assert int(state.step) == s and (work / "data_state" / str(s) / "stream_0.index").is_file()
   ckpt.close()
   result = cli.main(_args(work, 8, **one_task))  # and the run goes on once there is room
   assert int(result["state"].step) == 8

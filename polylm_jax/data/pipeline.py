@@ -1,17 +1,16 @@
 """Packed, sharded batches from a seqio Task or Mixture, as numpy dicts the train step consumes
 (inputs, targets, weights, positions, segment_ids, languages; packing.py says how rows are made).
 
-Each process reads only its shard (seqio ShardInfo) and returns its rows of the global batch; the
-trainer assembles global arrays with `jax.make_array_from_process_local_data`.
+A dataset here is one shard (seqio ShardInfo) of every task, packed and mixed; resumable.py makes
+the training batches from such row streams, and the trainer assembles global arrays from each
+process's rows with `jax.make_array_from_process_local_data`.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import json
 import logging
-import threading
 from typing import Iterator
 
 import numpy as np
@@ -19,7 +18,6 @@ import seqio
 import tensorflow as tf
 
 from polylm_jax import console
-from polylm_jax.background import Background
 from polylm_jax.data import cache, packing
 from polylm_jax.typecheck import check_fields
 
@@ -116,8 +114,9 @@ def _get_dataset(
       ds = ds.concatenate(more)
     return ds
   total = sum(rate for _, rate in pairs)
+  # Each row stream (shard) draws its own sequence of tasks; shard 0's is that of config.seed.
   return tf.data.Dataset.sample_from_datasets(
-    rows, weights=[rate / total for _, rate in pairs], seed=config.seed
+    rows, weights=[rate / total for _, rate in pairs], seed=config.seed + 1_000_003 * shard_index
   )
 
 
@@ -181,12 +180,18 @@ class DataConfig:
   # Read cacheable tasks from their Beam-made caches (polylm-cache) in these directories.
   use_cached: bool = False
   cache_dirs: tuple[str, ...] = ()
+  # Independent row streams the global batch is drawn from (data/resumable.py); fixed for a run.
+  # 0: the number of processes of its first start. A resume may use any process count that
+  # divides it, with the same batches.
+  streams: int = 0
 
   def __post_init__(self):
     check_fields(self)
     for name in ("seq_len", "batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"DataConfig.{name}={getattr(self, name)} must be >= 1")
+    if self.streams < 0:
+      raise ValueError(f"DataConfig.streams={self.streams} must be >= 0 (0: one per process)")
 
 
 class _Once(logging.Filter):
@@ -251,73 +256,19 @@ def packed_dataset(
   return ds.batch(rows, drop_remainder=True).prefetch(2)
 
 
-def _to_numpy(raw) -> dict[str, np.ndarray]:
+def to_numpy(raw) -> dict[str, np.ndarray]:
   return {k: v.numpy() for k, v in raw.items()}
-
-
-class BatchIterator:
-  """This process's packed batches, resumable exactly.
-
-  The state is the tf.data iterator's own checkpoint (shuffle buffers, mixture sampler, in-memory
-  caches of small tasks), written per process with `tf.train.Checkpoint`: restoring it resumes at
-  the very next batch in O(1), whatever the position. Its size is that of the buffered elements
-  (about 6 MB for the sample mixture) and grows with the shuffle buffers (docs/data.md).
-  `position` counts the batches this iterator has returned.
-  """
-
-  def __init__(self, config: DataConfig, *, shard_index: int = 0, num_shards: int = 1):
-    self.config = config
-    self.shard_index = shard_index
-    self._it = iter(packed_dataset(config, shard_index=shard_index, num_shards=num_shards))
-    self.position = 0
-    self._peeked: dict[str, np.ndarray] | None = None
-
-  def __iter__(self):
-    return self
-
-  def warm_up(self) -> None:
-    """Fetches the first batch now (filling the shuffle buffers, opening the files) and keeps it
-    for the first `next`, so whoever calls `next` later does not wait for that."""
-    if self._peeked is None and self.position == 0:
-      self._peeked = _to_numpy(next(self._it))
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._peeked is not None:
-      batch, self._peeked = self._peeked, None
-    else:
-      batch = _to_numpy(next(self._it))
-    self.position += 1
-    return batch
-
-  def skip(self, n: int) -> None:
-    for _ in range(n):
-      if self._peeked is not None:
-        self._peeked = None
-      else:
-        next(self._it)
-    self.position += n
-
-  def save(self, directory: str) -> None:
-    if self._peeked is not None:  # the tf.data state is one batch ahead of `position`
-      raise RuntimeError("BatchIterator.save before its warmed-up first batch was taken")
-    tf.train.Checkpoint(iterator=self._it).write(f"{directory}/process_{self.shard_index}")
-
-  def restore(self, directory: str, position: int) -> None:
-    path = f"{directory}/process_{self.shard_index}"
-    if not tf.io.gfile.exists(path + ".index"):
-      raise FileNotFoundError(f"no data-iterator state for process {self.shard_index} at {path}")
-    tf.train.Checkpoint(iterator=self._it).read(path).assert_consumed()
-    self.position = position
-    self._peeked = None  # the restored state replaces whatever was fetched before
 
 
 def batches(
   config: DataConfig, *, shard_index: int = 0, num_shards: int = 1, num_epochs: int | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
   if num_epochs is None:
-    return BatchIterator(config, shard_index=shard_index, num_shards=num_shards)
+    from polylm_jax.data.resumable import BatchIterator
+
+    return BatchIterator(config, process_index=shard_index, process_count=num_shards)
   return (
-    _to_numpy(raw)
+    to_numpy(raw)
     for raw in packed_dataset(
       config, shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs
     )
@@ -336,7 +287,7 @@ def eval_batches(
   )
   out = []
   for raw in ds.batch(rows).take(max_batches):
-    batch = _to_numpy(raw)
+    batch = to_numpy(raw)
     short = rows - batch["inputs"].shape[0]
     if short:
       batch = {
@@ -373,119 +324,3 @@ class HeldOutSets(collections.abc.Mapping):
 
   def __len__(self) -> int:
     return len(self.configs)
-
-
-class StagedBatches:
-  """Batches that follow a curriculum: stage i's mixture feeds steps from its start_step on.
-
-  Resumable exactly, also across stage boundaries: the state is the stage index plus the current
-  stage's `BatchIterator` state; a stage's iterator always starts fresh (seeded with seed + stage)
-  when the stage begins, so where a run restarts does not change what it sees.
-
-  The next stage's iterator is built in a background thread `Curriculum.prepare_ahead_steps`
-  batches before its boundary (its tf.data pipeline and shuffle buffers take a while to fill), so
-  the switch costs about one ordinary step instead of a stall; building it early changes nothing
-  it yields. A failed background build fails the switch, in the training thread.
-  """
-
-  def __init__(
-    self,
-    curriculum,
-    config: DataConfig,
-    *,
-    shard_index: int = 0,
-    num_shards: int = 1,
-  ):
-    self.curriculum = curriculum
-    self.config = config
-    self.shard_index, self.num_shards = shard_index, num_shards
-    self.mixtures = curriculum.mixtures(config.split)
-    self.position = 0
-    self.stage: int | None = None
-    self._inner: BatchIterator | None = None
-    self._ahead: dict[int, Background] = {}  # stage -> its iterator, being built
-
-  def _stage_iterator(self, stage: int) -> BatchIterator:
-    cfg = dataclasses.replace(
-      self.config, mixture=self.mixtures[stage], seed=self.config.seed + stage
-    )
-    return BatchIterator(cfg, shard_index=self.shard_index, num_shards=self.num_shards)
-
-  def _enter(self, stage: int) -> BatchIterator:
-    """The iterator of `stage` (a fresh one when the stage changes)."""
-    if stage != self.stage or self._inner is None:
-      s = self.curriculum.stages[stage]
-      logging.info(
-        "curriculum: stage %d %r feeds steps from %d (batch %d on): mixture %s",
-        stage,
-        s.name,
-        s.start_step + 1,
-        self.position,
-        self.mixtures[stage],
-      )
-      previous = [self._inner]
-      self._inner = self._take_prepared(stage) or self._stage_iterator(stage)
-      self.stage = stage
-      # Tearing down a tf.data pipeline that is still prefetching blocks for seconds: let the
-      # last reference to the previous stage's iterator go in a background thread.
-      threading.Thread(target=previous.clear, name="release-stage", daemon=True).start()
-    self._prepare_next(stage)
-    return self._inner
-
-  def _prepare_next(self, stage: int) -> None:
-    nxt = stage + 1
-    if nxt >= len(self.curriculum.stages) or nxt in self._ahead:
-      return
-    if (
-      self.position >= self.curriculum.stages[nxt].start_step - self.curriculum.prepare_ahead_steps
-    ):
-
-      def build(nxt=nxt) -> BatchIterator:
-        built = self._stage_iterator(nxt)
-        built.warm_up()
-        return built
-
-      self._ahead[nxt] = Background(build, f"prepare-stage-{nxt}")
-
-  def _take_prepared(self, stage: int) -> BatchIterator | None:
-    job = self._ahead.pop(stage, None)
-    if job is None:
-      return None
-    try:
-      return job.result()
-    except Exception as e:
-      raise RuntimeError(f"building curriculum stage {stage}'s input pipeline failed") from e
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    inner = self._enter(self.curriculum.stage_at(self.position))
-    batch = next(inner)
-    self.position += 1
-    return batch
-
-  def skip(self, n: int) -> None:
-    for _ in range(n):
-      next(self)
-
-  def save(self, directory: str) -> None:
-    tf.io.gfile.makedirs(directory)
-    if self._inner is not None:
-      self._inner.save(directory)
-    with tf.io.gfile.GFile(f"{directory}/stage_{self.shard_index}.json", "w") as f:
-      f.write(
-        json.dumps(
-          {"stage": self.stage, "inner_position": self._inner.position if self._inner else 0}
-        )
-      )
-
-  def restore(self, directory: str, position: int) -> None:
-    with tf.io.gfile.GFile(f"{directory}/stage_{self.shard_index}.json") as f:
-      saved = json.loads(f.read())
-    self.position = position
-    self.stage, self._inner = None, None
-    stage = self.curriculum.stage_at(position)
-    inner = self._enter(stage)
-    if saved["stage"] == stage:
-      inner.restore(directory, saved["inner_position"])

@@ -4,7 +4,7 @@ Layout of a workdir:
   checkpoints/<step>/state    TrainState (params, Adam state, step, counters, spike statistics)
   checkpoints/<step>/meta     JSON: data position, gin config text, model and optimizer config,
                               seed, tokenizer model (base64), batch shape
-  data_state/<step>/process_<i>.*   each process's tf.data iterator checkpoint
+  data_state/<step>/stream_<k>.*    each row stream's tf.data iterator checkpoint (resumable.py)
   corrupt/                    checkpoints that could not be read, moved here (never deleted)
   previous/<time>/            an earlier run's files, set aside by `--start_over`
 The data state is written (synchronously) before Orbax starts its asynchronous save; Orbax writes

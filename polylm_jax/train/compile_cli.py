@@ -131,9 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     f"{model.remat_policy}, attention {model.attention_impl}, loss {trainer.loss.impl}",
     flush=True,
   )
-  compiled = step.lower(
-    step.abstract_state(), step.abstract_batch(data.batch_size, data.seq_len)
-  ).compile()
+  lowered = step.lower(step.abstract_state(), step.abstract_batch(data.batch_size, data.seq_len))
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # the TPU compiler itself refuses a program larger than the chip's HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    reason = next((line for line in str(e).splitlines() if "memory" in line), str(e))
+    print(f"DOES NOT FIT: the compiler for {where} refuses the step: {reason.strip()}")
+    print(memory_report.KNOBS)
+    return 1
   m = memory_report.analyse(compiled)
   hbm = args.hbm_gib * memory_report.GIB if args.hbm_gib else memory_report.hbm_bytes(devices[0])
   print("\n".join(memory_report.report_lines(m, hbm, where)))

@@ -275,6 +275,9 @@ def _train(
         placed = step_fn.place_batch(local)
         if first is not None:  # this start's first step: compile it and say what it needs
           step_fn.check_batch_shape(local["inputs"].shape[0] * jax.process_count())
+          sharding.check_process_rows(
+            step_fn.batch_sharding, local["inputs"].shape[0] * jax.process_count()
+          )
           _log_step_memory(step_fn.compile_for(state, placed), mesh)
         first = None
         state, metrics = step_fn(state, placed)
@@ -424,6 +427,7 @@ def _report(pending: _Pending, writer, trainer, model, peak, mesh, last_time):
     "skipped": values["skipped"],
     "nonfinite_total": values["nonfinite_total"],
     "spike": values["spike"],
+    "batch_fingerprint": int(values["batch_fingerprint"]),
   }
   if "language_tokens" in fetched:  # training loss per language (slot 0: untagged tokens)
     for i, (total, count) in enumerate(

@@ -12,6 +12,9 @@ from typing import Any
 
 from polylm_jax import files
 
+# In metrics.jsonl only: an identifier, not a quantity to plot or read in the log.
+RECORD_ONLY = ("batch_fingerprint",)
+
 
 def _plain(v: Any):
   v = float(v) if hasattr(v, "__float__") and not isinstance(v, (int, bool)) else v
@@ -80,7 +83,8 @@ class MetricsWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        plottable = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k != "step" and k not in RECORD_ONLY and plottable:
           self._tb.add_scalar(k, v, step)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
@@ -89,7 +93,7 @@ class MetricsWriter:
       shown = " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
         for k, v in record.items()
-        if k != "step" and v is not None
+        if k != "step" and k not in RECORD_ONLY and v is not None
       )
       logging.info("step %d: %s", step, shown)
 

@@ -40,7 +40,7 @@ def run(
   import jax
   import seqio
 
-  from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
+  from polylm_jax.data import pipeline, resumable, tasks  # noqa: F401 (registers the sample tasks)
 
   # Settings that need nothing built are checked first.
   if data.seq_len > model.max_length:
@@ -91,14 +91,14 @@ def run(
       data.mixture,
       curriculum.table(data.split),
     )
-    staged = pipeline.StagedBatches(
-      curriculum, data, shard_index=jax.process_index(), num_shards=jax.process_count()
+    staged = resumable.StagedBatches(
+      curriculum, data, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    batches: pipeline.StagedBatches | pipeline.BatchIterator = staged
+    batches: resumable.StagedBatches | resumable.BatchIterator = staged
     names = staged.mixtures
   else:
-    batches = pipeline.BatchIterator(
-      data, shard_index=jax.process_index(), num_shards=jax.process_count()
+    batches = resumable.BatchIterator(
+      data, process_index=jax.process_index(), process_count=jax.process_count()
     )
     names = [data.mixture]
   pipeline.check_has_data(names, data)
