@@ -32,6 +32,18 @@ def test_a_step_that_does_not_fit_exits_1_with_the_settings_to_change(capsys):
   assert "DOES NOT FIT" in out and "LossConfig.impl = 'tiled'" in out and "remat_policy" in out
 
 
+def test_a_step_the_tpu_compiler_refuses_for_memory_does_not_fit(capsys):
+  """libtpu's compiler stops at a program larger than the chip's HBM: that is a 'does not fit'
+  with the figures it gives, not a crash."""
+  code = compile_cli.main(
+    ["--gin_file=quickstart.gin", "--target=v5e-4", "--gin_bindings=DataConfig.batch_size = 65536"]
+  )
+  out = capsys.readouterr().out
+  assert code == 1, out
+  assert "DOES NOT FIT: the compiler for v5e-4" in out and "exceeds available HBM" in out
+  assert "remat_policy" in out
+
+
 def test_unknown_targets_are_named():
   with pytest.raises(SystemExit, match="--target=v5p-9: not a known TPU slice"):
     compile_cli.main(["--gin_file=quickstart.gin", "--target=v5p-9"])
