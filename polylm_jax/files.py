@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import shutil
 import socket
 import sys
@@ -320,4 +321,33 @@ class WorkdirLock:
       f"workdir {self.path.parent} is in use by another trainer: {who}. Two runs must not "
       f"share a workdir: wait for that run or stop it, or choose another --workdir. If that "
       f"trainer is gone, delete {self.path}."
+    )
+
+
+def check_shared_workdir(workdir: pathlib.Path) -> None:
+  """On a multi-host run, every host must see the same workdir (checkpoints are written by all
+  hosts, data states and the lock are read across hosts): process 0 writes a probe file there and
+  every process looks for it. All processes learn the outcome, so a workdir that is not shared
+  stops every host with the same message instead of leaving some waiting forever."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    return
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+  probe = workdir / f".shared-check-{token:08x}"
+  lead = jax.process_index() == 0
+  if lead:
+    probe.write_text(socket.gethostname())
+  multihost_utils.sync_global_devices("polylm_workdir_probe_written")
+  seen = multihost_utils.process_allgather(np.int32(probe.is_file()))
+  if lead:
+    probe.unlink()  # the probe this process wrote a moment ago, nothing else
+  missing = [i for i, s in enumerate(np.asarray(seen).reshape(-1)) if not s]
+  if missing:
+    raise SystemExit(
+      f"--workdir={workdir} is not shared between the hosts: process(es) {missing} cannot see the "
+      f"file process 0 wrote there. Checkpoints, data states and the run's lock must be on a "
+      f"filesystem every host sees (NFS, Filestore, Lustre, a GCS FUSE mount)"
     )

@@ -34,6 +34,48 @@ def check_workdir(workdir: str) -> pathlib.Path:
   return path
 
 
+def join_run(args) -> None:
+  """jax.distributed.initialize, bounded: a coordinator nobody can reach, or processes that never
+  all start, end this process after --coordinator_timeout_s with a message (exit status 2) rather
+  than a hang or the runtime's abort with a stack trace."""
+  import threading
+
+  import jax
+
+  # CPU processes need a collectives backend to talk to each other; GPU/TPU ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  timeout = args.coordinator_timeout_s
+  where = args.coordinator_address or "the coordinator found by cluster auto-detection"
+  who = "this process" if args.process_id is None else f"process {args.process_id}"
+  of = f" of {args.num_processes}" if args.num_processes else ""
+  if args.process_id == 0:
+    why = (
+      "not every process connected to it (are all --num_processes processes started, with the "
+      "same --coordinator_address?)"
+    )
+  else:
+    why = (
+      "the coordinator did not answer, or not every process joined (is process 0 running, is "
+      "that host and port reachable from this host, and are all processes started?)"
+    )
+  message = (
+    f"polylm-train: --distributed: {who}{of} did not join the run at {where} within "
+    f"--coordinator_timeout_s={timeout}: {why}"
+  )
+  timer = threading.Timer(timeout, lambda: _die(message, 2))
+  timer.daemon = True
+  timer.start()
+  try:  # the runtime's own deadline comes later, so the message above is what the user sees
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator_address,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      initialization_timeout=timeout + 60,
+    )
+  finally:
+    timer.cancel()
+
+
 def _not_gin_path_noise(record: logging.LogRecord) -> bool:
   # gin looks for an include in package resources before its search path and logs an ERROR when
   # it is not there, though the include is then found: drop that misleading line (gin logs it
@@ -101,20 +143,21 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument(
+    "--coordinator_timeout_s",
+    type=int,
+    default=300,
+    help="multi-host: how long every process waits for the run to assemble before it stops, "
+    "naming what is missing (default: %(default)s)",
+  )
   args = parser.parse_args(argv)
   quiet_logging()
   console.choose_platform()
   if args.distributed:
-    import jax
-
-    # CPU processes need a collectives backend to talk to each other; GPU/TPU ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-      coordinator_address=args.coordinator_address,
-      num_processes=args.num_processes,
-      process_id=args.process_id,
-    )
+    join_run(args)
   workdir = check_workdir(args.workdir)
+  if args.distributed:
+    files.check_shared_workdir(workdir)
   train_fn = gin_setup.register_configurables()
   gin_setup.parse_gin(args.gin_file, args.gin_bindings)
   import jax
