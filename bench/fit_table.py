@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 
+from polylm_jax.tpu_slices import chips
+
 POLICIES = ("none", "dots_no_batch", "full")  # cheapest first
-CHIPS_PER_DEVICE_NAME = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # v4/v5p names count TensorCores
 
 PRESET = """\
 # {model} on a {target} slice ({chips} chips): the largest global batch whose train step fits,
@@ -51,11 +52,6 @@ class Fit:
   peak_gib: float
   hbm_gib: float
   seconds: float
-
-
-def chips(target: str) -> int:
-  generation, n = target.split("-")
-  return int(n) // CHIPS_PER_DEVICE_NAME[generation]
 
 
 def preset_text(model: str, target: str, batch: int, policy: str, fit: Fit) -> str:

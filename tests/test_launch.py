@@ -142,3 +142,77 @@ def test_slurm_refuses_a_job_without_gin_files(tmp_path):
     text=True,
   )
   assert run.returncode == 2 and "usage" in run.stderr and not log.exists()
+
+
+def _jobset(*args, env=None):
+  return subprocess.run(
+    [sys.executable, str(ROOT / "launch/gke_jobset.py"), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+  )
+
+
+JOBSET_ARGS = [
+  "--name=polylm-13b",
+  "--slice=v5p-64",
+  "--image=registry.example/polylm-jax:1",
+  "--pvc=polylm-runs",
+  "--workdir=/mnt/runs/13b",
+  "--gin_file=runs/polylm_13b.gin",
+  "--gin_bindings=MeshConfig.fsdp = -1",
+]
+
+
+def test_gke_jobset_places_one_trainer_per_tpu_host_of_the_slice(tmp_path):
+  import json
+
+  run = _jobset(*JOBSET_ARGS)
+  assert run.returncode == 0, run.stderr
+  jobset = json.loads(run.stdout)
+  job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+  assert job["parallelism"] == job["completions"] == 8  # v5p-64: 32 chips, 4 per host
+  pod = job["template"]["spec"]
+  assert pod["nodeSelector"] == {
+    "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+    "cloud.google.com/gke-tpu-topology": "4x4x2",
+  }
+  (container,) = pod["containers"]
+  assert container["resources"]["limits"]["google.com/tpu"] == 4
+  assert container["command"] == [
+    "polylm-train",
+    "--distributed",
+    "--workdir=/mnt/runs/13b",
+    "--gin_file=runs/polylm_13b.gin",
+    "--gin_bindings=MeshConfig.fsdp = -1",
+  ]
+  assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "polylm-runs"
+  assert container["volumeMounts"][0]["mountPath"] == "/mnt/runs"
+  assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 3
+
+  # --apply hands the same manifest to kubectl.
+  kubectl = tmp_path / "kubectl"
+  received = tmp_path / "received.json"
+  kubectl.write_text(f'#!/usr/bin/env bash\necho "$@" > {received}.args\ncat > {received}\n')
+  kubectl.chmod(0o755)
+  applied = _jobset(*JOBSET_ARGS, "--apply", env=dict(os.environ, KUBECTL=str(kubectl)))
+  assert applied.returncode == 0, applied.stderr
+  assert json.loads(received.read_text()) == jobset
+  assert pathlib.Path(f"{received}.args").read_text().split() == ["apply", "-f", "-"]
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ("--slice=v5p-12", "--slice=v5p-12: not a known TPU slice"),
+    ("--workdir=/home/me/run", "is not under --mount_path=/mnt/runs: every host must"),
+    ("--gin_file=runs/polylm_13b.gin", "at least one --gin_file=... is required"),
+  ],
+)
+def test_gke_jobset_refuses_what_cannot_run(change, message):
+  key = change.split("=")[0]
+  args = [a for a in JOBSET_ARGS if not a.startswith(key + "=")]
+  if key != "--gin_file":
+    args.append(change)
+  run = _jobset(*args)
+  assert run.returncode == 2 and message in run.stderr, run.stderr

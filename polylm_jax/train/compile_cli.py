@@ -20,32 +20,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
-from polylm_jax import gin_setup
-
-# Slice name -> topology, for the common shapes of each generation (chips: v4/v5p count
-# TensorCores in the name, two per chip; v5e/v6e count chips).
-_TOPOLOGIES = {
-  "v4": {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8"},
-  "v5p": {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "4x4x2", 128: "4x4x4", 256: "4x4x8"},
-  "v5e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
-  "v6e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
-}
+from polylm_jax import gin_setup, tpu_slices
 
 
 def topology_name(target: str) -> str:
   """'v5p-64' -> 'v5p:4x4x2'; a topology ('v5p:4x4x2') is returned as it is."""
-  if ":" in target:
-    return target
-  m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", target)
-  if not m or int(m.group(2)) not in _TOPOLOGIES[m.group(1)]:
-    known = ", ".join(f"{g}-{n}" for g, sizes in _TOPOLOGIES.items() for n in sizes)
-    raise SystemExit(
-      f"--target={target}: not a known TPU slice ({known}) nor a topology such as v5p:4x4x2"
-    )
-  return f"{m.group(1)}:{_TOPOLOGIES[m.group(1)][int(m.group(2))]}"
+  try:
+    return tpu_slices.topology_name(target)
+  except ValueError as e:
+    raise SystemExit(f"--target={target}: {e}, nor a topology such as v5p:4x4x2") from e
 
 
 def target_devices(target: str):
