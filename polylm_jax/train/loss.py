@@ -11,6 +11,7 @@
   the step (several GB per device at batch 8 x 2048).
 
 All three give the same values and gradients up to float32 rounding (tests/test_train_step.py).
+Where the mesh splits the table over vocabulary, `tiled` runs vocabulary-parallel (below).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from polylm_jax import sharding
 from polylm_jax.typecheck import check_fields
 
 LOSS_IMPLS = ("full", "chunked", "tiled")
@@ -61,16 +64,21 @@ def per_token_nll(model, batch, config: LossConfig) -> jax.Array:
   x = model.hidden(tokens, positions, segment_ids)
   if config.impl == "chunked":
     return _chunked(model, x, targets, config.chunk)
-  table = model.wte[...]
-  nll = tiled_token_nll(
+  args = (
     x.reshape(b * t, -1),
-    table,
+    model.wte[...],
     targets.reshape(b * t),
     config.token_tile,
     config.vocab_tile,
     model.config.compute_dtype,
   )
-  return nll.reshape(b, t)
+  active = sharding.active_mesh()
+  if active is not None:
+    mesh, rules = active
+    split, axes = sharding.parts("vocab", mesh, rules)
+    if split > 1:  # the table is split over vocabulary: each shard computes its own part
+      return vocab_parallel_token_nll(*args, mesh=mesh, rules=rules, axes=axes).reshape(b, t)
+  return tiled_token_nll(*args).reshape(b, t)
 
 
 def _chunked(model, x, targets, chunk: int) -> jax.Array:
@@ -94,6 +102,22 @@ def _tiles(n: int, tile: int) -> tuple[int, int]:
     if n % size == 0:
       return size, n // size
   return tile, -(-n // tile)
+
+
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; `vma` before
+  return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def _varying_like(init, *refs):
+  """Scan carries that start as constants, typed as varying over the manual mesh axes the refs
+  vary over (inside shard_map, vocab_parallel_token_nll; no-op elsewhere): a carry's type must
+  not change across iterations."""
+  axes = tuple(sorted(set().union(*(_varying_axes(r) for r in refs))))
+  if not axes:
+    return init
+  return jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), init)
 
 
 def _tile_logits(h, table_tile, dtype):
@@ -136,7 +160,7 @@ def _tiled_forward(hidden, table, targets, token_tile, vocab_tile, dtype):
       target = target + jnp.where(cols[None, :] == y_t[:, None], logits, 0.0).sum(axis=-1)
       return (m_new, s, target), None
 
-    init = (jnp.full((tt,), -jnp.inf), jnp.zeros((tt,)), jnp.zeros((tt,)))
+    init = _varying_like((jnp.full((tt,), -jnp.inf), jnp.zeros((tt,)), jnp.zeros((tt,))), h_t, w)
     (m, s, target), _ = jax.lax.scan(vocab_step, init, jnp.arange(nv))
     return m + jnp.log(s), target
 
@@ -175,13 +199,90 @@ def _tiled_bwd(token_tile, vocab_tile, dtype, residuals, g):
       )
       return dw_j, dh_t
 
-    dw_j, dh_tiles = jax.lax.scan(token_step, jnp.zeros((vt, w.shape[1])), jnp.arange(nt))
+    dw_init = _varying_like(jnp.zeros((vt, w.shape[1])), h, w)
+    dw_j, dh_tiles = jax.lax.scan(token_step, dw_init, jnp.arange(nt))
     return dh + dh_tiles, dw_j
 
-  dh, dw = jax.lax.scan(vocab_tile_grads, jnp.zeros((nt, tt, w.shape[1])), jnp.arange(nv))
+  dh_init = _varying_like(jnp.zeros((nt, tt, w.shape[1])), h, w)
+  dh, dw = jax.lax.scan(vocab_tile_grads, dh_init, jnp.arange(nv))
   dh = dh.reshape(nt * tt, -1)[:n].astype(hidden.dtype)
   dw = dw.reshape(nv * vt, -1)[:v].astype(table.dtype)
   return dh, dw, None
 
 
 tiled_token_nll.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+# --- tiled, vocabulary-parallel -----------------------------------------------------------------
+# Where the rules split the table over vocabulary (`vocab` -> `tensor`), each device keeps its own
+# [V / n, D] rows: the tiles above run over the local rows only, the per-token logsumexp and
+# target logit are combined across the shards (pmax / psum of [tokens] floats), and in the
+# backward pass the hidden-state gradient is summed across them while each shard's table
+# gradient stays local. Nothing of size [V, D] crosses the vocabulary axis.
+
+
+def vocab_parallel_token_nll(
+  hidden, table, targets, token_tile: int, vocab_tile: int, dtype, *, mesh, rules, axes
+):
+  """tiled_token_nll with the table split over `axes` of `mesh` (shard_map over all axes)."""
+  batch_spec = sharding.logical_to_mesh_spec((sharding.BATCH,), rules)[0]
+  vocab = axes if len(axes) > 1 else axes[0]
+  batch_axes = (
+    ()
+    if batch_spec is None
+    else (batch_spec,)
+    if isinstance(batch_spec, str)
+    else tuple(batch_spec)
+  )
+  fn = functools.partial(
+    _sharded_nll,
+    token_tile=token_tile,
+    vocab_tile=vocab_tile,
+    dtype=dtype,
+    vocab=vocab,
+    batch_axes=batch_axes,
+  )
+  return jax.shard_map(
+    lambda h, w, y: fn(h, w, y),
+    mesh=mesh,
+    in_specs=(P(batch_spec, None), P(vocab, None), P(batch_spec)),
+    out_specs=P(batch_spec),
+    check_vma=True,
+  )(hidden, table, targets)
+
+
+def _sharded_nll(hidden, table, targets, *, token_tile, vocab_tile, dtype, vocab, batch_axes):
+  return _sharded(hidden, table, targets, token_tile, vocab_tile, dtype, vocab, batch_axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _sharded(hidden, table, targets, token_tile, vocab_tile, dtype, vocab, batch_axes):
+  return _sharded_fwd(hidden, table, targets, token_tile, vocab_tile, dtype, vocab, batch_axes)[0]
+
+
+def _local_targets(targets, table, vocab):
+  """Targets as row indices of this shard's table (out of [0, V/n) where another shard has them:
+  those match no column here and add nothing)."""
+  return targets - jax.lax.axis_index(vocab) * table.shape[0]
+
+
+def _sharded_fwd(hidden, table, targets, token_tile, vocab_tile, dtype, vocab, batch_axes):
+  local = _local_targets(targets, table, vocab)
+  nll_local, lse_local = _tiled_forward(hidden, table, local, token_tile, vocab_tile, dtype)
+  target = jax.lax.psum(lse_local - nll_local, vocab)  # the target logit, from its one shard
+  m = jax.lax.pmax(lse_local, vocab)
+  lse = m + jnp.log(jax.lax.psum(jnp.exp(lse_local - m), vocab))
+  return lse - target, (hidden, table, targets, lse)
+
+
+def _sharded_bwd(token_tile, vocab_tile, dtype, vocab, batch_axes, residuals, g):
+  hidden, table, targets, lse = residuals
+  local = _local_targets(targets, table, vocab)
+  dh, dw, _ = _tiled_bwd(token_tile, vocab_tile, dtype, (hidden, table, local, lse), g)
+  dh = jax.lax.psum(dh, vocab)  # every shard's rows contribute to each token's hidden state
+  if batch_axes:  # this shard's table rows saw only this device's tokens
+    dw = jax.lax.psum(dw, batch_axes)
+  return dh, dw, None
+
+
+_sharded.defvjp(_sharded_fwd, _sharded_bwd)
