@@ -29,6 +29,26 @@ def _global(processes) -> bytes:
   )
 
 
+def _saved_after(steps: int, m: int, config, directory) -> list[bytes]:
+  """The run's first steps + 3 global batches (a reference run on m processes), and the data
+  state of another m-process run saved after `steps` of them in `directory`."""
+  reference = _processes(m, config)
+  expected = [_global(reference) for _ in range(steps + 3)]
+  first = _processes(m, config)
+  for _ in range(steps):
+    _global(first)
+  for it in first:
+    it.save(str(directory))
+  return expected
+
+
+def _restored(m: int, config, directory, position: int):
+  resumed = _processes(m, config)
+  for it in resumed:
+    it.restore(str(directory), position)
+  return resumed
+
+
 def test_global_batches_do_not_depend_on_the_number_of_processes():
   one = _processes(1)
   expected = [_global(one) for _ in range(3)]
@@ -39,33 +59,19 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
 
 
 def test_a_run_saved_on_two_processes_resumes_on_one_and_on_four(tmp_path):
-  reference = _processes(1)
-  expected = [_global(reference) for _ in range(5)]
-  two = _processes(2)
-  for _ in range(2):
-    _global(two)
-  for it in two:
-    it.save(str(tmp_path))
+  expected = _saved_after(2, 2, CFG, tmp_path)  # streams=4: the same batches on 1 process
   assert resumable.saved_streams(str(tmp_path)) == 4
   for m in (1, 4):
-    resumed = _processes(m)
-    for it in resumed:
-      it.restore(str(tmp_path), 2)
+    resumed = _restored(m, CFG, tmp_path, 2)
     assert [_global(resumed) for _ in range(3)] == expected[2:], m
 
 
 def test_streams_0_take_the_first_process_count_and_keep_it(tmp_path):
   auto = dataclasses.replace(CFG, streams=0)
-  two = _processes(2, auto)
-  expected = [_global(two) for _ in range(3)]
-  first = _processes(2, auto)
-  _global(first)
-  for it in first:
-    it.save(str(tmp_path))
-  one = _processes(1, auto)  # streams=0 would mean 1 stream here; the saved 2 are kept
-  one[0].restore(str(tmp_path), 1)
+  expected = _saved_after(1, 2, auto, tmp_path)
+  one = _restored(1, auto, tmp_path, 1)  # streams=0 would mean 1 stream here; the saved 2 stay
   assert one[0].streams == 2
-  assert [_global(one) for _ in range(2)] == expected[1:]
+  assert [_global(one) for _ in range(3)] == expected[1:]
   three = _processes(3, auto)
   with pytest.raises(ValueError, match="3 processes cannot split evenly; resume on a number"):
     three[0].restore(str(tmp_path), 1)
@@ -76,21 +82,14 @@ def test_streams_0_take_the_first_process_count_and_keep_it(tmp_path):
 
 def test_data_states_written_with_one_iterator_per_process_still_restore(tmp_path):
   config = dataclasses.replace(CFG, streams=0)
-  reference = _processes(2, config)
-  expected = [_global(reference) for _ in range(3)]
-  first = _processes(2, config)
-  _global(first)
-  for it in first:
-    it.save(str(tmp_path))
+  expected = _saved_after(1, 2, config, tmp_path)
   # The layout of earlier versions: process_<i>.* and no streams.json.
   os.remove(tmp_path / "streams.json")
   for name in os.listdir(tmp_path):
     if name.startswith("stream_"):
       os.rename(tmp_path / name, tmp_path / name.replace("stream_", "process_"))
-  resumed = _processes(2, config)
-  for it in resumed:
-    it.restore(str(tmp_path), 1)
-  assert [_global(resumed) for _ in range(2)] == expected[1:]
+  resumed = _restored(2, config, tmp_path, 1)
+  assert [_global(resumed) for _ in range(3)] == expected[1:]
 
 
 def test_a_batch_the_streams_cannot_split_is_refused():

@@ -87,15 +87,21 @@ def test_chunked_and_tiled_losses_match_the_whole_logits(make_batch, loss_config
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads1, grads0)
 
 
+def _loss_problem(n: int, d: int, v: int):
+  """Hidden states [n, d], a table [v, d], targets and uneven per-token weights (the cotangent)."""
+  rng = np.random.default_rng(0)
+  return (
+    jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
+    jnp.asarray(rng.normal(size=(v, d)) * 0.3, jnp.float32),
+    jnp.asarray(rng.integers(0, v, n), jnp.int32),
+    jnp.asarray(rng.uniform(size=n), jnp.float32),
+  )
+
+
 def test_tiled_nll_values_and_gradients_equal_the_plain_ones():
   """The custom VJP against autodiff of logsumexp - target logit, with uneven weights per token
   (the cotangent), float32."""
-  rng = np.random.default_rng(0)
-  n, d, v = 70, 16, 300
-  hidden = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  table = jnp.asarray(rng.normal(size=(v, d)) * 0.3, jnp.float32)
-  targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
-  weights = jnp.asarray(rng.uniform(size=n), jnp.float32)
+  hidden, table, targets, weights = _loss_problem(70, 16, 300)
 
   def plain(h, w):
     return jnp.sum(token_nll(h @ w.T, targets) * weights)
@@ -123,12 +129,8 @@ def test_vocab_parallel_tiled_nll_keeps_the_table_split_and_equals_the_plain_los
   from polylm_jax.train.loss import vocab_parallel_token_nll
 
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  rng = np.random.default_rng(0)
-  n, d, v = 64, 16, 512
-  hidden = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  table = jnp.asarray(rng.normal(size=(v, d)) * 0.3, jnp.float32)
-  targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
-  weights = jnp.asarray(rng.uniform(size=n), jnp.float32)
+  v = 512
+  hidden, table, targets, weights = _loss_problem(64, 16, v)
 
   def parallel(h, w):
     nll = vocab_parallel_token_nll(

@@ -78,7 +78,21 @@ def resume_streams(configured: int, saved: int, process_count: int) -> int:
   return saved
 
 
-class BatchIterator:
+class _Resumable:
+  """What both iterators share: iteration, and skipping by drawing (a rollback's skip)."""
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def skip(self, n: int) -> None:
+    for _ in range(n):
+      next(self)
+
+
+class BatchIterator(_Resumable):
   """This process's rows of every global batch (module docstring), resumable exactly.
 
   The tf.data pipelines are built at the first batch, save or restore: a restored stream count
@@ -123,9 +137,6 @@ class BatchIterator:
       return parts[0]
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
-  def __iter__(self):
-    return self
-
   def warm_up(self) -> None:
     """Fetches the first batch now (filling the shuffle buffers, opening the files) and keeps it
     for the first `next`, so whoever calls `next` later does not wait for that."""
@@ -139,10 +150,6 @@ class BatchIterator:
       batch = self._fetch()
     self.position += 1
     return batch
-
-  def skip(self, n: int) -> None:
-    for _ in range(n):
-      next(self)
 
   def save(self, directory: str) -> None:
     if self._peeked is not None:  # the tf.data state is one batch ahead of `position`
@@ -169,7 +176,7 @@ class BatchIterator:
     self._peeked = None  # the restored state replaces whatever was fetched before
 
 
-class StagedBatches:
+class StagedBatches(_Resumable):
   """Batches that follow a curriculum: stage i's mixture feeds steps from its start_step on.
 
   Resumable exactly, also across stage boundaries and process counts: the state is the stage
@@ -250,18 +257,11 @@ class StagedBatches:
     except Exception as e:
       raise RuntimeError(f"building curriculum stage {stage}'s input pipeline failed") from e
 
-  def __iter__(self):
-    return self
-
   def __next__(self) -> dict[str, np.ndarray]:
     inner = self._enter(self.curriculum.stage_at(self.position))
     batch = next(inner)
     self.position += 1
     return batch
-
-  def skip(self, n: int) -> None:
-    for _ in range(n):
-      next(self)
 
   def save(self, directory: str) -> None:
     tf.io.gfile.makedirs(directory)
