@@ -6,7 +6,9 @@
   pallas_tpu  this project's Pallas/Mosaic flash kernel (TPUs)
   cudnn       jax.nn.dot_product_attention(implementation="cudnn"); segment ids are honoured by
               passing them as a mask (cuDNN then adds a [B, 1, T, T] bias: correct, not cheap)
-  auto        per platform: pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU; logged once
+  auto        per platform and rows: pallas_tpu on TPU; on GPU pallas_gpu for packed rows (segment
+              ids) and cudnn for unpacked bf16/fp16 rows (each measured faster there); xla on
+              CPU; logged once per shape
 An explicit choice that cannot serve the platform, dtype or shape raises; nothing falls back.
 
 Kernels run under `jax.shard_map` over the batch and head mesh axes when a mesh is active
@@ -37,28 +39,50 @@ def current_platform() -> str:
   return jax.default_backend()
 
 
-def resolve(impl: str, q, *, interpret: bool = False, blocks: BlockSizes = BlockSizes()) -> str:
-  """The implementation that will run: `auto` resolved, explicit choices checked."""
+def _auto_gpu(q, packed: bool) -> tuple[str, str]:
+  """On a GPU, the kernel measured faster for these rows (docs/kernels.md, H100, bf16): ours on
+  packed rows (1.54-1.59x cuDNN: it skips other documents' key blocks), cuDNN's on rows of one
+  sequence each (ours is 0.76-0.84x there), where cuDNN can take them."""
+  if packed:
+    return "pallas_gpu", "packed rows (segment ids): the Pallas kernel skips other documents"
+  if q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0:
+    return "cudnn", "unpacked rows: cuDNN's flash kernel is faster there"
+  return "pallas_gpu", f"unpacked rows, but cuDNN needs bf16/fp16 and head_dim <= 128 ({q.dtype})"
+
+
+def resolve(
+  impl: str,
+  q,
+  *,
+  packed: bool = True,
+  interpret: bool = False,
+  blocks: BlockSizes = BlockSizes(),
+) -> str:
+  """The implementation that will run: `auto` resolved, explicit choices checked. `packed`: the
+  rows hold several documents (segment ids given), as in training."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
   platform = current_platform()
   if impl == "auto":
     chosen = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "xla")
     reason = "the platform's kernel"
-    if chosen != "xla":
+    if platform == "gpu":
+      chosen, reason = _auto_gpu(q, packed)
+    if chosen.startswith("pallas"):
       try:  # shapes the kernel cannot take (head_dim, a length its blocks do not divide): xla
         check_inputs(q, q, q, None, blocks, impl=chosen)
       except ValueError as e:
         chosen, reason = "xla", str(e)
-    key = (platform, chosen, q.shape[1], q.shape[-1])
+    key = (platform, chosen, q.shape[1], q.shape[-1], packed)
     if key not in _logged:
       _logged.add(key)
       logging.info(
-        "attention_impl='auto' chose %r on platform %r (length %d, head_dim %d): %s",
+        "attention_impl='auto' chose %r on platform %r (length %d, head_dim %d, %s): %s",
         chosen,
         platform,
         q.shape[1],
         q.shape[-1],
+        "packed" if packed else "unpacked",
         reason,
       )
     return chosen

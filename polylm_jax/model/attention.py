@@ -48,7 +48,9 @@ def attention(
     raise ValueError(
       f"attention: segment_ids must be [batch, length] = {q.shape[:2]}, got {segment_ids.shape}"
     )
-  impl = dispatch.resolve(impl, q, interpret=interpret, blocks=blocks)
+  impl = dispatch.resolve(
+    impl, q, packed=segment_ids is not None, interpret=interpret, blocks=blocks
+  )
   if impl == "xla":
     return xla_attention(q, k, v, segment_ids, causal=causal)
   return dispatch.run_kernel(
