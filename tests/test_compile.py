@@ -3,6 +3,7 @@ report, and the exit status that says whether it fits."""
 
 import pytest
 
+from polylm_jax import gin_setup
 from polylm_jax.train import compile_cli
 
 
@@ -49,3 +50,27 @@ def test_unknown_targets_are_named():
     compile_cli.main(["--gin_file=quickstart.gin", "--target=v5p-9"])
   assert compile_cli.topology_name("v5e-256") == "v5e:16x16"
   assert compile_cli.topology_name("v5p-64") == "v5p:4x4x2"
+
+
+@pytest.mark.parametrize(
+  "preset", sorted(p.name for p in (gin_setup.GIN_DIR / "runs" / "fit").glob("*.gin"))
+)
+def test_fit_presets_configure_the_model_slice_and_batch_they_are_named_for(preset):
+  """Each preset of docs/scale.md's fit table parses and holds what its row says: the model, a
+  batch every chip of the slice gets rows of, FSDP over all chips, the tiled loss."""
+  from polylm_jax import tpu_slices
+
+  gin_setup.register_configurables()
+  gin_setup.parse_gin(
+    [f"runs/fit/{preset}"],
+    ["TrainerConfig.num_steps = 1000", "DataConfig.mixture = 'polylm_sample'"],
+  )
+  model = gin_setup.configured("train.model")
+  data = gin_setup.configured("train.data")
+  mesh = gin_setup.configured("train.mesh")
+  trainer = gin_setup.configured("train.trainer")
+  name, slice_ = preset.removesuffix(".gin").split("_v")
+  assert model.name == name.replace("_7b", ".7b") and model.attention_impl == "pallas_tpu"
+  chips = tpu_slices.chips("v" + slice_.replace("_", "-"))
+  assert data.seq_len == 2048 and data.batch_size % chips == 0
+  assert mesh.resolve(chips) == (1, chips, 1) and trainer.loss.impl == "tiled"
