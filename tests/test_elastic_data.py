@@ -1,6 +1,6 @@
 """Elastic data: the global batches depend on (seed, DataConfig.streams, step) only, so a run
 saved on some number of processes resumes exactly on another (data/resumable.py). Processes are
-simulated here by one BatchIterator per process index; test_cli.py runs real processes."""
+simulated by one BatchIterator per process index, then real local processes (the last test)."""
 
 import dataclasses
 import os

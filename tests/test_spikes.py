@@ -8,7 +8,7 @@ import pytest
 
 from polylm_jax import sharding
 from polylm_jax.config import PRESETS
-from polylm_jax.data import pipeline, tasks  # noqa: F401 (registers the sample tasks)
+from polylm_jax.data import pipeline, resumable, tasks  # noqa: F401 (registers the sample tasks)
 from polylm_jax.train.checkpoint import CheckpointConfig
 from polylm_jax.train.loop import TrainerConfig, train
 from polylm_jax.train.optimizer import OptimizerConfig
@@ -17,7 +17,7 @@ from polylm_jax.train.spikes import SpikeConfig
 CORRUPT_AT = 26  # the 26th batch is corrupt
 
 
-class CorruptingBatches(pipeline.BatchIterator):
+class CorruptingBatches(resumable.BatchIterator):
   """The sample pipeline, with every target of one batch replaced by <unk> (id 0), which never
   occurs in the data: the model has learnt to give it almost no probability, so the loss jumps."""
 

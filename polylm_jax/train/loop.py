@@ -3,7 +3,7 @@ metrics, save checkpoints (periodically, at the end, on SIGTERM / preemption), r
 and stop on repeated non-finite updates.
 
 Takes any iterator of numpy batches; checkpointing needs one that can save and restore its state
-(`polylm_jax.data.pipeline.BatchIterator`). Imports no seqio/tensorflow/gin itself.
+(`polylm_jax.data.resumable.BatchIterator`). Imports no seqio/tensorflow/gin itself.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def _train(
       if not hasattr(batches, attr):
         raise TypeError(
           "checkpointing needs a resumable batch iterator (save/restore/position, "
-          "e.g. data.pipeline.BatchIterator); set CheckpointConfig.enabled=False"
+          "e.g. data.resumable.BatchIterator); set CheckpointConfig.enabled=False"
         )
     ckpt = Checkpointer(workdir, checkpoint, step_fn)
   if spikes.mode == "rollback" and ckpt is None:
