@@ -177,6 +177,7 @@ def test_held_out_loss_is_logged_per_language(tmp_path, caplog):
   # Before the first step: what the compiled step needs per device (memory_report.py).
   assert "train step per device on 8 x cpu:" in caplog.text
   assert "peak" in caplog.text and "arithmetic intensity" in caplog.text
+  assert "model FLOPs" in caplog.text
   records = [
     json.loads(line) for line in (tmp_path / "eval_metrics.jsonl").read_text().splitlines()
   ]

@@ -31,6 +31,13 @@ def test_a_step_that_does_not_fit_exits_1_with_the_settings_to_change(capsys):
   out = capsys.readouterr().out
   assert code == 1
   assert "DOES NOT FIT" in out and "LossConfig.impl = 'tiled'" in out and "remat_policy" in out
+  # XLA's count of a scanned model's FLOPs covers one layer; the model's own count is printed.
+  assert "(XLA counts the scanned layer body once)" in out
+  from polylm_jax.config import PRESETS
+  from polylm_jax.train.flops import train_flops_per_token
+
+  per_device = train_flops_per_token(PRESETS["tiny"], 128) * 8 * 128 / 8
+  assert f"model FLOPs {per_device:.3e} a step" in out
 
 
 def test_a_step_the_tpu_compiler_refuses_for_memory_does_not_fit(capsys):

@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   m = memory_report.analyse(compiled)
   hbm = args.hbm_gib * memory_report.GIB if args.hbm_gib else memory_report.hbm_bytes(devices[0])
-  print("\n".join(memory_report.report_lines(m, hbm, where)))
+  from polylm_jax.train import flops
+
+  peak = flops.peak_flops_per_device(devices[0])
+  work = memory_report.model_work(model, data.batch_size, data.seq_len, devices, peak)
+  print("\n".join(memory_report.report_lines(m, hbm, where, work)))
   if hbm is None:
     print("device memory unknown: pass --hbm_gib to check the fit")
     return 0

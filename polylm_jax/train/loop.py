@@ -151,11 +151,11 @@ def train(
     )
 
 
-def _log_step_memory(memory, mesh) -> None:
+def _log_step_memory(memory, mesh, work: memory_report.ModelWork) -> None:
   device = mesh.devices.flat[0]
   where = f"{mesh.devices.size} x {device.device_kind}"
   hbm = memory_report.hbm_bytes(device)
-  for line in memory_report.report_lines(memory, hbm, where):
+  for line in memory_report.report_lines(memory, hbm, where, work):
     logging.info("%s", line)
   if hbm and memory.peak > hbm:
     logging.warning("the step needs more memory than the device has; %s", memory_report.KNOBS)
@@ -278,7 +278,11 @@ def _train(
           sharding.check_process_rows(
             step_fn.batch_sharding, local["inputs"].shape[0] * jax.process_count()
           )
-          _log_step_memory(step_fn.compile_for(state, placed), mesh)
+          rows = local["inputs"].shape[0] * jax.process_count()
+          work = memory_report.model_work(
+            model, rows, local["inputs"].shape[1], mesh.devices.flat, peak
+          )
+          _log_step_memory(step_fn.compile_for(state, placed), mesh, work)
         first = None
         state, metrics = step_fn(state, placed)
         step += 1

@@ -77,7 +77,26 @@ def analyse(compiled) -> StepMemory:
   )
 
 
-def report_lines(m: StepMemory, hbm: float | None, where: str) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class ModelWork:
+  """The step's useful FLOPs per device (flops.py), what the compiled count cannot give when
+  layers are scanned: XLA's cost analysis counts a loop body once, not once per layer."""
+
+  flops_per_device: float
+  scanned_layers: bool
+  peak_flops: float | None = None  # the device's peak FLOP/s, when known
+
+
+def model_work(model, batch_size: int, seq_len: int, devices, peak_flops=None) -> ModelWork:
+  from polylm_jax.train import flops
+
+  per_device = flops.train_flops_per_token(model, seq_len) * batch_size * seq_len / len(devices)
+  return ModelWork(per_device, model.scan_layers, peak_flops)
+
+
+def report_lines(
+  m: StepMemory, hbm: float | None, where: str, work: ModelWork | None = None
+) -> list[str]:
   lines = [
     f"train step per device on {where}:",
     f"  arguments (train state + batch) {m.arguments / GIB:8.2f} GiB",
@@ -90,7 +109,14 @@ def report_lines(m: StepMemory, hbm: float | None, where: str) -> list[str]:
     lines.append(
       f"  compiled FLOPs {m.flops:.3e}, bytes accessed {m.bytes_accessed or 0:.3e}, "
       f"arithmetic intensity {m.intensity or 0:.1f} FLOP/byte"
+      + (" (XLA counts the scanned layer body once)" if work and work.scanned_layers else "")
     )
+  if work:
+    line = f"  model FLOPs {work.flops_per_device:.3e} a step (6N + attention, flops.py)"
+    if work.peak_flops:
+      ms = 1e3 * work.flops_per_device / work.peak_flops
+      line += f": >= {ms:.1f} ms at the device's peak {work.peak_flops:.3g} FLOP/s"
+    lines.append(line)
   return lines
 
 
