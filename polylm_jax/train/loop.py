@@ -161,6 +161,16 @@ def _log_step_memory(memory, mesh, work: memory_report.ModelWork) -> None:
     logging.warning("the step needs more memory than the device has; %s", memory_report.KNOBS)
 
 
+def _compile_first_step(step_fn, state, rows: int, length: int, model, peak) -> None:
+  """Checks the batch against the mesh, compiles the step for batches of these shapes (from the
+  data config: while the first batch is still being read) and logs what it needs per device."""
+  step_fn.check_batch_shape(rows)
+  sharding.check_process_rows(step_fn.batch_sharding, rows)
+  mesh = step_fn.mesh
+  work = memory_report.model_work(model, rows, length, mesh.devices.flat, peak)
+  _log_step_memory(step_fn.compile_for(state, step_fn.abstract_batch(rows, length)), mesh, work)
+
+
 def _first_batch(batches) -> Background:
   return Background(lambda: next(batches), "first-batch")
 
@@ -271,18 +281,18 @@ def _train(
     with _Preemption() as preemption:
       step = int(state.step)
       while step < trainer.num_steps:
-        local = first.result() if first is not None else next(batches)
-        placed = step_fn.place_batch(local)
         if first is not None:  # this start's first step: compile it and say what it needs
-          step_fn.check_batch_shape(local["inputs"].shape[0] * jax.process_count())
-          sharding.check_process_rows(
-            step_fn.batch_sharding, local["inputs"].shape[0] * jax.process_count()
-          )
-          rows = local["inputs"].shape[0] * jax.process_count()
-          work = memory_report.model_work(
-            model, rows, local["inputs"].shape[1], mesh.devices.flat, peak
-          )
-          _log_step_memory(step_fn.compile_for(state, placed), mesh, work)
+          config = getattr(batches, "config", None)  # the data's shapes, before its first batch
+          if config is not None:
+            _compile_first_step(step_fn, state, config.batch_size, config.seq_len, model, peak)
+          local = first.result()
+          placed = step_fn.place_batch(local)
+          if not step_fn.compiled_for(placed):  # no config, or rows other than it says
+            rows, length = local["inputs"].shape
+            _compile_first_step(step_fn, state, rows * jax.process_count(), length, model, peak)
+        else:
+          local = next(batches)
+          placed = step_fn.place_batch(local)
         first = None
         state, metrics = step_fn(state, placed)
         step += 1

@@ -273,10 +273,14 @@ class TrainStep:
     return new_state, metrics
 
   def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    if self._compiled is not None and self._compiled_for == _signature(batch):
+    if self.compiled_for(batch):
       return self._compiled(state, batch)
     with self.mesh, sharding.activate(self.mesh, self.rules):
       return self._step(state, batch)
+
+  def compiled_for(self, batch) -> bool:
+    """Whether compile_for has compiled the step for batches of this one's shapes and dtypes."""
+    return self._compiled is not None and self._compiled_for == _signature(batch)
 
   def compile_for(self, state, batch):
     """Compiles the step for this state and (placed) batch now, keeps the executable for the
