@@ -116,7 +116,7 @@ SHORT = [
 ]
 
 
-def _run_processes(workdir, processes: int, devices: int, num_steps: int) -> str:
+def _run_processes(workdir, processes: int, devices: int, num_steps: int, *extra: str) -> str:
   """`processes` local trainer processes of `devices` CPU devices each, one run."""
   import socket
 
@@ -142,6 +142,7 @@ def _run_processes(workdir, processes: int, devices: int, num_steps: int) -> str
         f"--workdir={workdir}",
         *[f"--gin_bindings={b}" for b in SHORT],
         f"--gin_bindings=TrainerConfig.num_steps = {num_steps}",
+        *[f"--gin_bindings={b}" for b in extra],
       ],
       cwd=REPO,
       env=env,
@@ -176,8 +177,11 @@ def test_a_run_moves_from_2x4_to_1x8_to_4x2_processes_with_the_same_batches(tmp_
     + [f"--gin_bindings={b}" for b in SHORT]
   )
   elastic = tmp_path / "elastic"
-  out = _run_processes(elastic, processes=2, devices=4, num_steps=2)
+  # With held-out evaluation: the processes' validation shards differ in length, and every
+  # process must still run the same number of evaluation steps.
+  out = _run_processes(elastic, 2, 4, 2, "TrainerConfig.eval_every = 2")
   assert "'data': 8" in out  # one mesh over both processes' devices
+  assert "val_loss/en" in (elastic / "eval_metrics.jsonl").read_text()
   cli.main(
     ["--gin_file=gin_configs/quickstart.gin", f"--workdir={elastic}"]
     + [f"--gin_bindings={b}" for b in SHORT + ["TrainerConfig.num_steps = 4"]]
@@ -207,3 +211,27 @@ def test_batch_fingerprint_sees_every_row_in_place_but_not_the_sharding(make_bat
   changed = dict(batch, inputs=batch["inputs"].copy())
   changed["inputs"][5, 3] += 1
   assert int(jax.jit(batch_fingerprint)(changed)) != fingerprint
+
+
+def test_held_out_sets_of_all_processes_have_as_many_batches():
+  """Shards of a small validation split give different numbers of batches (English: 3 and 4
+  here); a multi-host evaluation step is collective, so the count is agreed across processes
+  and the shorter set padded with zero-weight batches."""
+  cfg = pipeline.DataConfig(
+    mixture="polylm_pt_en", seq_len=128, batch_size=16, split="validation", shuffle=False
+  )
+  local = [len(pipeline.eval_batches(cfg, shard_index=i, num_shards=2)) for i in range(2)]
+  assert local[0] != local[1]
+
+  def agree(counts):  # what the allgather gives when every process has reported its counts
+    return [max(c, *local) for c in counts]
+
+  sets = [
+    pipeline.HeldOutSets({"en": cfg}, shard_index=i, num_shards=2, agree=agree) for i in range(2)
+  ]
+  assert [len(s["en"]) for s in sets] == [max(local)] * 2
+  padded = sets[local.index(min(local))]["en"][-1]
+  assert padded["inputs"].shape == (8, 128) and padded["weights"].sum() == 0
+  real = sum(float(b["weights"].sum()) for s in sets for b in s["en"])
+  whole = sum(float(b["weights"].sum()) for b in pipeline.eval_batches(cfg, max_batches=8))
+  assert real == whole  # padding adds no tokens; the shards together hold the split

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import seqio
@@ -276,10 +276,16 @@ def batches(
 
 
 def eval_batches(
-  config: DataConfig, *, shard_index: int = 0, num_shards: int = 1, max_batches: int = 4
+  config: DataConfig,
+  *,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  max_batches: int = 4,
+  allow_empty: bool = False,
 ) -> list[dict[str, np.ndarray]]:
   """Up to `max_batches` packed batches of one pass over a (validation) split, the last one
-  padded with zero-weight rows, so held-out loss is computed on the same tokens every time."""
+  padded with zero-weight rows, so held-out loss is computed on the same tokens every time.
+  `allow_empty`: a shard with no data gives [] (another process's shard may have some)."""
   rows = config.batch_size // num_shards
   config = dataclasses.replace(config, shuffle=False)
   ds = _get_dataset(
@@ -294,26 +300,57 @@ def eval_batches(
         k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()
       }
     out.append(batch)
-  if not out:
+  if not out and not allow_empty:
     raise ValueError(f"{config.mixture!r} has no {config.split!r} data for evaluation")
   return out
 
 
 class HeldOutSets(collections.abc.Mapping):
   """{name: eval batches}, built at the first evaluation rather than before step 1 (building
-  18 languages' held-out pipelines takes seconds the first step should not wait for)."""
+  18 languages' held-out pipelines takes seconds the first step should not wait for).
 
-  def __init__(self, configs: dict[str, DataConfig], *, shard_index: int = 0, num_shards: int = 1):
+  With several processes each reads its shard, and shards of a small validation split give
+  different numbers of batches; every process must run the same number of (collective) eval
+  steps, so `agree` (the counts of all processes -> the largest, e.g. an allgather) sets the
+  count and shorter sets are padded with batches of zero weight."""
+
+  def __init__(
+    self,
+    configs: dict[str, DataConfig],
+    *,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    agree: Callable[[list[int]], list[int]] | None = None,
+  ):
     self.configs = configs
     self.shard_index, self.num_shards = shard_index, num_shards
+    self.agree = agree
     self._built: dict[str, list[dict[str, np.ndarray]]] | None = None
 
   def _sets(self) -> dict[str, list[dict[str, np.ndarray]]]:
     if self._built is None:
-      self._built = {
-        name: eval_batches(cfg, shard_index=self.shard_index, num_shards=self.num_shards)
+      built = {
+        name: eval_batches(
+          cfg,
+          shard_index=self.shard_index,
+          num_shards=self.num_shards,
+          allow_empty=self.agree is not None,
+        )
         for name, cfg in self.configs.items()
       }
+      if self.agree is not None:
+        counts = self.agree([len(b) for b in built.values()])
+        for (name, batches), count in zip(built.items(), counts):
+          if count == 0:
+            raise ValueError(f"{self.configs[name].mixture!r} has no validation data")
+          rows = self.configs[name].batch_size // self.num_shards
+          length = self.configs[name].seq_len
+          empty = {
+            k: np.zeros((rows, length), np.float32 if k == "weights" else np.int32)
+            for k in packing.ROW_KEYS
+          }
+          batches.extend(dict(empty) for _ in range(count - len(batches)))
+      self._built = built
     return self._built
 
   def __getitem__(self, name: str):

@@ -114,6 +114,7 @@ def run(
       },
       shard_index=jax.process_index(),
       num_shards=jax.process_count(),
+      agree=_most_over_processes if jax.process_count() > 1 else None,
     )
   metadata = {
     "gin_config": gin.config_str(),
@@ -154,6 +155,16 @@ def run(
   for task, counts in sources.dropped_records().items():
     logging.warning("data: task %s dropped records %s", task, counts)
   return result
+
+
+def _most_over_processes(counts: list[int]) -> list[int]:
+  """Each count's largest value over all processes (an allgather; every process calls it)."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  gathered = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int32)))
+  return [int(c) for c in gathered.reshape(jax.process_count(), -1).max(axis=0)]
 
 
 def _check_schedule(optimizer, num_steps: int) -> None:
