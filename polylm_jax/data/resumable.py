@@ -18,6 +18,7 @@ with K/M, docs/data.md); nothing is read twice.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import logging
@@ -78,14 +79,14 @@ def resume_streams(configured: int, saved: int, process_count: int) -> int:
   return saved
 
 
-class _Resumable:
+class _Resumable(abc.ABC):
   """What both iterators share: iteration, and skipping by drawing (a rollback's skip)."""
 
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    raise NotImplementedError
+  @abc.abstractmethod
+  def __next__(self) -> dict[str, np.ndarray]: ...
 
   def skip(self, n: int) -> None:
     for _ in range(n):

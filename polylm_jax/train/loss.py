@@ -226,33 +226,15 @@ def vocab_parallel_token_nll(
 ):
   """tiled_token_nll with the table split over `axes` of `mesh` (shard_map over all axes)."""
   batch_spec = sharding.logical_to_mesh_spec((sharding.BATCH,), rules)[0]
+  _, batch_axes = sharding.parts(sharding.BATCH, mesh, rules)
   vocab = axes if len(axes) > 1 else axes[0]
-  batch_axes = (
-    ()
-    if batch_spec is None
-    else (batch_spec,)
-    if isinstance(batch_spec, str)
-    else tuple(batch_spec)
-  )
-  fn = functools.partial(
-    _sharded_nll,
-    token_tile=token_tile,
-    vocab_tile=vocab_tile,
-    dtype=dtype,
-    vocab=vocab,
-    batch_axes=batch_axes,
-  )
   return jax.shard_map(
-    lambda h, w, y: fn(h, w, y),
+    lambda h, w, y: _sharded(h, w, y, token_tile, vocab_tile, dtype, vocab, batch_axes),
     mesh=mesh,
     in_specs=(P(batch_spec, None), P(vocab, None), P(batch_spec)),
     out_specs=P(batch_spec),
     check_vma=True,
   )(hidden, table, targets)
-
-
-def _sharded_nll(hidden, table, targets, *, token_tile, vocab_tile, dtype, vocab, batch_axes):
-  return _sharded(hidden, table, targets, token_tile, vocab_tile, dtype, vocab, batch_axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
