@@ -188,6 +188,7 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._depth = 0
+    self._started = datetime.datetime.now().isoformat(timespec="seconds")
 
   def __enter__(self) -> "WorkdirLock":
     self.acquire()
@@ -202,6 +203,13 @@ class WorkdirLock:
       held._depth += 1
       self._depth = -1  # marks this object as a nested handle
       return
+    self._take()
+    self._depth = 1
+    _HELD[str(self.path)] = self
+    self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
+    self._thread.start()
+
+  def _take(self) -> None:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(20):
       try:
@@ -214,20 +222,9 @@ class WorkdirLock:
         self._break(holder, reason)
         continue
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      info = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "token": self._token,
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv)[:500],
-      }
-      os.write(fd, (json.dumps(info) + "\n").encode())
+      os.write(fd, (json.dumps(self._info()) + "\n").encode())
       os.fsync(fd)
       self._fd = fd
-      self._depth = 1
-      _HELD[str(self.path)] = self
-      self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
-      self._thread.start()
       return
     raise WorkdirLockedError(f"could not take the lock {self.path}: it keeps changing hands")
 
@@ -238,7 +235,7 @@ class WorkdirLock:
         held._depth -= 1
       self._depth = 0
       return
-    if self._fd is None:
+    if self._depth <= 0:
       return
     self._depth -= 1
     if self._depth > 0:
@@ -247,6 +244,19 @@ class WorkdirLock:
     if self._thread is not None:
       self._thread.join()
     _HELD.pop(str(self.path), None)
+    self._give_back()
+
+  def _info(self) -> dict:
+    return {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "token": self._token,
+      "started": self._started,
+      "command": " ".join(sys.argv)[:500],
+    }
+
+  def _give_back(self) -> None:
+    assert self._fd is not None
     holder = self._read()
     if holder is not None and holder.get("token") == self._token:  # only ever our own lock
       with contextlib.suppress(FileNotFoundError):
@@ -318,13 +328,13 @@ class WorkdirLock:
         f"({holder.get('command')})"
       )
     return (
-      f"workdir {self.path.parent} is in use by another trainer: {who}. Two runs must not "
-      f"share a workdir: wait for that run or stop it, or choose another --workdir. If that "
+      f"workdir {os.path.dirname(self.path)} is in use by another trainer: {who}. Two runs must "
+      f"not share a workdir: wait for that run or stop it, or choose another --workdir. If that "
       f"trainer is gone, delete {self.path}."
     )
 
 
-def check_shared_workdir(workdir: pathlib.Path) -> None:
+def check_shared_workdir(workdir: str) -> None:
   """On a multi-host run, every host must see the same workdir (checkpoints are written by all
   hosts, data states and the lock are read across hosts): process 0 writes a probe file there and
   every process looks for it. All processes learn the outcome, so a workdir that is not shared
@@ -333,21 +343,23 @@ def check_shared_workdir(workdir: pathlib.Path) -> None:
   import numpy as np
   from jax.experimental import multihost_utils
 
+  from polylm_jax import storage
+
   if jax.process_count() == 1:
     return
   token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
-  probe = workdir / f".shared-check-{token:08x}"
+  probe = storage.join(workdir, f".shared-check-{token:08x}")
   lead = jax.process_index() == 0
   if lead:
-    probe.write_text(socket.gethostname())
+    storage.write_text(probe, socket.gethostname())
   multihost_utils.sync_global_devices("polylm_workdir_probe_written")
-  seen = multihost_utils.process_allgather(np.int32(probe.is_file()))
+  seen = multihost_utils.process_allgather(np.int32(storage.exists(probe)))
   if lead:
-    probe.unlink()  # the probe this process wrote a moment ago, nothing else
+    storage.remove(probe)  # the probe this process wrote a moment ago, nothing else
   missing = [i for i, s in enumerate(np.asarray(seen).reshape(-1)) if not s]
   if missing:
     raise SystemExit(
       f"--workdir={workdir} is not shared between the hosts: process(es) {missing} cannot see the "
       f"file process 0 wrote there. Checkpoints, data states and the run's lock must be on a "
-      f"filesystem every host sees (NFS, Filestore, Lustre, a GCS FUSE mount)"
+      f"filesystem every host sees (NFS, Filestore, Lustre), or in a bucket (--workdir=gs://...)"
     )

@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs (read at its import) asks Google's storage-control API whether a bucket is zonal; the GCS
+# emulator the object-storage tests use has no such API (each ask would wait a minute and fail).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

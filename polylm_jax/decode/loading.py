@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from polylm_jax import framing, sharding
+from polylm_jax import framing, sharding, storage
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import params as model_params
 
@@ -67,7 +67,7 @@ def load(
   from polylm_jax.train.checkpoint import restore_params
 
   step_dir = checkpoint_reader.resolve_checkpoint(workdir, step, checkpoint)
-  meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  meta = json.loads(storage.read_text(storage.join(step_dir, "meta", "metadata")))
   if "model_config" not in meta:
     raise ValueError(f"{step_dir}: checkpoint metadata has no model_config")
   cfg = ModelConfig.from_dict(meta["model_config"]).replace(**(overrides or {}))

@@ -9,46 +9,53 @@ one tensor slice of host memory, not the model.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
+from polylm_jax import storage
 from polylm_jax.config import ModelConfig
 
 
 def resolve_checkpoint(
   workdir: str | None = None, step: int | None = None, checkpoint: str | None = None
-) -> pathlib.Path:
-  """The `checkpoints/<step>` directory: the latest complete one of a workdir, a chosen step, or
-  an explicit path."""
+) -> str:
+  """The `checkpoints/<step>` directory (local or gs://...): the latest complete one of a workdir,
+  a chosen step, or an explicit path."""
   if checkpoint:
-    path = pathlib.Path(checkpoint)
-    if not (path / "state").is_dir():
-      raise FileNotFoundError(f"--checkpoint={path}: not a checkpoint step directory (no state/)")
-    return path
+    if not storage.isdir(storage.join(checkpoint, "state")):
+      raise FileNotFoundError(
+        f"--checkpoint={checkpoint}: not a checkpoint step directory (no state/)"
+      )
+    return os.fspath(checkpoint)
   if not workdir:
     raise ValueError("give a training workdir (--workdir) or a checkpoint path (--checkpoint)")
-  root = pathlib.Path(workdir) / "checkpoints"
+  root = storage.join(workdir, "checkpoints")
   complete = sorted(
-    int(p.name)
-    for p in root.glob("*")
-    if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()
+    int(n)
+    for n in storage.listdir(root)
+    if n.isdigit()
+    and storage.isdir(storage.join(root, n, "state"))
+    and storage.isdir(storage.join(root, n, "meta"))
   )
   if not complete:
     raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint under {root}")
   if step is None:
-    return root / str(complete[-1])
+    return storage.join(root, str(complete[-1]))
   if step not in complete:
     raise FileNotFoundError(f"--step={step}: no such checkpoint in {root}; have {complete}")
-  return root / str(step)
+  return storage.join(root, str(step))
 
 
 class CheckpointReader:
-  def __init__(self, step_dir: str | pathlib.Path):
-    self.step_dir = pathlib.Path(step_dir).absolute()
-    self.meta: dict[str, Any] = json.loads((self.step_dir / "meta" / "metadata").read_text())
+  def __init__(self, step_dir: str | os.PathLike):
+    text = os.fspath(step_dir)
+    self.step_dir = text if storage.is_remote(text) else os.path.abspath(text)
+    self.meta: dict[str, Any] = json.loads(
+      storage.read_text(storage.join(self.step_dir, "meta", "metadata"))
+    )
     fields = self.meta.get("model_config")
     if not fields:
       raise ValueError(f"{self.step_dir}: checkpoint metadata has no model_config")
@@ -64,7 +71,7 @@ class CheckpointReader:
             "driver": "zarr",
             "kvstore": {
               "driver": "ocdbt",
-              "base": f"file://{self.step_dir / 'state'}/",
+              "base": _kvstore_url(storage.join(self.step_dir, "state")) + "/",
               "path": key,
             },
           },
@@ -87,3 +94,8 @@ class CheckpointReader:
   def param_shape(self, path: tuple, layer: int | None = None) -> tuple[int, ...]:
     shape = tuple(self._array(path).shape)
     return shape[1:] if layer is not None else shape
+
+
+def _kvstore_url(path: str) -> str:
+  """Tensorstore's URL of a directory: gs://... as it is, a local path as file://."""
+  return path if storage.is_remote(path) else f"file://{path}"

@@ -23,14 +23,16 @@ import base64
 import dataclasses
 import json
 import logging
+import os
 import pathlib
-import shutil
+import tempfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from polylm_jax import files
+from polylm_jax import files, storage
 from polylm_jax.config import ModelConfig
 from polylm_jax.model import params as model_params
 from polylm_jax.train import compat
@@ -105,40 +107,45 @@ RUN_FILES = (
 )
 
 
-def set_aside_previous_run(workdir: str | pathlib.Path) -> pathlib.Path | None:
+def orbax_path(path: str | os.PathLike) -> epath.Path:
+  """What Orbax is given: an absolute local path, or a URL (gs://...) as it is."""
+  text = os.fspath(path)
+  if storage.is_remote(text):
+    storage.prepare(text)
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(text))
+
+
+def set_aside_previous_run(workdir: str | os.PathLike) -> str | None:
   """Moves an earlier run's files into <workdir>/previous/<time>/ (nothing is deleted)."""
-  workdir = pathlib.Path(workdir)
-  present = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+  present = [name for name in storage.listdir(os.fspath(workdir)) if name in RUN_FILES]
   if not present:
     return None
-  target = workdir / "previous" / files.timestamp()
-  target.mkdir(parents=True)
-  for path in present:
-    path.rename(target / path.name)
+  target = storage.join(workdir, "previous", files.timestamp())
+  storage.makedirs(target)
+  for name in present:
+    storage.move(storage.join(workdir, name), storage.join(target, name))
   logging.warning(
-    "--start_over: the earlier run's files (%s) were moved to %s",
-    ", ".join(p.name for p in present),
-    target,
+    "--start_over: the earlier run's files (%s) were moved to %s", ", ".join(present), target
   )
   return target
 
 
-def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   """The steps of the finished checkpoint directories in a workdir (no Orbax, no devices)."""
-  root = pathlib.Path(workdir) / "checkpoints"
-  if not root.is_dir():
-    return []
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+  return sorted(
+    int(n) for n in storage.listdir(storage.join(workdir, "checkpoints")) if n.isdigit()
+  )
 
 
 class Checkpointer:
-  def __init__(self, workdir: str | pathlib.Path, config: CheckpointConfig, train_step):
-    self.workdir = pathlib.Path(workdir)
+  def __init__(self, workdir: str | os.PathLike, config: CheckpointConfig, train_step):
+    self.workdir = os.fspath(workdir)
     self.config = config
     self.train_step = train_step
-    self.root = (self.workdir / "checkpoints").absolute()
-    self.data_dir = self.workdir / "data_state"
-    self.corrupt_dir = self.workdir / "corrupt"
+    self.root = orbax_path(storage.join(self.workdir, "checkpoints"))
+    self.data_dir = storage.join(self.workdir, "data_state")
+    self.corrupt_dir = storage.join(self.workdir, "corrupt")
     self.lead = jax.process_index() == 0
     self.manager = ocp.CheckpointManager(
       self.root,
@@ -162,7 +169,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> None:
     self.wait()  # the previous save must have succeeded before anything else is written
     try:
-      data_iterator.save(str(self.data_dir / str(step)))
+      self._save_data_state(data_iterator, storage.join(self.data_dir, str(step)))
     except Exception as e:  # e.g. a full disk: the data state is part of the checkpoint
       raise self._save_error(step, e) from e
     opt = self.train_step.optimizer_config
@@ -190,6 +197,26 @@ class Checkpointer:
     if not self.config.async_save:
       self.wait()
     self._drop_orphan_data_states(keep=step)
+
+  @staticmethod
+  def _save_data_state(data_iterator, directory: str) -> None:
+    """tf.data writes its iterator checkpoints to a local directory; on object storage they are
+    written to a temporary one and uploaded."""
+    if not storage.is_remote(directory):
+      data_iterator.save(directory)
+      return
+    with tempfile.TemporaryDirectory(prefix="polylm-data-state-") as local:
+      data_iterator.save(local)
+      storage.upload_dir(local, directory)
+
+  @staticmethod
+  def _restore_data_state(data_iterator, directory: str, position: int) -> None:
+    if not storage.is_remote(directory):
+      data_iterator.restore(directory, position)
+      return
+    with tempfile.TemporaryDirectory(prefix="polylm-data-state-") as local:
+      storage.download_dir(directory, local)
+      data_iterator.restore(local, position)
 
   def wait(self) -> None:
     """Blocks until the save in flight is on disk; a failed save raises CheckpointSaveError."""
@@ -219,26 +246,26 @@ class Checkpointer:
     """Data states whose checkpoint is gone (rotated out by the keep policy, or never completed).
     Judged from what is on disk, never from Orbax's in-memory list: a step with any checkpoint
     directory (finished or in progress) keeps its data state."""
-    if not self.lead or not self.data_dir.is_dir() or not self.root.is_dir():
+    if not self.lead:
       return
-    on_disk = {p.name.split(".")[0] for p in self.root.iterdir()}
-    for d in self.data_dir.iterdir():
-      if d.name.isdigit() and int(d.name) != keep and d.name not in on_disk:
-        shutil.rmtree(d, ignore_errors=True)
+    on_disk = {n.split(".")[0] for n in storage.listdir(os.fspath(self.root))}
+    if not on_disk:
+      return
+    for name in storage.listdir(self.data_dir):
+      if name.isdigit() and int(name) != keep and name not in on_disk:
+        storage.remove_tree(storage.join(self.data_dir, name))
 
   # --- restoring ----------------------------------------------------------------------------
   def steps(self) -> list[int]:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
-  def step_dir(self, step: int) -> pathlib.Path:
+  def step_dir(self, step: int) -> epath.Path:
     return self.root / str(step)
 
   def has_history(self) -> bool:
     """Checkpoints were written here before (some may have been moved to corrupt/)."""
-    return bool(self.steps_on_disk()) or (
-      self.corrupt_dir.is_dir() and any(self.corrupt_dir.iterdir())
-    )
+    return bool(self.steps_on_disk()) or bool(storage.listdir(self.corrupt_dir))
 
   def _abstract_state(self):
     return with_shardings(
@@ -303,13 +330,15 @@ class Checkpointer:
       ) from e
     if data_iterator is not None:
       try:
-        data_iterator.restore(str(self.data_dir / str(step)), meta["data_position"])
+        self._restore_data_state(
+          data_iterator, storage.join(self.data_dir, str(step)), meta["data_position"]
+        )
       except Exception as e:
         if _is_resource_error(e):
           raise
         raise CorruptCheckpointError(
           f"checkpoint {where} is unreadable: its data-iterator state "
-          f"{self.data_dir / str(step)} is missing or damaged "
+          f"{storage.join(self.data_dir, str(step))} is missing or damaged "
           f"({type(e).__name__}: {e})"
         ) from e
     return state, meta
@@ -345,15 +374,17 @@ class Checkpointer:
       spike_stats=restored["spike_stats"],
     )
 
-  def quarantine(self, step: int) -> pathlib.Path:
+  def quarantine(self, step: int) -> str:
     """Moves a damaged checkpoint (and its data state) to corrupt/; nothing is deleted."""
-    target = self.corrupt_dir / f"step_{step}-{files.timestamp()}"
+    target = storage.join(self.corrupt_dir, f"step_{step}-{files.timestamp()}")
     if self.lead:
-      target.mkdir(parents=True, exist_ok=True)
-      if self.step_dir(step).exists():
-        self.step_dir(step).rename(target / "checkpoint")
-      if (self.data_dir / str(step)).exists():
-        (self.data_dir / str(step)).rename(target / "data_state")
+      storage.makedirs(target)
+      for source, label in (
+        (os.fspath(self.step_dir(step)), "checkpoint"),
+        (storage.join(self.data_dir, str(step)), "data_state"),
+      ):
+        if storage.exists(source):
+          storage.move(source, storage.join(target, label))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -380,7 +411,7 @@ class Checkpointer:
         f"{self.root} has no checkpoint that can be read"
         + (
           f" (unreadable ones were moved to {self.corrupt_dir})"
-          if self.corrupt_dir.is_dir()
+          if storage.isdir(self.corrupt_dir)
           else ""
         )
         + ". The run will not start over on its own: restore a checkpoint there, or pass "
@@ -397,25 +428,23 @@ def with_shardings(abstract, shardings):
   )
 
 
-def _latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
-  root = directory / "checkpoints"
-  steps = (
-    sorted(
-      int(p.name)
-      for p in root.glob("*")
-      if p.name.isdigit() and (p / "state").is_dir() and (p / "meta").is_dir()
-    )
-    if root.is_dir()
-    else []
+def _latest_step_dir(directory: str) -> str | None:
+  root = storage.join(directory, "checkpoints")
+  steps = sorted(
+    int(n)
+    for n in storage.listdir(root)
+    if n.isdigit()
+    and storage.isdir(storage.join(root, n, "state"))
+    and storage.isdir(storage.join(root, n, "meta"))
   )
-  return root / str(steps[-1]) if steps else None
+  return storage.join(root, str(steps[-1])) if steps else None
 
 
-def restore_params(step_dir: str | pathlib.Path, model_config: ModelConfig, shardings):
+def restore_params(step_dir: str | os.PathLike, model_config: ModelConfig, shardings):
   """Just the parameters of a training checkpoint, read straight into `shardings`."""
   abstract = with_shardings(model_params.abstract_params(model_config), shardings)
   restored = ocp.PyTreeCheckpointer().restore(
-    (pathlib.Path(step_dir) / "state").absolute(),
+    orbax_path(storage.join(step_dir, "state")),
     args=ocp.args.PyTreeRestore(
       item={"params": abstract},
       restore_args={
@@ -427,26 +456,29 @@ def restore_params(step_dir: str | pathlib.Path, model_config: ModelConfig, shar
   return restored["params"]
 
 
-def load_initial_params(directory: str | pathlib.Path, train_step):
+def load_initial_params(directory: str | os.PathLike, train_step):
   """Initial parameters, restored straight into the train step's parameter shardings, from
   a `polylm-import` output (params/ + meta.json), a training checkpoint step directory
   (checkpoints/<step>) or a training workdir (its newest checkpoint)."""
-  directory = pathlib.Path(directory)
-  if (directory / "meta.json").is_file():
-    meta = json.loads((directory / "meta.json").read_text())
-    check_model_compatible(meta.get("model_config"), train_step.model_config, str(directory))
+  directory = os.fspath(directory)
+  if storage.exists(storage.join(directory, "meta.json")):
+    meta = json.loads(storage.read_text(storage.join(directory, "meta.json")))
+    check_model_compatible(meta.get("model_config"), train_step.model_config, directory)
     abstract = with_shardings(
       model_params.abstract_params(train_step.model_config), train_step.param_shardings
     )
-    return ocp.StandardCheckpointer().restore((directory / "params").absolute(), abstract)
-  step_dir = directory if (directory / "state").is_dir() else _latest_step_dir(directory)
-  if step_dir is None or not (step_dir / "meta" / "metadata").is_file():
+    return ocp.StandardCheckpointer().restore(
+      orbax_path(storage.join(directory, "params")), abstract
+    )
+  has_state = storage.isdir(storage.join(directory, "state"))
+  step_dir = directory if has_state else _latest_step_dir(directory)
+  if step_dir is None or not storage.exists(storage.join(step_dir, "meta", "metadata")):
     raise FileNotFoundError(
       f"TrainerConfig.init_params_from={directory}: neither a polylm-import output "
       f"(meta.json), a checkpoint step directory (state/, meta/) nor a workdir with checkpoints"
     )
-  meta = json.loads((step_dir / "meta" / "metadata").read_text())
-  check_model_compatible(meta.get("model_config"), train_step.model_config, str(step_dir))
+  meta = json.loads(storage.read_text(storage.join(step_dir, "meta", "metadata")))
+  check_model_compatible(meta.get("model_config"), train_step.model_config, step_dir)
   return restore_params(step_dir, train_step.model_config, train_step.param_shardings)
 
 

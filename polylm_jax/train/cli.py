@@ -13,23 +13,29 @@ import argparse
 import contextlib
 import logging
 import os
-import pathlib
 import sys
 import uuid
 
 import gin
 
-from polylm_jax import console, files, gin_setup
+from polylm_jax import console, files, gin_setup, storage
 
 
-def check_workdir(workdir: str) -> pathlib.Path:
-  path = pathlib.Path(workdir)
+def check_workdir(workdir: str) -> str:
+  """A local directory (made if missing) or an object-storage URL (gs://bucket/run), written to
+  and read back once, so a path the trainer cannot use stops it before anything is built."""
+  if storage.is_remote(workdir):
+    path = workdir.rstrip("/")
+  else:
+    path = os.path.abspath(workdir)
+  probe = storage.join(path, f".write-test-{uuid.uuid4().hex}")
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write-test-{uuid.uuid4().hex}"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
+    storage.makedirs(path)
+    storage.write_text(probe, "ok")
+    if storage.read_text(probe) != "ok":
+      raise OSError(f"{probe} read back differently")
+    storage.remove(probe)
+  except (OSError, ValueError) as e:
     raise SystemExit(f"--workdir={workdir} is not writable: {e}") from e
   return path
 
@@ -164,10 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
 
   lead = jax.process_index() == 0  # one writer per run, whatever the number of hosts
   # Taken before anything is built, so a second trainer on this workdir stops at once.
-  with files.WorkdirLock(workdir) if lead else contextlib.nullcontext():
-    result = train_fn(workdir=str(workdir), start_over=args.start_over)
+  with storage.workdir_lock(workdir) if lead else contextlib.nullcontext():
+    result = train_fn(workdir=workdir, start_over=args.start_over)
     if lead:
-      files.atomic_write_text(workdir / "operative_config.gin", gin.operative_config_str())
+      storage.write_text(storage.join(workdir, "operative_config.gin"), gin.operative_config_str())
   return result
 
 

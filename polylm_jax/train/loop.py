@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import pathlib
 import signal
 import time
 from typing import Any, Iterator, Mapping
@@ -19,7 +18,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from polylm_jax import files, framing, languages, sharding
+from polylm_jax import framing, languages, sharding, storage
 from polylm_jax.background import Background
 from polylm_jax.config import ModelConfig, analytic_param_count
 from polylm_jax.kernels.common import BlockSizes
@@ -133,7 +132,7 @@ def train(
   `benchmark(step_fn, params) -> metrics` runs every `trainer.lm_eval_every` steps.
   """
   lead = jax.process_index() == 0
-  with files.WorkdirLock(workdir) if lead else contextlib.nullcontext():
+  with storage.workdir_lock(workdir) if lead else contextlib.nullcontext():
     if start_over and lead:
       set_aside_previous_run(workdir)
     return _train(
@@ -254,7 +253,7 @@ def _train(
   if first is None and int(state.step) < trainer.num_steps:
     first = _first_batch(batches)
   if lead and meta.get("gin_config"):  # the config of this (re)start, once start-up succeeded
-    files.atomic_write_text(pathlib.Path(workdir) / "config.gin", meta["gin_config"])
+    storage.write_text(storage.join(workdir, "config.gin"), meta["gin_config"])
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
   writer = MetricsWriter(
     workdir,

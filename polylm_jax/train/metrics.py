@@ -1,16 +1,18 @@
-"""Where step metrics go: a JSONL file and TensorBoard event files in the workdir, and the console
-(a progress bar on a terminal, plain log lines otherwise)."""
+"""Where step metrics go: a JSONL file and TensorBoard event files in the workdir (local or object
+storage, storage.py), and the console (a progress bar on a terminal, plain log lines otherwise)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import pathlib
+import os
 import sys
+import tempfile
+import time
 from typing import Any
 
-from polylm_jax import files
+from polylm_jax import storage
 
 # In metrics.jsonl only: an identifier, not a quantity to plot or read in the log.
 RECORD_ONLY = ("batch_fingerprint",)
@@ -21,12 +23,12 @@ def _plain(v: Any):
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _drop_records_after(path: pathlib.Path, step: int) -> None:
+def _drop_records_after(path: str, step: int) -> None:
   """A resumed run redoes the steps after its checkpoint: their earlier records (and a line cut
   short by a crash) go, so the file holds each step once, in order."""
-  if not path.is_file():
+  if not storage.exists(path):
     return
-  lines = path.read_text(encoding="utf-8").splitlines()
+  lines = storage.read_text(path).splitlines()
   kept = []
   for line in lines:
     try:
@@ -36,7 +38,7 @@ def _drop_records_after(path: pathlib.Path, step: int) -> None:
     if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
       kept.append(line)
   if len(kept) != len(lines):
-    files.atomic_write_text(path, "".join(line + "\n" for line in kept))
+    storage.write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsWriter:
@@ -44,7 +46,7 @@ class MetricsWriter:
 
   def __init__(
     self,
-    workdir: str | pathlib.Path,
+    workdir: str | os.PathLike,
     *,
     tensorboard: bool = True,
     total_steps: int = 0,
@@ -53,12 +55,17 @@ class MetricsWriter:
     enabled: bool = True,
     filename: str = "metrics.jsonl",
   ):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = os.fspath(workdir)
     self.enabled = enabled
+    path = storage.join(self.workdir, filename)
     if enabled:
-      _drop_records_after(self.workdir / filename, start_step)
-    self._jsonl = open(self.workdir / filename, "a", encoding="utf-8") if enabled else None
+      _drop_records_after(path, start_step)
+    self._jsonl = storage.AppendLog(path) if enabled else None
     self._tb = None
+    # TensorBoard writes event files into a local directory; for a workdir on object storage that
+    # is a temporary one, uploaded with metrics.jsonl.
+    self._tb_local: tempfile.TemporaryDirectory | None = None
+    self._tb_uploaded = time.monotonic()
     if tensorboard and enabled:
       try:
         from tensorboardX import SummaryWriter
@@ -67,7 +74,11 @@ class MetricsWriter:
           "TrainerConfig.tensorboard=True needs the tensorboardX package "
           "(pip install tensorboardX) or set it to False"
         ) from e
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+      logdir = storage.join(self.workdir, "tensorboard")
+      if storage.is_remote(logdir):
+        self._tb_local = tempfile.TemporaryDirectory(prefix="polylm-tensorboard-")
+        logdir = self._tb_local.name
+      self._tb = SummaryWriter(logdir)
     use_bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
     self._bar = None
     if use_bar:
@@ -86,6 +97,8 @@ class MetricsWriter:
         plottable = isinstance(v, (int, float)) and not isinstance(v, bool)
         if k != "step" and k not in RECORD_ONLY and plottable:
           self._tb.add_scalar(k, v, step)
+      if self._tb_local is not None and time.monotonic() - self._tb_uploaded >= 30:
+        self._upload_tensorboard()
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
@@ -97,10 +110,19 @@ class MetricsWriter:
       )
       logging.info("step %d: %s", step, shown)
 
+  def _upload_tensorboard(self) -> None:
+    assert self._tb is not None and self._tb_local is not None
+    self._tb.flush()
+    storage.upload_dir(self._tb_local.name, storage.join(self.workdir, "tensorboard"))
+    self._tb_uploaded = time.monotonic()
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+      if self._tb_local is not None:
+        self._upload_tensorboard()
+        self._tb_local.cleanup()
     if self._bar is not None:
       self._bar.close()

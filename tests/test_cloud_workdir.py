@@ -1,0 +1,181 @@
+"""A workdir on object storage (gs://), against a local GCS emulator (gcp-storage-emulator, in
+memory, no network): the trainer writes checkpoints, data states, metrics, TensorBoard and configs
+there, resumes exactly from it, quarantines a damaged checkpoint and sets an earlier run aside
+there, and locks it against a second trainer."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from polylm_jax import sharding, storage
+from polylm_jax.decode import loading
+from polylm_jax.export import checkpoint_reader
+from polylm_jax.export import cli as export_cli
+from polylm_jax.train import cli
+from polylm_jax.train.checkpoint import RUN_FILES, set_aside_previous_run
+
+EMULATOR = pathlib.Path(__file__).with_name("gcs_emulator.py")
+BUCKET = "polylm-test"
+RUN = [
+  "--gin_file=gin_configs/quickstart.gin",
+  "--gin_bindings=DataConfig.seq_len = 64",
+  "--gin_bindings=DataConfig.batch_size = 8",
+  "--gin_bindings=OptimizerConfig.warmup_steps = 3",
+  "--gin_bindings=OptimizerConfig.decay_steps = 30",
+  "--gin_bindings=TrainerConfig.eval_every = 0",
+  "--gin_bindings=CheckpointConfig.every_steps = 4",
+]
+
+
+def _steps(n: int) -> list[str]:
+  return [f"--gin_bindings=TrainerConfig.num_steps = {n}"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """The emulator's URL; gcsfs (fsspec) and tensorstore are pointed at it for the module."""
+  port = _free_port()
+  server = subprocess.Popen(
+    [sys.executable, str(EMULATOR), "start", "--port", str(port), "--in-memory"]
+    + ["--default-bucket", BUCKET, "-q"],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  url = f"http://localhost:{port}"
+  saved = dict(os.environ)
+  os.environ.update(
+    STORAGE_EMULATOR_HOST=url,  # gcsfs
+    TENSORSTORE_GCS_HTTP_URL=url,  # Orbax's array writes
+    FSSPEC_GCS_TOKEN="anon",
+  )
+  try:
+    while True:  # waits on the server itself: it is up when it accepts a connection
+      if server.poll() is not None:
+        raise RuntimeError(f"the GCS emulator exited with status {server.returncode}")
+      try:
+        socket.create_connection(("localhost", port)).close()
+        break
+      except OSError:
+        time.sleep(0.2)
+    yield url
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
+    server.terminate()
+    server.wait()
+
+
+def _objects(prefix: str) -> list[str]:
+  fs, p = storage._fs(prefix)
+  fs.invalidate_cache()
+  return [k[len(p) + 1 :] for k in fs.find(p)]
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  return {
+    r["step"]: (r["loss"], r["batch_fingerprint"])
+    for r in map(json.loads, storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines())
+  }
+
+
+def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
+  local, remote = str(tmp_path / "local"), f"gs://{BUCKET}/run"
+  cli.main(RUN + _steps(12) + [f"--workdir={local}"])
+  cli.main(RUN + _steps(8) + [f"--workdir={remote}"])
+  written = _objects(remote)
+  for expected in ("config.gin", "operative_config.gin", "metrics.jsonl"):
+    assert expected in written
+  assert any(k.startswith("tensorboard/events.out.tfevents") for k in written)
+  assert any(k.startswith("checkpoints/8/state/") for k in written)
+  assert any(k.startswith("data_state/8/") for k in written)
+  assert "LOCK" not in written  # released at the end
+
+  # The newest checkpoint damaged: moved to corrupt/ (nothing deleted), the run resumes from the
+  # one before it, and from there its losses and batches are those of the uninterrupted local run.
+  fs, root = storage._fs(f"{remote}/checkpoints/8/state")
+  for key in fs.find(root):
+    fs.pipe_file(key, b"garbage")
+  result = cli.main(RUN + _steps(12) + [f"--workdir={remote}"])
+  assert int(result["state"].step) == 12
+  assert "checkpoints/8 is unreadable" in caplog.text
+  [moved] = storage.listdir(f"{remote}/corrupt")
+  moved_keys = _objects(f"{remote}/corrupt/{moved}")
+  assert any(k.startswith("checkpoint/state/") for k in moved_keys)
+  assert any(k.startswith("data_state/") for k in moved_keys)
+  want, got = _losses(local), _losses(remote)
+  assert sorted(got) == sorted(want) == list(range(1, 13))
+  assert all(got[s] == want[s] for s in range(1, 13))
+  assert storage.listdir(f"{remote}/checkpoints") == ["12", "4", "8"]
+
+  # Read back from gs:// without copying the workdir: polylm-export (tensor by tensor) and
+  # polylm-generate's loader give what the local run's checkpoint gives.
+  for name, workdir in (("local", local), ("remote", remote)):
+    step_dir = checkpoint_reader.resolve_checkpoint(workdir)
+    assert step_dir.endswith("checkpoints/12")
+    export_cli.export_checkpoint(step_dir, str(tmp_path / f"hf_{name}"))
+  weights = [(tmp_path / f"hf_{n}" / "model.safetensors").read_bytes() for n in ("local", "remote")]
+  assert weights[0] == weights[1]
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  loaded = loading.load(workdir=remote, mesh=mesh)
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, result["state"].params)
+
+  # --start_over's first move: the run's files go under previous/<time>/, none is deleted.
+  before = set(_objects(remote))
+  set_aside_previous_run(remote)
+  [previous] = storage.listdir(f"{remote}/previous")
+  after = set(_objects(remote))
+  assert {f"previous/{previous}/{k}" for k in before if k.split("/")[0] in RUN_FILES} <= after
+  assert not any(k.split("/")[0] in RUN_FILES for k in after)
+
+
+def _lock_from_another_process(workdir: str, stale_after_s: float):
+  """Another trainer taking the lock; it exits holding it, as a crashed one would."""
+  code = (
+    "import sys; from polylm_jax import storage\n"
+    "lock = storage.RemoteWorkdirLock(sys.argv[1], stale_after_s=float(sys.argv[2]))\n"
+    "lock.acquire(); print(lock._token)\n"
+  )
+  return subprocess.run(
+    [sys.executable, "-c", code, workdir, str(stale_after_s)], capture_output=True, text=True
+  )
+
+
+def test_lock_on_object_storage(gcs):
+  workdir = f"gs://{BUCKET}/locked"
+  token = lambda: json.loads(storage.read_text(f"{workdir}/LOCK"))["token"]
+  with storage.workdir_lock(workdir) as held:
+    holder = json.loads(storage.read_text(f"{workdir}/LOCK"))
+    assert holder["token"] == held._token and holder["host"] == socket.gethostname()
+    second = _lock_from_another_process(workdir, 300.0)
+    assert second.returncode != 0 and f"workdir {workdir} is in use" in second.stderr
+    assert token() == held._token
+    # A lock whose holder stopped refreshing it is stale: taken over, with a warning.
+    taker = _lock_from_another_process(workdir, 0.0)
+    assert taker.returncode == 0 and "is stale" in taker.stderr, taker.stderr
+    assert token() == taker.stdout.strip()
+  # The first holder's release leaves alone the lock that is no longer its own.
+  assert token() == taker.stdout.strip()
+  with storage.RemoteWorkdirLock(workdir, stale_after_s=0.0):
+    pass
+  assert not storage.exists(f"{workdir}/LOCK")
+
+
+def test_unreachable_or_unknown_workdir_is_refused(gcs):
+  with pytest.raises(SystemExit, match="--workdir=gs://no-such-bucket/run is not writable"):
+    cli.check_workdir("gs://no-such-bucket/run")
+  with pytest.raises(SystemExit, match="no filesystem for this URL"):
+    cli.check_workdir("nosuchscheme://bucket/run")
