@@ -19,6 +19,18 @@ from polylm_jax import storage
 from polylm_jax.config import ModelConfig
 
 
+def complete_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps under <workdir>/checkpoints with both state/ and meta/ (local or gs://...)."""
+  root = storage.join(workdir, "checkpoints")
+  return sorted(
+    int(n)
+    for n in storage.listdir(root)
+    if n.isdigit()
+    and storage.isdir(storage.join(root, n, "state"))
+    and storage.isdir(storage.join(root, n, "meta"))
+  )
+
+
 def resolve_checkpoint(
   workdir: str | None = None, step: int | None = None, checkpoint: str | None = None
 ) -> str:
@@ -33,13 +45,7 @@ def resolve_checkpoint(
   if not workdir:
     raise ValueError("give a training workdir (--workdir) or a checkpoint path (--checkpoint)")
   root = storage.join(workdir, "checkpoints")
-  complete = sorted(
-    int(n)
-    for n in storage.listdir(root)
-    if n.isdigit()
-    and storage.isdir(storage.join(root, n, "state"))
-    and storage.isdir(storage.join(root, n, "meta"))
-  )
+  complete = complete_steps(workdir)
   if not complete:
     raise FileNotFoundError(f"--workdir={workdir}: no complete checkpoint under {root}")
   if step is None:

@@ -34,6 +34,7 @@ from etils import epath
 
 from polylm_jax import files, storage
 from polylm_jax.config import ModelConfig
+from polylm_jax.export.checkpoint_reader import complete_steps
 from polylm_jax.model import params as model_params
 from polylm_jax.train import compat
 from polylm_jax.train.compat import CheckpointMismatchError, check_model_compatible  # noqa: F401
@@ -429,15 +430,8 @@ def with_shardings(abstract, shardings):
 
 
 def _latest_step_dir(directory: str) -> str | None:
-  root = storage.join(directory, "checkpoints")
-  steps = sorted(
-    int(n)
-    for n in storage.listdir(root)
-    if n.isdigit()
-    and storage.isdir(storage.join(root, n, "state"))
-    and storage.isdir(storage.join(root, n, "meta"))
-  )
-  return storage.join(root, str(steps[-1])) if steps else None
+  steps = complete_steps(directory)
+  return storage.join(directory, "checkpoints", str(steps[-1])) if steps else None
 
 
 def restore_params(step_dir: str | os.PathLike, model_config: ModelConfig, shardings):
