@@ -95,7 +95,8 @@ def _losses(workdir: str) -> dict[int, float]:
 def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   local, remote = str(tmp_path / "local"), f"gs://{BUCKET}/run"
   cli.main(RUN + _steps(12) + [f"--workdir={local}"])
-  cli.main(RUN + _steps(8) + [f"--workdir={remote}"])
+  every_2 = ["--gin_bindings=CheckpointConfig.every_steps = 2"]
+  cli.main(RUN + every_2 + _steps(8) + [f"--workdir={remote}"])
   written = _objects(remote)
   for expected in ("config.gin", "operative_config.gin", "metrics.jsonl"):
     assert expected in written
@@ -104,17 +105,23 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   assert any(k.startswith("data_state/8/") for k in written)
   assert "LOCK" not in written  # released at the end
 
-  # The newest checkpoint damaged: moved to corrupt/ (nothing deleted), the run resumes from the
-  # one before it, and from there its losses and batches are those of the uninterrupted local run.
-  fs, root = storage._fs(f"{remote}/checkpoints/8/state")
-  for key in fs.find(root):
+  # Checkpoints 4, 6, 8. The save of 8 cut short (no commit marker: a preempted run) and 6
+  # damaged: 8 goes to unfinished/, 6 to corrupt/ (nothing deleted), the run resumes from 4, and
+  # from there its losses and batches are those of the uninterrupted local run.
+  fs, root = storage._fs(f"{remote}/checkpoints")
+  fs.rm_file(f"{root}/8/commit_success.txt")
+  for key in fs.find(f"{root}/6/state"):
     fs.pipe_file(key, b"garbage")
   result = cli.main(RUN + _steps(12) + [f"--workdir={remote}"])
   assert int(result["state"].step) == 12
-  assert "checkpoints/8 is unreadable" in caplog.text
+  assert "checkpoint step 8 was not finished; moved to" in caplog.text
+  assert "checkpoints/6 is unreadable" in caplog.text
+  [unfinished] = storage.listdir(f"{remote}/unfinished")
+  assert unfinished.startswith("step_8-")
+  assert any(k.startswith("state/") for k in _objects(f"{remote}/unfinished/{unfinished}"))
   [moved] = storage.listdir(f"{remote}/corrupt")
   moved_keys = _objects(f"{remote}/corrupt/{moved}")
-  assert any(k.startswith("checkpoint/state/") for k in moved_keys)
+  assert moved.startswith("step_6-") and any(k.startswith("checkpoint/state/") for k in moved_keys)
   assert any(k.startswith("data_state/") for k in moved_keys)
   want, got = _losses(local), _losses(remote)
   assert sorted(got) == sorted(want) == list(range(1, 13))

@@ -207,12 +207,26 @@ def test_gke_jobset_places_one_trainer_per_tpu_host_of_the_slice(tmp_path):
     ("--slice=v5p-12", "--slice=v5p-12: not a known TPU slice"),
     ("--workdir=/home/me/run", "is not under --mount_path=/mnt/runs: every host must"),
     ("--gin_file=runs/polylm_13b.gin", "at least one --gin_file=... is required"),
+    ("--pvc", "is a path: give the ReadWriteMany volume it is on (--pvc)"),
   ],
 )
 def test_gke_jobset_refuses_what_cannot_run(change, message):
   key = change.split("=")[0]
   args = [a for a in JOBSET_ARGS if not a.startswith(key + "=")]
-  if key != "--gin_file":
+  if key not in ("--gin_file", "--pvc"):
     args.append(change)
   run = _jobset(*args)
   assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_gke_jobset_with_a_gs_workdir_mounts_no_volume():
+  import json
+
+  args = [a for a in JOBSET_ARGS if not a.startswith(("--pvc=", "--workdir="))]
+  run = _jobset(*args, "--workdir=gs://runs-bucket/13b")
+  assert run.returncode == 0, run.stderr
+  pod = json.loads(run.stdout)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+  assert "volumes" not in pod and "volumeMounts" not in pod["containers"][0]
+  assert "--workdir=gs://runs-bucket/13b" in pod["containers"][0]["command"]
+  refused = _jobset(*args, "--workdir=gs://runs-bucket/13b", "--pvc=polylm-runs")
+  assert refused.returncode == 2 and "--pvc is not used with it" in refused.stderr

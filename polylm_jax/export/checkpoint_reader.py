@@ -18,9 +18,18 @@ import tensorstore as ts
 from polylm_jax import storage
 from polylm_jax.config import ModelConfig
 
+# On object storage Orbax writes a checkpoint in place (there is no rename) and marks it finished
+# with this file; a step directory there without it is a save that did not complete. Locally an
+# unfinished save keeps a temporary name (<step>.orbax-checkpoint-tmp-<time>).
+COMMIT_MARKER = "commit_success.txt"
+
+
+def finished(step_dir: str) -> bool:
+  return not storage.is_remote(step_dir) or storage.exists(storage.join(step_dir, COMMIT_MARKER))
+
 
 def complete_steps(workdir: str | os.PathLike) -> list[int]:
-  """The steps under <workdir>/checkpoints with both state/ and meta/ (local or gs://...)."""
+  """The finished steps under <workdir>/checkpoints with both state/ and meta/ (local or gs://)."""
   root = storage.join(workdir, "checkpoints")
   return sorted(
     int(n)
@@ -28,6 +37,7 @@ def complete_steps(workdir: str | os.PathLike) -> list[int]:
     if n.isdigit()
     and storage.isdir(storage.join(root, n, "state"))
     and storage.isdir(storage.join(root, n, "meta"))
+    and finished(storage.join(root, n))
   )
 
 

@@ -6,6 +6,7 @@ Layout of a workdir:
                               seed, tokenizer model (base64), batch shape
   data_state/<step>/stream_<k>.*    each row stream's tf.data iterator checkpoint (resumable.py)
   corrupt/                    checkpoints that could not be read, moved here (never deleted)
+  unfinished/                 on object storage: saves that did not complete, moved here at start
   previous/<time>/            an earlier run's files, set aside by `--start_over`
 The data state is written (synchronously) before Orbax starts its asynchronous save; Orbax writes
 into a temporary directory and renames it when complete, so a step that Orbax lists always has its
@@ -34,7 +35,7 @@ from etils import epath
 
 from polylm_jax import files, storage
 from polylm_jax.config import ModelConfig
-from polylm_jax.export.checkpoint_reader import complete_steps
+from polylm_jax.export.checkpoint_reader import complete_steps, finished
 from polylm_jax.model import params as model_params
 from polylm_jax.train import compat
 from polylm_jax.train.compat import CheckpointMismatchError, check_model_compatible  # noqa: F401
@@ -100,6 +101,7 @@ RUN_FILES = (
   "checkpoints",
   "data_state",
   "corrupt",
+  "unfinished",
   "metrics.jsonl",
   "eval_metrics.jsonl",
   "tensorboard",
@@ -134,8 +136,9 @@ def set_aside_previous_run(workdir: str | os.PathLike) -> str | None:
 
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   """The steps of the finished checkpoint directories in a workdir (no Orbax, no devices)."""
+  root = storage.join(workdir, "checkpoints")
   return sorted(
-    int(n) for n in storage.listdir(storage.join(workdir, "checkpoints")) if n.isdigit()
+    int(n) for n in storage.listdir(root) if n.isdigit() and finished(storage.join(root, n))
   )
 
 
@@ -393,12 +396,33 @@ class Checkpointer:
     self.manager.reload()
     return target
 
+  def _set_aside_unfinished(self) -> None:
+    """On object storage a save cut short (a preempted or killed run) leaves a step directory
+    without Orbax's commit marker, where the next save of that step would write: it is moved to
+    unfinished/ (not deleted) before anything is restored or saved."""
+    root = os.fspath(self.root)
+    if not storage.is_remote(root):
+      return
+    if self.lead:
+      for name in storage.listdir(root):
+        step_dir = storage.join(root, name)
+        if name.isdigit() and not finished(step_dir):
+          target = storage.join(self.workdir, "unfinished", f"step_{name}-{files.timestamp()}")
+          storage.move(step_dir, target)
+          logging.warning("checkpoint step %s was not finished; moved to %s", name, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("polylm_unfinished_set_aside")
+    self.manager.reload()
+
   def restore_latest(
     self, data_iterator, *, reset_optimizer: bool = False
   ) -> tuple[Any, dict[str, Any]] | None:
     """The newest checkpoint that can be read. Damaged ones are moved to corrupt/ and the previous
     one is tried; if none is left, NoUsableCheckpointError (the run never silently starts over).
     None only when this workdir has no checkpoint history at all."""
+    self._set_aside_unfinished()
     moved = []
     for step in reversed(self.steps()):
       try:
