@@ -322,3 +322,33 @@ def workdir_lock(workdir: str | os.PathLike) -> files.WorkdirLock:
   if is_remote(workdir):
     return RemoteWorkdirLock(os.fspath(workdir))
   return files.WorkdirLock(workdir)
+
+
+def publish_dir(local: str, url: str, *, overwrite: bool, looks_like, kind: str) -> None:
+  """Uploads a finished local output directory (an export) to a directory URL. An earlier output
+  there is replaced only with `overwrite` and only if `looks_like(names)` says it is one of `kind`;
+  it is moved to `<url>.replaced-<time>` first (kept: on object storage a move is a copy, so the
+  user deletes it). `last` files go up last, so an interrupted upload is not a loadable output."""
+  names = listdir(url)
+  if names:
+    if not overwrite:
+      raise FileExistsError(
+        f"output directory {url} exists and is not empty; pass overwrite (--overwrite) to "
+        f"replace it"
+      )
+    if not looks_like(names):
+      raise FileExistsError(
+        f"--out={url} is not a {kind} (it holds {names[:6]}{' ...' if len(names) > 6 else ''}); "
+        f"refusing to replace it, even with --overwrite"
+      )
+    kept = f"{url.rstrip('/')}.replaced-{files.timestamp()}"
+    move(url, kept)
+    logging.warning("the earlier %s at %s was moved to %s", kind, url, kept)
+  fs, r = _fs(url)
+  local_names = sorted(os.listdir(local))
+  last = [n for n in local_names if n == "config.json"]  # what makes a directory a model
+  for n in [n for n in local_names if n not in last] + last:
+    if os.path.isdir(os.path.join(local, n)):
+      upload_dir(os.path.join(local, n), join(url, n))
+    else:
+      fs.put_file(os.path.join(local, n), r.rstrip("/") + "/" + n)

@@ -128,14 +128,24 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   assert all(got[s] == want[s] for s in range(1, 13))
   assert storage.listdir(f"{remote}/checkpoints") == ["12", "4", "8"]
 
-  # Read back from gs:// without copying the workdir: polylm-export (tensor by tensor) and
-  # polylm-generate's loader give what the local run's checkpoint gives.
-  for name, workdir in (("local", local), ("remote", remote)):
-    step_dir = checkpoint_reader.resolve_checkpoint(workdir)
-    assert step_dir.endswith("checkpoints/12")
-    export_cli.export_checkpoint(step_dir, str(tmp_path / f"hf_{name}"))
-  weights = [(tmp_path / f"hf_{n}" / "model.safetensors").read_bytes() for n in ("local", "remote")]
-  assert weights[0] == weights[1]
+  # Read back from gs:// without copying the workdir: polylm-export (tensor by tensor, to a
+  # bucket too) and polylm-generate's loader give what the local run's checkpoint gives.
+  local_step, remote_step = (checkpoint_reader.resolve_checkpoint(w) for w in (local, remote))
+  assert remote_step.endswith("checkpoints/12")
+  export_cli.export_checkpoint(local_step, str(tmp_path / "hf"))
+  out = f"gs://{BUCKET}/hf"
+  export_cli.export_checkpoint(remote_step, out)
+  fs, exported = storage._fs(out)
+  names = sorted(f.name for f in (tmp_path / "hf").iterdir())
+  assert storage.listdir(out) == names and "model.safetensors" in names
+  for name in names:
+    if name != "README.md":  # the model card names the checkpoint it came from
+      assert fs.cat_file(f"{exported}/{name}") == (tmp_path / "hf" / name).read_bytes(), name
+  with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite"):
+    export_cli.export_checkpoint(remote_step, out)
+  export_cli.export_checkpoint(remote_step, out, overwrite=True)  # the earlier one is kept aside
+  [replaced] = [n for n in storage.listdir(f"gs://{BUCKET}") if n.startswith("hf.replaced-")]
+  assert storage.listdir(f"gs://{BUCKET}/{replaced}") == names == storage.listdir(out)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   loaded = loading.load(workdir=remote, mesh=mesh)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, result["state"].params)

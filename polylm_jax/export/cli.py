@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import os
 import pathlib
 import re
 import sys
+import tempfile
 
-from polylm_jax import chat, files, framing
-from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
+from polylm_jax import chat, files, framing, storage
+from polylm_jax.export import checkpoint_reader, hf_export, safetensors_io, tokenizer_files
 
 
 def parse_size(text: str) -> int:
@@ -42,7 +44,34 @@ def export_checkpoint(
 ):
   """Everything is checked and written in a hidden staging directory next to `out_dir`, which
   becomes `out_dir` only when complete: a refused or failed export leaves nothing that looks like
-  a model, and an earlier export at `out_dir` stays until the new one is whole."""
+  a model, and an earlier export at `out_dir` stays until the new one is whole. An `out_dir` on
+  object storage (gs://...) is written locally first, then uploaded (storage.publish_dir)."""
+  if storage.is_remote(out_dir):
+    if storage.listdir(out_dir) and not overwrite:  # refused before the work, not after
+      raise FileExistsError(
+        f"output directory {out_dir} exists and is not empty; pass overwrite (--overwrite) to "
+        f"replace it"
+      )
+    with tempfile.TemporaryDirectory(prefix="polylm-export-") as local:
+      _, reader = export_checkpoint(
+        step_dir,
+        os.path.join(local, "export"),
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        allow_vocab_padding=allow_vocab_padding,
+        allow_nonfinite=allow_nonfinite,
+      )
+      storage.publish_dir(
+        os.path.join(local, "export"),
+        out_dir,
+        overwrite=overwrite,
+        looks_like=lambda names: (
+          "config.json" in names
+          and ("model.safetensors" in names or safetensors_io.INDEX_NAME in names)
+        ),
+        kind=hf_export.EXPORT_KIND,
+      )
+    return out_dir, reader
   reader = checkpoint_reader.CheckpointReader(step_dir)
   cfg = reader.model_config
   sp_model = reader.meta.get("tokenizer_model_b64")
@@ -126,6 +155,11 @@ def main(argv=None) -> int:
     help="load with transformers and compare logits and tokenizer ids",
   )
   args = parser.parse_args(argv)
+  if args.verify and storage.is_remote(args.out):
+    parser.error(
+      f"--verify loads the export with transformers from a local directory, not --out={args.out}: "
+      "export to a local --out to verify it"
+    )
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
     step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
