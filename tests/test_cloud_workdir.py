@@ -4,6 +4,7 @@ there, resumes exactly from it, quarantines a damaged checkpoint and sets an ear
 there, and locks it against a second trainer."""
 
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -17,12 +18,14 @@ import pytest
 
 from polylm_jax import sharding, storage
 from polylm_jax.decode import loading
+from polylm_jax.eval import cli as eval_cli
 from polylm_jax.export import checkpoint_reader
 from polylm_jax.export import cli as export_cli
 from polylm_jax.train import cli
 from polylm_jax.train.checkpoint import RUN_FILES, set_aside_previous_run
 
 EMULATOR = pathlib.Path(__file__).with_name("gcs_emulator.py")
+LM_EVAL_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
 BUCKET = "polylm-test"
 RUN = [
   "--gin_file=gin_configs/quickstart.gin",
@@ -146,6 +149,28 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   export_cli.export_checkpoint(remote_step, out, overwrite=True)  # the earlier one is kept aside
   [replaced] = [n for n in storage.listdir(f"gs://{BUCKET}") if n.startswith("hf.replaced-")]
   assert storage.listdir(f"gs://{BUCKET}/{replaced}") == names == storage.listdir(out)
+  # polylm-eval from the bucket into the bucket: results, table and chart, then reused.
+  tasks = tmp_path / "tasks"
+  tasks.mkdir()
+  for yaml in LM_EVAL_FIXTURES.glob("*.yaml"):
+    (tasks / yaml.name).write_text(yaml.read_text().replace("{FIXTURES}", str(LM_EVAL_FIXTURES)))
+  evaluation = [
+    "run",
+    f"--workdir={remote}",
+    f"--out=gs://{BUCKET}/eval",
+    "--tasks=polylm_test_mc_en",
+    f"--include_path={tasks}",
+    "--batch_size=8",
+  ]
+  assert eval_cli.main(evaluation) == 0
+  results = json.loads(storage.read_text(f"gs://{BUCKET}/eval/results.json"))["tasks"]
+  assert list(results) == ["polylm_test_mc_en"]
+  assert "| run | en | avg |" in storage.read_text(f"gs://{BUCKET}/eval/results.md")
+  assert storage.read_bytes(f"gs://{BUCKET}/eval/polylm_test_mc.png")[:4] == b"\x89PNG"
+  with caplog.at_level(logging.INFO):
+    assert eval_cli.main(evaluation) == 0
+  assert "reusing 1 finished task(s)" in caplog.text
+
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   loaded = loading.load(workdir=remote, mesh=mesh)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, result["state"].params)

@@ -20,7 +20,7 @@ import os
 import pathlib
 import sys
 
-from polylm_jax import files
+from polylm_jax import storage
 
 
 def _offline(data_dir: str | None, *, offline: bool = True) -> None:
@@ -101,10 +101,10 @@ def _languages(args, meta: dict) -> list[str]:
   return list(meta.get("languages") or languages.DEFAULT_CODES)
 
 
-def write_report(out: pathlib.Path, runs: list[dict], labels: list[str]) -> None:
+def write_report(out: str, runs: list[dict], labels: list[str]) -> None:
   from polylm_jax.eval import report
 
-  files.atomic_write_text(out / "results.md", report.markdown(runs, labels))
+  storage.write_text(storage.join(out, "results.md"), report.markdown(runs, labels))
   report.charts(runs, labels, out)
 
 
@@ -117,8 +117,8 @@ def _run(args) -> int:
   from polylm_jax.decode import loading
   from polylm_jax.eval import lm_eval_model, suite
 
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = args.out
+  storage.makedirs(out)
   mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh))
   overrides = {"attention_impl": "auto", "attention_interpret": False}
   if args.dtype:
@@ -137,19 +137,20 @@ def _run(args) -> int:
     "num_fewshot": args.num_fewshot,
     "limit": args.limit,
   }
-  previous = out / "run.json"
-  if previous.is_file() and json.loads(previous.read_text()) != run_info:
+  previous = storage.join(out, "run.json")
+  if storage.exists(previous) and json.loads(storage.read_text(previous)) != run_info:
     raise ValueError(
       f"--out={out} holds results of another evaluation "
-      f"({json.loads(previous.read_text())}); choose another --out"
+      f"({json.loads(storage.read_text(previous))}); choose another --out"
     )
-  files.atomic_write_text(previous, json.dumps(run_info, indent=2))
+  storage.write_text(previous, json.dumps(run_info, indent=2))
   manager = TaskManager(include_path=args.include_path)
   specs = suite.resolve(_split(args.tasks), _languages(args, loaded.meta), set(manager.all_tasks))
   if not specs:
     raise ValueError("no task left to run (check --tasks and --languages)")
   tasks = suite.load_tasks(
-    [s for s in specs if not (out / "tasks" / f"{s.task}.json").is_file()], manager
+    [s for s in specs if not storage.exists(storage.join(out, "tasks", f"{s.task}.json"))],
+    manager,
   )
   lm = lm_eval_model.PolyLMJax.from_parts(
     loaded.config,
@@ -170,26 +171,27 @@ def _run(args) -> int:
     requests_per_second=speed,
     task_manager=manager,
   )
-  files.atomic_write_text(out / "results.json", json.dumps(dict(run_info, tasks=records), indent=2))
-  write_report(out, [records], [pathlib.Path(loaded.source).name])
-  print((out / "results.md").read_text())
+  storage.write_text(
+    storage.join(out, "results.json"), json.dumps(dict(run_info, tasks=records), indent=2)
+  )
+  write_report(out, [records], [storage.name(loaded.source)])
+  print(storage.read_text(storage.join(out, "results.md")))
   logging.info("results in %s (devices: %d %s)", out, mesh.devices.size, jax.devices()[0].platform)
   return 0
 
 
 def _compare(args) -> int:
-  runs, labels = [], _split(args.labels) or [pathlib.Path(r).name for r in args.runs]
+  runs, labels = [], _split(args.labels) or [storage.name(r) for r in args.runs]
   if len(labels) != len(args.runs):
     raise ValueError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
   for run in args.runs:
-    path = pathlib.Path(run) / "results.json"
-    if not path.is_file():
+    path = storage.join(run, "results.json")
+    if not storage.exists(path):
       raise FileNotFoundError(f"{run}: no results.json (run `polylm-eval run --out={run}` first)")
-    runs.append(json.loads(path.read_text())["tasks"])
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  write_report(out, runs, labels)
-  print((out / "results.md").read_text())
+    runs.append(json.loads(storage.read_text(path))["tasks"])
+  storage.makedirs(args.out)
+  write_report(args.out, runs, labels)
+  print(storage.read_text(storage.join(args.out, "results.md")))
   return 0
 
 

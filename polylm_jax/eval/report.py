@@ -55,9 +55,12 @@ def charts(runs: Sequence[dict], labels: Sequence[str], out_dir: str | pathlib.P
   import matplotlib
 
   matplotlib.use("Agg")
+  import io
+
   import matplotlib.pyplot as plt
 
-  out = pathlib.Path(out_dir)
+  from polylm_jax import storage
+
   written = []
   for family, languages in _families(runs).items():
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(languages) * max(1, len(runs))), 3.2))
@@ -74,10 +77,9 @@ def charts(runs: Sequence[dict], labels: Sequence[str], out_dir: str | pathlib.P
     if len(runs) > 1:
       ax.legend(fontsize="small")
     fig.tight_layout()
-    path = out / f"{family}.png"
-    tmp = out / f".{family}.png.tmp"
-    fig.savefig(tmp, dpi=120, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
-    written.append(path.name)
+    storage.write_bytes(storage.join(out_dir, f"{family}.png"), png.getvalue())
+    written.append(f"{family}.png")
   return written

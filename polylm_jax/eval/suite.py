@@ -21,7 +21,7 @@ import pathlib
 import time
 from typing import Any
 
-from polylm_jax import files
+from polylm_jax import storage
 
 # family -> {language code: lm-eval task}
 FAMILIES: dict[str, dict[str, str]] = {
@@ -139,9 +139,10 @@ def run_suite(
   """Evaluates task by task (skipping those already in <out>/tasks/); returns {task: record}."""
   from lm_eval import evaluator
 
-  out = pathlib.Path(out_dir)
-  (out / "tasks").mkdir(parents=True, exist_ok=True)
-  done = {s.task for s in specs if (out / "tasks" / f"{s.task}.json").is_file()}
+  task_dir = storage.join(out_dir, "tasks")
+  storage.makedirs(task_dir)
+  record_of = lambda task: storage.join(task_dir, f"{task}.json")
+  done = {s.task for s in specs if storage.exists(record_of(s.task))}
   todo = [s for s in specs if s.task not in done]
   counts = {s.task: count_requests(tasks[s.task], limit) for s in todo}
   total = sum(counts.values())
@@ -149,7 +150,7 @@ def run_suite(
     logging.info(
       "suite: reusing %d finished task(s) in %s: %s",
       len(done),
-      out / "tasks",
+      task_dir,
       ", ".join(sorted(done)),
     )
   estimate = (
@@ -186,8 +187,8 @@ def run_suite(
       seconds=time.perf_counter() - began,
       requests=counts[spec.task],
     )
-    files.atomic_write_text(out / "tasks" / f"{spec.task}.json", json.dumps(record, indent=2))
+    storage.write_text(record_of(spec.task), json.dumps(record, indent=2))
     logging.info(
       "suite: %s %s = %.4f (%.0f s)", spec.task, spec.metric, record["value"], record["seconds"]
     )
-  return {s.task: json.loads((out / "tasks" / f"{s.task}.json").read_text()) for s in specs}
+  return {s.task: json.loads(storage.read_text(record_of(s.task))) for s in specs}
