@@ -221,3 +221,14 @@ def test_unreachable_or_unknown_workdir_is_refused(gcs):
     cli.check_workdir("gs://no-such-bucket/run")
   with pytest.raises(SystemExit, match="no filesystem for this URL"):
     cli.check_workdir("nosuchscheme://bucket/run")
+
+
+def test_tokenizer_model_from_a_bucket(gcs):
+  import base64
+
+  from polylm_jax.data import sample
+  from polylm_jax.train.checkpoint import tokenizer_b64
+
+  model = pathlib.Path(sample.TOKENIZER_MODEL).read_bytes()
+  storage.write_bytes(f"gs://{BUCKET}/spm/polylm.model", model)
+  assert base64.b64decode(tokenizer_b64(f"gs://{BUCKET}/spm/polylm.model")) == model

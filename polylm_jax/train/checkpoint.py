@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import tempfile
 from typing import Any
 
@@ -500,5 +499,6 @@ def load_initial_params(directory: str | os.PathLike, train_step):
   return restore_params(step_dir, train_step.model_config, train_step.param_shardings)
 
 
-def tokenizer_b64(path: str | pathlib.Path) -> str:
-  return base64.b64encode(pathlib.Path(path).read_bytes()).decode()
+def tokenizer_b64(path: str | os.PathLike) -> str:
+  """The SentencePiece model (a local file or gs://...) for the checkpoint's metadata."""
+  return base64.b64encode(storage.read_bytes(os.fspath(path))).decode()

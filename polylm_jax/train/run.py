@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 
 import gin
 
 from polylm_jax import languages as language_sets
+from polylm_jax import storage
 from polylm_jax.train import loop
 from polylm_jax.train.checkpoint import CheckpointConfig, checkpoint_steps, tokenizer_b64
 from polylm_jax.train.spikes import SpikeConfig
@@ -130,7 +130,7 @@ def run(
 
     benchmark = Benchmark(
       trainer.lm_eval_tasks,
-      pathlib.Path(vocab.sentencepiece_model_file).read_bytes(),
+      storage.read_bytes(vocab.sentencepiece_model_file),
       limit=trainer.lm_eval_limit,
       num_fewshot=trainer.lm_eval_num_fewshot,
       include_path=trainer.lm_eval_include_path,
