@@ -22,7 +22,7 @@ from polylm_jax.eval import cli as eval_cli
 from polylm_jax.export import checkpoint_reader
 from polylm_jax.export import cli as export_cli
 from polylm_jax.train import cli
-from polylm_jax.train.checkpoint import RUN_FILES, set_aside_previous_run
+from polylm_jax.train.checkpoint import set_aside_previous_run
 
 EMULATOR = pathlib.Path(__file__).with_name("gcs_emulator.py")
 LM_EVAL_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
@@ -96,8 +96,7 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
-  local, remote = str(tmp_path / "local"), f"gs://{BUCKET}/run"
-  cli.main(RUN + _steps(12) + [f"--workdir={local}"])
+  remote = f"gs://{BUCKET}/run"
   every_2 = ["--gin_bindings=CheckpointConfig.every_steps = 2"]
   cli.main(RUN + every_2 + _steps(8) + [f"--workdir={remote}"])
   written = _objects(remote)
@@ -107,10 +106,11 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   assert any(k.startswith("checkpoints/8/state/") for k in written)
   assert any(k.startswith("data_state/8/") for k in written)
   assert "LOCK" not in written  # released at the end
+  first = _losses(remote)
 
   # Checkpoints 4, 6, 8. The save of 8 cut short (no commit marker: a preempted run) and 6
   # damaged: 8 goes to unfinished/, 6 to corrupt/ (nothing deleted), the run resumes from 4, and
-  # from there its losses and batches are those of the uninterrupted local run.
+  # redoes steps 5-8 with the same losses and batches as before.
   fs, root = storage._fs(f"{remote}/checkpoints")
   fs.rm_file(f"{root}/8/commit_success.txt")
   for key in fs.find(f"{root}/6/state"):
@@ -126,24 +126,22 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   moved_keys = _objects(f"{remote}/corrupt/{moved}")
   assert moved.startswith("step_6-") and any(k.startswith("checkpoint/state/") for k in moved_keys)
   assert any(k.startswith("data_state/") for k in moved_keys)
-  want, got = _losses(local), _losses(remote)
-  assert sorted(got) == sorted(want) == list(range(1, 13))
-  assert all(got[s] == want[s] for s in range(1, 13))
+  got = _losses(remote)
+  assert sorted(got) == list(range(1, 13)) and all(got[s] == first[s] for s in range(1, 9))
   assert storage.listdir(f"{remote}/checkpoints") == ["12", "4", "8"]
 
-  # Read back from gs:// without copying the workdir: polylm-export (tensor by tensor, to a
-  # bucket too) and polylm-generate's loader give what the local run's checkpoint gives.
-  local_step, remote_step = (checkpoint_reader.resolve_checkpoint(w) for w in (local, remote))
+  # Read back from gs:// without copying the workdir: polylm-export (tensor by tensor; to a local
+  # directory and to the bucket, the same files) and polylm-generate's loader (the run's params).
+  remote_step = checkpoint_reader.resolve_checkpoint(remote)
   assert remote_step.endswith("checkpoints/12")
-  export_cli.export_checkpoint(local_step, str(tmp_path / "hf"))
+  export_cli.export_checkpoint(remote_step, str(tmp_path / "hf"))
   out = f"gs://{BUCKET}/hf"
   export_cli.export_checkpoint(remote_step, out)
   fs, exported = storage._fs(out)
   names = sorted(f.name for f in (tmp_path / "hf").iterdir())
   assert storage.listdir(out) == names and "model.safetensors" in names
   for name in names:
-    if name != "README.md":  # the model card names the checkpoint it came from
-      assert fs.cat_file(f"{exported}/{name}") == (tmp_path / "hf" / name).read_bytes(), name
+    assert fs.cat_file(f"{exported}/{name}") == (tmp_path / "hf" / name).read_bytes(), name
   with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite"):
     export_cli.export_checkpoint(remote_step, out)
   export_cli.export_checkpoint(remote_step, out, overwrite=True)  # the earlier one is kept aside
@@ -175,13 +173,20 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   loaded = loading.load(workdir=remote, mesh=mesh)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, result["state"].params)
 
-  # --start_over's first move: the run's files go under previous/<time>/, none is deleted.
-  before = set(_objects(remote))
-  set_aside_previous_run(remote)
-  [previous] = storage.listdir(f"{remote}/previous")
-  after = set(_objects(remote))
-  assert {f"previous/{previous}/{k}" for k in before if k.split("/")[0] in RUN_FILES} <= after
-  assert not any(k.split("/")[0] in RUN_FILES for k in after)
+
+def test_start_over_on_object_storage_sets_the_run_aside(gcs):
+  workdir = f"gs://{BUCKET}/over"
+  for key in ("checkpoints/4/state/a", "data_state/4/stream_0.index", "metrics.jsonl", "keep.txt"):
+    storage.write_text(f"{workdir}/{key}", key)
+  set_aside_previous_run(workdir)
+  [previous] = storage.listdir(f"{workdir}/previous")
+  assert sorted(_objects(workdir)) == [
+    "keep.txt",  # not a file of the run's: left where it is
+    f"previous/{previous}/checkpoints/4/state/a",
+    f"previous/{previous}/data_state/4/stream_0.index",
+    f"previous/{previous}/metrics.jsonl",
+  ]
+  assert storage.read_text(f"{workdir}/previous/{previous}/metrics.jsonl") == "metrics.jsonl"
 
 
 def _lock_from_another_process(workdir: str, stale_after_s: float):
