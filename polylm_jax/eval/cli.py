@@ -149,8 +149,7 @@ def _run(args) -> int:
   if not specs:
     raise ValueError("no task left to run (check --tasks and --languages)")
   tasks = suite.load_tasks(
-    [s for s in specs if not storage.exists(storage.join(out, "tasks", f"{s.task}.json"))],
-    manager,
+    [s for s in specs if not storage.exists(suite.task_record(out, s.task))], manager
   )
   lm = lm_eval_model.PolyLMJax.from_parts(
     loaded.config,

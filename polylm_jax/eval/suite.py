@@ -125,6 +125,11 @@ def count_requests(task, limit: int | None) -> int:
   return per_doc * len(docs)
 
 
+def task_record(out_dir: str | pathlib.Path, task: str) -> str:
+  """Where a finished task's result is kept (<out>/tasks/<task>.json): a re-run reuses it."""
+  return storage.join(out_dir, "tasks", f"{task}.json")
+
+
 def run_suite(
   lm,
   specs,
@@ -141,8 +146,7 @@ def run_suite(
 
   task_dir = storage.join(out_dir, "tasks")
   storage.makedirs(task_dir)
-  record_of = lambda task: storage.join(task_dir, f"{task}.json")
-  done = {s.task for s in specs if storage.exists(record_of(s.task))}
+  done = {s.task for s in specs if storage.exists(task_record(out_dir, s.task))}
   todo = [s for s in specs if s.task not in done]
   counts = {s.task: count_requests(tasks[s.task], limit) for s in todo}
   total = sum(counts.values())
@@ -187,8 +191,8 @@ def run_suite(
       seconds=time.perf_counter() - began,
       requests=counts[spec.task],
     )
-    storage.write_text(record_of(spec.task), json.dumps(record, indent=2))
+    storage.write_text(task_record(out_dir, spec.task), json.dumps(record, indent=2))
     logging.info(
       "suite: %s %s = %.4f (%.0f s)", spec.task, spec.metric, record["value"], record["seconds"]
     )
-  return {s.task: json.loads(storage.read_text(record_of(s.task))) for s in specs}
+  return {s.task: json.loads(storage.read_text(task_record(out_dir, s.task))) for s in specs}
