@@ -118,18 +118,9 @@ def staged_directory(
     check_apart(out, source)
   if out.exists() and not out.is_dir():
     raise FileExistsError(f"--out={out} exists and is not a directory")
-  if out.is_dir() and any(out.iterdir()):
-    if not overwrite:
-      raise FileExistsError(
-        f"output directory {out} exists and is not empty; pass overwrite "
-        f"(--overwrite) to replace it"
-      )
-    if not looks_like(out):
-      names = sorted(p.name for p in out.iterdir())
-      raise FileExistsError(
-        f"--out={out} is not a {kind} (it holds {names[:6]}{' ...' if len(names) > 6 else ''}); "
-        f"refusing to replace it, even with --overwrite"
-      )
+  from polylm_jax import storage  # (storage builds on this module)
+
+  storage.check_replaceable(out, overwrite=overwrite, looks_like=looks_like, kind=kind)
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
   try:

@@ -19,15 +19,20 @@ What object storage does not give, and what is done instead:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
 import shutil
+import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from polylm_jax import files
+
+# How often logs kept locally for object storage (metrics.jsonl, TensorBoard) are uploaded.
+UPLOAD_EVERY_S = 30.0
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -98,6 +103,13 @@ def isdir(path: str) -> bool:
     return os.path.isdir(path)
   fs, p = _fs(path)
   return bool(fs.isdir(p))
+
+
+def isfile(path: str) -> bool:
+  if not is_remote(path):
+    return os.path.isfile(path)
+  fs, p = _fs(path)
+  return bool(fs.isfile(p))
 
 
 def listdir(path: str) -> list[str]:
@@ -209,12 +221,28 @@ def download_dir(remote: str, local: str) -> None:
     fs.get_file(key, target)
 
 
+@contextlib.contextmanager
+def local_dir(url: str, *, download: bool) -> Iterator[str]:
+  """A local directory for a library that can only read or write one (tf.data's iterator
+  checkpoints): `url` itself when it is local; otherwise a temporary directory, filled from `url`
+  first (`download`) or uploaded to it once the block succeeds."""
+  if not is_remote(url):
+    yield url
+    return
+  with tempfile.TemporaryDirectory(prefix="polylm-") as local:
+    if download:
+      download_dir(url, local)
+    yield local
+    if not download:
+      upload_dir(local, url)
+
+
 class AppendLog:
   """A text file that grows by lines (metrics.jsonl). Local: appended and flushed at every write.
   Object storage: held here and uploaded whole when `upload_every_s` has passed since the last
   upload, and at close."""
 
-  def __init__(self, path: str, *, upload_every_s: float = 30.0):
+  def __init__(self, path: str, *, upload_every_s: float = UPLOAD_EVERY_S):
     self.path = path
     self.remote = is_remote(path)
     self.upload_every_s = upload_every_s
@@ -263,7 +291,6 @@ class RemoteWorkdirLock(files.WorkdirLock):
     super().__init__("/", heartbeat_s=heartbeat_s, stale_after_s=stale_after_s)
     self.url = join(workdir, self.NAME)
     self.path = self.url  # type: ignore[assignment]  # (the base class's messages name it)
-    self.workdir = os.fspath(workdir)
 
   def _record(self) -> bytes:
     return (json.dumps(dict(self._info(), heartbeat=time.time())) + "\n").encode()
@@ -324,23 +351,31 @@ def workdir_lock(workdir: str | os.PathLike) -> files.WorkdirLock:
   return files.WorkdirLock(workdir)
 
 
+def check_replaceable(url: str | os.PathLike, *, overwrite: bool, looks_like, kind: str) -> bool:
+  """Whether the output directory `url` (local or a URL) holds something to replace (False: it is
+  missing or empty). What is there may be replaced only with `overwrite` and only if
+  `looks_like(url)` says it is an earlier output of `kind`; otherwise FileExistsError."""
+  names = listdir(os.fspath(url))
+  if not names:
+    return False
+  if not overwrite:
+    raise FileExistsError(
+      f"output directory {url} exists and is not empty; pass overwrite (--overwrite) to replace it"
+    )
+  if not looks_like(url):
+    raise FileExistsError(
+      f"--out={url} is not a {kind} (it holds {names[:6]}{' ...' if len(names) > 6 else ''}); "
+      f"refusing to replace it, even with --overwrite"
+    )
+  return True
+
+
 def publish_dir(local: str, url: str, *, overwrite: bool, looks_like, kind: str) -> None:
   """Uploads a finished local output directory (an export) to a directory URL. An earlier output
-  there is replaced only with `overwrite` and only if `looks_like(names)` says it is one of `kind`;
-  it is moved to `<url>.replaced-<time>` first (kept: on object storage a move is a copy, so the
-  user deletes it). `last` files go up last, so an interrupted upload is not a loadable output."""
-  names = listdir(url)
-  if names:
-    if not overwrite:
-      raise FileExistsError(
-        f"output directory {url} exists and is not empty; pass overwrite (--overwrite) to "
-        f"replace it"
-      )
-    if not looks_like(names):
-      raise FileExistsError(
-        f"--out={url} is not a {kind} (it holds {names[:6]}{' ...' if len(names) > 6 else ''}); "
-        f"refusing to replace it, even with --overwrite"
-      )
+  there (`check_replaceable`) is moved to `<url>.replaced-<time>` first (kept: on object storage a
+  move is a copy, so the user deletes it). config.json goes up last, so an interrupted upload is
+  not a loadable model."""
+  if check_replaceable(url, overwrite=overwrite, looks_like=looks_like, kind=kind):
     kept = f"{url.rstrip('/')}.replaced-{files.timestamp()}"
     move(url, kept)
     logging.warning("the earlier %s at %s was moved to %s", kind, url, kept)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from polylm_jax import chat, files, framing, storage
-from polylm_jax.export import checkpoint_reader, hf_export, safetensors_io, tokenizer_files
+from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
 
 
 def parse_size(text: str) -> int:
@@ -47,11 +47,10 @@ def export_checkpoint(
   a model, and an earlier export at `out_dir` stays until the new one is whole. An `out_dir` on
   object storage (gs://...) is written locally first, then uploaded (storage.publish_dir)."""
   if storage.is_remote(out_dir):
-    if storage.listdir(out_dir) and not overwrite:  # refused before the work, not after
-      raise FileExistsError(
-        f"output directory {out_dir} exists and is not empty; pass overwrite (--overwrite) to "
-        f"replace it"
-      )
+    replace = dict(
+      overwrite=overwrite, looks_like=hf_export.looks_like_export, kind=hf_export.EXPORT_KIND
+    )
+    storage.check_replaceable(out_dir, **replace)  # refused before the work, not after
     with tempfile.TemporaryDirectory(prefix="polylm-export-") as local:
       _, reader = export_checkpoint(
         step_dir,
@@ -61,16 +60,7 @@ def export_checkpoint(
         allow_vocab_padding=allow_vocab_padding,
         allow_nonfinite=allow_nonfinite,
       )
-      storage.publish_dir(
-        os.path.join(local, "export"),
-        out_dir,
-        overwrite=overwrite,
-        looks_like=lambda names: (
-          "config.json" in names
-          and ("model.safetensors" in names or safetensors_io.INDEX_NAME in names)
-        ),
-        kind=hf_export.EXPORT_KIND,
-      )
+      storage.publish_dir(os.path.join(local, "export"), out_dir, **replace)
     return out_dir, reader
   reader = checkpoint_reader.CheckpointReader(step_dir)
   cfg = reader.model_config

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 
 import ml_dtypes
 import numpy as np
 
-from polylm_jax import files
+from polylm_jax import files, storage
 from polylm_jax.config import ModelConfig
 from polylm_jax.export import hf_layout, safetensors_io
 
@@ -22,11 +23,10 @@ EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16
 EXPORT_KIND = "Hugging Face export (config.json + safetensors)"
 
 
-def looks_like_export(path: pathlib.Path) -> bool:
-  """An earlier export: what `--overwrite` may replace."""
-  return (path / "config.json").is_file() and (
-    (path / "model.safetensors").is_file() or (path / safetensors_io.INDEX_NAME).is_file()
-  )
+def looks_like_export(path: str | os.PathLike) -> bool:
+  """An earlier export (local or gs://...): what `--overwrite` may replace."""
+  file = lambda name: storage.isfile(storage.join(path, name))
+  return file("config.json") and (file("model.safetensors") or file(safetensors_io.INDEX_NAME))
 
 
 def export_params(

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -172,7 +171,9 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> None:
     self.wait()  # the previous save must have succeeded before anything else is written
     try:
-      self._save_data_state(data_iterator, storage.join(self.data_dir, str(step)))
+      # tf.data writes its iterator checkpoints to a local directory (uploaded for a bucket).
+      with storage.local_dir(storage.join(self.data_dir, str(step)), download=False) as local:
+        data_iterator.save(local)
     except Exception as e:  # e.g. a full disk: the data state is part of the checkpoint
       raise self._save_error(step, e) from e
     opt = self.train_step.optimizer_config
@@ -200,26 +201,6 @@ class Checkpointer:
     if not self.config.async_save:
       self.wait()
     self._drop_orphan_data_states(keep=step)
-
-  @staticmethod
-  def _save_data_state(data_iterator, directory: str) -> None:
-    """tf.data writes its iterator checkpoints to a local directory; on object storage they are
-    written to a temporary one and uploaded."""
-    if not storage.is_remote(directory):
-      data_iterator.save(directory)
-      return
-    with tempfile.TemporaryDirectory(prefix="polylm-data-state-") as local:
-      data_iterator.save(local)
-      storage.upload_dir(local, directory)
-
-  @staticmethod
-  def _restore_data_state(data_iterator, directory: str, position: int) -> None:
-    if not storage.is_remote(directory):
-      data_iterator.restore(directory, position)
-      return
-    with tempfile.TemporaryDirectory(prefix="polylm-data-state-") as local:
-      storage.download_dir(directory, local)
-      data_iterator.restore(local, position)
 
   def wait(self) -> None:
     """Blocks until the save in flight is on disk; a failed save raises CheckpointSaveError."""
@@ -333,9 +314,8 @@ class Checkpointer:
       ) from e
     if data_iterator is not None:
       try:
-        self._restore_data_state(
-          data_iterator, storage.join(self.data_dir, str(step)), meta["data_position"]
-        )
+        with storage.local_dir(storage.join(self.data_dir, str(step)), download=True) as local:
+          data_iterator.restore(local, meta["data_position"])
       except Exception as e:
         if _is_resource_error(e):
           raise

@@ -97,7 +97,8 @@ class MetricsWriter:
         plottable = isinstance(v, (int, float)) and not isinstance(v, bool)
         if k != "step" and k not in RECORD_ONLY and plottable:
           self._tb.add_scalar(k, v, step)
-      if self._tb_local is not None and time.monotonic() - self._tb_uploaded >= 30:
+      due = time.monotonic() - self._tb_uploaded >= storage.UPLOAD_EVERY_S
+      if self._tb_local is not None and due:
         self._upload_tensorboard()
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
