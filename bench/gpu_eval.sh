@@ -16,7 +16,7 @@ PRESET="${PRESET:-polylm_1.7b}" DTYPE="${DTYPE:-bfloat16}" DEVICE="${DEVICE:-cud
 status=0
 {
   echo "== decode ($PRESET)"; python3 bench/decode_bench.py --preset "$PRESET" --dtype "$DTYPE" \
-    --device "$DEVICE" --batches 1,16 --new 64 || status=1
+    --device "$DEVICE" --batches 1,16 --new 64 --layouts scan,unrolled || status=1
   echo "== lm-eval loglikelihood ($PRESET)"; python3 bench/lm_eval_bench.py --preset "$PRESET" \
     --dtype "$DTYPE" --device "$DEVICE" --requests 256 || status=1
   if [ -z "${SKIP_TRAIN:-}" ]; then

@@ -36,7 +36,7 @@ def params():
   )
 
 
-def _generator(params, cfg=CFG, mesh_shape=(1, 1, 1)):
+def _generator(params, cfg=CFG, mesh_shape=(1, 1, 1), layout="auto"):
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
   placed = jax.device_put(
@@ -45,14 +45,24 @@ def _generator(params, cfg=CFG, mesh_shape=(1, 1, 1)):
       P.logical_axes(cfg), P.abstract_params(cfg), mesh, sharding.DEFAULT_RULES
     ),
   )
-  return generate.Generator(cfg, placed, SP, mesh=mesh)
+  return generate.Generator(cfg, placed, SP, mesh=mesh, layout=layout)
 
 
-@pytest.mark.parametrize("scan,mesh_shape", [(True, (1, 1, 1)), (False, (2, 1, 2))])
-def test_kv_cache_equals_recomputing_the_whole_forward(params, scan, mesh_shape):
+@pytest.mark.parametrize(
+  "scan,layout,mesh_shape",
+  [
+    (True, "scan", (1, 1, 1)),
+    (True, "unrolled", (1, 2, 2)),
+    (False, "unrolled", (2, 1, 2)),
+    (False, "scan", (1, 1, 1)),
+  ],
+)
+def test_kv_cache_equals_recomputing_the_whole_forward(params, scan, layout, mesh_shape):
+  """Both decode layouts, from stacked and per-layer parameters, sharded and not."""
   cfg = CFG.replace(scan_layers=scan)
   p = params if scan else P.scan_to_unscanned(params, cfg.num_layers)
-  gen = _generator(p, cfg, mesh_shape)
+  gen = _generator(p, cfg, mesh_shape, layout)
+  assert gen.layout == layout and gen.run_config.scan_layers == (layout == "scan")
   outs = gen.generate(PROMPTS, max_new_tokens=12, chunk=4)
   gdef = P.graphdef(cfg)
   # The whole forward, at one padded length (causal: padding on the right changes nothing before).
@@ -87,7 +97,7 @@ def test_greedy_equals_transformers_generate_on_the_export(params, tmp_path):
 
 
 def test_sampling_is_seeded_and_reproducible(params):
-  gen = _generator(params)
+  gen = _generator(params, layout="scan")
   demo = sampling.SamplingConfig.demo(seed=3)
   a = gen.generate(PROMPTS, max_new_tokens=10, sampling_config=demo)
   b = gen.generate(PROMPTS, max_new_tokens=10, sampling_config=demo)
@@ -96,6 +106,30 @@ def test_sampling_is_seeded_and_reproducible(params):
   )
   assert [x.token_ids for x in a] == [x.token_ids for x in b]
   assert [x.token_ids for x in a] != [x.token_ids for x in c]
+  # the other layout samples the same tokens from the same seed
+  unrolled = _generator(params, layout="unrolled").generate(
+    PROMPTS, max_new_tokens=10, sampling_config=demo
+  )
+  assert [x.token_ids for x in unrolled] == [x.token_ids for x in a]
+
+
+def test_decode_layout_auto_is_logged_and_a_wrong_name_is_refused(params, caplog):
+  with caplog.at_level(logging.INFO):
+    assert _generator(params).layout == "unrolled"
+  assert "decode layout: unrolled (auto on cpu)" in caplog.text
+  with pytest.raises(ValueError, match="decode layout 'stacked' is not one of auto, scan, unrolled"):
+    _generator(params, layout="stacked")
+
+
+def test_first_argmax_is_argmax_with_ties_and_nans():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((6, 300)).astype(np.float32)
+  logits[1, [7, 40, 299]] = 9.0  # a tie: the first index wins
+  logits[2, :] = -np.inf
+  logits[3, [5, 90]] = np.nan  # argmax's answer with NaNs: the first NaN
+  logits[4, [0, 1]] = logits[4].max() + 1
+  np.testing.assert_array_equal(sampling.first_argmax(logits), np.argmax(logits, axis=-1))
+  np.testing.assert_array_equal(sampling.first_argmax(logits), jax.numpy.argmax(logits, axis=-1))
 
 
 def test_filters_match_transformers_logits_processors():

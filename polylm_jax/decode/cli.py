@@ -77,7 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     default="auto",
     help="attention for the prefill: auto, xla, pallas_gpu, pallas_tpu, cudnn",
   )
+  add_layout_flag(parser)
   return parser
+
+
+def add_layout_flag(parser) -> None:
+  from polylm_jax.decode.generate import LAYOUTS
+
+  parser.add_argument(
+    "--decode_layout",
+    choices=LAYOUTS,
+    default="auto",
+    help="weights and KV cache while decoding: scan (stacked layers, the training layout), "
+    "unrolled (one array per layer and a transposed LM head: faster on CPU, one more copy of "
+    "the weights); auto: unrolled on CPU, scan elsewhere",
+  )
 
 
 def _sampling(args):
@@ -136,7 +150,15 @@ def main(argv=None) -> int:
     print(f"polylm-generate: {e}", file=sys.stderr)
     return 2
   sp = loaded.tokenizer()
-  gen = generate.Generator(loaded.config, loaded.params, sp, mesh=mesh, framing=loaded.framing)
+  gen = generate.Generator(
+    loaded.config,
+    loaded.params,
+    sp,
+    mesh=mesh,
+    framing=loaded.framing,
+    layout=args.decode_layout,
+  )
+  loaded.params = None  # the generator holds its own layout: no second copy stays alive
   truncate = "left" if args.truncate_prompt == "left" else None
   common = dict(
     max_new_tokens=args.max_new_tokens,

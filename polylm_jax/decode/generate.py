@@ -6,6 +6,17 @@ out of attention (prefill: segment id 0 vs 1; decode: slots before the row's sta
 logical axes like the parameters (`cache_batch`, `cache_heads`, ...) and is sharded by the same
 rules, so a model sharded for training decodes on the same mesh.
 
+Two layouts of the weights and the cache (`layout=`), the same numbers:
+- `scan`: the training layout. Layers run in a lax.scan over stacked [L, ...] weights; the cache is
+  one [L, B, H, S, K] array per half, written once per step after the scan. Where XLA reads a
+  layer's slice of a stacked array in place (GPU, TPU) this costs nothing extra.
+- `unrolled`: one array per layer, the layer loop unrolled; each layer's cache is its own buffer,
+  written in place; the LM head reads a [d_model, vocab] copy of the embedding. XLA's CPU backend
+  copies every layer's weights (and cache) out of stacked arrays at every step, which was a third
+  of a decode step; this layout avoids that at the cost of one more copy of the weights (the
+  caller's arrays are left as they are).
+`auto` picks `unrolled` on CPU and `scan` elsewhere, and logs it.
+
 Shapes are bucketed (prompt length to a multiple of 32, cache length to a multiple of 64), so a
 stream of requests compiles a handful of programs, not one per request. Decoding runs `chunk`
 steps per dispatch; between chunks the host streams tokens and checks stop strings.
@@ -14,6 +25,7 @@ steps per dispatch; between chunks the host streams tokens and checks stop strin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Sequence
 
@@ -31,6 +43,7 @@ from polylm_jax.decode import sampling
 from polylm_jax.model import params as model_params
 
 CACHE_LOGICAL = sharding.CACHE
+LAYOUTS = ("auto", "scan", "unrolled")
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 64
 
@@ -39,7 +52,7 @@ CACHE_BUCKET = 64
 class DecodeState:
   """The decode loop's carry (jax.Arrays; the same structure holds their shardings)."""
 
-  cache_k: Any  # [layers, batch, heads, slots, head_dim]
+  cache_k: Any  # [layers, batch, heads, slots, head_dim]; `unrolled`: a tuple of [b, h, s, k]
   cache_v: Any
   last: Any  # [batch] the newest token (not yet in the cache)
   slot: Any  # scalar: the cache slot `last` goes into
@@ -65,8 +78,20 @@ def _round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
+def choose_layout(layout: str, mesh: Mesh) -> str:
+  if layout not in LAYOUTS:
+    raise ValueError(f"decode layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+  if layout != "auto":
+    return layout
+  platform = mesh.devices.flat[0].platform
+  chosen = "unrolled" if platform == "cpu" else "scan"
+  logging.info("decode layout: %s (auto on %s)", chosen, platform)
+  return chosen
+
+
 class Generator:
-  """Generates from one model on one mesh. `tokenizer`: a SentencePiece processor."""
+  """Generates from one model on one mesh. `tokenizer`: a SentencePiece processor. `params` are
+  in `config`'s layout (stacked when config.scan_layers); `layout`: see the module docstring."""
 
   def __init__(
     self,
@@ -77,15 +102,46 @@ class Generator:
     mesh: Mesh,
     rules=sharding.DEFAULT_RULES,
     framing: framing_lib.Framing = framing_lib.TRAINING,
+    layout: str = "auto",
   ):
-    self.config, self.params, self.sp = config, params, tokenizer
+    self.config, self.sp = config, tokenizer
     self.mesh, self.rules, self.framing = mesh, tuple(rules), framing
-    self.graphdef = model_params.graphdef(config)
+    self.layout = choose_layout(layout, mesh)
+    self.run_config = config.replace(scan_layers=self.layout == "scan")
+    self.graphdef = model_params.graphdef(self.run_config)
     self.batch_parts = sharding.parts("cache_batch", mesh, self.rules)[0]
     self._prefills: dict = {}
     self._chunks: dict = {}
+    self._relayout: Callable | None = None
+    self.set_params(params)
     # Every host reads the sampled tokens (stop strings, streaming): gathered, replicated.
     self._newest = jax.jit(lambda state: state.last, out_shardings=NamedSharding(mesh, P()))
+
+  def set_params(self, params) -> None:
+    """New parameters (in `config`'s layout, same shapes and shardings; compiled programs are
+    kept), put into the decode layout: `self.params` = (model parameters, LM head [d, vocab] or
+    None). Only what the layout changes is copied."""
+    cfg, run = self.config, self.run_config
+    # Host arrays are placed; arrays already in these shardings stay where they are (no copy).
+    params = jax.device_put(params, self._model_shardings(cfg))
+    if cfg.scan_layers != run.scan_layers:
+      if self._relayout is None:
+        shardings = self._model_shardings(run)
+        relayout: Callable = model_params.unscanned_to_scan
+        if cfg.scan_layers:
+          relayout = functools.partial(model_params.scan_to_unscanned, num_layers=cfg.num_layers)
+        self._relayout = jax.jit(relayout, out_shardings=shardings)
+      params = self._relayout(params)
+    head_t = None
+    if self.layout == "unrolled":
+      spec = sharding.logical_to_mesh_spec(("embed", "vocab"), self.rules)
+      head_t = jax.jit(jnp.transpose, out_shardings=NamedSharding(self.mesh, spec))(params["wte"])
+    self.params = (params, head_t)
+
+  def _model_shardings(self, cfg: ModelConfig):
+    return sharding.tree_shardings(
+      model_params.logical_axes(cfg), model_params.abstract_params(cfg), self.mesh, self.rules
+    )
 
   # --- compiled pieces ---------------------------------------------------------------------
   def _shardings(self, batch: int, slots: int):
@@ -93,7 +149,10 @@ class Generator:
     table = NamedSharding(
       self.mesh, sharding.logical_to_mesh_spec(("cache_batch", None), self.rules)
     )
-    cache = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(CACHE_LOGICAL, self.rules))
+    cache: Any = NamedSharding(self.mesh, sharding.logical_to_mesh_spec(CACHE_LOGICAL, self.rules))
+    if self.layout == "unrolled":
+      layer = sharding.logical_to_mesh_spec(CACHE_LOGICAL[1:], self.rules)
+      cache = (NamedSharding(self.mesh, layer),) * self.config.num_layers
     replicated = NamedSharding(self.mesh, P())
     return (
       DecodeState(
@@ -117,13 +176,13 @@ class Generator:
       state_sh, table, rows = self._shardings(batch, slots)
 
       def prefill(params, tokens, start, rng):
+        params, head_t = params
         model = model_params.model(self.graphdef, params)
         idx = jnp.arange(prompt_len)[None, :]
         positions = jnp.maximum(idx - start[:, None], 0)
         segments = (idx >= start[:, None]).astype(jnp.int32)
         hidden, (k, v) = model.prefill(tokens, positions, segments)
-        logits = model.logits(hidden[:, -1:])[:, 0]
-        pad = [(0, 0), (0, 0), (0, 0), (0, slots - prompt_len), (0, 0)]
+        logits = model.logits(hidden[:, -1:], head_t)[:, 0]
         seen = (
           jnp.zeros((batch, self.config.vocab_size), bool)
           .at[jnp.arange(batch)[:, None], tokens]
@@ -132,8 +191,8 @@ class Generator:
         rng, now = jax.random.split(rng)
         first = sampling.next_token(logits, seen, now, cfg)
         return DecodeState(
-          cache_k=sharding.constrain(jnp.pad(k.swapaxes(2, 3), pad), CACHE_LOGICAL),
-          cache_v=sharding.constrain(jnp.pad(v.swapaxes(2, 3), pad), CACHE_LOGICAL),
+          cache_k=jax.tree.map(lambda x: _to_cache(x, slots), k),
+          cache_v=jax.tree.map(lambda x: _to_cache(x, slots), v),
           last=first,
           slot=jnp.asarray(prompt_len, jnp.int32),
           start=start,
@@ -157,12 +216,13 @@ class Generator:
       state_sh, table, _ = self._shardings(batch, slots)
 
       def one(params, state: DecodeState):
+        params, head_t = params
         model = model_params.model(self.graphdef, params)
         positions = (state.slot - state.start)[:, None]
         hidden, (ck, cv) = model.step(
           state.last[:, None], positions, state.cache_k, state.cache_v, state.slot, state.start
         )
-        logits = model.logits(hidden)[:, 0]
+        logits = model.logits(hidden, head_t)[:, 0]
         rng, now = jax.random.split(state.key)
         token = sampling.next_token(logits, state.seen, now, cfg)
         token = jnp.where(state.done, framing_lib.PAD_ID, token)
@@ -306,6 +366,13 @@ class Generator:
       cut = min(text.find(s) for s in stop if s in text)
       text = text[:cut]
     return Completion(text, ids, reason, prompt_tokens)
+
+
+def _to_cache(kv: jax.Array, slots: int) -> jax.Array:
+  """A prefill's keys or values [(L,) B, T, H, K] -> a cache [(L,) B, H, slots, K]."""
+  x = jnp.swapaxes(kv, -3, -2)
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, slots - x.shape[-2]), (0, 0)])
+  return sharding.constrain(x, CACHE_LOGICAL[-x.ndim :])
 
 
 def cache_bytes(config: ModelConfig, batch: int, slots: int) -> int:

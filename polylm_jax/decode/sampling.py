@@ -78,13 +78,23 @@ def filter_top_p(logits: jax.Array, p: float) -> jax.Array:
   return jnp.where(remove, -jnp.inf, logits)
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first index of the largest value), as two plain
+  reductions: XLA's CPU backend runs argmax's (value, index) reduce unvectorised, about 15x
+  slower at [16, 32000]. A NaN row gives its first NaN, as argmax does."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  hit = (logits == top) | jnp.isnan(logits)
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def next_token(
   logits: jax.Array, seen: jax.Array, key: jax.Array, cfg: SamplingConfig
 ) -> jax.Array:
   """[batch, vocab] float32 logits -> [batch] int32 tokens."""
   logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, cfg.repetition_penalty)
   if cfg.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return first_argmax(logits)
   logits = logits / cfg.temperature
   logits = filter_top_k(logits, cfg.top_k)
   logits = filter_top_p(logits, cfg.top_p)

@@ -21,6 +21,7 @@ import pathlib
 import sys
 
 from polylm_jax import storage
+from polylm_jax.decode import cli as generate_cli
 
 
 def _offline(data_dir: str | None, *, offline: bool = True) -> None:
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--batch_size", type=int, default=16)
   run.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, e.g. 1,1,8")
   run.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+  generate_cli.add_layout_flag(run)
   run.add_argument(
     "--include_path", default=None, help="a directory of your own lm-eval task YAMLs"
   )
@@ -158,6 +160,7 @@ def _run(args) -> int:
     mesh=mesh,
     framing=loaded.framing,
     batch_size=args.batch_size,
+    decode_layout=args.decode_layout,
   )
   speed = lm.measure_speed() if tasks else None
   records = suite.run_suite(

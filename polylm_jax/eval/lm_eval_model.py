@@ -42,6 +42,7 @@ class PolyLMJax(TemplateLM):
     max_gen_toks: int = 256,
     dtype: str | None = None,
     attention_impl: str = "auto",
+    decode_layout: str = "auto",
     **unused: Any,
   ):
     super().__init__()
@@ -68,6 +69,7 @@ class PolyLMJax(TemplateLM):
       loaded.framing,
       int(batch_size),
       int(max_gen_toks),
+      decode_layout,
     )
     self.source = loaded.source
 
@@ -83,19 +85,24 @@ class PolyLMJax(TemplateLM):
     framing: framing_lib.Framing = framing_lib.TRAINING,
     batch_size: int = 16,
     max_gen_toks: int = 256,
+    decode_layout: str = "auto",
   ) -> "PolyLMJax":
     """Over parameters already in memory (in-training evaluation: no export, no reload)."""
     self = cls.__new__(cls)
     TemplateLM.__init__(self)
-    self._setup(config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks)
+    self._setup(
+      config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks, decode_layout
+    )
     self.source = "live parameters"
     return self
 
-  def _setup(self, config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks):
+  def _setup(
+    self, config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks, decode_layout
+  ):
     self.config, self.sp, self.framing = config, tokenizer, framing
     self.scorer = Scorer(config, params, mesh=mesh, rules=rules, batch_size=batch_size)
     self.generator = gen_lib.Generator(
-      config, params, tokenizer, mesh=mesh, rules=rules, framing=framing
+      config, params, tokenizer, mesh=mesh, rules=rules, framing=framing, layout=decode_layout
     )
     self.batch_size = self.scorer.batch_size
     self.max_gen_toks = max_gen_toks
@@ -104,7 +111,7 @@ class PolyLMJax(TemplateLM):
   def set_params(self, params) -> None:
     """New parameters of the same shapes and shardings (compiled programs are kept)."""
     self.scorer.params = params
-    self.generator.params = params
+    self.generator.set_params(params)
 
   def measure_speed(self, length: int = 64) -> float:
     """Scored requests per second on one batch of `length` tokens (compiled first, so the figure

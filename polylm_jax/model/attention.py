@@ -87,24 +87,35 @@ def cached_attention(
   q: jax.Array,
   cache_k: jax.Array,
   cache_v: jax.Array,
-  new_k: jax.Array,
-  new_v: jax.Array,
   slot: jax.Array,
   start: jax.Array,
+  new_k: jax.Array | None = None,
+  new_v: jax.Array | None = None,
 ) -> jax.Array:
-  """Decode-time attention (XLA; a few query rows need no kernel). q, new_k, new_v [B, T, H, K]
-  are the tokens at cache slots slot..slot+T-1; each attends to the cache slots before `slot`
-  from its row's `start` on (the slots before `start` hold left padding) and causally to the new
-  tokens. The cache is [B, H, S, K] (heads before slots: one contiguous matrix per head) and only
-  read. Softmax in float32 over both parts without concatenating them."""
+  """Decode-time attention (XLA; a few query rows need no kernel). q [B, T, H, K] are the tokens
+  at cache slots slot..slot+T-1; each attends to the cache from its row's `start` slot on (the
+  slots before `start` hold left padding) and causally to the new tokens. The cache is
+  [B, H, S, K] (heads before slots: one contiguous matrix per head) and only read.
+
+  Two ways to hand over the new tokens' keys and values, for the two cache layouts:
+  - `new_k`, `new_v` [B, T, H, K] given: the cache holds the slots before `slot` only (a stacked
+    cache is written once after all layers: a write inside the layer scan copies it);
+  - not given: they are already written at slot..slot+T-1 (a per-layer cache, written in place).
+  Softmax in float32 over both parts without concatenating them."""
   scale = q.shape[-1] ** -0.5
   f32, low = jnp.float32, jnp.finfo(jnp.float32).min
-  old = jnp.einsum("bqhd,bhkd->bhqk", q, cache_k, preferred_element_type=f32) * scale
-  k_slot = jnp.arange(cache_k.shape[2])
-  visible = (k_slot[None, :] < slot) & (k_slot[None, :] >= start[:, None])  # [B, S]
-  old = jnp.where(visible[:, None, None, :], old, low)
-  new = jnp.einsum("bqhd,bkhd->bhqk", q, new_k, preferred_element_type=f32) * scale
   t = q.shape[1]
+  old = jnp.einsum("bqhd,bhkd->bhqk", q, cache_k, preferred_element_type=f32) * scale
+  k_slot = jnp.arange(cache_k.shape[2])[None, None, :]
+  # the newest slot each query sees in the cache: its own when written there, else the one before
+  newest = slot + (jnp.arange(t) if new_k is None else jnp.full((t,), -1))[None, :, None]
+  visible = (k_slot <= newest) & (k_slot >= start[:, None, None])  # [B, T, S]
+  old = jnp.where(visible[:, None], old, low)
+  if new_k is None or new_v is None:
+    probs = jax.nn.softmax(old, axis=-1).astype(cache_v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bqhd", probs, cache_v, preferred_element_type=f32)
+    return out.astype(q.dtype)
+  new = jnp.einsum("bqhd,bkhd->bhqk", q, new_k, preferred_element_type=f32) * scale
   new = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, None], new, low)
   top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
   p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)

@@ -18,6 +18,7 @@ from polylm_jax.model import layers
 from polylm_jax.model.attention import attention, cached_attention
 from polylm_jax.sharding import BTD, BTF, BTHK, BTV, constrain
 
+F32 = jnp.float32
 REMAT = {
   "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.dots_saveable,
@@ -74,12 +75,27 @@ class Attention(nnx.Module):
     self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, slot: jax.Array, start: jax.Array
   ):
     """New tokens x [B, T, D] at cache slots slot..slot+T-1 attend to the cache [B, H, S, K]
-    before them (from each row's `start` slot on: left padding) and to each other, causally.
-    The cache is only read; the new keys and values are returned for the caller to write (once,
-    for all layers: writing inside the layer loop would copy the cache every step)."""
+    (from each row's `start` slot on: left padding) and to each other, causally. Returns the
+    output and the cache with their keys and values written in: for one layer's own cache
+    buffer an in-place update. (A stacked cache uses `step_read_only`.)"""
+    q, k, v = self._qkv(x)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(
+      cache_k, k.astype(cache_k.dtype).swapaxes(1, 2), slot, axis=2
+    )
+    cache_v = jax.lax.dynamic_update_slice_in_dim(
+      cache_v, v.astype(cache_v.dtype).swapaxes(1, 2), slot, axis=2
+    )
+    return self._out(cached_attention(q, cache_k, cache_v, slot, start)), (cache_k, cache_v)
+
+  def step_read_only(
+    self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, slot: jax.Array, start: jax.Array
+  ):
+    """step() for one layer's slice of a stacked cache inside the layer scan: the cache is only
+    read and the new keys and values [B, T, H, K] are returned for the caller to write (once, for
+    all layers: writing inside the scan would copy the whole cache every step)."""
     q, k, v = self._qkv(x)
     k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
-    o = cached_attention(q, cache_k, cache_v, k, v, slot, start)
+    o = cached_attention(q, cache_k, cache_v, slot, start, new_k=k, new_v=v)
     return self._out(o), (k, v)
 
 
@@ -120,8 +136,9 @@ class Block(nnx.Module):
     a, kv = self.attn.prefill(self.ln_1(x), segment_ids)
     return self._finish(x, a), kv
 
-  def step(self, x, cache_k, cache_v, slot, start):
-    a, kv = self.attn.step(self.ln_1(x), cache_k, cache_v, slot, start)
+  def step(self, x, cache_k, cache_v, slot, start, *, read_only: bool = False):
+    attend = self.attn.step_read_only if read_only else self.attn.step
+    a, kv = attend(self.ln_1(x), cache_k, cache_v, slot, start)
     return self._finish(x, a), kv
 
 
@@ -176,27 +193,47 @@ class PolyLM(nnx.Module):
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
   ):
-    """hidden() and every layer's keys and values: ([B, T, d_model], (k, v) [L, B, T, H, K];
-    a KV cache holds them as [L, B, H, S, K])."""
+    """hidden() and every layer's keys and values [B, T, H, K]: stacked [L, ...] when the
+    layers are scanned, else tuples of L arrays (what the two cache layouts of step() hold,
+    once slots are made the third axis)."""
     x = self._embed(tokens, positions)
-    x, kv = self._layers(x, lambda block, h, _: block.prefill(h, segment_ids))
-    return self.ln_f(x), kv
+    if self.config.scan_layers:
+      x, kv = self._layers(x, lambda block, h, _: block.prefill(h, segment_ids))
+      return self.ln_f(x), kv
+    ks, vs = [], []
+    for block in self.blocks:
+      x, (k, v) = block.prefill(x, segment_ids)
+      ks.append(k)
+      vs.append(v)
+    return self.ln_f(x), (tuple(ks), tuple(vs))
 
   def step(
     self,
     tokens: jax.Array,
     positions: jax.Array,
-    cache_k: jax.Array,
-    cache_v: jax.Array,
+    cache_k,
+    cache_v,
     slot: jax.Array,
     start: jax.Array,
   ):
-    """Decode: new tokens [B, T] at cache slots slot.. (see Attention.step); the cache is
-    [L, B, H, S, K]. Returns the final hidden states and the cache with the new keys and values
-    written in (one in-place update of the donated cache)."""
+    """Decode: new tokens [B, T] at cache slots slot.. (see Attention.step). Returns the final
+    hidden states and the cache with the new keys and values written in.
+
+    The cache follows the parameters' layout: stacked [L, B, H, S, K] arrays when the layers are
+    scanned (written once after the scan: one in-place update of the donated cache), a tuple of
+    L per-layer [B, H, S, K] arrays otherwise (each written in place inside its layer)."""
     x = self._embed(tokens, positions)
+    if not self.config.scan_layers:
+      new_k, new_v = [], []
+      for block, ck, cv in zip(self.blocks, cache_k, cache_v):
+        x, (ck, cv) = block.step(x, ck, cv, slot, start)
+        new_k.append(ck)
+        new_v.append(cv)
+      return self.ln_f(x), (tuple(new_k), tuple(new_v))
     x, (k, v) = self._layers(
-      x, lambda block, h, c: block.step(h, c[0], c[1], slot, start), (cache_k, cache_v)
+      x,
+      lambda block, h, c: block.step(h, c[0], c[1], slot, start, read_only=True),
+      (cache_k, cache_v),
     )
     # [L, B, T, H, K] -> the cache's [L, B, H, T, K], written at slot
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.swapaxes(2, 3), slot, axis=3)
@@ -214,12 +251,18 @@ class PolyLM(nnx.Module):
     x = jnp.take(self.wte[...], tokens, axis=0) + jnp.take(self.wpe[...], positions, axis=0)
     return constrain(x.astype(jnp.float32), BTD)
 
-  def logits(self, x: jax.Array) -> jax.Array:
-    """LM head, tied to the token embedding: [B, T, d_model] -> float32 logits [B, T, vocab]."""
+  def logits(self, x: jax.Array, head_t: jax.Array | None = None) -> jax.Array:
+    """LM head, tied to the token embedding: [B, T, d_model] -> float32 logits [B, T, vocab].
+
+    `head_t`: the embedding transposed, [d_model, vocab], where a caller keeps that copy (the
+    per-layer decode layout: on CPU a vocab-minor right operand is ~1.6x faster at decode's
+    few rows)."""
     dt = self.config.compute_dtype
-    logits = jnp.einsum(
-      "btd,vd->btv", x.astype(dt), self.wte[...].astype(dt), preferred_element_type=jnp.float32
-    )
+    x = x.astype(dt)
+    if head_t is None:
+      logits = jnp.einsum("btd,vd->btv", x, self.wte[...].astype(dt), preferred_element_type=F32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, head_t.astype(dt), preferred_element_type=F32)
     return constrain(logits, BTV)
 
   def _layers(self, x, call, per_layer=None, *, remat: bool = False):
