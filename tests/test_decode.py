@@ -117,17 +117,22 @@ def test_decode_layout_auto_is_logged_and_a_wrong_name_is_refused(params, caplog
   with caplog.at_level(logging.INFO):
     assert _generator(params).layout == "unrolled"
   assert "decode layout: unrolled (auto on cpu)" in caplog.text
-  with pytest.raises(ValueError, match="decode layout 'stacked' is not one of auto, scan, unrolled"):
+  with pytest.raises(
+    ValueError, match="decode layout 'stacked' is not one of auto, scan, unrolled"
+  ):
     _generator(params, layout="stacked")
 
 
-def test_first_argmax_is_argmax_with_ties_and_nans():
+@pytest.mark.parametrize("vocab", [300, 512])  # blocks of 128 (512) and the plain form (300)
+def test_first_argmax_is_argmax_with_ties_and_nans(vocab):
   rng = np.random.default_rng(1)
-  logits = rng.standard_normal((6, 300)).astype(np.float32)
-  logits[1, [7, 40, 299]] = 9.0  # a tie: the first index wins
+  logits = rng.standard_normal((7, vocab)).astype(np.float32)
+  logits[1, [7, 40, 299]] = 9.0  # a tie across blocks: the first index wins
   logits[2, :] = -np.inf
-  logits[3, [5, 90]] = np.nan  # argmax's answer with NaNs: the first NaN
-  logits[4, [0, 1]] = logits[4].max() + 1
+  logits[3, [90, 5]] = np.nan  # argmax's answer with NaNs: the first NaN
+  logits[4, [0, 1]] = logits[4].max() + 1  # a tie inside a block
+  logits[5, [200, 290]] = [np.nan, 50.0]  # a NaN after a larger value in the same block
+  logits[6, -1] = 30.0  # the last index
   np.testing.assert_array_equal(sampling.first_argmax(logits), np.argmax(logits, axis=-1))
   np.testing.assert_array_equal(sampling.first_argmax(logits), jax.numpy.argmax(logits, axis=-1))
 

@@ -78,14 +78,27 @@ def filter_top_p(logits: jax.Array, p: float) -> jax.Array:
   return jnp.where(remove, -jnp.inf, logits)
 
 
-def first_argmax(logits: jax.Array) -> jax.Array:
-  """jnp.argmax over the last axis (the first index of the largest value), as two plain
-  reductions: XLA's CPU backend runs argmax's (value, index) reduce unvectorised, about 15x
-  slower at [16, 32000]. A NaN row gives its first NaN, as argmax does."""
-  top = jnp.max(logits, axis=-1, keepdims=True)
-  hit = (logits == top) | jnp.isnan(logits)
-  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1).astype(jnp.int32)
+def first_argmax(logits: jax.Array, block: int = 128) -> jax.Array:
+  """jnp.argmax over the last axis of [batch, vocab] (the first index of the largest value; of
+  the first NaN if there is one), without argmax's (value, index) reduce, which XLA's CPU backend
+  runs unvectorised (1.2 ms at [16, 32000], 0.13 ms this way): the maximum of each block of
+  `block` logits, the first block holding the row's maximum, the first hit inside it."""
+  rows, vocab = logits.shape
+  if vocab % block:  # plain two-reduction form
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return _first_hit(logits, top).astype(jnp.int32)
+  blocks = logits.reshape(rows, vocab // block, block)
+  block_max = blocks.max(axis=-1)
+  top = block_max.max(axis=-1, keepdims=True)
+  first_block = _first_hit(block_max, top)
+  inside = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]
+  return (first_block * block + _first_hit(inside, top)).astype(jnp.int32)
+
+
+def _first_hit(x: jax.Array, top: jax.Array) -> jax.Array:
+  """Per row, the first index where x equals `top` or is NaN (max propagates NaN)."""
+  hit = (x == top) | jnp.isnan(x)
+  return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
 
 
 def next_token(
