@@ -236,7 +236,7 @@ def test_one_token_stream_from_training_to_serving(run_and_export):
   )  # what the model sees before each target
   served = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
   generator = generate.Generator(
-    lm.config, lm.scorer.params, lm.sp, mesh=lm.scorer.mesh, framing=lm.framing
+    lm.scorer.config, lm.scorer.params, lm.sp, mesh=lm.scorer.mesh, framing=lm.framing
   )
   assert training == generator.encode(text) == lm.tok_encode(text) == served == [1] + ids
 

@@ -162,6 +162,7 @@ def _run(args) -> int:
     batch_size=args.batch_size,
     decode_layout=args.decode_layout,
   )
+  loaded.params = None  # the model holds its own layout: the loaded arrays need not stay alive
   speed = lm.measure_speed() if tasks else None
   records = suite.run_suite(
     lm,

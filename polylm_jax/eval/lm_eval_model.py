@@ -100,9 +100,18 @@ class PolyLMJax(TemplateLM):
     self, config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks, decode_layout
   ):
     self.config, self.sp, self.framing = config, tokenizer, framing
-    self.scorer = Scorer(config, params, mesh=mesh, rules=rules, batch_size=batch_size)
     self.generator = gen_lib.Generator(
       config, params, tokenizer, mesh=mesh, rules=rules, framing=framing, layout=decode_layout
+    )
+    # The scorer runs on the generator's layout of the parameters (no second copy).
+    layout_params, head_t = self.generator.params
+    self.scorer = Scorer(
+      self.generator.run_config,
+      layout_params,
+      mesh=mesh,
+      rules=rules,
+      batch_size=batch_size,
+      head_t=head_t,
     )
     self.batch_size = self.scorer.batch_size
     self.max_gen_toks = max_gen_toks
@@ -110,8 +119,8 @@ class PolyLMJax(TemplateLM):
 
   def set_params(self, params) -> None:
     """New parameters of the same shapes and shardings (compiled programs are kept)."""
-    self.scorer.params = params
     self.generator.set_params(params)
+    self.scorer.params, self.scorer.head_t = self.generator.params
 
   def measure_speed(self, length: int = 64) -> float:
     """Scored requests per second on one batch of `length` tokens (compiled first, so the figure

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from polylm_jax import framing, sharding
 from polylm_jax.config import ModelConfig
+from polylm_jax.decode import sampling
 from polylm_jax.model import params as model_params
 
 MIN_BUCKET = 32
@@ -46,7 +47,10 @@ class Scorer:
 
   Each item: `inputs` the token ids fed to the model, `targets` the ids it should predict at each
   input position (same length), and the index of the first position whose target counts (earlier
-  positions are context)."""
+  positions are context).
+
+  `head_t`: the LM head as a [d_model, vocab] copy of the embedding, where the caller keeps one
+  (the generator's `unrolled` layout, whose per-layer parameters it may share)."""
 
   def __init__(
     self,
@@ -56,8 +60,10 @@ class Scorer:
     mesh: Mesh,
     rules=sharding.DEFAULT_RULES,
     batch_size: int = 16,
+    head_t: jax.Array | None = None,
   ):
     self.config, self.params, self.mesh, self.rules = config, params, mesh, tuple(rules)
+    self.head_t = head_t
     self.graphdef = model_params.graphdef(config)
     parts = sharding.batch_parts(mesh, self.rules)
     self.batch_size = -(-batch_size // parts) * parts
@@ -69,17 +75,19 @@ class Scorer:
     key = (batch, length, window)
     if key not in self._fns:
 
-      def token_scores(params, inputs, targets, segments, ends):
+      def token_scores(weights, inputs, targets, segments, ends):
+        params, head_t = weights
         model = model_params.model(self.graphdef, params)
         hidden = model.hidden(inputs, None, segments)
         # The last `window` positions of each row (ending at its last real token).
         at = jnp.clip(ends[:, None] - window + jnp.arange(window)[None, :], 0, length - 1)
         hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
         targets = jnp.take_along_axis(targets, at, axis=1)
-        logits = model.logits(hidden)
+        logits = model.logits(hidden, head_t)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        greedy = jnp.argmax(logits, axis=-1) == targets
+        rows_first = sampling.first_argmax(logits.reshape(-1, logits.shape[-1]))
+        greedy = rows_first.reshape(targets.shape) == targets
         return target_logp, greedy
 
       replicated = NamedSharding(self.mesh, PartitionSpec())  # every host reads the scores
@@ -89,7 +97,7 @@ class Scorer:
       self._fns[key] = jax.jit(
         token_scores,
         in_shardings=(
-          jax.tree.map(lambda x: x.sharding, self.params),
+          jax.tree.map(lambda x: x.sharding, (self.params, self.head_t)),
           self.rows,
           self.rows,
           self.rows,
@@ -134,7 +142,7 @@ class Scorer:
           )
         )
         logp, greedy = jax.device_get(
-          self._fn(self.batch_size, length, window)(self.params, *placed)
+          self._fn(self.batch_size, length, window)((self.params, self.head_t), *placed)
         )
         for row, i in enumerate(chunk):
           n, first = len(items[i][0]), items[i][2]
