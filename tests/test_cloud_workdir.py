@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from polylm_jax import sharding, storage
+from polylm_jax import files, sharding, storage
 from polylm_jax.decode import loading
 from polylm_jax.eval import cli as eval_cli
 from polylm_jax.export import checkpoint_reader
@@ -219,6 +219,21 @@ def test_lock_on_object_storage(gcs):
   with storage.RemoteWorkdirLock(workdir, stale_after_s=0.0):
     pass
   assert not storage.exists(f"{workdir}/LOCK")
+
+
+def test_lock_is_created_only_if_absent(gcs, monkeypatch):
+  """Two trainers starting at once both find no lock; the create-only upload (a generation
+  precondition) lets only the first one in."""
+  workdir = f"gs://{BUCKET}/race"
+  with storage.workdir_lock(workdir) as first:
+    late = storage.RemoteWorkdirLock(workdir)
+    # It looked for a lock just before the first trainer wrote one.
+    monkeypatch.setattr(late, "_read", lambda: None)
+    monkeypatch.setattr(storage, "exists", lambda url: False)
+    with pytest.raises(files.WorkdirLockedError, match=f"workdir {workdir} is in use"):
+      late._take()
+    monkeypatch.undo()
+    assert json.loads(storage.read_text(f"{workdir}/LOCK"))["token"] == first._token
 
 
 def test_unreachable_or_unknown_workdir_is_refused(gcs):
