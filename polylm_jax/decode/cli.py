@@ -129,22 +129,18 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   import jax
 
-  from polylm_jax import sharding
   from polylm_jax.decode import generate, loading
 
   try:
     sampling_config = _sampling(args)
-    mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh))
-    overrides = {"attention_impl": args.attention_impl, "attention_interpret": False}
-    if args.dtype:
-      overrides["dtype"] = args.dtype
-    loaded = loading.load(
+    mesh, loaded = loading.load_to_run(
+      mesh=args.mesh,
+      dtype=args.dtype,
+      attention_impl=args.attention_impl,
       workdir=args.workdir,
       step=args.step,
       checkpoint=args.checkpoint,
       hf_dir=args.hf_dir,
-      mesh=mesh,
-      overrides=overrides,
     )
   except (ValueError, FileNotFoundError) as e:
     print(f"polylm-generate: {e}", file=sys.stderr)

@@ -97,6 +97,34 @@ def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides) -> LoadedModel:
   return LoadedModel(cfg, params, sp_bytes, str(hf_dir), {}, framing.from_export(hf_dir))
 
 
+def load_to_run(
+  *,
+  mesh: str | None,
+  dtype: str | None = None,
+  attention_impl: str = "auto",
+  workdir: str | None = None,
+  step: int | None = None,
+  checkpoint: str | None = None,
+  hf_dir: str | None = None,
+) -> tuple[Mesh, LoadedModel]:
+  """What polylm-generate, polylm-eval and the lm-eval model run: the mesh (`data,fsdp,tensor`
+  sizes; empty: every device on data) and the model placed on it, with the matmul `dtype` (None:
+  the model's) and the prefill's attention as asked, kernels compiled, never interpreted."""
+  mesh_obj = sharding.make_mesh(sharding.parse_mesh(mesh))
+  overrides: dict[str, Any] = {"attention_impl": attention_impl, "attention_interpret": False}
+  if dtype:
+    overrides["dtype"] = dtype
+  loaded = load(
+    workdir=workdir,
+    step=step,
+    checkpoint=checkpoint,
+    hf_dir=hf_dir,
+    mesh=mesh_obj,
+    overrides=overrides,
+  )
+  return mesh_obj, loaded
+
+
 def check_tokenizer(sp_bytes: bytes, cfg: ModelConfig, where: str) -> None:
   import sentencepiece as spm
 

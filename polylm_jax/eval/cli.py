@@ -115,23 +115,18 @@ def _run(args) -> int:
   import jax
   from lm_eval.tasks import TaskManager
 
-  from polylm_jax import sharding
   from polylm_jax.decode import loading
   from polylm_jax.eval import lm_eval_model, suite
 
   out = args.out
   storage.makedirs(out)
-  mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh))
-  overrides = {"attention_impl": "auto", "attention_interpret": False}
-  if args.dtype:
-    overrides["dtype"] = args.dtype
-  loaded = loading.load(
+  mesh, loaded = loading.load_to_run(
+    mesh=args.mesh,
+    dtype=args.dtype,
     workdir=args.workdir,
     step=args.step,
     checkpoint=args.checkpoint,
     hf_dir=args.hf_dir,
-    mesh=mesh,
-    overrides=overrides,
   )
   run_info = {
     "model": loaded.source,

@@ -48,17 +48,14 @@ class PolyLMJax(TemplateLM):
     super().__init__()
     if unused:
       logging.info("polylm_jax: ignoring model args %s", sorted(unused))
-    mesh_obj = sharding.make_mesh(sharding.parse_mesh(mesh))
-    overrides = {"attention_impl": attention_impl, "attention_interpret": False}
-    if dtype:
-      overrides["dtype"] = dtype
-    loaded = loading.load(
+    mesh_obj, loaded = loading.load_to_run(
+      mesh=mesh,
+      dtype=dtype,
+      attention_impl=attention_impl,
       workdir=workdir,
       step=int(step) if step is not None else None,
       checkpoint=checkpoint,
       hf_dir=hf_dir,
-      mesh=mesh_obj,
-      overrides=overrides,
     )
     self._setup(
       loaded.config,
