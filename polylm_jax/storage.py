@@ -370,19 +370,22 @@ def check_replaceable(url: str | os.PathLike, *, overwrite: bool, looks_like, ki
   return True
 
 
-def publish_dir(local: str, url: str, *, overwrite: bool, looks_like, kind: str) -> None:
-  """Uploads a finished local output directory (an export) to a directory URL. An earlier output
-  there (`check_replaceable`) is moved to `<url>.replaced-<time>` first (kept: on object storage a
-  move is a copy, so the user deletes it). config.json goes up last, so an interrupted upload is
-  not a loadable model."""
+def publish_dir(
+  local: str, url: str, *, overwrite: bool, looks_like, kind: str, last: str = "config.json"
+) -> None:
+  """Uploads a finished local output directory (an export, an import) to a directory URL. An
+  earlier output there (`check_replaceable`) is moved to `<url>.replaced-<time>` first (kept: on
+  object storage a move is a copy, so the user deletes it). The file `last` (what makes the
+  directory a loadable model: config.json, meta.json) goes up last, so an interrupted upload is
+  not one."""
   if check_replaceable(url, overwrite=overwrite, looks_like=looks_like, kind=kind):
     kept = f"{url.rstrip('/')}.replaced-{files.timestamp()}"
     move(url, kept)
     logging.warning("the earlier %s at %s was moved to %s", kind, url, kept)
   fs, r = _fs(url)
   local_names = sorted(os.listdir(local))
-  last = [n for n in local_names if n == "config.json"]  # what makes a directory a model
-  for n in [n for n in local_names if n not in last] + last:
+  final = [n for n in local_names if n == last]
+  for n in [n for n in local_names if n not in final] + final:
     if os.path.isdir(os.path.join(local, n)):
       upload_dir(os.path.join(local, n), join(url, n))
     else:

@@ -14,15 +14,18 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from polylm_jax import files, sharding, storage
+from polylm_jax.config import ModelConfig
 from polylm_jax.decode import loading
 from polylm_jax.eval import cli as eval_cli
-from polylm_jax.export import checkpoint_reader
+from polylm_jax.export import checkpoint_reader, import_cli
 from polylm_jax.export import cli as export_cli
+from polylm_jax.model import params as P
 from polylm_jax.train import cli
-from polylm_jax.train.checkpoint import set_aside_previous_run
+from polylm_jax.train.checkpoint import orbax_path, set_aside_previous_run
 
 EMULATOR = pathlib.Path(__file__).with_name("gcs_emulator.py")
 LM_EVAL_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
@@ -147,6 +150,16 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   export_cli.export_checkpoint(remote_step, out, overwrite=True)  # the earlier one is kept aside
   [replaced] = [n for n in storage.listdir(f"gs://{BUCKET}") if n.startswith("hf.replaced-")]
   assert storage.listdir(f"gs://{BUCKET}/{replaced}") == names == storage.listdir(out)
+  # polylm-import of that export into the bucket: the run's parameters, where init_params_from
+  # reads them; an earlier import is replaced only with --overwrite.
+  init = f"gs://{BUCKET}/init"
+  import_cli.import_checkpoint(tmp_path / "hf", init)
+  assert storage.listdir(init) == ["meta.json", "params"]
+  abstract = P.abstract_params(_meta_config(storage.read_text(f"{init}/meta.json")))
+  imported = ocp.StandardCheckpointer().restore(orbax_path(f"{init}/params"), abstract)
+  jax.tree.map(np.testing.assert_array_equal, imported, jax.device_get(result["state"].params))
+  with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite"):
+    import_cli.import_checkpoint(tmp_path / "hf", init)
   # polylm-eval from the bucket into the bucket: results, table and chart, then reused.
   tasks = tmp_path / "tasks"
   tasks.mkdir()
@@ -187,6 +200,10 @@ def test_start_over_on_object_storage_sets_the_run_aside(gcs):
     f"previous/{previous}/metrics.jsonl",
   ]
   assert storage.read_text(f"{workdir}/previous/{previous}/metrics.jsonl") == "metrics.jsonl"
+
+
+def _meta_config(meta: str) -> ModelConfig:
+  return ModelConfig.from_dict(json.loads(meta)["model_config"])
 
 
 def _lock_from_another_process(workdir: str, stale_after_s: float):

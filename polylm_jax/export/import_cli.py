@@ -2,6 +2,7 @@
 training.
 
   polylm-import --hf_dir=polylm-1.7b --out=init/polylm-1.7b [--overwrite] [--verify]
+  polylm-import --hf_dir=polylm-1.7b --out=gs://bucket/init/polylm-1.7b    # built here, uploaded
 
 Writes `<out>/params` (an Orbax checkpoint of the parameters, in this project's layout) and
 `<out>/meta.json` (model config, tokenizer, source). Start training from it with
@@ -15,25 +16,44 @@ import argparse
 import base64
 import dataclasses
 import json
+import os
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 
-from polylm_jax import files
+from polylm_jax import files, storage
 from polylm_jax.export import hf_export
 from polylm_jax.train.checkpoint import CheckpointConfig, save_args
 
 IMPORT_KIND = "polylm-import output (meta.json + params/)"
 
 
-def looks_like_import(path: pathlib.Path) -> bool:
-  return (path / "meta.json").is_file() and (path / "params").is_dir()
+def looks_like_import(path: str | os.PathLike) -> bool:
+  """An earlier import (local or gs://...): what `--overwrite` may replace."""
+  return storage.isfile(storage.join(path, "meta.json")) and storage.isdir(
+    storage.join(path, "params")
+  )
 
 
 def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True, allow_nonfinite=False):
   """Written in a staging directory beside `out_dir` and swapped in when complete; `out_dir` may
-  not be, contain or lie inside `hf_dir`, and only an earlier import is ever replaced."""
+  not be, contain or lie inside `hf_dir`, and only an earlier import is ever replaced. An
+  `out_dir` on object storage (gs://...) is written locally first, then uploaded with meta.json
+  last (storage.publish_dir)."""
+  if storage.is_remote(out_dir):
+    replace = dict(overwrite=overwrite, looks_like=looks_like_import, kind=IMPORT_KIND)
+    storage.check_replaceable(out_dir, **replace)  # refused before the work, not after
+    with tempfile.TemporaryDirectory(prefix="polylm-import-") as local:
+      _, cfg, params = import_checkpoint(
+        hf_dir,
+        os.path.join(local, "import"),
+        scan_layers=scan_layers,
+        allow_nonfinite=allow_nonfinite,
+      )
+      storage.publish_dir(os.path.join(local, "import"), out_dir, last="meta.json", **replace)
+    return out_dir, cfg, params
   import orbax.checkpoint as ocp
 
   hf_dir = pathlib.Path(hf_dir)
@@ -58,7 +78,7 @@ def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True, all
         (hf_dir / "tokenizer.model").read_bytes()
       ).decode()
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-  return pathlib.Path(out_dir), cfg, params
+  return out_dir, cfg, params
 
 
 def verify_import(hf_dir, cfg, params, *, seed: int = 0) -> tuple[bool, str]:
