@@ -197,15 +197,8 @@ class PolyLM(nnx.Module):
     layers are scanned, else tuples of L arrays (what the two cache layouts of step() hold,
     once slots are made the third axis)."""
     x = self._embed(tokens, positions)
-    if self.config.scan_layers:
-      x, kv = self._layers(x, lambda block, h, _: block.prefill(h, segment_ids))
-      return self.ln_f(x), kv
-    ks, vs = [], []
-    for block in self.blocks:
-      x, (k, v) = block.prefill(x, segment_ids)
-      ks.append(k)
-      vs.append(v)
-    return self.ln_f(x), (tuple(ks), tuple(vs))
+    x, kv = self._layers(x, lambda block, h, _: block.prefill(h, segment_ids))
+    return self.ln_f(x), kv
 
   def step(
     self,
@@ -224,12 +217,10 @@ class PolyLM(nnx.Module):
     L per-layer [B, H, S, K] arrays otherwise (each written in place inside its layer)."""
     x = self._embed(tokens, positions)
     if not self.config.scan_layers:
-      new_k, new_v = [], []
-      for block, ck, cv in zip(self.blocks, cache_k, cache_v):
-        x, (ck, cv) = block.step(x, ck, cv, slot, start)
-        new_k.append(ck)
-        new_v.append(cv)
-      return self.ln_f(x), (tuple(new_k), tuple(new_v))
+      x, cache = self._layers(
+        x, lambda block, h, c: block.step(h, c[0], c[1], slot, start), (cache_k, cache_v)
+      )
+      return self.ln_f(x), cache
     x, (k, v) = self._layers(
       x,
       lambda block, h, c: block.step(h, c[0], c[1], slot, start, read_only=True),
@@ -266,8 +257,10 @@ class PolyLM(nnx.Module):
     return constrain(logits, BTV)
 
   def _layers(self, x, call, per_layer=None, *, remat: bool = False):
-    """Runs `call(block, x, layer_input) -> (x, layer_output)` through the layers (lax.scan over
-    the stacked blocks when scan_layers), returning x and the layer outputs stacked [L, ...]."""
+    """Runs `call(block, x, layer_input) -> (x, layer_output)` through the layers and returns x
+    and the layer outputs. Scanned layers (lax.scan over the stacked blocks) take and give them
+    stacked [L, ...]; unscanned layers as tuples of L arrays, one per layer (each layer's own
+    buffers: nothing is sliced out or stacked)."""
     cfg = self.config
 
     def apply(graphdef, state, h, layer_input):
@@ -285,11 +278,11 @@ class PolyLM(nnx.Module):
         return apply(graphdef, layer, h, layer_input)
 
       return jax.lax.scan(body, x, (state, per_layer))
+    per_layer_tuple = lambda n: isinstance(n, tuple) and all(isinstance(a, jax.Array) for a in n)
     outputs = []
     for i, block in enumerate(self.blocks):
       graphdef, state = nnx.split(block)
-      layer_input = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
+      layer_input = jax.tree.map(lambda t, i=i: t[i], per_layer, is_leaf=per_layer_tuple)
       x, out = apply(graphdef, state, x, layer_input)
       outputs.append(out)
-    stacked = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
-    return x, stacked
+    return x, jax.tree.map(lambda *a: a, *outputs)
