@@ -19,7 +19,7 @@ import logging
 import pathlib
 import sys
 
-from polylm_jax import files
+from polylm_jax import decode, files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_layout_flag(parser) -> None:
-  from polylm_jax.decode.generate import LAYOUTS
-
   parser.add_argument(
     "--decode_layout",
-    choices=LAYOUTS,
+    choices=decode.LAYOUTS,
     default="auto",
     help="weights and KV cache while decoding: scan (stacked layers, the training layout), "
     "unrolled (one array per layer and a transposed LM head: faster on CPU, one more copy of "

@@ -36,14 +36,14 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from polylm_jax import decode, sharding
 from polylm_jax import framing as framing_lib
-from polylm_jax import sharding
 from polylm_jax.config import ModelConfig
 from polylm_jax.decode import sampling
 from polylm_jax.model import params as model_params
 
 CACHE_LOGICAL = sharding.CACHE
-LAYOUTS = ("auto", "scan", "unrolled")
+LAYOUTS = decode.LAYOUTS
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 64
 
@@ -113,6 +113,10 @@ class Generator:
     self._prefills: dict = {}
     self._chunks: dict = {}
     self._relayout: Callable | None = None
+    self._head: Callable | None = None  # the embedding, transposed (`unrolled`)
+    if self.layout == "unrolled":
+      spec = sharding.logical_to_mesh_spec(("embed", "vocab"), self.rules)
+      self._head = jax.jit(jnp.transpose, out_shardings=NamedSharding(mesh, spec))
     self.set_params(params)
     # Every host reads the sampled tokens (stop strings, streaming): gathered, replicated.
     self._newest = jax.jit(lambda state: state.last, out_shardings=NamedSharding(mesh, P()))
@@ -132,11 +136,7 @@ class Generator:
           relayout = functools.partial(model_params.scan_to_unscanned, num_layers=cfg.num_layers)
         self._relayout = jax.jit(relayout, out_shardings=shardings)
       params = self._relayout(params)
-    head_t = None
-    if self.layout == "unrolled":
-      spec = sharding.logical_to_mesh_spec(("embed", "vocab"), self.rules)
-      head_t = jax.jit(jnp.transpose, out_shardings=NamedSharding(self.mesh, spec))(params["wte"])
-    self.params = (params, head_t)
+    self.params = (params, None if self._head is None else self._head(params["wte"]))
 
   def _model_shardings(self, cfg: ModelConfig):
     return sharding.tree_shardings(
