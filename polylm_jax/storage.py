@@ -370,9 +370,20 @@ def check_replaceable(url: str | os.PathLike, *, overwrite: bool, looks_like, ki
   return True
 
 
-def publish_dir(
-  local: str, url: str, *, overwrite: bool, looks_like, kind: str, last: str = "config.json"
-) -> None:
+@contextlib.contextmanager
+def built_locally(url: str, *, overwrite: bool, looks_like, kind: str, last: str) -> Iterator[str]:
+  """An output directory for a bucket `url`, built in a local temporary directory (the path
+  yielded) and uploaded when the block completes (publish_dir). What is at `url` is checked before
+  the work (check_replaceable), so a refused output costs nothing."""
+  replace = dict(overwrite=overwrite, looks_like=looks_like, kind=kind)
+  check_replaceable(url, **replace)
+  with tempfile.TemporaryDirectory(prefix="polylm-out-") as local:
+    out = os.path.join(local, "out")
+    yield out
+    publish_dir(out, url, last=last, **replace)
+
+
+def publish_dir(local: str, url: str, *, overwrite: bool, looks_like, kind: str, last: str) -> None:
   """Uploads a finished local output directory (an export, an import) to a directory URL. An
   earlier output there (`check_replaceable`) is moved to `<url>.replaced-<time>` first (kept: on
   object storage a move is a copy, so the user deletes it). The file `last` (what makes the

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
-import os
 import pathlib
 import re
 import sys
-import tempfile
 
 from polylm_jax import chat, files, framing, storage
 from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
@@ -47,20 +45,21 @@ def export_checkpoint(
   a model, and an earlier export at `out_dir` stays until the new one is whole. An `out_dir` on
   object storage (gs://...) is written locally first, then uploaded (storage.publish_dir)."""
   if storage.is_remote(out_dir):
-    replace = dict(
-      overwrite=overwrite, looks_like=hf_export.looks_like_export, kind=hf_export.EXPORT_KIND
-    )
-    storage.check_replaceable(out_dir, **replace)  # refused before the work, not after
-    with tempfile.TemporaryDirectory(prefix="polylm-export-") as local:
+    with storage.built_locally(
+      out_dir,
+      overwrite=overwrite,
+      looks_like=hf_export.looks_like_export,
+      kind=hf_export.EXPORT_KIND,
+      last="config.json",
+    ) as local:
       _, reader = export_checkpoint(
         step_dir,
-        os.path.join(local, "export"),
+        local,
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
         allow_vocab_padding=allow_vocab_padding,
         allow_nonfinite=allow_nonfinite,
       )
-      storage.publish_dir(os.path.join(local, "export"), out_dir, **replace)
     return out_dir, reader
   reader = checkpoint_reader.CheckpointReader(step_dir)
   cfg = reader.model_config

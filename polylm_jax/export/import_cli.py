@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 
@@ -43,16 +42,12 @@ def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True, all
   `out_dir` on object storage (gs://...) is written locally first, then uploaded with meta.json
   last (storage.publish_dir)."""
   if storage.is_remote(out_dir):
-    replace = dict(overwrite=overwrite, looks_like=looks_like_import, kind=IMPORT_KIND)
-    storage.check_replaceable(out_dir, **replace)  # refused before the work, not after
-    with tempfile.TemporaryDirectory(prefix="polylm-import-") as local:
+    with storage.built_locally(
+      out_dir, overwrite=overwrite, looks_like=looks_like_import, kind=IMPORT_KIND, last="meta.json"
+    ) as local:
       _, cfg, params = import_checkpoint(
-        hf_dir,
-        os.path.join(local, "import"),
-        scan_layers=scan_layers,
-        allow_nonfinite=allow_nonfinite,
+        hf_dir, local, scan_layers=scan_layers, allow_nonfinite=allow_nonfinite
       )
-      storage.publish_dir(os.path.join(local, "import"), out_dir, last="meta.json", **replace)
     return out_dir, cfg, params
   import orbax.checkpoint as ocp
 
