@@ -212,6 +212,15 @@ def test_keep_last_k_plus_every_mth(tmp_path):
   ckpt.close()
 
 
+def test_no_data_state_outlives_its_checkpoint_after_asynchronous_saves(tmp_path):
+  """The keep policy removes a checkpoint once the next asynchronous save completes; its data
+  state goes by the time the checkpointer is closed (the end of a run)."""
+  ckpt, _, _ = _saved_steps(tmp_path, range(1, 6), CheckpointConfig(keep_last=2))
+  ckpt.close()
+  assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()) == [4, 5]
+  assert sorted(int(d.name) for d in (tmp_path / "data_state").iterdir()) == [4, 5]
+
+
 def test_partial_and_corrupt_checkpoints_are_never_restored(tmp_path, caplog):
   ckpt, _, _ = _saved_steps(tmp_path, (1, 2, 3), CheckpointConfig(keep_last=5))
   # An unfinished save (what a crash during an async save leaves): not listed, never chosen.

@@ -178,6 +178,91 @@ def test_a_config_change_on_resume_is_named_and_changes_nothing(run_copy):
   assert before == after  # not one file changed (config.gin and metrics.jsonl included)
 
 
+@pytest.mark.parametrize(
+  "changed, named",
+  [
+    ({"DataConfig.shuffle": False}, "DataConfig.shuffle: checkpoint True, config False"),
+    ({"DataConfig.batch_size": 16}, "DataConfig.batch_size: checkpoint 8, config 16"),
+    ({"DataConfig.seq_len": 32}, "DataConfig.seq_len: checkpoint 64, config 32"),
+    (
+      {"train.curriculum": None, "DataConfig.mixture": "'polylm_sample'"},
+      "data source: checkpoint 'a curriculum (train.curriculum)', config 'DataConfig.mixture'",
+    ),
+  ],
+  ids=["shuffle", "batch_size", "seq_len", "mixture-for-curriculum"],
+)
+def test_a_data_setting_change_on_resume_is_named_and_moves_nothing(run_copy, changed, named):
+  """Not a damaged checkpoint: refused at start naming the setting; every checkpoint stays, and
+  the original settings still resume."""
+  before = _tree_digest(run_copy)
+  with pytest.raises(CheckpointMismatchError, match="was saved with other data settings") as e:
+    cli.main(_args(run_copy, 8, **changed))
+  assert named in str(e.value) and "TrainerConfig.reset_data = True" in str(e.value)
+  assert "nothing was changed on disk" in str(e.value)
+  assert _tree_digest(run_copy) == before  # config.gin and metrics.jsonl included
+  assert not (run_copy / "corrupt").exists()
+  result = cli.main(_args(run_copy, 8))  # the original settings resume as ever
+  assert int(result["state"].step) == 8
+
+
+def test_reset_data_keeps_parameters_and_optimizer_and_starts_the_data_afresh(run_copy, caplog):
+  changed = {"DataConfig.shuffle": False, "DataConfig.batch_size": 16}
+  with caplog.at_level(logging.INFO):
+    result = cli.main(_args(run_copy, 8, **changed, **{"TrainerConfig.reset_data": True}))
+  assert "the DATA STARTS AFRESH (TrainerConfig.reset_data)" in caplog.text
+  assert "DataConfig.batch_size: checkpoint 8, config 16" in caplog.text
+  assert "resumed from checkpoint step 6" in caplog.text
+  state = result["state"]
+  counts = [
+    int(x)
+    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+    if "count" in jax.tree_util.keystr(path)
+  ]
+  assert int(state.step) == 8 and counts and set(counts) == {8}  # the optimizer's state went on
+  records = _metrics(run_copy)
+  assert [r["step"] for r in records] == list(range(1, 9))
+  # The unshuffled pipeline from its start: the same batches as a new run with these settings.
+  fresh = cli.main(_args(run_copy.parent / "fresh", 2, **changed))
+  assert [r["batch_fingerprint"] for r in records[6:8]] == [
+    r["batch_fingerprint"] for r in _metrics(run_copy.parent / "fresh")
+  ]
+  del fresh
+  caplog.clear()
+  with caplog.at_level(logging.INFO):  # checkpoints saved since resume normally
+    cli.main(_args(run_copy, 10, **changed, **{"TrainerConfig.reset_data": True}))
+  assert "resumed from checkpoint step 8" in caplog.text and "AFRESH" not in caplog.text
+
+
+def test_a_read_error_is_retried_and_never_moves_a_checkpoint(run_copy, monkeypatch, caplog):
+  """A storage error (a 503 from object storage) says nothing about the checkpoint: the read is
+  retried; if it keeps failing the run stops naming it, and nothing is moved."""
+  import orbax.checkpoint as ocp
+
+  from polylm_jax.train import checkpoint as checkpoint_lib
+
+  monkeypatch.setattr(checkpoint_lib, "READ_RETRY_DELAY_S", 0.01)
+  real = ocp.CheckpointManager.restore
+  failures = {"left": 10**6}
+
+  def flaky(self, *args, **kwargs):
+    if failures["left"] > 0:
+      failures["left"] -= 1
+      raise OSError("GET https://storage.googleapis.com/...: 503 Service Unavailable")
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+  before = _tree_digest(run_copy)
+  with pytest.raises(checkpoint_lib.CheckpointReadError, match="3 attempts.*nothing was moved"):
+    cli.main(_args(run_copy, 8))
+  assert _tree_digest(run_copy) == before and not (run_copy / "corrupt").exists()
+  failures["left"] = 2  # a storage hiccup: the third try reads it
+  with caplog.at_level(logging.INFO):
+    result = cli.main(_args(run_copy, 8))
+  assert "reading metadata failed (OSError: GET" in caplog.text and "trying again" in caplog.text
+  assert "resumed from checkpoint step 6" in caplog.text and int(result["state"].step) == 8
+  assert not (run_copy / "corrupt").exists()
+
+
 def test_reset_optimizer_keeps_the_parameters_step_and_data_position(run_copy, caplog):
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   steps = {
@@ -219,39 +304,62 @@ def test_reset_optimizer_keeps_the_parameters_step_and_data_position(run_copy, c
 # --- saving ------------------------------------------------------------------------------------
 
 
-def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
-  one_task = {"train.curriculum": None, "DataConfig.mixture": "'polylm_pt_en'"}
-  work = tmp_path / "run"
-  cli.main(_args(work, 4, **one_task))
-  # A file-size limit stands in for a full disk: writes past 1000 KB fail (EFBIG), those of
-  # the data state (its shuffle buffers) or of the Orbax arrays, whichever comes first.
-  command = " ".join(
-    shlex.quote(a) for a in [sys.executable, "-m", "polylm_jax.train", *_args(work, 8, **one_task)]
-  )
-  proc = subprocess.run(
-    ["bash", "-c", f"ulimit -f 1000 && exec {command}"],
+def _train_in_a_subprocess(args, limit: str = "") -> subprocess.CompletedProcess:
+  command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "polylm_jax.train", *args])
+  return subprocess.run(
+    ["bash", "-c", f"{limit}exec {command}"],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=1800,
     env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
   )
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert "CheckpointSaveError: saving checkpoint step 6" in last, proc.stderr[-3000:]
-  assert "earlier checkpoints are untouched: [2, 4]" in last
-  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(
-    TINY, OptimizerConfig(warmup_steps=2, decay_steps=30), mesh, sharding.DEFAULT_RULES, 30
-  )
-  ckpt = Checkpointer(work, CheckpointConfig(), step)
-  assert ckpt.steps() == [2, 4]
-  for s in (2, 4):
-    state, meta = ckpt.restore(s, None)
-    assert int(state.step) == s and (work / "data_state" / str(s) / "stream_0.index").is_file()
-  ckpt.close()
-  result = cli.main(_args(work, 8, **one_task))  # and the run goes on once there is room
-  assert int(result["state"].step) == 8
+
+
+def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
+  # The workdir on a small filesystem of its own (tmpfs), to fill it later.
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", disk])
+  assert mounted.returncode == 0, "the full-disk case needs root to mount a small tmpfs"
+  try:
+    work = disk / "run"
+    cli.main(_args(work, 4))
+    # A file-size limit: writes past 1000 KB fail (EFBIG), those of the data state (its
+    # shuffle buffers) or of the Orbax arrays, whichever comes first.
+    proc = _train_in_a_subprocess(_args(work, 8), limit="ulimit -f 1000 && ")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "CheckpointSaveError: saving checkpoint step 6" in last, proc.stderr[-3000:]
+    assert "earlier checkpoints are untouched: [2, 4]" in last
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+    step = TrainStep(
+      TINY, OptimizerConfig(warmup_steps=2, decay_steps=30), mesh, sharding.DEFAULT_RULES, 30
+    )
+    ckpt = Checkpointer(work, CheckpointConfig(), step)
+    assert ckpt.steps() == [2, 4]
+    for s in (2, 4):
+      state, meta = ckpt.restore(s, None)
+      assert int(state.step) == s and (work / "data_state" / str(s) / "stream_0.index").is_file()
+    ckpt.close()
+    # A full disk (256 KB left): the save fills it, then every write fails, the TensorBoard
+    # writer's too; the last line still says what was saved and what was not.
+    used = os.statvfs(disk)
+    used_kb = (used.f_blocks - used.f_bfree) * used.f_frsize // 1024
+    subprocess.run(["mount", "-o", f"remount,size={used_kb + 256}k", disk], check=True)
+    proc = _train_in_a_subprocess(_args(work, 8))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "No space left on device" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+      "CheckpointSaveError: saving checkpoint step 6" in last
+      and "earlier checkpoints are untouched: [2, 4]" in last
+    ) or "checkpoints saved: steps [2, 4]" in last, proc.stderr[-3000:]
+    subprocess.run(["mount", "-o", "remount,size=200m", disk], check=True)
+    result = cli.main(_args(work, 8))  # and the run goes on once there is room
+    assert int(result["state"].step) == 8
+  finally:
+    subprocess.run(["umount", disk], check=True)
 
 
 class _ListBatches:

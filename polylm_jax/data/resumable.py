@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from polylm_jax.background import Background
+from polylm_jax.data.errors import DataStateMismatchError
 from polylm_jax.data.pipeline import DataConfig, packed_dataset, to_numpy
 
 STREAMS_FILE = "streams.json"
@@ -64,13 +65,13 @@ def resume_streams(configured: int, saved: int, process_count: int) -> int:
   """The stream count a resumed run must use: the saved one. An explicit, different
   `DataConfig.streams` would change which rows every later batch holds, so it is refused."""
   if configured and configured != saved:
-    raise ValueError(
+    raise DataStateMismatchError(
       f"DataConfig.streams={configured}, but this run's data was drawn from {saved} row streams "
       f"(saved with its checkpoints); the order of training rows depends on it. Set "
       f"DataConfig.streams = {saved} (or 0) to resume, or begin a new run"
     )
   if saved % process_count:
-    raise ValueError(
+    raise DataStateMismatchError(
       f"this run's data is drawn from {saved} row streams (DataConfig.streams, fixed at its first "
       f"start), which {process_count} processes cannot split evenly; resume on a number of "
       f"processes that divides {saved}. (A run that is to change its process count sets "
@@ -161,6 +162,12 @@ class BatchIterator(_Resumable):
     if self.process_index == 0:
       _write_streams(directory, self.streams)
 
+  def start_afresh(self, position: int) -> None:
+    """The configured pipelines from their beginning, counted from `position` on (a resume whose
+    data settings changed, TrainerConfig.reset_data)."""
+    self.streams, self._its, self._peeked = self.config.streams or self.process_count, None, None
+    self.position = position
+
   def restore(self, directory: str, position: int) -> None:
     saved = resume_streams(self.config.streams, saved_streams(directory), self.process_count)
     if saved != self.streams:
@@ -170,9 +177,16 @@ class BatchIterator(_Resumable):
       self.streams, self._its = saved, None
     for k, it in zip(self.own_streams(), self._iterators()):
       path = _stream_path(directory, k)
-      if not tf.io.gfile.exists(path + ".index"):
+      if not tf.io.gfile.exists(path + ".index") or not tf.io.gfile.glob(path + ".data-*"):
         raise FileNotFoundError(f"no data-iterator state for row stream {k} at {path}")
-      tf.train.Checkpoint(iterator=it).read(path).assert_consumed()
+      try:
+        tf.train.Checkpoint(iterator=it).read(path).assert_consumed()
+      except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, AssertionError) as e:
+        # Its files are there: a state of another pipeline (a data setting that changed).
+        raise DataStateMismatchError(
+          f"the data-iterator state of row stream {k} ({path}) does not fit the configured "
+          f"pipeline ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+        ) from e
     self.position = position
     self._peeked = None  # the restored state replaces whatever was fetched before
 
@@ -274,6 +288,17 @@ class StagedBatches(_Resumable):
       with tf.io.gfile.GFile(f"{directory}/stage.json", "w") as f:
         position = self._inner.position if self._inner else 0
         f.write(json.dumps({"stage": self.stage, "inner_position": position}))
+
+  def start_afresh(self, position: int) -> None:
+    """The stage that feeds `position`, its pipelines from their beginning (TrainerConfig.
+    reset_data)."""
+    for job in self._ahead.values():
+      job.wait()
+    self._ahead = {}
+    self.streams = self.config.streams or self.process_count
+    self.position = position
+    self.stage, self._inner = None, None
+    self._enter(self.curriculum.stage_at(position))
 
   def restore(self, directory: str, position: int) -> None:
     path = f"{directory}/stage.json"

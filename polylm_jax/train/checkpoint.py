@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -33,10 +34,11 @@ from etils import epath
 
 from polylm_jax import files, storage
 from polylm_jax.config import ModelConfig
+from polylm_jax.data.errors import DataStateMismatchError
 from polylm_jax.export.checkpoint_reader import complete_steps, finished
 from polylm_jax.model import params as model_params
 from polylm_jax.train import compat
-from polylm_jax.train.compat import CheckpointMismatchError, check_model_compatible  # noqa: F401
+from polylm_jax.train.compat import CheckpointMismatchError, check_model_compatible
 from polylm_jax.train.optimizer import chain_names
 from polylm_jax.typecheck import check_fields
 
@@ -78,7 +80,12 @@ def save_args(tree, chunk_bytes: int, model_config: ModelConfig | None = None):
 
 
 class CorruptCheckpointError(RuntimeError):
-  """A checkpoint (or its data state) that cannot be read."""
+  """A checkpoint (or its data state) proven damaged: files missing, truncated or undecodable."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint that could not be read for a reason that says nothing about its files (a
+  storage error, a timeout), after retries: reported, never moved."""
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -92,6 +99,107 @@ class CheckpointSaveError(RuntimeError):
 def _is_resource_error(e: BaseException) -> bool:
   """Out of memory while restoring says nothing about the checkpoint: not a reason to move it."""
   return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e)
+
+
+# What a damaged checkpoint's read fails with: files that are missing, cut short or do not decode.
+# Anything else (a 503 from object storage, a timeout, a broken connection) proves nothing about
+# the files: the read is retried, then reported, and the checkpoint stays where it is.
+_DAMAGE_TYPES: tuple[type[BaseException], ...] = (
+  FileNotFoundError,
+  json.JSONDecodeError,
+  UnicodeDecodeError,
+  EOFError,
+)
+_DAMAGE_WORDS = (
+  "DATA_LOSS",
+  "NOT_FOUND",
+  "No such file",
+  "not found",
+  "does not exist",
+  "Error reading",
+  "Error decoding",
+  "decompress",
+  "corrupt",
+  "truncated",
+  "Truncated",
+  "unexpected end",
+  "Read less bytes",
+  "Unexpected end",
+  "metadata missing",
+  "Expecting value",
+  "Failed to decode",
+  "checksum",
+)
+_TRANSIENT_WORDS = (
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "Service Unavailable",
+  "timed out",
+  "Timeout",
+  "Connection",
+  "temporarily",
+  " 429",
+  " 500",
+  " 502",
+  " 503",
+  " 504",
+)
+READ_ATTEMPTS = 3  # a failed read is tried this many times in all ...
+READ_RETRY_DELAY_S = 2.0  # ... waiting this long, then twice as long, between tries
+
+
+def _chain(e: BaseException):
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__  # type: ignore[assignment]
+
+
+def proves_damage(e: BaseException) -> bool:
+  """Does this read error show the checkpoint's files are damaged (not storage misbehaving)?"""
+  errors = list(_chain(e))
+  text = " ".join(f"{type(x).__name__}: {x}" for x in errors)
+  if isinstance(e, (ConnectionError, TimeoutError)) or any(w in text for w in _TRANSIENT_WORDS):
+    return False
+  return any(isinstance(x, _DAMAGE_TYPES) for x in errors) or any(w in text for w in _DAMAGE_WORDS)
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _read(where, part: str, fn):
+  """`fn()`, tried again after a failure that does not prove damage. Damage raises
+  CorruptCheckpointError; a failure that persists without proving damage CheckpointReadError;
+  out of memory and configuration mismatches pass through."""
+  for attempt in range(1, READ_ATTEMPTS + 1):
+    try:
+      return fn()
+    except (CheckpointMismatchError, KeyboardInterrupt):
+      raise
+    except Exception as e:
+      if _is_resource_error(e):
+        raise
+      if proves_damage(e):
+        raise CorruptCheckpointError(
+          f"checkpoint {where} is unreadable: {part} ({_first_line(e)})"
+        ) from e
+      if attempt == READ_ATTEMPTS:
+        raise CheckpointReadError(
+          f"checkpoint {where} could not be read: {part} ({_first_line(e)}; {READ_ATTEMPTS} "
+          f"attempts). This does "
+          f"not show the checkpoint is damaged, so nothing was moved: run again once the "
+          f"storage answers"
+        ) from e
+      delay = READ_RETRY_DELAY_S * 2 ** (attempt - 1)
+      logging.warning(
+        "checkpoint %s: reading %s failed (%s); trying again in %.0f s",
+        where,
+        part,
+        _first_line(e),
+        delay,
+      )
+      time.sleep(delay)
+  raise AssertionError("unreachable")
 
 
 # Files an earlier run leaves in a workdir: `--start_over` moves them to previous/<time>/.
@@ -220,13 +328,16 @@ class Checkpointer:
   def close(self) -> None:
     try:
       self.wait()
+      # The keep policy removes a checkpoint once the newer save is complete: the data state of
+      # one it removed at the last save goes now, not at a later run's first save.
+      self._drop_orphan_data_states(keep=None)
     finally:
       self.manager.close()
 
   def steps_on_disk(self) -> list[int]:
     return checkpoint_steps(self.workdir)
 
-  def _drop_orphan_data_states(self, keep: int) -> None:
+  def _drop_orphan_data_states(self, keep: int | None) -> None:
     """Data states whose checkpoint is gone (rotated out by the keep policy, or never completed).
     Judged from what is on disk, never from Orbax's in-memory list: a step with any checkpoint
     directory (finished or in progress) keeps its data state."""
@@ -236,7 +347,7 @@ class Checkpointer:
     if not on_disk:
       return
     for name in storage.listdir(self.data_dir):
-      if name.isdigit() and int(name) != keep and name not in on_disk:
+      if name.isdigit() and (keep is None or int(name) != keep) and name not in on_disk:
         storage.remove_tree(storage.join(self.data_dir, name))
 
   # --- restoring ----------------------------------------------------------------------------
@@ -257,27 +368,29 @@ class Checkpointer:
     )
 
   def _read_meta_and_leaves(self, step: int):
-    where = self.step_dir(step)
-    try:
+    def read():
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
       tree = self.manager.item_metadata(step)["state"]
       tree = getattr(tree, "tree", tree)
       if not isinstance(meta, dict) or tree is None:
         raise ValueError("metadata missing")
       return meta, compat.saved_leaf_names(tree)
-    except Exception as e:
-      if _is_resource_error(e):
-        raise
-      raise CorruptCheckpointError(
-        f"checkpoint {where} is unreadable: metadata ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:300] if str(e) else ''})"
-      ) from e
+
+    return _read(self.step_dir(step), "metadata", read)
 
   def restore(
-    self, step: int, data_iterator, *, reset_optimizer: bool = False
+    self,
+    step: int,
+    data_iterator,
+    *,
+    reset_optimizer: bool = False,
+    reset_data: bool = False,
+    run_meta: dict[str, Any] | None = None,
   ) -> tuple[Any, dict[str, Any]]:
     """(state, meta) of one checkpoint. A damaged checkpoint raises CorruptCheckpointError, one
-    that does not fit the configuration CheckpointMismatchError (compat.py)."""
+    that does not fit the configuration CheckpointMismatchError (compat.py; the data settings
+    too, compared with `run_meta`, the metadata this start would save), one that cannot be read
+    for another reason CheckpointReadError. Nothing is moved here."""
     where = self.step_dir(step)
     meta, saved = self._read_meta_and_leaves(step)
     check_model_compatible(
@@ -298,32 +411,48 @@ class Checkpointer:
         compat.optimizer_differences(meta, self.train_step.optimizer_config) or problems,
         optimizer_only=True,
       )
-    try:
-      if reset_optimizer and (problems or settings_changed):
-        state = self._restore_with_fresh_optimizer(step)
-      else:
-        state = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self._abstract_state()))
-        ).state
-    except Exception as e:
-      if _is_resource_error(e):
-        raise
-      raise CorruptCheckpointError(
-        f"checkpoint {where} is unreadable: arrays ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:300] if str(e) else ''})"
-      ) from e
-    if data_iterator is not None:
+    data_changes = (
+      compat.data_differences(meta, run_meta)
+      if data_iterator is not None and run_meta is not None
+      else []
+    )
+    if data_changes and not reset_data:
+      raise compat.data_mismatch_error(str(where), data_changes)
+    if reset_optimizer and (problems or settings_changed):
+      state = _read(where, "arrays", lambda: self._restore_with_fresh_optimizer(step))
+    else:
+      state = _read(
+        where,
+        "arrays",
+        lambda: (
+          self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self._abstract_state()))
+          ).state
+        ),
+      )
+    if data_iterator is None:
+      return state, meta
+    if data_changes:
+      data_iterator.start_afresh(meta["data_position"])
+      logging.warning(
+        "checkpoint step %d: parameters, optimizer state and step restored; the DATA STARTS "
+        "AFRESH (TrainerConfig.reset_data): the configured pipelines begin at their start, at "
+        "data position %d. Changed: %s",
+        step,
+        meta["data_position"],
+        "; ".join(data_changes),
+      )
+      return state, meta
+    state_dir = storage.join(self.data_dir, str(step))
+
+    def read_data():
       try:
-        with storage.local_dir(storage.join(self.data_dir, str(step)), download=True) as local:
+        with storage.local_dir(state_dir, download=True) as local:
           data_iterator.restore(local, meta["data_position"])
-      except Exception as e:
-        if _is_resource_error(e):
-          raise
-        raise CorruptCheckpointError(
-          f"checkpoint {where} is unreadable: its data-iterator state "
-          f"{storage.join(self.data_dir, str(step))} is missing or damaged "
-          f"({type(e).__name__}: {e})"
-        ) from e
+      except DataStateMismatchError as e:
+        raise compat.data_mismatch_error(str(where), [str(e)]) from e
+
+    _read(where, f"its data-iterator state {state_dir}", read_data)
     return state, meta
 
   def _restore_with_fresh_optimizer(self, step: int):
@@ -396,16 +525,28 @@ class Checkpointer:
     self.manager.reload()
 
   def restore_latest(
-    self, data_iterator, *, reset_optimizer: bool = False
+    self,
+    data_iterator,
+    *,
+    reset_optimizer: bool = False,
+    reset_data: bool = False,
+    run_meta: dict[str, Any] | None = None,
   ) -> tuple[Any, dict[str, Any]] | None:
-    """The newest checkpoint that can be read. Damaged ones are moved to corrupt/ and the previous
-    one is tried; if none is left, NoUsableCheckpointError (the run never silently starts over).
-    None only when this workdir has no checkpoint history at all."""
+    """The newest checkpoint that can be read. Ones proven damaged are moved to corrupt/ and the
+    previous one is tried; if none is left, NoUsableCheckpointError (the run never silently starts
+    over). A configuration that does not fit, or a read that keeps failing without proving damage,
+    stops here with nothing moved. None only when this workdir has no checkpoint history."""
     self._set_aside_unfinished()
     moved = []
     for step in reversed(self.steps()):
       try:
-        return self.restore(step, data_iterator, reset_optimizer=reset_optimizer)
+        return self.restore(
+          step,
+          data_iterator,
+          reset_optimizer=reset_optimizer,
+          reset_data=reset_data,
+          run_meta=run_meta,
+        )
       except CorruptCheckpointError as e:
         target = self.quarantine(step)
         moved.append(str(target))

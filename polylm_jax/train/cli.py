@@ -197,7 +197,7 @@ def console_main() -> None:
     # gin appends "In call to configurable ..." lines; the message itself names the setting.
     text = " ".join(
       line.strip()
-      for line in str(e).splitlines()
+      for line in [*str(e).splitlines(), *getattr(e, "__notes__", ())]
       if not line.strip().startswith("In call to configurable")
     )
     _die(f"polylm-train: error: {type(e).__name__}: {text}", 1)

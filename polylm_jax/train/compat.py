@@ -8,6 +8,7 @@ reason to skip the checkpoint, and never a reason to start the run over.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -155,4 +156,57 @@ def mismatch_error(
     + "; ".join(problems)
     + ". "
     + how
+  )
+
+
+# The DataConfig settings a saved data-iterator state depends on: with another value the state
+# either cannot be restored (another batch shape or pipeline) or would not continue the run's
+# sequence of batches. (cache_dirs, where a cache lives, and streams, checked by the iterator,
+# may change.)
+DATA_SETTINGS = ("mixture", "seq_len", "batch_size", "seed", "split", "shuffle", "use_cached")
+
+
+def data_signature(meta: dict[str, Any], position: int) -> dict[str, Any]:
+  """What the data state at batch `position` depends on, from a checkpoint's metadata (or this
+  start's): the DataConfig settings above and the mixture's tasks and rates, or, with a
+  curriculum, the stage that feeds that position (later stages may change)."""
+  data = meta.get("data_config") or {}
+  sig: dict[str, Any] = {f"DataConfig.{k}": data[k] for k in DATA_SETTINGS if k in data}
+  table = meta.get("curriculum")
+  if table is None:
+    sig["data source"] = "DataConfig.mixture"
+    if "mixture_rates" in meta:
+      sig["mixture tasks and rates"] = meta["mixture_rates"]
+    return sig
+  sig.pop("DataConfig.mixture", None)  # not used with a curriculum
+  sig["data source"] = "a curriculum (train.curriculum)"
+  lines = table.splitlines()
+  starts = [int(m.group(1)) if (m := re.search(r" from step (\d+):", x)) else 0 for x in lines]
+  sig["curriculum stage feeding this position"] = lines[
+    max(i for i, s in enumerate(starts) if s <= position)
+  ]
+  return sig
+
+
+def data_differences(saved_meta: dict[str, Any], run_meta: dict[str, Any]) -> list[str]:
+  """'setting: checkpoint X, config Y' for the data settings that differ at the checkpoint's
+  data position (settings a checkpoint predates are not compared)."""
+  position = int(saved_meta.get("data_position", 0))
+  saved, now = data_signature(saved_meta, position), data_signature(run_meta, position)
+  return [
+    f"{k}: checkpoint {saved[k]!r}, config {now[k]!r}"
+    for k in saved
+    if k in now and saved[k] != now[k]
+  ]
+
+
+def data_mismatch_error(step_dir: str, problems: list[str]) -> CheckpointMismatchError:
+  return CheckpointMismatchError(
+    f"checkpoint {step_dir} was saved with other data settings, so its data-iterator state "
+    f"cannot continue this configuration's batches (a configuration change, not a damaged "
+    f"checkpoint; nothing was changed on disk): "
+    + "; ".join(problems)
+    + ". Go back to the settings it was saved with, or set TrainerConfig.reset_data = True to "
+    "keep its parameters, optimizer state and step and start the configured data afresh from "
+    "its beginning (later checkpoints then resume normally)."
   )

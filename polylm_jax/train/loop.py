@@ -54,6 +54,10 @@ class TrainerConfig:
   # off), keep its parameters, step and data position and start a fresh optimizer state, instead
   # of refusing to resume. Checkpoints saved after that resume normally.
   reset_optimizer: bool = False
+  # When the newest checkpoint was saved with other data settings (DataConfig.mixture, shuffle,
+  # seed, batch_size, seq_len, the curriculum stage, ...), keep its parameters, optimizer state
+  # and step and start the configured data pipelines afresh, instead of refusing to resume.
+  reset_data: bool = False
   # lm-eval tasks (suite families such as 'xcopa', or task names) on the live parameters every
   # lm_eval_every steps and at the end; results next to the held-out loss (eval/in_training.py).
   lm_eval_tasks: tuple[str, ...] = ()
@@ -243,7 +247,7 @@ def _train(
   # data state first.
   first = None if ckpt is not None and ckpt.steps_on_disk() else _first_batch(batches)
   try:
-    state = _initial_state(ckpt, step_fn, batches, trainer)
+    state = _initial_state(ckpt, step_fn, batches, trainer, meta)
   except BaseException:
     if first is not None:
       first.wait()
@@ -252,8 +256,6 @@ def _train(
     raise
   if first is None and int(state.step) < trainer.num_steps:
     first = _first_batch(batches)
-  if lead and meta.get("gin_config"):  # the config of this (re)start, once start-up succeeded
-    storage.write_text(storage.join(workdir, "config.gin"), meta["gin_config"])
   peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
   writer = MetricsWriter(
     workdir,
@@ -292,15 +294,19 @@ def _train(
         else:
           local = next(batches)
           placed = step_fn.place_batch(local)
-        first = None
         state, metrics = step_fn(state, placed)
+        if first is not None and lead and meta.get("gin_config"):
+          # The config of this (re)start, once its first step ran: a start that fails (a
+          # setting the checkpoint or the data does not take) leaves the earlier one.
+          storage.write_text(storage.join(workdir, "config.gin"), meta["gin_config"])
+        first = None
         step += 1
         rows, seq_len = local["inputs"].shape
         position = getattr(batches, "position", step)
         if pending is not None:
           last, last_time = _report(pending, writer, trainer, model, peak, mesh, last_time)
           if last["spike"] and spikes.mode == "rollback":
-            state, step = _rollback(ckpt, batches, pending, spikes)
+            state, step = _rollback(ckpt, batches, pending, spikes, meta)
             pending = None
             continue
         pending = _Pending(step, metrics, rows * jax.process_count(), seq_len, position)
@@ -316,28 +322,57 @@ def _train(
           break
       if pending is not None:
         last, _ = _report(pending, writer, trainer, model, peak, mesh, last_time)
-  except BaseException:
+  except BaseException as e:
     if first is not None:  # failed before the first step took its batch
       first.wait()
-    if ckpt is not None:  # the run already failed: a save error would only hide why
+    # The run already failed: an error closing the checkpointer or a writer (a full disk) is
+    # logged, and must not hide why it failed.
+    for name, close in (("checkpoint", ckpt and ckpt.close), ("metrics", writer.close)) + (
+      (("evaluation metrics", eval_writer.close),) if eval_writer is not None else ()
+    ):
       try:
-        ckpt.close()
-      except CheckpointSaveError as e:
-        logging.error("%s", e)
+        if close:
+          close()
+      except Exception as also:  # noqa: BLE001
+        logging.error("closing the %s writer after the failure: %s: %s", name, type(also), also)
+    if ckpt is not None and not isinstance(e, (CheckpointSaveError, KeyboardInterrupt)):
+      e.add_note(_saved_note(ckpt))
     raise
-  finally:
-    writer.close()
-    if eval_writer is not None:
-      eval_writer.close()
+  writer.close()
+  if eval_writer is not None:
+    eval_writer.close()
   if ckpt is not None:
     ckpt.close()  # a failed final save raises here
   return {"metrics": last, "state": state, "train_step": step_fn}
 
 
-def _initial_state(ckpt, step_fn: TrainStep, batches, trainer: TrainerConfig):
+def _saved_note(ckpt: Checkpointer) -> str:
+  """What a failed run leaves to resume from (added to its error, the last line printed)."""
+  try:
+    steps = ckpt.steps_on_disk()
+  except Exception as e:  # noqa: BLE001
+    return f"the checkpoints in {ckpt.root} could not be listed ({type(e).__name__}: {e})"
+  if not steps:
+    return f"no checkpoint was saved in {ckpt.root}"
+  return (
+    f"checkpoints saved: steps {steps} in {ckpt.root}; a restart resumes from step {steps[-1]} "
+    f"(the steps after it are not saved and will be redone)"
+  )
+
+
+def _initial_state(ckpt, step_fn: TrainStep, batches, trainer: TrainerConfig, meta):
   """Resume (the default whenever the workdir has checkpoints), or start from imported
   parameters, or from the seed."""
-  restored = ckpt.restore_latest(batches, reset_optimizer=trainer.reset_optimizer) if ckpt else None
+  restored = (
+    ckpt.restore_latest(
+      batches,
+      reset_optimizer=trainer.reset_optimizer,
+      reset_data=trainer.reset_data,
+      run_meta=meta,
+    )
+    if ckpt
+    else None
+  )
   if restored is not None:
     state, saved_meta = restored
     logging.info(
@@ -399,12 +434,12 @@ def evaluate(step_fn: TrainStep, params, eval_sets) -> dict[str, float]:
   return out
 
 
-def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig):
+def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig, meta):
   """PaLM-style: back to the last checkpoint, data resumed `rollback_skip_batches` past the
   spike."""
   spike_step, spike_position = pending.step, pending.position
   ckpt.wait()
-  restored = ckpt.restore_latest(batches)
+  restored = ckpt.restore_latest(batches, run_meta=meta)
   if restored is None:
     raise RuntimeError(
       f"loss spike at step {spike_step} but no checkpoint to roll back to; save "

@@ -124,6 +124,10 @@ def run(
   }
   if curriculum is not None:  # what fed the run, for the export's model card
     metadata["curriculum"] = curriculum.table(data.split)
+  else:  # compared on resume: the data state continues only this mixture's pipeline
+    metadata["mixture_rates"] = ", ".join(
+      f"{t.name} {r:.6g}" for t, r in pipeline.mixture_tasks(data.mixture)
+    )
   benchmark = None
   if trainer.lm_eval_tasks:
     from polylm_jax.eval.in_training import Benchmark
