@@ -23,6 +23,9 @@ def register_configurables():
   global _train_fn
   if _train_fn is not None:
     return _train_fn
+  from polylm_jax import console
+
+  console.import_tensorflow()  # the data pipeline's: its import-time notices filtered
   from polylm_jax import chat, sharding
   from polylm_jax import config as model_configs
   from polylm_jax import languages as language_sets

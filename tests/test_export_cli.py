@@ -166,3 +166,54 @@ def test_import_of_another_model_is_refused_by_the_trainer(tmp_path):
         f"--gin_bindings=TrainerConfig.init_params_from = '{tmp_path / 'init'}'",
       ]
     )
+
+
+def test_what_needs_no_tensorflow_never_imports_it_and_verify_says_what_to_install(tmp_path):
+  """TensorFlow loaded before triton (a CUDA torch) crashes the process: the tokenizer, the
+  sample corpus, export, generate and every --help must not load it. --verify without
+  transformers names what to install, before anything is written."""
+  import subprocess
+  import sys
+
+  modules = [
+    "polylm_jax.data.tokenizer_cli",
+    "polylm_jax.data.cache_cli",
+    "polylm_jax.export.cli",
+    "polylm_jax.export.import_cli",
+    "polylm_jax.decode.cli",
+    "polylm_jax.eval.cli",
+    "polylm_jax.self_instruct.cli",
+    "polylm_jax.train.compile_cli",
+    "polylm_jax.train.cli",
+  ]
+  script = (
+    "import importlib, sys\n"
+    "import polylm_jax.data.sample, polylm_jax.data.tokenizer, polylm_jax.export.verify\n"
+    "import polylm_jax.decode.generate, polylm_jax.export.hf_export\n"
+    f"for m in {modules!r}:\n"
+    "  try:\n"
+    "    importlib.import_module(m).main(['--help'])\n"
+    "  except SystemExit:\n"
+    "    pass\n"
+    "print(sorted(n for n in ('tensorflow', 'seqio') if n in sys.modules))\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+  out = tmp_path / "hf"
+  hide = "import sys\nsys.modules['transformers'] = None  # a machine without transformers\n"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      hide + "from polylm_jax.export import cli\n"
+      f"cli.main(['--workdir={tmp_path / 'no-run'}', '--out={out}', '--verify'])",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 2
+  assert "transformers is not installed: pip install 'polylm-jax[verify]'" in proc.stderr
+  assert not out.exists()

@@ -1,12 +1,8 @@
 """Data: the embedded sample corpus, the SentencePiece tokenizer, seqio tasks and packed batches.
 
 `polylm_jax.data.sample` and `polylm_jax.data.tokenizer` need only sentencepiece; `tasks` and
-`pipeline` need seqio and tensorflow.
+`pipeline` need seqio and tensorflow. Importing the package imports neither: TensorFlow loaded
+before another native library (triton, with a CUDA torch) can crash the process, so only the
+modules that run the pipeline load it. Commands that do call `console.import_tensorflow()` first,
+which filters TensorFlow's import-time notices.
 """
-
-from polylm_jax import console as _console
-
-try:  # TensorFlow's import-time notices, filtered before any data module imports it
-  _console.import_tensorflow()
-except ImportError:  # sample and tokenizer work without TensorFlow
-  pass

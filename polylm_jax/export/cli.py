@@ -149,6 +149,11 @@ def main(argv=None) -> int:
       f"--verify loads the export with transformers from a local directory, not --out={args.out}: "
       "export to a local --out to verify it"
     )
+  if args.verify:
+    from polylm_jax.export import verify
+
+    if missing := verify.missing_requirements():
+      parser.error(missing)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
     step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)

@@ -101,8 +101,17 @@ def main(argv=None) -> int:
     help="import weights that hold NaN/Inf (refused by default)",
   )
   parser.add_argument("--unscanned", action="store_true", help="per-layer (unscanned) layout")
-  parser.add_argument("--verify", action="store_true")
+  parser.add_argument(
+    "--verify",
+    action="store_true",
+    help="compare the imported model's logits with transformers' on the same ids",
+  )
   args = parser.parse_args(argv)
+  if args.verify:
+    from polylm_jax.export.verify import missing_requirements
+
+    if missing := missing_requirements():
+      parser.error(missing)
   try:
     out, cfg, params = import_checkpoint(
       args.hf_dir,

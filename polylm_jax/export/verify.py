@@ -18,6 +18,30 @@ from polylm_jax import framing
 from polylm_jax.data import sample
 from polylm_jax.model import params as model_params
 
+# What --verify needs beyond the package (pyproject.toml's `verify` extra).
+NEEDS = ("torch", "transformers")
+
+
+def missing_requirements() -> str | None:
+  """None when --verify can run, else what to install (checked before anything is written)."""
+  import importlib.util
+
+  def absent(name: str) -> bool:
+    try:
+      return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):  # e.g. a module set to None in sys.modules: not importable
+      return True
+
+  missing = [name for name in NEEDS if absent(name)]
+  if not missing:
+    return None
+  return (
+    f"--verify loads the export with transformers, and {' and '.join(missing)} "
+    f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'polylm-jax[verify]' "
+    f"(or pip install torch transformers)"
+  )
+
+
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1, "float16": 1e-1}
 
 
