@@ -123,6 +123,9 @@ def staged_directory(
   storage.check_replaceable(out, overwrite=overwrite, looks_like=looks_like, kind=kind)
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  # mkdtemp makes it 0700: the finished output must be readable by others (a server running as
+  # another user), as a plain mkdir would make it.
+  os.chmod(staging, 0o777 & ~_umask())
   try:
     yield staging
   except BaseException:

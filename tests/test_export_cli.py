@@ -1,6 +1,7 @@
 """polylm-export from a training workdir and polylm-import into a training start, end to end."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -31,11 +32,22 @@ def run_dir(tmp_path_factory):
   return workdir
 
 
+def _readable_by_others(out):
+  """A server running as another user can read the output (0755 directories, 0644 files under
+  the usual umask 022)."""
+  umask = os.umask(0o022)
+  os.umask(umask)
+  for path in [out, *out.rglob("*")]:
+    want = (0o777 if path.is_dir() else 0o666) & ~umask
+    assert path.stat().st_mode & 0o777 == want, path
+
+
 def test_export_from_workdir_verifies_and_describes_itself(run_dir, tmp_path, capsys):
   out = tmp_path / "hf"
   assert export_cli.main([f"--workdir={run_dir}", f"--out={out}", "--verify"]) == 0
   printed = capsys.readouterr().out
   assert "PASS tokenizer" in printed and "PASS logits" in printed and "verify: PASS" in printed
+  _readable_by_others(out)
   for name in (
     "config.json",
     "generation_config.json",
@@ -136,6 +148,7 @@ def test_import_then_train_from_the_imported_parameters(tmp_path, capsys):
     import_cli.main([f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'init'}", "--verify"]) == 0
   )
   assert "PASS logits max abs diff" in capsys.readouterr().out
+  _readable_by_others(tmp_path / "init")
   # The learning rate of step 0 is 0 (warmup), so one step leaves the imported parameters as is.
   result = train_cli.main(
     SHORT

@@ -212,3 +212,21 @@ def test_rouge_l_matches_dynamic_programming_and_tokenizes_by_script():
     == "banned_keyword"
   )
   assert checks.reason("en", {"instruction": "Hi", "output": "Hello"}) == "too_short"
+
+
+def test_nothing_generated_exits_non_zero_and_says_so(tmp_path, capsys):
+  """Every request failing (nothing listens on the port) is a failed run: `self-instruct &&
+  train` must not go on."""
+  import socket
+
+  with socket.socket() as s:  # a port nothing listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+
+  class Closed:
+    base_url = f"http://127.0.0.1:{port}/v1"
+
+  code = self_instruct_main(_args(Closed, tmp_path, max_requests=4, max_retries=1))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 1
+  assert err[-1].startswith("polylm-self-instruct: nothing was generated: of 4 requests 4 failed")

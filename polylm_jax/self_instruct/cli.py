@@ -102,6 +102,17 @@ def main(argv=None) -> int:
     print(f"polylm-self-instruct: {e}", file=sys.stderr)
     return 2
   print(json.dumps(report, indent=2, ensure_ascii=False))
+  new = sum(v["kept_now"] - v["kept_before"] for v in report["languages"].values())
+  requests = report["requests"]
+  if requests.get("requests", 0) and not new:  # `self-instruct && train` must not go on
+    print(
+      f"polylm-self-instruct: nothing was generated: of {requests['requests']} requests "
+      f"{requests.get('failed_requests', 0)} failed and {requests.get('malformed_responses', 0)} "
+      f"gave malformed responses, and no task passed the filters (report: "
+      f"{os.path.join(args.out_dir, 'report.json')})",
+      file=sys.stderr,
+    )
+    return 1
   return 0
 
 
