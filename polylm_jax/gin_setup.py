@@ -77,13 +77,37 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
       [f if pathlib.Path(f).is_file() else str(GIN_DIR / f) for f in gin_files], bindings
     )
   except (ValueError, KeyError, IOError, SyntaxError) as e:
-    hint = (
-      " (set it in your gin file or with --gin_bindings, e.g. "
-      "--gin_bindings='TrainerConfig.num_steps = 1000')"
-      if "gin.REQUIRED" in str(e)
-      else ""
+    raise SystemExit(f"gin configuration error: {e}{hint(str(e))}") from e
+
+
+def hint(message: str) -> str:
+  """What to do about a gin error: the setting a %gin.REQUIRED asks for, or the names closest
+  to a misspelt configurable or parameter."""
+  import difflib
+  import inspect
+  import re
+
+  from gin import config as gin_config
+
+  if m := re.search(r"([\w./]+) set to `?%gin\.REQUIRED", message):
+    return (
+      f" (set {m.group(1)} in your gin file or with --gin_bindings, e.g. "
+      f"--gin_bindings='{m.group(1)} = ...')"
     )
-    raise SystemExit(f"gin configuration error: {e}{hint}") from e
+  registry = gin_config._REGISTRY  # gin has no public listing of its configurables
+  if m := re.search(r"No configurable matching '([\w.]+)'", message):
+    names = {selector.split(".")[-1] for selector, _ in registry.items()}
+    close = difflib.get_close_matches(m.group(1).split(".")[-1], sorted(names), n=3)
+  elif m := re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", message):
+    try:
+      fn = registry.get_match(m.group(1)).wrapped
+      params = list(inspect.signature(fn).parameters)
+    except (KeyError, ValueError, TypeError):
+      return ""
+    close = difflib.get_close_matches(m.group(2), params, n=3)
+  else:
+    return ""
+  return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def configured(name: str, default=None):

@@ -81,3 +81,36 @@ def test_fit_presets_configure_the_model_slice_and_batch_they_are_named_for(pres
   chips = tpu_slices.chips("v" + slice_.replace("_", "-"))
   assert data.seq_len == 2048 and data.batch_size % chips == 0
   assert mesh.resolve(chips) == (1, chips, 1) and trainer.loss.impl == "tiled"
+
+
+def test_fit_presets_need_no_step_count_or_mixture_and_advice_leaves_out_what_they_have(caplog):
+  """A fit check reads no data and its memory does not depend on the schedule's length: the
+  presets compile as docs/scale.md shows them, without inventing either."""
+  import logging
+
+  from polylm_jax.train import memory_report
+
+  gin_setup.register_configurables()
+  with caplog.at_level(logging.INFO):
+    compile_cli._parse(["runs/fit/polylm_13b_v5p_8.gin"], [])
+  assert "TrainerConfig.num_steps is not set; a fit check does not depend on it" in caplog.text
+  model, trainer = gin_setup.configured("train.model"), gin_setup.configured("train.trainer")
+  advice = memory_report.knobs(
+    model, trainer.loss, gin_setup.configured("train.optimizer"), gin_setup.configured("train.mesh")
+  )
+  assert "DataConfig.batch_size" in advice and "token_tile" in advice
+  assert "remat_policy" not in advice and "LossConfig.impl" not in advice and "fsdp" not in advice
+  # What must be chosen for training is still REQUIRED for it: only the fit check fills it in.
+  with pytest.raises(SystemExit, match="TrainerConfig.num_steps set to `%gin.REQUIRED`"):
+    gin_setup.parse_gin(["runs/fit/polylm_13b_v5p_8.gin"], [])
+
+
+def test_a_step_count_the_schedule_cannot_take_is_a_configuration_error():
+  with pytest.raises(SystemExit, match="must exceed warmup_steps"):
+    compile_cli.main(["--gin_file=quickstart.gin", "--gin_bindings=TrainerConfig.num_steps = 2"])
+
+
+@pytest.mark.slow
+def test_the_documented_fit_check_runs_as_written(capsys):
+  code = compile_cli.main(["--gin_file=runs/fit/polylm_13b_v5p_8.gin", "--target=v5p-8"])
+  assert code == 0 and "fits (" in capsys.readouterr().out

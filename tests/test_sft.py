@@ -195,3 +195,19 @@ def test_epochs_set_the_steps_and_a_constant_schedule_stays_at_peak():
   assert instructions.greedy_rows([10, 20, 40, 5, 60], 64) == [[0, 1], [2, 3], [4]]
   with pytest.raises(ValueError, match="set files, directory or embedded_sample"):
     instructions.InstructionCorpora()
+
+
+def test_epochs_and_a_step_count_are_one_choice(tmp_path):
+  """sft/quickstart.gin trains a number of epochs; a step count given as well is refused (it
+  would otherwise be replaced by the epochs' count without a word)."""
+  from polylm_jax.train import cli
+
+  args = [
+    "--gin_file=sft/quickstart.gin",
+    f"--workdir={tmp_path / 'run'}",
+    "--gin_bindings=TrainerConfig.init_params_from = None",
+  ]
+  with pytest.raises(SystemExit, match="both train.epochs = 2 and TrainerConfig.num_steps = 5"):
+    cli.main(args + ["--gin_bindings=TrainerConfig.num_steps = 5"])
+  with pytest.raises(SystemExit, match="TrainerConfig.num_steps is None: set the number of steps"):
+    cli.main(args + ["--gin_bindings=train.epochs = None"])

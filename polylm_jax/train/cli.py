@@ -199,7 +199,7 @@ def console_main() -> None:
       line.strip()
       for line in [*str(e).splitlines(), *getattr(e, "__notes__", ())]
       if not line.strip().startswith("In call to configurable")
-    )
+    ) + gin_setup.hint(str(e))
     _die(f"polylm-train: error: {type(e).__name__}: {text}", 1)
 
 

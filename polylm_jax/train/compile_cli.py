@@ -19,6 +19,7 @@ run with `--target=local`, or read the same report that polylm-train logs before
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -64,6 +65,31 @@ def target_devices(target: str):
   return devices, f"{target} ({name}: {len(devices)} x {kind}, ahead of time)"
 
 
+# Settings a fit check does not need (no data is read; the schedule's length does not change
+# memory) that a preset may leave %gin.REQUIRED: bound to these when the config leaves them unset.
+NOT_NEEDED = {"TrainerConfig.num_steps": "1000000", "DataConfig.mixture": "'polylm_sample'"}
+
+
+def _parse(gin_files: list[str], bindings: list[str]) -> None:
+  """gin_setup.parse_gin, with placeholders for the settings above where they are REQUIRED."""
+  import re
+
+  extra: list[str] = []
+  while True:
+    try:
+      gin_setup.parse_gin(gin_files, bindings + extra)
+      return
+    except SystemExit as e:
+      m = re.search(r"([\w.]+) set to `?%gin\.REQUIRED", str(e.code))
+      name = m.group(1) if m else None
+      if name not in NOT_NEEDED or any(b.startswith(f"{name} =") for b in extra):
+        raise
+      extra.append(f"{name} = {NOT_NEEDED[name]}")
+      logging.info(
+        "%s is not set; a fit check does not depend on it (taken as %s)", name, NOT_NEEDED[name]
+      )
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="polylm-compile",
@@ -88,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
   from polylm_jax.train.step import TrainStep
 
   gin_setup.register_configurables()
-  gin_setup.parse_gin(args.gin_file, args.gin_bindings)
+  _parse(args.gin_file, args.gin_bindings)
   model = gin_setup.configured("train.model")
   optimizer = gin_setup.configured("train.optimizer")
   mesh_config = gin_setup.configured("train.mesh")
@@ -102,15 +128,19 @@ def main(argv: list[str] | None = None) -> int:
   languages.set_active(gin_setup.configured("train.languages", languages.Languages()))
   devices, where = target_devices(args.target)
   mesh = sharding.make_mesh(mesh_config, devices)
-  step = TrainStep(
-    model,
-    optimizer,
-    mesh,
-    mesh_config.effective_rules,
-    trainer.num_steps,
-    loss_config=trainer.loss,
-  )
-  step.check_batch_shape(data.batch_size)
+  try:
+    step = TrainStep(
+      model,
+      optimizer,
+      mesh,
+      mesh_config.effective_rules,
+      trainer.num_steps,
+      loss_config=trainer.loss,
+    )
+    step.check_batch_shape(data.batch_size)
+  except ValueError as e:  # a setting the step cannot take: a configuration error (status 2)
+    raise SystemExit(str(e)) from e
+  advice = memory_report.knobs(model, trainer.loss, optimizer, mesh_config)
   print(
     f"{model.name}: batch {data.batch_size} x {data.seq_len}, mesh {dict(mesh.shape)}, remat "
     f"{model.remat_policy}, attention {model.attention_impl}, loss {trainer.loss.impl}",
@@ -124,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
       raise
     reason = next((line for line in str(e).splitlines() if "memory" in line), str(e))
     print(f"DOES NOT FIT: the compiler for {where} refuses the step: {reason.strip()}")
-    print(memory_report.KNOBS)
+    print(advice)
     return 1
   m = memory_report.analyse(compiled)
   hbm = args.hbm_gib * memory_report.GIB if args.hbm_gib else memory_report.hbm_bytes(devices[0])
@@ -138,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   if m.peak > hbm:
     print(f"DOES NOT FIT: {m.peak / memory_report.GIB:.1f} GiB > {hbm / memory_report.GIB:.1f}")
-    print(memory_report.KNOBS)
+    print(advice)
     return 1
   print(f"fits ({hbm - m.peak:.3g} bytes to spare per device)")
   return 0

@@ -40,7 +40,8 @@ from polylm_jax.typecheck import check_fields
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
-  num_steps: int = 100
+  # None: set by the entry point from `train.epochs` (instruction tuning, gin_configs/sft/).
+  num_steps: int | None = 100
   seed: int = 0  # parameter init
   log_every: int = 10  # console / TensorBoard cadence (metrics.jsonl gets every step)
   max_nonfinite_in_a_row: int = 5  # K: stop after K consecutive skipped (non-finite) updates
@@ -74,7 +75,7 @@ class TrainerConfig:
   def __post_init__(self):
     check_fields(self)
     for name in ("num_steps", "log_every", "max_nonfinite_in_a_row"):
-      if getattr(self, name) < 1:
+      if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"TrainerConfig.{name}={getattr(self, name)} must be >= 1")
     for name in ("eval_every", "lm_eval_every"):
       if getattr(self, name) < 0:
@@ -135,6 +136,8 @@ def train(
   to <workdir>/previous/ first; without it a workdir with checkpoints is always resumed.
   `benchmark(step_fn, params) -> metrics` runs every `trainer.lm_eval_every` steps.
   """
+  if trainer.num_steps is None:
+    raise ValueError("TrainerConfig.num_steps is None: set the number of steps to train")
   lead = jax.process_index() == 0
   with storage.workdir_lock(workdir) if lead else contextlib.nullcontext():
     if start_over and lead:
@@ -154,14 +157,14 @@ def train(
     )
 
 
-def _log_step_memory(memory, mesh, work: memory_report.ModelWork) -> None:
+def _log_step_memory(memory, mesh, work: memory_report.ModelWork, advice: str) -> None:
   device = mesh.devices.flat[0]
   where = f"{mesh.devices.size} x {device.device_kind}"
   hbm = memory_report.hbm_bytes(device)
   for line in memory_report.report_lines(memory, hbm, where, work):
     logging.info("%s", line)
   if hbm and memory.peak > hbm:
-    logging.warning("the step needs more memory than the device has; %s", memory_report.KNOBS)
+    logging.warning("the step needs more memory than the device has; %s", advice)
 
 
 def _compile_first_step(step_fn, state, rows: int, length: int, model, peak) -> None:
@@ -171,7 +174,10 @@ def _compile_first_step(step_fn, state, rows: int, length: int, model, peak) -> 
   sharding.check_process_rows(step_fn.batch_sharding, rows)
   mesh = step_fn.mesh
   work = memory_report.model_work(model, rows, length, mesh.devices.flat, peak)
-  _log_step_memory(step_fn.compile_for(state, step_fn.abstract_batch(rows, length)), mesh, work)
+  advice = memory_report.knobs(model, step_fn.loss_config, step_fn.optimizer_config)
+  _log_step_memory(
+    step_fn.compile_for(state, step_fn.abstract_batch(rows, length)), mesh, work, advice
+  )
 
 
 def _first_batch(batches) -> Background:

@@ -120,9 +120,24 @@ def report_lines(
   return lines
 
 
-KNOBS = (
-  "to fit: a smaller DataConfig.batch_size (or OptimizerConfig.grad_accum_steps > 1 for the "
-  "same global batch), ModelConfig.remat_policy = 'full' (keeps least for the backward pass), "
-  "a larger MeshConfig.fsdp (shards parameters and optimizer state over more devices), "
-  "TrainerConfig.loss = @LossConfig() with LossConfig.impl = 'tiled' (no whole logits)"
-)
+def knobs(model, loss, optimizer=None, mesh=None) -> str:
+  """What to change for a step to fit, leaving out what the config already does."""
+  out = [
+    "a smaller DataConfig.batch_size"
+    + (
+      " (or OptimizerConfig.grad_accum_steps > 1 for the same global batch)"
+      if optimizer is None or getattr(optimizer, "grad_accum_steps", 1) == 1
+      else " (or more OptimizerConfig.grad_accum_steps for the same global batch)"
+    )
+  ]
+  if getattr(model, "remat_policy", None) != "full":
+    out.append("ModelConfig.remat_policy = 'full' (keeps least for the backward pass)")
+  if mesh is None or getattr(mesh, "fsdp", 1) != -1:
+    out.append("a larger MeshConfig.fsdp (shards parameters and optimizer state over more devices)")
+  if getattr(loss, "impl", None) != "tiled":
+    out.append(
+      "TrainerConfig.loss = @LossConfig() with LossConfig.impl = 'tiled' (no whole logits)"
+    )
+  else:
+    out.append("smaller LossConfig.token_tile / vocab_tile (smaller logit tiles)")
+  return "to fit: " + ", ".join(out)

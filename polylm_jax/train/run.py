@@ -47,7 +47,18 @@ def run(
     raise SystemExit(
       f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length={model.max_length}"
     )
+  if epochs is not None and trainer.num_steps is not None:
+    raise SystemExit(
+      f"both train.epochs = {epochs} and TrainerConfig.num_steps = {trainer.num_steps} are set; "
+      f"set one: train.epochs = None to train a number of steps, or TrainerConfig.num_steps = "
+      f"None to train a number of epochs"
+    )
   if epochs is None:
+    if trainer.num_steps is None:
+      raise SystemExit(
+        "TrainerConfig.num_steps is None: set the number of steps to train (or train.epochs "
+        "for instruction data)"
+      )
     _check_schedule(optimizer, trainer.num_steps)
   for registry in (corpora, bitext):  # TextCorpora, BitextCorpora: before anything names a task
     if registry is not None:
