@@ -360,11 +360,14 @@ class Generator:
         on_tokens(i, fresh)
 
   def _completion(self, ids: list[int], reason: str, stop, prompt_tokens: int) -> Completion:
+    """The text is cut at the first stop string whatever ended the generation: a stop string
+    can arrive in the same chunk of tokens as EOS or the length limit (lm-eval's `until`, and
+    `--stop`, mean the text before it). Such a completion's finish reason is `stop`."""
     body = ids[:-1] if reason == "eos" else ids
     text = self.sp.decode(body)
-    if reason == "stop":
-      cut = min(text.find(s) for s in stop if s in text)
-      text = text[:cut]
+    found = [text.find(s) for s in stop or () if s in text]
+    if found:
+      text, reason = text[: min(found)], "stop"
     return Completion(text, ids, reason, prompt_tokens)
 
 
