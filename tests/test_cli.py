@@ -1,6 +1,7 @@
 """The gin-configured trainer end to end: outputs, determinism, start-up errors, the quickstart."""
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -109,8 +110,14 @@ def test_start_up_errors_name_what_is_wrong(tmp_path):
     )
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  with pytest.raises(SystemExit, match=f"--workdir={blocker}/run is not writable"):
-    cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={blocker}/run"])
+  for workdir in (blocker, blocker / "run"):
+    with pytest.raises(SystemExit, match=f"--workdir={workdir}: {blocker} is a file, not a dir"):
+      cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={workdir}"])
+  readonly = tmp_path / "readonly"
+  readonly.mkdir(mode=0o555)
+  if os.geteuid() != 0:  # root writes anywhere
+    with pytest.raises(SystemExit, match=f"--workdir={readonly}/run is not writable"):
+      cli.main(["--gin_file=gin_configs/quickstart.gin", f"--workdir={readonly}/run"])
   with pytest.raises(SystemExit, match="seq_len=256 exceeds the model's max_length=128"):
     cli.main(
       [

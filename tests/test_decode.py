@@ -261,3 +261,13 @@ def test_chat_loop_and_a_model_without_its_tokenizer(
   (tmp_path / "hf" / "tokenizer.model").unlink()
   assert generate_cli.main([f"--hf_dir={tmp_path / 'hf'}", "--prompt=x"]) == 2
   assert "no tokenizer.model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_generate_arguments_are_checked_before_any_model_is_loaded(tmp_path, value, capsys):
+  from polylm_jax.decode import cli
+
+  with pytest.raises(SystemExit) as e:  # the workdir does not even exist: nothing was read
+    cli.main([f"--workdir={tmp_path / 'none'}", "--prompt=Hi", f"--max_new_tokens={value}"])
+  assert e.value.code == 2
+  assert "argument --max_new_tokens:" in capsys.readouterr().err

@@ -26,30 +26,45 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="polylm-generate",
     description=__doc__.splitlines()[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="a training workdir (newest checkpoint unless --step)")
   src.add_argument("--checkpoint", help="a checkpoint step directory, RUN/checkpoints/<step>")
   src.add_argument("--hf_dir", help="an exported Hugging Face directory (polylm-export)")
-  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument(
+    "--step", type=_positive, default=None, help="which checkpoint of --workdir (default: newest)"
+  )
   what = parser.add_mutually_exclusive_group(required=True)
   what.add_argument("--prompt", help="one prompt; its completion streams to stdout")
   what.add_argument("--prompts", help='a JSONL file of {"prompt": ...} records')
   what.add_argument("--chat", action="store_true", help="an interactive chat loop")
   parser.add_argument("--output", help="JSONL output for --prompts (default: stdout)")
-  parser.add_argument("--max_new_tokens", type=int, default=256)
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  parser.add_argument("--top_k", type=int, default=0)
-  parser.add_argument("--top_p", type=float, default=1.0)
-  parser.add_argument("--repetition_penalty", type=float, default=1.0)
+  parser.add_argument(
+    "--max_new_tokens",
+    type=_positive,
+    default=256,
+    help="tokens to generate at most per prompt (default: 256)",
+  )
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+  parser.add_argument(
+    "--top_k", type=int, default=0, help="sample from the k likeliest tokens (default: 0, all)"
+  )
+  parser.add_argument(
+    "--top_p", type=float, default=1.0, help="nucleus sampling probability mass (default: 1.0)"
+  )
+  parser.add_argument(
+    "--repetition_penalty",
+    type=float,
+    default=1.0,
+    help="divides the logits of tokens already in the text (default: 1.0, none)",
+  )
   parser.add_argument(
     "--demo_sampling",
     action="store_true",
     help="PolyLM's released demo settings: temperature 0.7, top_p 0.8, "
     "repetition penalty 1.02 (overrides the three flags)",
   )
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
   parser.add_argument(
     "--stop",
     action="append",
@@ -60,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     "--truncate_prompt",
     choices=["error", "left"],
     default="error",
-    help="a prompt longer than the context: refuse, or drop its oldest tokens",
+    help="a prompt longer than the context: refuse, or drop its oldest tokens (default: error)",
   )
-  parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (--prompts)")
+  parser.add_argument(
+    "--batch_size", type=_positive, default=16, help="prompts per batch (--prompts; default: 16)"
+  )
   parser.add_argument(
     "--mesh", default="", help="data,fsdp,tensor sizes, e.g. 1,1,8 (default: all devices on data)"
   )
@@ -75,10 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--attention_impl",
     default="auto",
-    help="attention for the prefill: auto, xla, pallas_gpu, pallas_tpu, cudnn",
+    help="attention for the prefill: auto, xla, pallas_gpu, pallas_tpu, cudnn (default: auto)",
   )
   add_layout_flag(parser)
   return parser
+
+
+def _positive(text: str) -> int:
+  """An argparse type: a whole number >= 1 (checked before any model is loaded)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+  return value
 
 
 def add_layout_flag(parser) -> None:
@@ -88,7 +116,7 @@ def add_layout_flag(parser) -> None:
     default="auto",
     help="weights and KV cache while decoding: scan (stacked layers, the training layout), "
     "unrolled (one array per layer and a transposed LM head: faster on CPU, one more copy of "
-    "the weights); auto: unrolled on CPU, scan elsewhere",
+    "the weights); auto (the default): unrolled on CPU, scan elsewhere",
   )
 
 

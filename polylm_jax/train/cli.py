@@ -28,6 +28,11 @@ def check_workdir(workdir: str) -> str:
     path = workdir.rstrip("/")
   else:
     path = os.path.abspath(workdir)
+    existing = path
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise SystemExit(f"--workdir={workdir}: {existing} is a file, not a directory")
   probe = storage.join(path, f".write-test-{uuid.uuid4().hex}")
   try:
     storage.makedirs(path)
