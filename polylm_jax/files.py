@@ -280,7 +280,11 @@ class WorkdirLock:
         return "it disappeared"
       return f"it is unreadable and {age:.0f} s old" if age > 10 else None
     if holder.get("host") == socket.gethostname():
-      if not _pid_alive(int(holder.get("pid", -1))):
+      try:
+        pid = int(holder.get("pid", -1))
+      except (TypeError, ValueError):  # not written by a trainer: no process can hold it
+        return f"it names no process (pid {holder.get('pid')!r})"
+      if not _pid_alive(pid):
         return f"its process {holder.get('pid')} is not running"
       if self._flock_free():
         return f"process {holder.get('pid')} does not hold it (the pid was reused)"

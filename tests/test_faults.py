@@ -475,6 +475,27 @@ def test_lock_staleness_on_a_shared_filesystem(tmp_path):
       pass
     assert lock_path.exists()
   assert not lock_path.exists()
+  # A lock on this host that no trainer wrote (a non-numeric pid): stale, taken over.
+  import socket
+
+  lock_path.write_text(json.dumps(dict(info, host=socket.gethostname(), pid="abc")))
+  with files.WorkdirLock(tmp_path):
+    assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+  from polylm_jax.export import safetensors_io
+
+  path = tmp_path / "model.safetensors"
+  w = np.ones((64, 64), np.float32)
+  source = safetensors_io.TensorSource("w", w.shape, w.dtype, lambda: iter([w]))
+  safetensors_io.write_sharded(tmp_path, [source], max_shard_bytes=2**30)
+  assert [n for n, _ in safetensors_io.read_dir(tmp_path)] == ["w"]
+  data = path.read_bytes()
+  for cut in (len(data) // 2, 12, 4):
+    path.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match=f"{path}: not a complete safetensors file"):
+      list(safetensors_io.read_dir(tmp_path))
 
 
 # --- exports and imports over their own sources ------------------------------------------------

@@ -103,9 +103,20 @@ def write_sharded(
 
 
 def read_file(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+  """Every tensor of one safetensors file; a damaged or truncated file fails naming it."""
+  size = path.stat().st_size
   with open(path, "rb") as f:
-    (length,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(length))
+    try:
+      (length,) = struct.unpack("<Q", f.read(8))
+      if 8 + length > size:
+        raise ValueError(f"its header claims {length} bytes of a {size}-byte file")
+      header = json.loads(f.read(length))
+      if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+      raise ValueError(
+        f"{path}: not a complete safetensors file (truncated or damaged: {e})"
+      ) from e
     start = 8 + length
     for name, info in header.items():
       if name == "__metadata__":
@@ -113,6 +124,11 @@ def read_file(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
       if info["dtype"] not in DTYPES:
         raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
       begin, end = info["data_offsets"]
+      if start + end > size:
+        raise ValueError(
+          f"{path}: not a complete safetensors file (truncated: tensor {name!r} ends at byte "
+          f"{start + end} of {size})"
+        )
       f.seek(start + begin)
       arr = np.frombuffer(f.read(end - begin), DTYPES[info["dtype"]]).reshape(info["shape"])
       yield name, arr
