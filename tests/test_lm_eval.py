@@ -149,3 +149,162 @@ def test_generated_answers_equal_lm_evals_hf_model_cut_at_the_first_stop(run_and
   mine, hf = texts(ours, task), texts(theirs, task)
   assert mine == hf
   assert sum(len(m) < len(p) for m, p in zip(mine, plain)) >= 1 and not any(stop in m for m in mine)
+
+
+def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
+  run_and_export, tmp_path, monkeypatch, caplog, capsys
+):
+  import logging
+
+  from polylm_jax.eval import cli as eval_cli
+
+  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  workdir, hf_dir = run_and_export
+  include = local_tasks(tmp_path)
+  common = [
+    "--tasks=polylm_test_mc_en,polylm_test_mc_th",
+    f"--include_path={include}",
+    "--batch_size=8",
+    "--dtype=float32",
+  ]
+  out = tmp_path / "ckpt"
+  assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={out}", *common]) == 0
+  results = json.loads((out / "results.json").read_text())["tasks"]
+  assert sorted(results) == ["polylm_test_mc_en", "polylm_test_mc_th"]
+  table = (out / "results.md").read_text()
+  assert "### polylm_test_mc (acc, %)" in table and "| run | en | th | avg |" in table
+  assert (out / "polylm_test_mc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Run again: the finished tasks are reused, nothing is recomputed.
+  with caplog.at_level(logging.INFO):
+    assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={out}", *common]) == 0
+  assert "reusing 2 finished task(s)" in caplog.text and "0 task(s) to run" in caplog.text
+  # The export gives the same accuracies; two runs side by side.
+  assert eval_cli.main(["run", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'hf'}", *common]) == 0
+  exported = json.loads((tmp_path / "hf" / "results.json").read_text())["tasks"]
+  assert {t: r["value"] for t, r in exported.items()} == {t: r["value"] for t, r in results.items()}
+  assert (
+    eval_cli.main(
+      [
+        "compare",
+        str(out),
+        str(tmp_path / "hf"),
+        "--labels=jax,export",
+        f"--out={tmp_path / 'both'}",
+      ]
+    )
+    == 0
+  )
+  both = (tmp_path / "both" / "results.md").read_text()
+  assert "| jax |" in both and "| export |" in both
+  capsys.readouterr()
+  # Bad input: an unknown task lists close matches; missing data names the task and the cache.
+  assert (
+    eval_cli.main(
+      [
+        "run",
+        f"--workdir={workdir}",
+        f"--out={tmp_path / 'x'}",
+        "--tasks=polylm_test_mc_eng",
+        f"--include_path={include}",
+      ]
+    )
+    == 2
+  )
+  assert "did you mean polylm_test_mc_en" in capsys.readouterr().err
+  empty = tmp_path / "empty_cache"
+  assert (
+    eval_cli.main(
+      [
+        "run",
+        f"--workdir={workdir}",
+        f"--out={tmp_path / 'y'}",
+        "--tasks=xnli",
+        "--languages=th",
+        f"--data_dir={empty}",
+      ]
+    )
+    == 2
+  )
+  err = capsys.readouterr().err
+  assert "task xnli_th: its data could not be loaded offline" in err and str(empty) in err
+  # Results never go into a training workdir or an export.
+  for into, what in ((workdir, "a training workdir"), (hf_dir, "an export")):
+    before = sorted(p.name for p in into.iterdir())
+    assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={into}", *common]) == 2
+    assert f"--out={into} is {what}" in capsys.readouterr().err
+    assert sorted(p.name for p in into.iterdir()) == before
+
+
+def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
+  from polylm_jax.train import cli
+
+  include = local_tasks(tmp_path)
+  cli.main(
+    [
+      "--gin_file=gin_configs/quickstart.gin",
+      f"--workdir={tmp_path / 'run'}",
+      "--gin_bindings=TrainerConfig.num_steps = 4",
+      "--gin_bindings=DataConfig.seq_len = 64",
+      "--gin_bindings=DataConfig.batch_size = 8",
+      "--gin_bindings=TrainerConfig.eval_every = 2",
+      "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+      "--gin_bindings=TrainerConfig.lm_eval_every = 2",
+      "--gin_bindings=TrainerConfig.lm_eval_tasks = ['polylm_test_mc_en', 'polylm_test_mc_th']",
+      f"--gin_bindings=TrainerConfig.lm_eval_include_path = '{include}'",
+    ]
+  )
+  records = [
+    json.loads(line) for line in (tmp_path / "run" / "eval_metrics.jsonl").read_text().splitlines()
+  ]
+  assert [r["step"] for r in records] == [2, 4]
+  for r in records:
+    assert 0.0 <= r["lm_eval/polylm_test_mc_th/acc"] <= 1.0 and r["lm_eval_seconds"] > 0
+    assert "val_loss/th" in r  # next to the held-out loss per language
+
+
+def test_one_token_stream_from_training_to_serving(run_and_export):
+  """A text's ids are the same in training's packed rows, polylm-generate, the lm-eval model and
+  transformers' tokenizer on the export (what vLLM uses too): BOS, then the SentencePiece ids."""
+  import tensorflow as tf
+  import transformers
+
+  from polylm_jax.data import packing
+  from polylm_jax.decode import generate
+
+  workdir, hf_dir = run_and_export
+  text = "Translate to German: Good morning, how are you?"
+  lm = lm_eval_model.PolyLMJax(workdir=str(workdir), batch_size=4)
+  ids = lm.sp.encode(text)
+  docs = tf.data.Dataset.from_tensors({"targets": tf.constant(ids + [2], tf.int32)})
+  row = next(iter(packing.pack(docs, 64, flush=True)))
+  training = (
+    row["inputs"].numpy()[: len(ids) + 1].tolist()
+  )  # what the model sees before each target
+  served = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+  generator = generate.Generator(
+    lm.scorer.config, lm.scorer.params, lm.sp, mesh=lm.scorer.mesh, framing=lm.framing
+  )
+  assert training == generator.encode(text) == lm.tok_encode(text) == served == [1] + ids
+
+
+def test_scores_are_the_same_on_a_sharded_mesh(run_and_export):
+  from polylm_jax import sharding
+  from polylm_jax.decode import loading
+  from polylm_jax.eval.scoring import Scorer
+
+  workdir, _ = run_and_export
+  rng = np.random.default_rng(0)
+  items = []
+  for n in (5, 17, 40, 63, 9, 33):
+    row = [1] + rng.integers(3, 4096, n).tolist()
+    items.append((row[:-1], row[1:], max(0, n - 4)))
+  results = []
+  for spec, count in (("1,1,1", 1), ("2,1,2", 4)):
+    mesh = sharding.make_mesh(sharding.parse_mesh(spec), jax.devices()[:count])
+    loaded = loading.load(workdir=str(workdir), mesh=mesh)
+    results.append(Scorer(loaded.config, loaded.params, mesh=mesh, batch_size=4).score(items))
+  np.testing.assert_allclose(
+    [s.logprob for s in results[0]], [s.logprob for s in results[1]], atol=1e-4
+  )
+  assert [s.greedy for s in results[0]] == [s.greedy for s in results[1]]

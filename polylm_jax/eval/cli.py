@@ -110,7 +110,23 @@ def write_report(out: str, runs: list[dict], labels: list[str]) -> None:
   report.charts(runs, labels, out)
 
 
+# What a training workdir or an export holds: an evaluation's --out is never one of them.
+_NOT_AN_EVAL_DIR = ("checkpoints", "data_state", "metrics.jsonl", "LOCK", "config.json")
+
+
+def check_out(out: str) -> None:
+  """Results go to a directory of their own, never into a training workdir or an export."""
+  found = [n for n in _NOT_AN_EVAL_DIR if storage.exists(storage.join(out, n))]
+  if found:
+    what = "an export" if found == ["config.json"] else "a training workdir"
+    raise ValueError(
+      f"--out={out} is {what} (it holds {', '.join(found)}); give the results a directory of "
+      f"their own, e.g. --out=eval/{storage.name(out) or 'run'}"
+    )
+
+
 def _run(args) -> int:
+  check_out(args.out)
   _offline(args.data_dir)
   import jax
   from lm_eval.tasks import TaskManager
