@@ -65,6 +65,7 @@ def _fresh_global_state():
   languages.set_active(languages.Languages())
   with documents._LOCK:
     documents._DROPPED.clear()
+    documents._SEEN.clear()
   gin.clear_config()
 
 

@@ -90,11 +90,10 @@ def test_jsonl_corpus_filters_on_the_language_id_score(tmp_path):
   assert corpora.register() == ["polylm_test_jsonl_th"]
   batches, docs = _documents("polylm_test_jsonl_th")
   assert sorted(docs) == sorted(good[:4] + good[7:])
-  assert sources.dropped_records()["polylm_test_jsonl_th"] == {
-    "low_lang_score": 1,
-    "invalid_json": 1,
-    "missing_field": 2,
-  }
+  expected = {"low_lang_score": 1, "invalid_json": 1, "missing_field": 2}
+  assert sources.dropped_records()["polylm_test_jsonl_th"] == expected
+  _documents("polylm_test_jsonl_th")  # read again (another epoch): the same records, not more
+  assert sources.dropped_records()["polylm_test_jsonl_th"] == expected
   with pytest.raises(ValueError, match="lang_score_field needs records with fields"):
     sources.TextCorpora(
       files={"th": {"train": str(tmp_path / "*.jsonl")}}, lang_score_field="lang_score"

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import logging
 import threading
 
 import numpy as np
@@ -36,7 +37,30 @@ REASONS = (
   "low_lang_score",
 )
 _DROPPED: collections.Counter = collections.Counter()
+_SEEN: dict[tuple[str, str], set[int]] = {}  # (task, reason) -> the dropped records' hashes
 _LOCK = threading.Lock()
+
+
+def count_dropped(task: str, reason: str, record: bytes | str) -> None:
+  """Counts a dropped record once, however often it is read again (every epoch, stream and
+  evaluation pass reads it anew), and says so the first time a task drops a record for a reason
+  (the totals are logged when the run ends)."""
+  key = hash(record)
+  with _LOCK:
+    seen = _SEEN.setdefault((task, reason), set())
+    if key in seen:
+      return
+    seen.add(key)
+    _DROPPED[(task, reason)] += 1
+    first = _DROPPED[(task, reason)] == 1
+  if first:
+    logging.warning(
+      "data: task %s dropped a record (%s): %.200r; distinct records dropped are counted and "
+      "logged when the run ends",
+      task,
+      reason,
+      record,
+    )
 
 
 def dropped_records() -> dict[str, dict[str, int]]:
@@ -54,6 +78,7 @@ def reset_dropped(task: str) -> None:
   with _LOCK:
     for key in [k for k in _DROPPED if k[0] == task]:
       del _DROPPED[key]
+      _SEEN.pop(key, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +100,6 @@ class RecordFilter:
   def texts(self, task: str, records) -> list[bytes]:
     """UTF-8 texts of the usable records; the others counted in dropped_records()."""
     kept: list[bytes] = []
-    dropped: collections.Counter = collections.Counter()
     for raw in records:
       reason = None
       try:
@@ -95,11 +119,7 @@ class RecordFilter:
       if reason is None:
         kept.append(text.encode("utf-8") if self.record_format == "jsonl" else raw)
       else:
-        dropped[reason] += 1
-    if dropped:
-      with _LOCK:
-        for reason, n in dropped.items():
-          _DROPPED[(task, reason)] += n
+        count_dropped(task, reason, raw)
     return kept
 
   def _from_json(self, line: str) -> tuple[str, str | None]:

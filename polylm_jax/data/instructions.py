@@ -100,9 +100,6 @@ def encode_example(
   return ids[: max_tokens + 1], weights[: max_tokens + 1], how
 
 
-def _count(task: str, reason: str, n: int = 1) -> None:
-  with documents._LOCK:
-    documents._DROPPED[(task, reason)] += n
 
 
 def tokenize_instructions(
@@ -125,11 +122,11 @@ def tokenize_instructions(
       for record in raw.tolist():
         turns, reason = parse_record(record)
         if reason:
-          _count(task, reason)
+          documents.count_dropped(task, reason, record)
           continue
         ids, w, how = encode_example(sp, turns, fmt, max_tokens, min_prompt_tokens)
         if how:
-          _count(task, how)
+          documents.count_dropped(task, how, record)
         targets += ids[1:]
         weights += w[1:]
         lengths.append(len(ids) - 1)
