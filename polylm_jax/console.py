@@ -55,6 +55,11 @@ def filtered_stderr():
           print(line, file=sys.stderr)
 
 
+def summary(doc: str | None) -> str:
+  """A command's --help description: its module docstring's first paragraph, on one line."""
+  return " ".join((doc or "").split("\n\n")[0].split())
+
+
 def import_tensorflow():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if "tensorflow" in sys.modules:

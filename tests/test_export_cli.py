@@ -213,6 +213,10 @@ def test_what_needs_no_tensorflow_never_imports_it_and_verify_says_what_to_insta
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == "[]"
+  # Each --help describes its command in whole sentences (its docstring's first paragraph).
+  for block in proc.stdout.split("usage: ")[1:]:
+    description = block.split("\n\n")[1]
+    assert description.rstrip()[-1] in ".?", description
 
   out = tmp_path / "hf"
   hide = "import sys\nsys.modules['transformers'] = None  # a machine without transformers\n"

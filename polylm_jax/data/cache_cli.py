@@ -15,9 +15,11 @@ import argparse
 import logging
 import sys
 
+from polylm_jax import console
+
 
 def main(argv: list[str] | None = None) -> list[str]:
-  parser = argparse.ArgumentParser(prog="polylm-cache", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="polylm-cache", description=console.summary(__doc__))
   parser.add_argument("--gin_file", action="append", default=[], required=True)
   parser.add_argument("--gin_bindings", action="append", default=[])
   parser.add_argument("--cache_dir", required=True, help="local, gs://, ... (tf.io.gfile)")

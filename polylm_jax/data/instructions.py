@@ -100,8 +100,6 @@ def encode_example(
   return ids[: max_tokens + 1], weights[: max_tokens + 1], how
 
 
-
-
 def tokenize_instructions(
   task: str,
   lang: str,

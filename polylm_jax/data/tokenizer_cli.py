@@ -26,7 +26,7 @@ import pathlib
 import sys
 from typing import Iterator
 
-from polylm_jax import files
+from polylm_jax import console, files
 from polylm_jax.data import tokenizer
 
 
@@ -108,7 +108,7 @@ def _texts(args) -> dict[str, list[str]]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="polylm-tokenizer", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="polylm-tokenizer", description=console.summary(__doc__))
   sub = parser.add_subparsers(dest="command", required=True)
   fmt = argparse.ArgumentDefaultsHelpFormatter
   t = sub.add_parser("train", help="train a SentencePiece BPE model", formatter_class=fmt)

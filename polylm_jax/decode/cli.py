@@ -19,13 +19,13 @@ import logging
 import pathlib
 import sys
 
-from polylm_jax import decode, files
+from polylm_jax import console, decode, files
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="polylm-generate",
-    description=__doc__.splitlines()[0],
+    description=console.summary(__doc__),
   )
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="a training workdir (newest checkpoint unless --step)")

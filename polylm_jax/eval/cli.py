@@ -20,7 +20,7 @@ import os
 import pathlib
 import sys
 
-from polylm_jax import storage
+from polylm_jax import console, storage
 from polylm_jax.decode import cli as generate_cli
 
 
@@ -40,7 +40,7 @@ def _split(text: str | None) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="polylm-eval",
-    description=__doc__.splitlines()[0],
+    description=console.summary(__doc__),
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="\n".join(__doc__.splitlines()[2:]),
   )

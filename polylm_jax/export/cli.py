@@ -18,7 +18,7 @@ import pathlib
 import re
 import sys
 
-from polylm_jax import chat, files, framing, storage
+from polylm_jax import chat, console, files, framing, storage
 from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
 
 
@@ -114,7 +114,7 @@ def _check_vocab(sp_bytes: bytes, cfg, allow_vocab_padding: bool = False) -> Non
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="polylm-export", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="polylm-export", description=console.summary(__doc__))
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="a training workdir (latest complete checkpoint by default)")
   src.add_argument("--checkpoint", help="a checkpoint step directory, e.g. RUN/checkpoints/1000")

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from polylm_jax import files, storage
+from polylm_jax import console, files, storage
 from polylm_jax.export import hf_export
 from polylm_jax.train.checkpoint import CheckpointConfig, save_args
 
@@ -86,7 +86,7 @@ def verify_import(hf_dir, cfg, params, *, seed: int = 0) -> tuple[bool, str]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="polylm-import", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="polylm-import", description=console.summary(__doc__))
   parser.add_argument("--hf_dir", required=True)
   parser.add_argument("--out", required=True)
   parser.add_argument(

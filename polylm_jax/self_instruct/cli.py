@@ -20,6 +20,8 @@ import os
 import pathlib
 import sys
 
+from polylm_jax import console
+
 
 def read_seeds(path: str) -> dict[str, list[dict]]:
   seeds: dict[str, list[dict]] = {}
@@ -40,7 +42,7 @@ def read_seeds(path: str) -> dict[str, list[dict]]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     prog="polylm-self-instruct",
-    description=__doc__.splitlines()[0],
+    description=console.summary(__doc__),
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument("--seeds", required=True)
