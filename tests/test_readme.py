@@ -82,7 +82,12 @@ def test_the_readme_commands_work_as_written(checkout):
   # The main job: installs (already done here: the same requirement files) and trains.
   quickstart = _command_line(_block_with("bash launch/quickstart.sh"), "bash launch/quickstart.sh")
   assert quickstart == "bash launch/quickstart.sh"
-  _run(checkout, quickstart)
+  printed = _run(checkout, quickstart).stderr
+  # The curriculum lines the README shows are what the run prints.
+  shown = re.search(r"INFO curriculum \(.*?\n(stage 0 .*?)\n(stage 1 .*?)\n", README)
+  assert shown, "the README shows the curriculum table"
+  for line in shown.groups():
+    assert line.removesuffix(", ...") in printed, line
   run = checkout / "workdir" / "quickstart"
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records]
