@@ -308,3 +308,32 @@ def test_scores_are_the_same_on_a_sharded_mesh(run_and_export):
     [s.logprob for s in results[0]], [s.logprob for s in results[1]], atol=1e-4
   )
   assert [s.greedy for s in results[0]] == [s.greedy for s in results[1]]
+
+
+def test_fetch_failures_name_every_task_not_fetched(tmp_path):
+  """polylm-eval fetch without the data (here: a task whose files are missing) says what was and
+  was not fetched, and does not advise running fetch again."""
+  from lm_eval.tasks import TaskManager
+
+  from polylm_jax.eval import suite
+
+  include = local_tasks(tmp_path)
+  yaml = (include / "polylm_test_mc_en.yaml").read_text()
+  for lang in ("aa", "bb"):
+    (include / f"polylm_test_missing_{lang}.yaml").write_text(
+      yaml.replace("task: polylm_test_mc_en", f"task: polylm_test_missing_{lang}").replace(
+        "mc_en.jsonl", f"missing_{lang}.jsonl"
+      )
+    )
+  specs = [
+    suite.Spec(t, "missing", t[-2:], "acc")
+    for t in ("polylm_test_mc_en", "polylm_test_missing_aa", "polylm_test_missing_bb")
+  ]
+  with pytest.raises(suite.MissingDataError) as e:
+    suite.load_tasks(specs, TaskManager(include_path=str(include)), fetching=True)
+  message = str(e.value)
+  assert "task polylm_test_missing_aa: its data could not be downloaded" in message
+  assert "Fetched: 1 of 3 task(s); not fetched: polylm_test_missing_aa, polylm_test_missing_bb" in (
+    message
+  )
+  assert "polylm-eval fetch" not in message

@@ -222,7 +222,7 @@ def _fetch(args) -> int:
     _split(args.languages) or list(languages.DEFAULT_CODES),
     set(manager.all_tasks),
   )
-  suite.load_tasks(specs, manager)
+  suite.load_tasks(specs, manager, fetching=True)
   print(f"fetched {len(specs)} task(s) into {args.data_dir}")
   return 0
 

@@ -99,13 +99,21 @@ def datasets_cache() -> str:
   )
 
 
-def load_tasks(specs, task_manager) -> dict[str, Any]:
-  """lm-eval Task objects (their data loaded now, so a missing dataset fails before any compute)."""
+def load_tasks(specs, task_manager, *, fetching: bool = False) -> dict[str, Any]:
+  """lm-eval Task objects (their data loaded now, so a missing dataset fails before any compute).
+  `fetching`: loading is the download itself (polylm-eval fetch, with network)."""
   out = {}
-  for spec in specs:
+  for i, spec in enumerate(specs):
     try:
       out[spec.task] = task_manager.load([spec.task])["tasks"][spec.task]
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
+      if fetching:
+        left = [s.task for s in specs[i:]]
+        raise MissingDataError(
+          f"task {spec.task}: its data could not be downloaded ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:200]}); this needs network access to the Hugging Face "
+          f"Hub. Fetched: {len(out)} of {len(specs)} task(s); not fetched: {', '.join(left)}"
+        ) from e
       raise MissingDataError(
         f"task {spec.task}: its data could not be loaded offline ({type(e).__name__}: "
         f"{str(e).splitlines()[0][:200]}); looked in the datasets cache {datasets_cache()}. "
