@@ -98,3 +98,34 @@ def choose_platform() -> None:
       "no GPU or TPU device on this machine: JAX runs on the CPU (set JAX_PLATFORMS "
       "to choose another platform)"
     )
+
+
+def _not_gin_path_noise(record: logging.LogRecord) -> bool:
+  # gin looks for an include in package resources before its search path and logs an ERROR when
+  # it is not there, though the include is then found: drop that misleading line (gin logs it
+  # through the root logger, absl's handlers through "absl").
+  # ... and an INFO line per include it finds ("system_path_file_exists").
+  return not (
+    record.pathname.endswith("resource_reader.py")
+    and ("Path not found" in str(record.msg) or "system_path_file_exists" in str(record.msg))
+  )
+
+
+def quiet_logging() -> None:
+  """One console handler on the root logger (replacing plain stream handlers that imported
+  libraries installed; handlers of other kinds, e.g. a test's log capture, stay)."""
+  root = logging.getLogger()
+  for handler in list(root.handlers):
+    if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)
+      root.removeHandler(handler)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  handler.addFilter(_not_gin_path_noise)
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
+  for logger in (root, logging.getLogger("absl")):
+    for noise in (_not_gin_path_noise, quiet_seqio):
+      if noise not in logger.filters:
+        logger.addFilter(noise)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before tensorflow is first imported

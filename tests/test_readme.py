@@ -123,3 +123,5 @@ def test_the_readme_commands_work_as_written(checkout):
   generate = _command_line(_block_with("--prompt="), "polylm-generate")
   out = _run(checkout, f"source .venv/bin/activate\n{generate}")
   assert out.stdout.strip()
+  # What a user reads: no library INFO chatter (Orbax) and no failed TPU probe.
+  assert "orbax" not in out.stderr.lower() and "Unable to initialize backend" not in out.stderr

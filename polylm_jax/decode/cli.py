@@ -152,7 +152,8 @@ class _Stream:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  console.quiet_logging()  # Orbax and absl INFO lines stay out of the console
+  console.choose_platform()  # no failed TPU probe on a machine without one
   import jax
 
   from polylm_jax.decode import generate, loading

@@ -229,7 +229,8 @@ def _fetch(args) -> int:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  console.quiet_logging()  # Orbax and absl INFO lines stay out of the console
+  console.choose_platform()  # no failed TPU probe on a machine without one
   try:
     return {"run": _run, "compare": _compare, "fetch": _fetch}[args.command](args)
   except (ValueError, FileNotFoundError) as e:

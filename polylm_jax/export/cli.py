@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import logging
 import pathlib
 import re
 import sys
@@ -154,7 +153,8 @@ def main(argv=None) -> int:
 
     if missing := verify.missing_requirements():
       parser.error(missing)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  console.quiet_logging()  # Orbax and absl INFO lines stay out of the console
+  console.choose_platform()  # no failed TPU probe on a machine without one
   try:
     step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
     out, reader = export_checkpoint(

@@ -104,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
   from polylm_jax import console
-  from polylm_jax.train.cli import quiet_logging
 
-  quiet_logging()
+  console.quiet_logging()
   console.choose_platform()
   from polylm_jax import languages, sharding
   from polylm_jax.train import memory_report
