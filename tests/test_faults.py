@@ -239,8 +239,9 @@ def test_a_read_error_is_retried_and_never_moves_a_checkpoint(run_copy, monkeypa
   import orbax.checkpoint as ocp
 
   from polylm_jax.train import checkpoint as checkpoint_lib
+  from polylm_jax.train import checkpoint_read
 
-  monkeypatch.setattr(checkpoint_lib, "READ_RETRY_DELAY_S", 0.01)
+  monkeypatch.setattr(checkpoint_read, "READ_RETRY_DELAY_S", 0.01)
   real = ocp.CheckpointManager.restore
   failures = {"left": 10**6}
 

@@ -5,7 +5,7 @@ Layout of a workdir:
   checkpoints/<step>/meta     JSON: data position, gin config text, model and optimizer config,
                               seed, tokenizer model (base64), batch shape
   data_state/<step>/stream_<k>.*    each row stream's tf.data iterator checkpoint (resumable.py)
-  corrupt/                    checkpoints that could not be read, moved here (never deleted)
+  corrupt/                    checkpoints proven damaged, moved here (never deleted)
   unfinished/                 on object storage: saves that did not complete, moved here at start
   previous/<time>/            an earlier run's files, set aside by `--start_over`
 The data state is written (synchronously) before Orbax starts its asynchronous save; Orbax writes
@@ -14,8 +14,9 @@ data state, and a partly written checkpoint is never listed (never restored).
 
 What is never lost (docs/checkpointing.md): a checkpoint is deleted only by the keep policy, after
 a newer one is complete; a data state only when no checkpoint of its step exists on disk. A
-checkpoint that cannot be read is moved to corrupt/; one that does not fit the configuration stops
-the run with a message (compat.py); a workdir with checkpoints never silently starts over.
+checkpoint proven damaged is moved to corrupt/ (checkpoint_read.py: other read errors are retried,
+then reported); one that does not fit the configuration, data settings included, stops the run
+with a message (compat.py); a workdir with checkpoints never silently starts over.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax
@@ -38,7 +38,17 @@ from polylm_jax.data.errors import DataStateMismatchError
 from polylm_jax.export.checkpoint_reader import complete_steps, finished
 from polylm_jax.model import params as model_params
 from polylm_jax.train import compat
-from polylm_jax.train.compat import CheckpointMismatchError, check_model_compatible
+from polylm_jax.train.checkpoint_read import (  # the errors of a run's checkpoints
+  CheckpointReadError as CheckpointReadError,
+)
+from polylm_jax.train.checkpoint_read import (
+  CheckpointSaveError,
+  CorruptCheckpointError,
+  NoUsableCheckpointError,
+  _read,
+)
+from polylm_jax.train.compat import CheckpointMismatchError as CheckpointMismatchError
+from polylm_jax.train.compat import check_model_compatible
 from polylm_jax.train.optimizer import chain_names
 from polylm_jax.typecheck import check_fields
 
@@ -77,129 +87,6 @@ def save_args(tree, chunk_bytes: int, model_config: ModelConfig | None = None):
     return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if layered else ())
 
   return jax.tree_util.tree_map_with_path(args, tree)
-
-
-class CorruptCheckpointError(RuntimeError):
-  """A checkpoint (or its data state) proven damaged: files missing, truncated or undecodable."""
-
-
-class CheckpointReadError(RuntimeError):
-  """A checkpoint that could not be read for a reason that says nothing about its files (a
-  storage error, a timeout), after retries: reported, never moved."""
-
-
-class NoUsableCheckpointError(RuntimeError):
-  """A workdir with checkpoint history but nothing to resume from: never a silent fresh start."""
-
-
-class CheckpointSaveError(RuntimeError):
-  pass
-
-
-def _is_resource_error(e: BaseException) -> bool:
-  """Out of memory while restoring says nothing about the checkpoint: not a reason to move it."""
-  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e)
-
-
-# What a damaged checkpoint's read fails with: files that are missing, cut short or do not decode.
-# Anything else (a 503 from object storage, a timeout, a broken connection) proves nothing about
-# the files: the read is retried, then reported, and the checkpoint stays where it is.
-_DAMAGE_TYPES: tuple[type[BaseException], ...] = (
-  FileNotFoundError,
-  json.JSONDecodeError,
-  UnicodeDecodeError,
-  EOFError,
-)
-_DAMAGE_WORDS = (
-  "DATA_LOSS",
-  "NOT_FOUND",
-  "No such file",
-  "not found",
-  "does not exist",
-  "Error reading",
-  "Error decoding",
-  "decompress",
-  "corrupt",
-  "truncated",
-  "Truncated",
-  "unexpected end",
-  "Read less bytes",
-  "Unexpected end",
-  "metadata missing",
-  "Expecting value",
-  "Failed to decode",
-  "checksum",
-)
-_TRANSIENT_WORDS = (
-  "UNAVAILABLE",
-  "DEADLINE_EXCEEDED",
-  "Service Unavailable",
-  "timed out",
-  "Timeout",
-  "Connection",
-  "temporarily",
-  " 429",
-  " 500",
-  " 502",
-  " 503",
-  " 504",
-)
-READ_ATTEMPTS = 3  # a failed read is tried this many times in all ...
-READ_RETRY_DELAY_S = 2.0  # ... waiting this long, then twice as long, between tries
-
-
-def _chain(e: BaseException):
-  while e is not None:
-    yield e
-    e = e.__cause__ or e.__context__  # type: ignore[assignment]
-
-
-def proves_damage(e: BaseException) -> bool:
-  """Does this read error show the checkpoint's files are damaged (not storage misbehaving)?"""
-  errors = list(_chain(e))
-  text = " ".join(f"{type(x).__name__}: {x}" for x in errors)
-  if isinstance(e, (ConnectionError, TimeoutError)) or any(w in text for w in _TRANSIENT_WORDS):
-    return False
-  return any(isinstance(x, _DAMAGE_TYPES) for x in errors) or any(w in text for w in _DAMAGE_WORDS)
-
-
-def _first_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-
-
-def _read(where, part: str, fn):
-  """`fn()`, tried again after a failure that does not prove damage. Damage raises
-  CorruptCheckpointError; a failure that persists without proving damage CheckpointReadError;
-  out of memory and configuration mismatches pass through."""
-  for attempt in range(1, READ_ATTEMPTS + 1):
-    try:
-      return fn()
-    except (CheckpointMismatchError, KeyboardInterrupt):
-      raise
-    except Exception as e:
-      if _is_resource_error(e):
-        raise
-      if proves_damage(e):
-        raise CorruptCheckpointError(
-          f"checkpoint {where} is unreadable: {part} ({_first_line(e)})"
-        ) from e
-      if attempt == READ_ATTEMPTS:
-        raise CheckpointReadError(
-          f"checkpoint {where} could not be read: {part} ({_first_line(e)}; {READ_ATTEMPTS} "
-          f"attempts). This does "
-          f"not show the checkpoint is damaged, so nothing was moved: run again once the "
-          f"storage answers"
-        ) from e
-      delay = READ_RETRY_DELAY_S * 2 ** (attempt - 1)
-      logging.warning(
-        "checkpoint %s: reading %s failed (%s); trying again in %.0f s",
-        where,
-        part,
-        _first_line(e),
-        delay,
-      )
-      time.sleep(delay)
-  raise AssertionError("unreachable")
 
 
 # Files an earlier run leaves in a workdir: `--start_over` moves them to previous/<time>/.

@@ -1,0 +1,138 @@
+"""Reading a checkpoint: what its errors are, and which read errors prove it damaged.
+
+Only a checkpoint proven damaged (files missing, truncated or undecodable) is ever moved aside
+(checkpoint.py, to corrupt/). A read that fails for another reason (a 503 or a timeout from
+object storage) is tried again, then reported; a configuration that does not fit
+(compat.CheckpointMismatchError) passes through at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from polylm_jax.train.compat import CheckpointMismatchError
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint (or its data state) proven damaged: files missing, truncated or undecodable."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint that could not be read for a reason that says nothing about its files (a
+  storage error, a timeout), after retries: reported, never moved."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """A workdir with checkpoint history but nothing to resume from: never a silent fresh start."""
+
+
+class CheckpointSaveError(RuntimeError):
+  pass
+
+
+def _is_resource_error(e: BaseException) -> bool:
+  """Out of memory while restoring says nothing about the checkpoint: not a reason to move it."""
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e)
+
+
+# What a damaged checkpoint's read fails with: files that are missing, cut short or do not decode.
+# Anything else (a 503 from object storage, a timeout, a broken connection) proves nothing about
+# the files: the read is retried, then reported, and the checkpoint stays where it is.
+_DAMAGE_TYPES: tuple[type[BaseException], ...] = (
+  FileNotFoundError,
+  json.JSONDecodeError,
+  UnicodeDecodeError,
+  EOFError,
+)
+_DAMAGE_WORDS = (
+  "DATA_LOSS",
+  "NOT_FOUND",
+  "No such file",
+  "not found",
+  "does not exist",
+  "Error reading",
+  "Error decoding",
+  "decompress",
+  "corrupt",
+  "truncated",
+  "Truncated",
+  "unexpected end",
+  "Read less bytes",
+  "Unexpected end",
+  "metadata missing",
+  "Expecting value",
+  "Failed to decode",
+  "checksum",
+)
+_TRANSIENT_WORDS = (
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "Service Unavailable",
+  "timed out",
+  "Timeout",
+  "Connection",
+  "temporarily",
+  " 429",
+  " 500",
+  " 502",
+  " 503",
+  " 504",
+)
+READ_ATTEMPTS = 3  # a failed read is tried this many times in all ...
+READ_RETRY_DELAY_S = 2.0  # ... waiting this long, then twice as long, between tries
+
+
+def _chain(e: BaseException):
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__  # type: ignore[assignment]
+
+
+def proves_damage(e: BaseException) -> bool:
+  """Does this read error show the checkpoint's files are damaged (not storage misbehaving)?"""
+  errors = list(_chain(e))
+  text = " ".join(f"{type(x).__name__}: {x}" for x in errors)
+  if isinstance(e, (ConnectionError, TimeoutError)) or any(w in text for w in _TRANSIENT_WORDS):
+    return False
+  return any(isinstance(x, _DAMAGE_TYPES) for x in errors) or any(w in text for w in _DAMAGE_WORDS)
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _read(where, part: str, fn):
+  """`fn()`, tried again after a failure that does not prove damage. Damage raises
+  CorruptCheckpointError; a failure that persists without proving damage CheckpointReadError;
+  out of memory and configuration mismatches pass through."""
+  for attempt in range(1, READ_ATTEMPTS + 1):
+    try:
+      return fn()
+    except (CheckpointMismatchError, KeyboardInterrupt):
+      raise
+    except Exception as e:
+      if _is_resource_error(e):
+        raise
+      if proves_damage(e):
+        raise CorruptCheckpointError(
+          f"checkpoint {where} is unreadable: {part} ({_first_line(e)})"
+        ) from e
+      if attempt == READ_ATTEMPTS:
+        raise CheckpointReadError(
+          f"checkpoint {where} could not be read: {part} ({_first_line(e)}; {READ_ATTEMPTS} "
+          f"attempts). This does "
+          f"not show the checkpoint is damaged, so nothing was moved: run again once the "
+          f"storage answers"
+        ) from e
+      delay = READ_RETRY_DELAY_S * 2 ** (attempt - 1)
+      logging.warning(
+        "checkpoint %s: reading %s failed (%s); trying again in %.0f s",
+        where,
+        part,
+        _first_line(e),
+        delay,
+      )
+      time.sleep(delay)
+  raise AssertionError("unreachable")
