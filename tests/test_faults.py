@@ -201,8 +201,9 @@ def test_a_data_setting_change_on_resume_is_named_and_moves_nothing(run_copy, ch
   assert "nothing was changed on disk" in str(e.value)
   assert _tree_digest(run_copy) == before  # config.gin and metrics.jsonl included
   assert not (run_copy / "corrupt").exists()
-  result = cli.main(_args(run_copy, 8))  # the original settings resume as ever
-  assert int(result["state"].step) == 8
+  if "DataConfig.shuffle" in changed:  # (once: every case left the same files)
+    result = cli.main(_args(run_copy, 8))  # the original settings resume as ever
+    assert int(result["state"].step) == 8
 
 
 def test_reset_data_keeps_parameters_and_optimizer_and_starts_the_data_afresh(run_copy, caplog):
@@ -606,7 +607,9 @@ def test_data_that_yields_nothing_fails_at_start_naming_task_files_and_drops(tmp
 
 
 def test_wrong_types_and_impossible_settings_name_the_setting(tmp_path):
-  with pytest.raises(TypeError, match=r"TrainerConfig.num_steps = 'forty': expected int, got str"):
+  with pytest.raises(
+    TypeError, match=r"TrainerConfig.num_steps = 'forty': expected int \| None, got str"
+  ):
     cli.main(
       [
         "--gin_file=gin_configs/quickstart.gin",
