@@ -333,14 +333,15 @@ def _train(
       first.wait()
     # The run already failed: an error closing the checkpointer or a writer (a full disk) is
     # logged, and must not hide why it failed.
-    for name, close in (("checkpoint", ckpt and ckpt.close), ("metrics", writer.close)) + (
-      (("evaluation metrics", eval_writer.close),) if eval_writer is not None else ()
-    ):
+    closers = [("checkpointer", ckpt.close)] if ckpt is not None else []
+    closers.append(("metrics writer", writer.close))
+    if eval_writer is not None:
+      closers.append(("evaluation metrics writer", eval_writer.close))
+    for name, close in closers:
       try:
-        if close:
-          close()
+        close()
       except Exception as also:  # noqa: BLE001
-        logging.error("closing the %s writer after the failure: %s: %s", name, type(also), also)
+        logging.error("closing the %s after the failure: %s: %s", name, type(also).__name__, also)
     if ckpt is not None and not isinstance(e, (CheckpointSaveError, KeyboardInterrupt)):
       e.add_note(_saved_note(ckpt))
     raise
