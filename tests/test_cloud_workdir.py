@@ -17,12 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from polylm_jax import files, sharding, storage
+from polylm_jax import sharding
 from polylm_jax.config import ModelConfig
 from polylm_jax.decode import loading
 from polylm_jax.eval import cli as eval_cli
 from polylm_jax.export import checkpoint_reader, import_cli
 from polylm_jax.export import cli as export_cli
+from polylm_jax.io import locks, storage
 from polylm_jax.model import params as P
 from polylm_jax.train import cli
 from polylm_jax.train.checkpoint import orbax_path, set_aside_previous_run
@@ -86,7 +87,7 @@ def gcs():
 
 
 def _objects(prefix: str) -> list[str]:
-  fs, p = storage._fs(prefix)
+  fs, p = storage.filesystem(prefix)
   fs.invalidate_cache()
   return [k[len(p) + 1 :] for k in fs.find(p)]
 
@@ -114,7 +115,7 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   # Checkpoints 4, 6, 8. The save of 8 cut short (no commit marker: a preempted run) and 6
   # damaged: 8 goes to unfinished/, 6 to corrupt/ (nothing deleted), the run resumes from 4, and
   # redoes steps 5-8 with the same losses and batches as before.
-  fs, root = storage._fs(f"{remote}/checkpoints")
+  fs, root = storage.filesystem(f"{remote}/checkpoints")
   fs.rm_file(f"{root}/8/commit_success.txt")
   for key in fs.find(f"{root}/6/state"):
     fs.pipe_file(key, b"garbage")
@@ -140,7 +141,7 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   export_cli.export_checkpoint(remote_step, str(tmp_path / "hf"))
   out = f"gs://{BUCKET}/hf"
   export_cli.export_checkpoint(remote_step, out)
-  fs, exported = storage._fs(out)
+  fs, exported = storage.filesystem(out)
   names = sorted(f.name for f in (tmp_path / "hf").iterdir())
   assert storage.listdir(out) == names and "model.safetensors" in names
   for name in names:
@@ -209,8 +210,8 @@ def _meta_config(meta: str) -> ModelConfig:
 def _lock_from_another_process(workdir: str, stale_after_s: float):
   """Another trainer taking the lock; it exits holding it, as a crashed one would."""
   code = (
-    "import sys; from polylm_jax import storage\n"
-    "lock = storage.RemoteWorkdirLock(sys.argv[1], stale_after_s=float(sys.argv[2]))\n"
+    "import sys; from polylm_jax.io import locks\n"
+    "lock = locks.RemoteWorkdirLock(sys.argv[1], stale_after_s=float(sys.argv[2]))\n"
     "lock.acquire(); print(lock._token)\n"
   )
   return subprocess.run(
@@ -221,7 +222,7 @@ def _lock_from_another_process(workdir: str, stale_after_s: float):
 def test_lock_on_object_storage(gcs):
   workdir = f"gs://{BUCKET}/locked"
   token = lambda: json.loads(storage.read_text(f"{workdir}/LOCK"))["token"]
-  with storage.workdir_lock(workdir) as held:
+  with locks.workdir_lock(workdir) as held:
     holder = json.loads(storage.read_text(f"{workdir}/LOCK"))
     assert holder["token"] == held._token and holder["host"] == socket.gethostname()
     second = _lock_from_another_process(workdir, 300.0)
@@ -233,7 +234,7 @@ def test_lock_on_object_storage(gcs):
     assert token() == taker.stdout.strip()
   # The first holder's release leaves alone the lock that is no longer its own.
   assert token() == taker.stdout.strip()
-  with storage.RemoteWorkdirLock(workdir, stale_after_s=0.0):
+  with locks.RemoteWorkdirLock(workdir, stale_after_s=0.0):
     pass
   assert not storage.exists(f"{workdir}/LOCK")
 
@@ -242,12 +243,12 @@ def test_lock_is_created_only_if_absent(gcs, monkeypatch):
   """Two trainers starting at once both find no lock; the create-only upload (a generation
   precondition) lets only the first one in."""
   workdir = f"gs://{BUCKET}/race"
-  with storage.workdir_lock(workdir) as first:
-    late = storage.RemoteWorkdirLock(workdir)
+  with locks.workdir_lock(workdir) as first:
+    late = locks.RemoteWorkdirLock(workdir)
     # It looked for a lock just before the first trainer wrote one.
     monkeypatch.setattr(late, "_read", lambda: None)
     monkeypatch.setattr(storage, "exists", lambda url: False)
-    with pytest.raises(files.WorkdirLockedError, match=f"workdir {workdir} is in use"):
+    with pytest.raises(locks.WorkdirLockedError, match=f"workdir {workdir} is in use"):
       late._take()
     monkeypatch.undo()
     assert json.loads(storage.read_text(f"{workdir}/LOCK"))["token"] == first._token

@@ -20,10 +20,11 @@ import jax
 import numpy as np
 import pytest
 
-from polylm_jax import files, sharding
+from polylm_jax import sharding
 from polylm_jax.config import PRESETS
 from polylm_jax.export import cli as export_cli
 from polylm_jax.export import hf_export, import_cli
+from polylm_jax.io import locks
 from polylm_jax.train import cli
 from polylm_jax.train.checkpoint import (
   CheckpointConfig,
@@ -467,13 +468,13 @@ def test_lock_staleness_on_a_shared_filesystem(tmp_path):
   lock_path = tmp_path / "LOCK"
   info = {"host": "another-host", "pid": 1, "token": "x", "started": "then", "command": "train"}
   lock_path.write_text(json.dumps(info))
-  with pytest.raises(files.WorkdirLockedError, match="pid 1 on another-host"):
-    files.WorkdirLock(tmp_path).acquire()  # fresh heartbeat: in use
+  with pytest.raises(locks.WorkdirLockedError, match="pid 1 on another-host"):
+    locks.WorkdirLock(tmp_path).acquire()  # fresh heartbeat: in use
   old = time.time() - 3600
   os.utime(lock_path, (old, old))
-  with files.WorkdirLock(tmp_path):  # no heartbeat for an hour: stale
+  with locks.WorkdirLock(tmp_path):  # no heartbeat for an hour: stale
     assert json.loads(lock_path.read_text())["pid"] == os.getpid()
-    with files.WorkdirLock(tmp_path):  # the same process may nest it
+    with locks.WorkdirLock(tmp_path):  # the same process may nest it
       pass
     assert lock_path.exists()
   assert not lock_path.exists()
@@ -481,7 +482,7 @@ def test_lock_staleness_on_a_shared_filesystem(tmp_path):
   import socket
 
   lock_path.write_text(json.dumps(dict(info, host=socket.gethostname(), pid="abc")))
-  with files.WorkdirLock(tmp_path):
+  with locks.WorkdirLock(tmp_path):
     assert json.loads(lock_path.read_text())["pid"] == os.getpid()
 
 

@@ -1,8 +1,8 @@
-"""files.py: how the project writes a user's files."""
+"""polylm_jax.io: how the project writes a user's files."""
 
 import os
 
-from polylm_jax import files
+from polylm_jax.io import disk
 
 
 def test_atomically_written_files_get_the_permissions_open_would_give(tmp_path):
@@ -10,8 +10,8 @@ def test_atomically_written_files_get_the_permissions_open_would_give(tmp_path):
   # is fixed: colleagues and the serving user could not read it.
   old = os.umask(0o027)
   try:
-    files.atomic_write_text(tmp_path / "config.gin", "x = 1\n")
-    files.atomic_write_bytes(tmp_path / "tokenizer.model", b"\0")
+    disk.atomic_write_text(tmp_path / "config.gin", "x = 1\n")
+    disk.atomic_write_bytes(tmp_path / "tokenizer.model", b"\0")
   finally:
     os.umask(old)
   for name in ("config.gin", "tokenizer.model"):

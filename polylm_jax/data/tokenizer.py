@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 import sentencepiece as spm
 
-from polylm_jax import files
+from polylm_jax.io import disk
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
 
@@ -67,7 +67,7 @@ def train(
   model = train_model(texts, vocab_size, **options)
   path = pathlib.Path(model_path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  files.atomic_write_bytes(path, model)
+  disk.atomic_write_bytes(path, model)
   return str(path)
 
 

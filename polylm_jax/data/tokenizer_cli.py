@@ -26,8 +26,9 @@ import pathlib
 import sys
 from typing import Iterator
 
-from polylm_jax import console, files
+from polylm_jax import console
 from polylm_jax.data import tokenizer
+from polylm_jax.io import disk
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -196,14 +197,14 @@ def main(argv=None) -> int:
       iterations=args.iterations,
       seed=args.seed,
     )
-    files.atomic_write_bytes(args.out, model)
+    disk.atomic_write_bytes(args.out, model)
     record = {
       "weights": weights,
       "target": args.target,
       "reference": args.reference,
       "iterations": history,
     }
-    files.atomic_write_text(args.out + ".balance.json", json.dumps(record, indent=2))
+    disk.atomic_write_text(args.out + ".balance.json", json.dumps(record, indent=2))
     print(
       f"wrote {args.out} and {args.out}.balance.json; weights: "
       + ", ".join(f"{k} {v:.2f}" for k, v in sorted(weights.items()))

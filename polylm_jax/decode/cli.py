@@ -19,7 +19,8 @@ import logging
 import pathlib
 import sys
 
-from polylm_jax import console, decode, files
+from polylm_jax import console, decode
+from polylm_jax.io import disk
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +239,7 @@ def _jsonl(gen, args, common) -> None:
     logging.info("%d / %d prompts", min(begin + args.batch_size, len(records)), len(records))
   text = "".join(line + "\n" for line in lines)
   if args.output:
-    files.atomic_write_text(args.output, text)
+    disk.atomic_write_text(args.output, text)
   else:
     sys.stdout.write(text)
 

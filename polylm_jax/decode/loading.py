@@ -18,8 +18,9 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from polylm_jax import framing, sharding, storage
+from polylm_jax import framing, sharding
 from polylm_jax.config import ModelConfig
+from polylm_jax.io import storage
 from polylm_jax.model import params as model_params
 
 

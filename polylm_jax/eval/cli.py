@@ -20,8 +20,9 @@ import os
 import pathlib
 import sys
 
-from polylm_jax import console, storage
+from polylm_jax import console
 from polylm_jax.decode import cli as generate_cli
+from polylm_jax.io import storage
 
 
 def _offline(data_dir: str | None, *, offline: bool = True) -> None:

@@ -59,7 +59,7 @@ def charts(runs: Sequence[dict], labels: Sequence[str], out_dir: str | pathlib.P
 
   import matplotlib.pyplot as plt
 
-  from polylm_jax import storage
+  from polylm_jax.io import storage
 
   written = []
   for family, languages in _families(runs).items():

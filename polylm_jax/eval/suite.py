@@ -21,7 +21,7 @@ import pathlib
 import time
 from typing import Any
 
-from polylm_jax import storage
+from polylm_jax.io import storage
 
 # family -> {language code: lm-eval task}
 FAMILIES: dict[str, dict[str, str]] = {

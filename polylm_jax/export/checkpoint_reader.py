@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from polylm_jax import storage
 from polylm_jax.config import ModelConfig
+from polylm_jax.io import storage
 
 # On object storage Orbax writes a checkpoint in place (there is no rename) and marks it finished
 # with this file; a step directory there without it is a save that did not complete. Locally an

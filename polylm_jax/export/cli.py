@@ -17,8 +17,9 @@ import pathlib
 import re
 import sys
 
-from polylm_jax import chat, console, files, framing, storage
+from polylm_jax import chat, console, framing
 from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
+from polylm_jax.io import outputs, storage
 
 
 def parse_size(text: str) -> int:
@@ -42,9 +43,9 @@ def export_checkpoint(
   """Everything is checked and written in a hidden staging directory next to `out_dir`, which
   becomes `out_dir` only when complete: a refused or failed export leaves nothing that looks like
   a model, and an earlier export at `out_dir` stays until the new one is whole. An `out_dir` on
-  object storage (gs://...) is written locally first, then uploaded (storage.publish_dir)."""
+  object storage (gs://...) is written locally first, then uploaded (outputs.publish_dir)."""
   if storage.is_remote(out_dir):
-    with storage.built_locally(
+    with outputs.built_locally(
       out_dir,
       overwrite=overwrite,
       looks_like=hf_export.looks_like_export,
@@ -71,7 +72,7 @@ def export_checkpoint(
   # An instruction-tuned checkpoint: its chat template, and PolyLM's demo sampling by default.
   instruction_format = reader.meta.get("instruction_format")
   generation = dict(chat.DEMO_GENERATION) if instruction_format else None
-  with files.staged_directory(
+  with outputs.staged_directory(
     out_dir,
     overwrite=overwrite,
     kind=hf_export.EXPORT_KIND,

@@ -15,9 +15,9 @@ import pathlib
 import ml_dtypes
 import numpy as np
 
-from polylm_jax import files, storage
 from polylm_jax.config import ModelConfig
 from polylm_jax.export import hf_layout, safetensors_io
+from polylm_jax.io import outputs, storage
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 EXPORT_KIND = "Hugging Face export (config.json + safetensors)"
@@ -40,7 +40,7 @@ def export_params(
   allow_nonfinite: bool = False,
 ) -> pathlib.Path:
   """An in-memory parameter tree as a Hugging Face directory (built aside, swapped in whole)."""
-  with files.staged_directory(
+  with outputs.staged_directory(
     out_dir, overwrite=overwrite, kind=EXPORT_KIND, looks_like=looks_like_export
   ) as staging:
     write_model_files(
@@ -65,7 +65,7 @@ def write_model_files(
   generation: dict | None = None,
 ) -> None:
   """Writes config and weights from any parameter source (tree or checkpoint reader) into `out`
-  (a staging directory: see files.staged_directory). Non-finite values are refused unless
+  (a staging directory: see outputs.staged_directory). Non-finite values are refused unless
   `allow_nonfinite`."""
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(EXPORT_DTYPES)}")

@@ -22,8 +22,9 @@ import sys
 
 import numpy as np
 
-from polylm_jax import console, files, storage
+from polylm_jax import console
 from polylm_jax.export import hf_export
+from polylm_jax.io import disk, outputs, storage
 from polylm_jax.train.checkpoint import CheckpointConfig, save_args
 
 IMPORT_KIND = "polylm-import output (meta.json + params/)"
@@ -40,9 +41,9 @@ def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True, all
   """Written in a staging directory beside `out_dir` and swapped in when complete; `out_dir` may
   not be, contain or lie inside `hf_dir`, and only an earlier import is ever replaced. An
   `out_dir` on object storage (gs://...) is written locally first, then uploaded with meta.json
-  last (storage.publish_dir)."""
+  last (outputs.publish_dir)."""
   if storage.is_remote(out_dir):
-    with storage.built_locally(
+    with outputs.built_locally(
       out_dir, overwrite=overwrite, looks_like=looks_like_import, kind=IMPORT_KIND, last="meta.json"
     ) as local:
       _, cfg, params = import_checkpoint(
@@ -52,12 +53,12 @@ def import_checkpoint(hf_dir, out_dir, *, overwrite=False, scan_layers=True, all
   import orbax.checkpoint as ocp
 
   hf_dir = pathlib.Path(hf_dir)
-  files.check_apart(out_dir, hf_dir)
+  disk.check_apart(out_dir, hf_dir)
   cfg = hf_export.config_from_hf(hf_dir, scan_layers=scan_layers)
   params = hf_export.import_params(
     hf_dir, cfg, scanned=scan_layers, allow_nonfinite=allow_nonfinite
   )
-  with files.staged_directory(
+  with outputs.staged_directory(
     out_dir, overwrite=overwrite, kind=IMPORT_KIND, looks_like=looks_like_import, sources=[hf_dir]
   ) as staging:
     checkpointer = ocp.StandardCheckpointer()

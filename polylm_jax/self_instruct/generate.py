@@ -22,7 +22,8 @@ import random
 import re
 import time
 
-from polylm_jax import files, languages
+from polylm_jax import languages
+from polylm_jax.io import disk
 from polylm_jax.self_instruct.client import ChatClient, MalformedResponse, RequestFailed
 from polylm_jax.self_instruct.filters import Filters
 from polylm_jax.typecheck import check_fields
@@ -215,5 +216,5 @@ def run(
       for lang in config.languages
     },
   }
-  files.atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+  disk.atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
   return report

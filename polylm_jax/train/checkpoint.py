@@ -32,10 +32,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from polylm_jax import files, storage
 from polylm_jax.config import ModelConfig
 from polylm_jax.data.errors import DataStateMismatchError
 from polylm_jax.export.checkpoint_reader import complete_steps, finished
+from polylm_jax.io import disk, storage
 from polylm_jax.model import params as model_params
 from polylm_jax.train import compat
 from polylm_jax.train.checkpoint_read import (  # the errors of a run's checkpoints
@@ -117,7 +117,7 @@ def set_aside_previous_run(workdir: str | os.PathLike) -> str | None:
   present = [name for name in storage.listdir(os.fspath(workdir)) if name in RUN_FILES]
   if not present:
     return None
-  target = storage.join(workdir, "previous", files.timestamp())
+  target = storage.join(workdir, "previous", disk.timestamp())
   storage.makedirs(target)
   for name in present:
     storage.move(storage.join(workdir, name), storage.join(target, name))
@@ -375,7 +375,7 @@ class Checkpointer:
 
   def quarantine(self, step: int) -> str:
     """Moves a damaged checkpoint (and its data state) to corrupt/; nothing is deleted."""
-    target = storage.join(self.corrupt_dir, f"step_{step}-{files.timestamp()}")
+    target = storage.join(self.corrupt_dir, f"step_{step}-{disk.timestamp()}")
     if self.lead:
       storage.makedirs(target)
       for source, label in (
@@ -402,7 +402,7 @@ class Checkpointer:
       for name in storage.listdir(root):
         step_dir = storage.join(root, name)
         if name.isdigit() and not finished(step_dir):
-          target = storage.join(self.workdir, "unfinished", f"step_{name}-{files.timestamp()}")
+          target = storage.join(self.workdir, "unfinished", f"step_{name}-{disk.timestamp()}")
           storage.move(step_dir, target)
           logging.warning("checkpoint step %s was not finished; moved to %s", name, target)
     if jax.process_count() > 1:

@@ -18,7 +18,8 @@ import uuid
 
 import gin
 
-from polylm_jax import console, files, gin_setup, storage
+from polylm_jax import console, gin_setup
+from polylm_jax.io import locks, storage
 
 
 def check_workdir(workdir: str) -> str:
@@ -140,14 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
     join_run(args)
   workdir = check_workdir(args.workdir)
   if args.distributed:
-    files.check_shared_workdir(workdir)
+    locks.check_shared_workdir(workdir)
   train_fn = gin_setup.register_configurables()
   gin_setup.parse_gin(args.gin_file, args.gin_bindings)
   import jax
 
   lead = jax.process_index() == 0  # one writer per run, whatever the number of hosts
   # Taken before anything is built, so a second trainer on this workdir stops at once.
-  with storage.workdir_lock(workdir) if lead else contextlib.nullcontext():
+  with locks.workdir_lock(workdir) if lead else contextlib.nullcontext():
     result = train_fn(workdir=workdir, start_over=args.start_over)
     if lead:
       storage.write_text(storage.join(workdir, "operative_config.gin"), gin.operative_config_str())

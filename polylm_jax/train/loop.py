@@ -18,9 +18,10 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from polylm_jax import framing, languages, sharding, storage
+from polylm_jax import framing, languages, sharding
 from polylm_jax.background import Background
 from polylm_jax.config import ModelConfig, analytic_param_count
+from polylm_jax.io import locks, storage
 from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.train import flops, memory_report
 from polylm_jax.train.checkpoint import (
@@ -139,7 +140,7 @@ def train(
   if trainer.num_steps is None:
     raise ValueError("TrainerConfig.num_steps is None: set the number of steps to train")
   lead = jax.process_index() == 0
-  with storage.workdir_lock(workdir) if lead else contextlib.nullcontext():
+  with locks.workdir_lock(workdir) if lead else contextlib.nullcontext():
     if start_over and lead:
       set_aside_previous_run(workdir)
     return _train(

@@ -1,5 +1,5 @@
 """Where step metrics go: a JSONL file and TensorBoard event files in the workdir (local or object
-storage, storage.py), and the console (a progress bar on a terminal, plain log lines otherwise)."""
+storage, polylm_jax.io.storage), and the console (a progress bar on a terminal, plain log lines otherwise)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from polylm_jax import storage
+from polylm_jax.io import storage
 
 # In metrics.jsonl only: an identifier, not a quantity to plot or read in the log.
 RECORD_ONLY = ("batch_fingerprint",)

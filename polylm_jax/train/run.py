@@ -11,7 +11,7 @@ import logging
 import gin
 
 from polylm_jax import languages as language_sets
-from polylm_jax import storage
+from polylm_jax.io import storage
 from polylm_jax.train import loop
 from polylm_jax.train.checkpoint import CheckpointConfig, checkpoint_steps, tokenizer_b64
 from polylm_jax.train.spikes import SpikeConfig

@@ -1,14 +1,5 @@
-"""The one place that changes a user's files in ways that could lose data.
-
-Rules every caller gets from here:
-- a file is written under a temporary name in its own directory and renamed over the old one only
-  when complete (`atomic_write_text`), so a crash never leaves half a file under the real name;
-- nothing of the user's is deleted to make room: damaged or replaced data is moved aside
-  (`move_aside`), and an output directory is built under a hidden temporary name and swapped in only
-  after it is complete (`staged_directory`), replacing only what looks like an earlier output of
-  the same kind, never the source it was made from;
-- one trainer per workdir (`WorkdirLock`).
-"""
+"""One trainer per workdir: `<workdir>/LOCK` (local: flock + heartbeat; object storage: an object
+created only if absent), and the check that every host of a multi-host run sees the same workdir."""
 
 from __future__ import annotations
 
@@ -21,126 +12,13 @@ import logging
 import os
 import pathlib
 import secrets
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from typing import Callable, Iterator, Sequence
 
-
-def timestamp() -> str:
-  return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def _usual_mode(path: str) -> None:
-  """The permissions a plain open() would give (0666 less the umask): mkstemp's 0600 would make
-  a written config, tokenizer or model unreadable to the user's colleagues and servers."""
-  os.chmod(path, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-  # Read, not set-and-restore: os.umask would change it for every thread for a moment.
-  with contextlib.suppress(OSError, ValueError):
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-      if line.startswith("Umask:"):
-        return int(line.split()[1], 8)
-  return 0o022
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` (UTF-8) to `path` via a temporary file in the same directory and an atomic
-  rename."""
-  atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` via a temporary file in the same directory and an atomic rename."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    _usual_mode(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-
-
-def move_aside(path: str | os.PathLike, holding_dir: str | os.PathLike, label: str) -> pathlib.Path:
-  """Moves `path` into `holding_dir` as `<label>-<time>` (never deletes); returns the new path."""
-  holding = pathlib.Path(holding_dir)
-  holding.mkdir(parents=True, exist_ok=True)
-  target = holding / f"{label}-{timestamp()}"
-  while target.exists():
-    target = holding / f"{label}-{timestamp()}-{uuid.uuid4().hex[:6]}"
-  os.rename(path, target)
-  return target
-
-
-def check_apart(out: str | os.PathLike, source: str | os.PathLike, *, what: str = "--out") -> None:
-  """An output must neither be its source, nor inside it, nor contain it."""
-  o, s = pathlib.Path(out).resolve(), pathlib.Path(source).resolve()
-  if o == s:
-    raise ValueError(f"{what}={out} is the source itself ({source}); write somewhere else")
-  if s in o.parents:
-    raise ValueError(f"{what}={out} is inside the source {source}; write somewhere else")
-  if o in s.parents:
-    raise ValueError(
-      f"{what}={out} contains the source {source}; replacing it would delete the "
-      f"source; write somewhere else"
-    )
-
-
-@contextlib.contextmanager
-def staged_directory(
-  out: str | os.PathLike,
-  *,
-  overwrite: bool,
-  kind: str,
-  looks_like: Callable[[pathlib.Path], bool],
-  sources: Sequence[str | os.PathLike] = (),
-) -> Iterator[pathlib.Path]:
-  """Yields a hidden temporary sibling of `out` to write into; on success it becomes `out`.
-
-  A failure (any exception) removes the temporary directory and leaves `out` as it was. An existing
-  non-empty `out` is replaced only with `overwrite` and only if `looks_like(out)` says it is an
-  earlier output of this `kind`; `out` may never be, contain or lie inside one of `sources`.
-  """
-  out = pathlib.Path(out).absolute()
-  for source in sources:
-    check_apart(out, source)
-  if out.exists() and not out.is_dir():
-    raise FileExistsError(f"--out={out} exists and is not a directory")
-  from polylm_jax import storage  # (storage builds on this module)
-
-  storage.check_replaceable(out, overwrite=overwrite, looks_like=looks_like, kind=kind)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-  # mkdtemp makes it 0700: the finished output must be readable by others (a server running as
-  # another user), as a plain mkdir would make it.
-  os.chmod(staging, 0o777 & ~_umask())
-  try:
-    yield staging
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)  # made above by us; holds only this attempt
-    raise
-  replaced = None
-  if out.exists():
-    replaced = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-    os.rename(out, replaced)
-  os.rename(staging, out)
-  if replaced is not None:
-    shutil.rmtree(replaced)  # the earlier output of the same kind, checked above
-
-
-# --- one trainer per workdir -------------------------------------------------------------------
+from polylm_jax.io import storage
 
 
 class WorkdirLockedError(RuntimeError):
@@ -341,8 +219,6 @@ def check_shared_workdir(workdir: str) -> None:
   import numpy as np
   from jax.experimental import multihost_utils
 
-  from polylm_jax import storage
-
   if jax.process_count() == 1:
     return
   token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
@@ -361,3 +237,76 @@ def check_shared_workdir(workdir: str) -> None:
       f"file process 0 wrote there. Checkpoints, data states and the run's lock must be on a "
       f"filesystem every host sees (NFS, Filestore, Lustre), or in a bucket (--workdir=gs://...)"
     )
+
+
+class RemoteWorkdirLock(WorkdirLock):
+  """`<workdir>/LOCK` on object storage. There is no flock there: the object says who holds it
+  and when it last refreshed it (`heartbeat`, every `heartbeat_s`), and a lock not refreshed for
+  `stale_after_s` is taken over with a warning. It is created only if absent (a generation
+  precondition on GCS: of two trainers starting at once, one gets it), then read back to check that
+  it holds this trainer's token."""
+
+  def __init__(
+    self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0
+  ) -> None:
+    super().__init__("/", heartbeat_s=heartbeat_s, stale_after_s=stale_after_s)
+    self.url = storage.join(workdir, self.NAME)
+    self.path = self.url  # type: ignore[assignment]  # (the base class's messages name it)
+
+  def _record(self) -> bytes:
+    return (json.dumps(dict(self._info(), heartbeat=time.time())) + "\n").encode()
+
+  def _take(self) -> None:
+    fs, p = storage.filesystem(self.url)
+    holder = self._read()
+    if holder is not None or storage.exists(self.url):
+      reason = self._stale_reason(holder)
+      if reason is None:
+        raise WorkdirLockedError(self._in_use_message(holder))
+      logging.warning("workdir lock %s is stale (%s): taking it over", self.url, reason)
+      fs.pipe_file(p, self._record())
+    else:
+      try:
+        fs.pipe_file(p, self._record(), mode="create")
+      except FileExistsError:
+        raise WorkdirLockedError(self._in_use_message(self._read())) from None
+    now = self._read()
+    if now is None or now.get("token") != self._token:
+      raise WorkdirLockedError(self._in_use_message(now))
+
+  def _give_back(self) -> None:
+    holder = self._read()
+    if holder is not None and holder.get("token") == self._token:  # only ever our own lock
+      storage.remove(self.url)
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        holder = self._read()
+        if holder is not None and holder.get("token") != self._token:
+          logging.error("workdir lock %s was taken over by %s", self.url, holder.get("host"))
+          return
+        storage.write_bytes(self.url, self._record())
+      except OSError as e:
+        logging.warning("could not refresh the workdir lock %s: %s", self.url, e)
+
+  def _read(self) -> dict | None:
+    try:
+      return dict(json.loads(storage.read_text(self.url)))
+    except (OSError, ValueError, TypeError):
+      return None
+
+  def _stale_reason(self, holder: dict | None) -> str | None:
+    if holder is None:
+      return "it is unreadable"
+    age = time.time() - float(holder.get("heartbeat", 0))
+    if age > self.stale_after_s:
+      return f"its holder on {holder.get('host')} has not refreshed it for {age:.0f} s"
+    return None
+
+
+def workdir_lock(workdir: str | os.PathLike) -> WorkdirLock:
+  """The trainer's lock on its workdir, local or on object storage."""
+  if storage.is_remote(workdir):
+    return RemoteWorkdirLock(os.fspath(workdir))
+  return WorkdirLock(workdir)
