@@ -27,9 +27,9 @@ import numpy as np
 
 def step_time_with_async_save(steps: int) -> None:
   from polylm_jax import sharding
+  from polylm_jax.checkpoint.manager import CheckpointConfig, Checkpointer
   from polylm_jax.config import PRESETS
-  from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer
-  from polylm_jax.train.optimizer import OptimizerConfig
+  from polylm_jax.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
 
   cfg = PRESETS["small"].replace(dtype="float32")
@@ -115,7 +115,7 @@ def phase(kind: str, directory: str) -> None:
     before = memory.current_gib()
     memory.reset_peak()
     t = time.perf_counter()
-    from polylm_jax.train.checkpoint import CheckpointConfig, save_args
+    from polylm_jax.checkpoint.manager import CheckpointConfig, save_args
 
     ckptr.save(directory, params, save_args=save_args(params, CheckpointConfig().chunk_bytes, cfg))
     ckptr.wait_until_finished()

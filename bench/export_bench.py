@@ -33,7 +33,7 @@ def write_checkpoint(workdir: str) -> None:
   params = jax.jit(lambda: P.init_params(cfg, 0))()
   step_dir = os.path.join(workdir, "checkpoints", "0")
   checkpointer = ocp.StandardCheckpointer()
-  from polylm_jax.train.checkpoint import CheckpointConfig, save_args
+  from polylm_jax.checkpoint.manager import CheckpointConfig, save_args
 
   tree = {"params": params}  # what Checkpointer writes, less the optimizer state
   checkpointer.save(
@@ -56,12 +56,13 @@ def write_checkpoint(workdir: str) -> None:
 def export(workdir: str, out: str, dtype: str) -> None:
   import memory  # bench/memory.py
 
-  from polylm_jax.export import checkpoint_reader, cli
+  from polylm_jax.checkpoint import on_disk
+  from polylm_jax.export import cli
 
   rss_before = memory.current_gib()
   memory.reset_peak()
   t = time.perf_counter()
-  cli.export_checkpoint(checkpoint_reader.resolve_checkpoint(workdir), out, dtype=dtype)
+  cli.export_checkpoint(on_disk.resolve_checkpoint(workdir), out, dtype=dtype)
   seconds = time.perf_counter() - t
   print(
     json.dumps({"seconds": seconds, "rss_before_gb": rss_before, "peak_rss_gb": memory.peak_gib()})

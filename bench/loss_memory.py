@@ -52,7 +52,7 @@ def loss_only_temporaries(cfg, loss_config, n_tokens: int) -> int:
 
 def train_step(cfg, loss_config, devices, batch: int, length: int):
   from polylm_jax import sharding
-  from polylm_jax.train.optimizer import OptimizerConfig
+  from polylm_jax.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices)

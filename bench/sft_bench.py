@@ -46,7 +46,7 @@ def main() -> None:
   from polylm_jax import sharding
   from polylm_jax.config import PRESETS
   from polylm_jax.data import instructions, pipeline, tasks
-  from polylm_jax.train.optimizer import OptimizerConfig
+  from polylm_jax.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
 
   cfg = PRESETS[args.preset].replace(dtype="float32")

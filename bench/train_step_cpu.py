@@ -35,7 +35,7 @@ def measured_matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
   from polylm_jax import sharding
-  from polylm_jax.train.optimizer import OptimizerConfig
+  from polylm_jax.optimizer import OptimizerConfig
   from polylm_jax.train.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])

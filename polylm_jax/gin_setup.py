@@ -11,6 +11,8 @@ import pathlib
 
 import gin
 
+from polylm_jax.errors import ConfigError
+
 # The shipped gin files, inside the package (also a non-editable install or a wheel has them).
 GIN_DIR = pathlib.Path(__file__).resolve().parent / "gin_configs"
 
@@ -29,13 +31,13 @@ def register_configurables():
   from polylm_jax import chat, sharding
   from polylm_jax import config as model_configs
   from polylm_jax import languages as language_sets
+  from polylm_jax.checkpoint.manager import CheckpointConfig
   from polylm_jax.data.curriculum import Curriculum, Stage
   from polylm_jax.data.pipeline import DataConfig
   from polylm_jax.kernels.common import BlockSizes
+  from polylm_jax.optimizer import OptimizerConfig
   from polylm_jax.train import loop
-  from polylm_jax.train.checkpoint import CheckpointConfig
   from polylm_jax.train.loss import LossConfig
-  from polylm_jax.train.optimizer import OptimizerConfig
   from polylm_jax.train.run import run
   from polylm_jax.train.spikes import SpikeConfig
 
@@ -65,7 +67,7 @@ def register_configurables():
 def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
   for f in gin_files:
     if not pathlib.Path(f).is_file() and not (GIN_DIR / f).is_file():
-      raise SystemExit(
+      raise ConfigError(
         f"--gin_file={f}: no such file (looked in the current directory and {GIN_DIR})"
       )
   gin.clear_config()  # one run per parse: bindings never leak between in-process runs
@@ -77,7 +79,7 @@ def parse_gin(gin_files: list[str], bindings: list[str]) -> None:
       [f if pathlib.Path(f).is_file() else str(GIN_DIR / f) for f in gin_files], bindings
     )
   except (ValueError, KeyError, IOError, SyntaxError) as e:
-    raise SystemExit(f"gin configuration error: {e}{hint(str(e))}") from e
+    raise ConfigError(f"gin configuration error: {e}{hint(str(e))}") from e
 
 
 def hint(message: str) -> str:

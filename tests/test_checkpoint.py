@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from polylm_jax import sharding
+from polylm_jax.checkpoint.manager import CheckpointConfig, Checkpointer
 from polylm_jax.config import PRESETS
+from polylm_jax.errors import CheckpointMismatchError
+from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train import cli
-from polylm_jax.train.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatchError
-from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.step import TrainStep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

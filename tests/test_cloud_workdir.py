@@ -17,16 +17,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from polylm_jax import sharding
+from polylm_jax import errors, sharding
+from polylm_jax.checkpoint import on_disk
+from polylm_jax.checkpoint.manager import orbax_path, set_aside_previous_run
 from polylm_jax.config import ModelConfig
 from polylm_jax.decode import loading
 from polylm_jax.eval import cli as eval_cli
-from polylm_jax.export import checkpoint_reader, import_cli
 from polylm_jax.export import cli as export_cli
+from polylm_jax.export import import_cli
 from polylm_jax.io import locks, storage
 from polylm_jax.model import params as P
 from polylm_jax.train import cli
-from polylm_jax.train.checkpoint import orbax_path, set_aside_previous_run
 
 EMULATOR = pathlib.Path(__file__).with_name("gcs_emulator.py")
 LM_EVAL_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
@@ -136,7 +137,7 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
 
   # Read back from gs:// without copying the workdir: polylm-export (tensor by tensor; to a local
   # directory and to the bucket, the same files) and polylm-generate's loader (the run's params).
-  remote_step = checkpoint_reader.resolve_checkpoint(remote)
+  remote_step = on_disk.resolve_checkpoint(remote)
   assert remote_step.endswith("checkpoints/12")
   export_cli.export_checkpoint(remote_step, str(tmp_path / "hf"))
   out = f"gs://{BUCKET}/hf"
@@ -248,24 +249,24 @@ def test_lock_is_created_only_if_absent(gcs, monkeypatch):
     # It looked for a lock just before the first trainer wrote one.
     monkeypatch.setattr(late, "_read", lambda: None)
     monkeypatch.setattr(storage, "exists", lambda url: False)
-    with pytest.raises(locks.WorkdirLockedError, match=f"workdir {workdir} is in use"):
+    with pytest.raises(errors.WorkdirLockedError, match=f"workdir {workdir} is in use"):
       late._take()
     monkeypatch.undo()
     assert json.loads(storage.read_text(f"{workdir}/LOCK"))["token"] == first._token
 
 
 def test_unreachable_or_unknown_workdir_is_refused(gcs):
-  with pytest.raises(SystemExit, match="--workdir=gs://no-such-bucket/run is not writable"):
+  with pytest.raises(errors.WorkdirError, match="--workdir=gs://no-such-bucket/run is not writ"):
     cli.check_workdir("gs://no-such-bucket/run")
-  with pytest.raises(SystemExit, match="no filesystem for this URL"):
+  with pytest.raises(errors.WorkdirError, match="no filesystem for this URL"):
     cli.check_workdir("nosuchscheme://bucket/run")
 
 
 def test_tokenizer_model_from_a_bucket(gcs):
   import base64
 
+  from polylm_jax.checkpoint.manager import tokenizer_b64
   from polylm_jax.data import sample
-  from polylm_jax.train.checkpoint import tokenizer_b64
 
   model = pathlib.Path(sample.TOKENIZER_MODEL).read_bytes()
   storage.write_bytes(f"gs://{BUCKET}/spm/polylm.model", model)

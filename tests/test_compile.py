@@ -4,6 +4,7 @@ report, and the exit status that says whether it fits."""
 import pytest
 
 from polylm_jax import gin_setup
+from polylm_jax.errors import ConfigError
 from polylm_jax.train import compile_cli
 
 
@@ -101,7 +102,7 @@ def test_fit_presets_need_no_step_count_or_mixture_and_advice_leaves_out_what_th
   assert "DataConfig.batch_size" in advice and "token_tile" in advice
   assert "remat_policy" not in advice and "LossConfig.impl" not in advice and "fsdp" not in advice
   # What must be chosen for training is still REQUIRED for it: only the fit check fills it in.
-  with pytest.raises(SystemExit, match="TrainerConfig.num_steps set to `%gin.REQUIRED`"):
+  with pytest.raises(ConfigError, match="TrainerConfig.num_steps set to `%gin.REQUIRED`"):
     gin_setup.parse_gin(["runs/fit/polylm_13b_v5p_8.gin"], [])
 
 

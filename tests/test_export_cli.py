@@ -9,11 +9,12 @@ import pytest
 import torch
 import transformers
 
+from polylm_jax.checkpoint import on_disk
 from polylm_jax.config import PRESETS
-from polylm_jax.export import checkpoint_reader, hf_export, hf_layout, import_cli
+from polylm_jax.errors import CheckpointMismatchError
 from polylm_jax.export import cli as export_cli
+from polylm_jax.export import hf_export, hf_layout, import_cli
 from polylm_jax.train import cli as train_cli
-from polylm_jax.train.checkpoint import CheckpointMismatchError
 
 SHORT = [
   "--gin_file=gin_configs/quickstart.gin",
@@ -96,9 +97,9 @@ def test_sharded_bf16_export_and_exact_round_trip(run_dir, tmp_path):
   assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 28
   assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
   f32 = tmp_path / "f32"
-  step_dir = checkpoint_reader.resolve_checkpoint(str(run_dir))
+  step_dir = on_disk.resolve_checkpoint(str(run_dir))
   export_cli.export_checkpoint(step_dir, f32)
-  reader = checkpoint_reader.CheckpointReader(step_dir)
+  reader = on_disk.CheckpointReader(step_dir)
   cfg = reader.model_config
   back = hf_export.import_params(f32, cfg, scanned=cfg.scan_layers)
   for name, path, layer, shape in hf_layout.plan(cfg):
@@ -109,10 +110,10 @@ def test_sharded_bf16_export_and_exact_round_trip(run_dir, tmp_path):
 
 def test_export_errors_name_the_problem(run_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="--step=99: no such checkpoint"):
-    checkpoint_reader.resolve_checkpoint(str(run_dir), 99)
+    on_disk.resolve_checkpoint(str(run_dir), 99)
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-    checkpoint_reader.resolve_checkpoint(str(tmp_path))
-  reader = checkpoint_reader.CheckpointReader(checkpoint_reader.resolve_checkpoint(str(run_dir)))
+    on_disk.resolve_checkpoint(str(tmp_path))
+  reader = on_disk.CheckpointReader(on_disk.resolve_checkpoint(str(run_dir)))
   sp = __import__("base64").b64decode(reader.meta["tokenizer_model_b64"])
   with pytest.raises(
     ValueError, match="the tokenizer has 4096 ids but the checkpoint's vocabulary is 1024"

@@ -21,19 +21,23 @@ import numpy as np
 import pytest
 
 from polylm_jax import sharding
+from polylm_jax.checkpoint.manager import (
+  CheckpointConfig,
+  Checkpointer,
+)
 from polylm_jax.config import PRESETS
+from polylm_jax.errors import (
+  CheckpointMismatchError,
+  NonFiniteError,
+  NoUsableCheckpointError,
+  WorkdirLockedError,
+)
 from polylm_jax.export import cli as export_cli
 from polylm_jax.export import hf_export, import_cli
 from polylm_jax.io import locks
+from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train import cli
-from polylm_jax.train.checkpoint import (
-  CheckpointConfig,
-  Checkpointer,
-  CheckpointMismatchError,
-  NoUsableCheckpointError,
-)
-from polylm_jax.train.loop import NonFiniteError, TrainerConfig, train
-from polylm_jax.train.optimizer import OptimizerConfig
+from polylm_jax.train.loop import TrainerConfig, train
 from polylm_jax.train.step import TrainStep
 
 pytestmark = pytest.mark.faults
@@ -468,7 +472,7 @@ def test_lock_staleness_on_a_shared_filesystem(tmp_path):
   lock_path = tmp_path / "LOCK"
   info = {"host": "another-host", "pid": 1, "token": "x", "started": "then", "command": "train"}
   lock_path.write_text(json.dumps(info))
-  with pytest.raises(locks.WorkdirLockedError, match="pid 1 on another-host"):
+  with pytest.raises(WorkdirLockedError, match="pid 1 on another-host"):
     locks.WorkdirLock(tmp_path).acquire()  # fresh heartbeat: in use
   old = time.time() - 3600
   os.utime(lock_path, (old, old))
@@ -565,7 +569,7 @@ def test_imports_never_replace_their_source(run_copy, tmp_path, capsys):
       **{"TrainerConfig.init_params_from": f"'{run_copy / 'checkpoints' / '6'}'"},
     )
   )
-  reader = export_cli.checkpoint_reader.CheckpointReader(run_copy / "checkpoints" / "6")
+  reader = export_cli.on_disk.CheckpointReader(run_copy / "checkpoints" / "6")
   np.testing.assert_array_equal(np.asarray(result["state"].params["wte"]), reader.read(("wte",)))
 
 

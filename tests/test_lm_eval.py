@@ -18,6 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval import evaluator  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from polylm_jax.errors import MissingDataError  # noqa: E402
 from polylm_jax.eval import lm_eval_model  # noqa: E402
 from polylm_jax.export import cli as export_cli  # noqa: E402
 
@@ -329,7 +330,7 @@ def test_fetch_failures_name_every_task_not_fetched(tmp_path):
     suite.Spec(t, "missing", t[-2:], "acc")
     for t in ("polylm_test_mc_en", "polylm_test_missing_aa", "polylm_test_missing_bb")
   ]
-  with pytest.raises(suite.MissingDataError) as e:
+  with pytest.raises(MissingDataError) as e:
     suite.load_tasks(specs, TaskManager(include_path=str(include)), fetching=True)
   message = str(e.value)
   assert "task polylm_test_missing_aa: its data could not be downloaded" in message

@@ -185,7 +185,7 @@ def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
 
 
 def test_epochs_set_the_steps_and_a_constant_schedule_stays_at_peak():
-  from polylm_jax.train.optimizer import OptimizerConfig, lr_schedule
+  from polylm_jax.optimizer import OptimizerConfig, lr_schedule
 
   schedule = lr_schedule(OptimizerConfig(peak_lr=1e-3, warmup_steps=10, schedule="constant"), 100)
   assert float(schedule(0)) == 0.0

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from polylm_jax import sharding
 from polylm_jax.config import PRESETS
 from polylm_jax.model import params as model_params
-from polylm_jax.train.optimizer import OptimizerConfig
+from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train.step import TrainStep
 
 TINY = PRESETS["tiny"]

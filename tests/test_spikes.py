@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from polylm_jax import sharding
+from polylm_jax.checkpoint.manager import CheckpointConfig
 from polylm_jax.config import PRESETS
 from polylm_jax.data import pipeline, resumable, tasks  # noqa: F401 (registers the sample tasks)
-from polylm_jax.train.checkpoint import CheckpointConfig
+from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train.loop import TrainerConfig, train
-from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.spikes import SpikeConfig
 
 CORRUPT_AT = 26  # the 26th batch is corrupt

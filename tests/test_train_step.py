@@ -7,11 +7,12 @@ import pytest
 
 from polylm_jax import sharding
 from polylm_jax.config import PRESETS
+from polylm_jax.errors import NonFiniteError
 from polylm_jax.model import params as model_params
+from polylm_jax.optimizer import OptimizerConfig, decay_mask, lr_schedule
 from polylm_jax.train import flops
-from polylm_jax.train.loop import NonFiniteError, TrainerConfig, train
+from polylm_jax.train.loop import TrainerConfig, train
 from polylm_jax.train.loss import LossConfig, per_token_nll, tiled_token_nll, token_nll
-from polylm_jax.train.optimizer import OptimizerConfig, decay_mask, lr_schedule
 from polylm_jax.train.step import TrainStep
 
 TINY = PRESETS["tiny"]

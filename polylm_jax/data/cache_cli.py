@@ -16,6 +16,7 @@ import logging
 import sys
 
 from polylm_jax import console
+from polylm_jax.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> list[str]:
   from polylm_jax.data import cache, tasks  # noqa: F401 (registers the sample tasks)
 
   gin_setup.register_configurables()
-  gin_setup.parse_gin(args.gin_file, args.gin_bindings)
+  try:
+    gin_setup.parse_gin(args.gin_file, args.gin_bindings)
+  except ConfigError as e:
+    raise SystemExit(str(e)) from e
   # The run's language set: cached rows carry its per-token language tags.
   languages.set_active(gin_setup.configured("train.languages", languages.Languages()))
   for key in ("train.corpora", "train.bitext"):

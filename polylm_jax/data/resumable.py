@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from polylm_jax.background import Background
-from polylm_jax.data.errors import DataStateMismatchError
 from polylm_jax.data.pipeline import DataConfig, packed_dataset, to_numpy
+from polylm_jax.errors import DataStateMismatchError
 
 STREAMS_FILE = "streams.json"
 

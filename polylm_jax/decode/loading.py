@@ -64,10 +64,10 @@ def load(
     )
   if hf_dir:
     return _load_export(pathlib.Path(hf_dir), mesh, rules, overrides or {})
-  from polylm_jax.export import checkpoint_reader
-  from polylm_jax.train.checkpoint import restore_params
+  from polylm_jax.checkpoint import on_disk
+  from polylm_jax.checkpoint.manager import restore_params
 
-  step_dir = checkpoint_reader.resolve_checkpoint(workdir, step, checkpoint)
+  step_dir = on_disk.resolve_checkpoint(workdir, step, checkpoint)
   meta = json.loads(storage.read_text(storage.join(step_dir, "meta", "metadata")))
   if "model_config" not in meta:
     raise ValueError(f"{step_dir}: checkpoint metadata has no model_config")

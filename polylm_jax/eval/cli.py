@@ -237,7 +237,7 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"polylm-eval: {e}", file=sys.stderr)
     return 2
-  except RuntimeError as e:  # suite.MissingDataError and friends
+  except RuntimeError as e:  # errors.MissingDataError and friends
     print(f"polylm-eval: {e}", file=sys.stderr)
     return 2
 

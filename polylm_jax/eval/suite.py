@@ -21,6 +21,7 @@ import pathlib
 import time
 from typing import Any
 
+from polylm_jax.errors import MissingDataError
 from polylm_jax.io import storage
 
 # family -> {language code: lm-eval task}
@@ -87,10 +88,6 @@ def resolve(names, languages, known_tasks) -> list[Spec]:
     family, language = _split_name(name, languages)
     out.append(Spec(name, family, language, METRIC.get(family, "acc")))
   return out
-
-
-class MissingDataError(RuntimeError):
-  pass
 
 
 def datasets_cache() -> str:

@@ -18,7 +18,8 @@ import re
 import sys
 
 from polylm_jax import chat, console, framing
-from polylm_jax.export import checkpoint_reader, hf_export, tokenizer_files
+from polylm_jax.checkpoint import on_disk
+from polylm_jax.export import hf_export, tokenizer_files
 from polylm_jax.io import outputs, storage
 
 
@@ -61,7 +62,7 @@ def export_checkpoint(
         allow_nonfinite=allow_nonfinite,
       )
     return out_dir, reader
-  reader = checkpoint_reader.CheckpointReader(step_dir)
+  reader = on_disk.CheckpointReader(step_dir)
   cfg = reader.model_config
   sp_model = reader.meta.get("tokenizer_model_b64")
   if sp_model is None:
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
   console.quiet_logging()  # Orbax and absl INFO lines stay out of the console
   console.choose_platform()  # no failed TPU probe on a machine without one
   try:
-    step_dir = checkpoint_reader.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
+    step_dir = on_disk.resolve_checkpoint(args.workdir, args.step, args.checkpoint)
     out, reader = export_checkpoint(
       step_dir,
       args.out,

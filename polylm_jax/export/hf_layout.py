@@ -118,7 +118,7 @@ def hf_sources(
   """TensorSources for the safetensors writer. Each tensor is read in chunks of whole parameter
   rows (about `chunk_bytes`) and cast, so host memory stays small whatever the tensor (the
   256000-row embedding included). `source` has read(path, layer, rows) and param_shape(path, layer)
-  (TreeSource, or export.checkpoint_reader.CheckpointReader)."""
+  (TreeSource, or export.on_disk.CheckpointReader)."""
   from polylm_jax.export.safetensors_io import TensorSource
 
   sources = []

@@ -23,9 +23,9 @@ import sys
 import numpy as np
 
 from polylm_jax import console
+from polylm_jax.checkpoint.manager import CheckpointConfig, save_args
 from polylm_jax.export import hf_export
 from polylm_jax.io import disk, outputs, storage
-from polylm_jax.train.checkpoint import CheckpointConfig, save_args
 
 IMPORT_KIND = "polylm-import output (meta.json + params/)"
 

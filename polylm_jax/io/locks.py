@@ -18,12 +18,8 @@ import threading
 import time
 import uuid
 
+from polylm_jax.errors import WorkdirError, WorkdirLockedError
 from polylm_jax.io import storage
-
-
-class WorkdirLockedError(RuntimeError):
-  pass
-
 
 _HELD: dict[str, "WorkdirLock"] = {}  # locks this process holds, by path (re-entrant)
 
@@ -232,7 +228,7 @@ def check_shared_workdir(workdir: str) -> None:
     storage.remove(probe)  # the probe this process wrote a moment ago, nothing else
   missing = [i for i, s in enumerate(np.asarray(seen).reshape(-1)) if not s]
   if missing:
-    raise SystemExit(
+    raise WorkdirError(
       f"--workdir={workdir} is not shared between the hosts: process(es) {missing} cannot see the "
       f"file process 0 wrote there. Checkpoints, data states and the run's lock must be on a "
       f"filesystem every host sees (NFS, Filestore, Lustre), or in a bucket (--workdir=gs://...)"

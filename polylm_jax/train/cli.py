@@ -18,7 +18,8 @@ import uuid
 
 import gin
 
-from polylm_jax import console, gin_setup
+from polylm_jax import console, errors, gin_setup
+from polylm_jax.errors import WorkdirError
 from polylm_jax.io import locks, storage
 
 
@@ -33,7 +34,7 @@ def check_workdir(workdir: str) -> str:
     while not os.path.exists(existing):  # the nearest part of the path that exists
       existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-      raise SystemExit(f"--workdir={workdir}: {existing} is a file, not a directory")
+      raise WorkdirError(f"--workdir={workdir}: {existing} is a file, not a directory")
   probe = storage.join(path, f".write-test-{uuid.uuid4().hex}")
   try:
     storage.makedirs(path)
@@ -42,7 +43,7 @@ def check_workdir(workdir: str) -> str:
       raise OSError(f"{probe} read back differently")
     storage.remove(probe)
   except (OSError, ValueError) as e:
-    raise SystemExit(f"--workdir={workdir} is not writable: {e}") from e
+    raise WorkdirError(f"--workdir={workdir} is not writable: {e}") from e
   return path
 
 
@@ -135,6 +136,25 @@ def main(argv: list[str] | None = None) -> dict:
     "naming what is missing (default: %(default)s)",
   )
   args = parser.parse_args(argv)
+  try:
+    return _train(args)
+  except errors.PolyLMError as e:
+    if e.exit_status != 2:  # a run that started and failed: console_main reports it whole
+      raise
+    raise SystemExit(error_text(e)) from e  # a setting found wrong before anything was built
+
+
+def error_text(e: BaseException) -> str:
+  """An error's message on one line, with its notes; gin's "In call to configurable ..." lines
+  left out (the message itself names the setting)."""
+  return " ".join(
+    line.strip()
+    for line in [*str(e).splitlines(), *getattr(e, "__notes__", ())]
+    if not line.strip().startswith("In call to configurable")
+  )
+
+
+def _train(args) -> dict:
   quiet_logging()
   console.choose_platform()
   if args.distributed:
@@ -173,11 +193,7 @@ def console_main() -> None:
   except BaseException as e:  # noqa: BLE001 (everything else: report it, then exit 1)
     logging.error("training failed", exc_info=True)
     # gin appends "In call to configurable ..." lines; the message itself names the setting.
-    text = " ".join(
-      line.strip()
-      for line in [*str(e).splitlines(), *getattr(e, "__notes__", ())]
-      if not line.strip().startswith("In call to configurable")
-    ) + gin_setup.hint(str(e))
+    text = error_text(e) + gin_setup.hint(str(e))
     _die(f"polylm-train: error: {type(e).__name__}: {text}", 1)
 
 

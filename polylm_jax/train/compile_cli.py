@@ -24,6 +24,7 @@ import os
 import sys
 
 from polylm_jax import gin_setup, tpu_slices
+from polylm_jax.errors import ConfigError
 
 
 def topology_name(target: str) -> str:
@@ -79,11 +80,11 @@ def _parse(gin_files: list[str], bindings: list[str]) -> None:
     try:
       gin_setup.parse_gin(gin_files, bindings + extra)
       return
-    except SystemExit as e:
-      m = re.search(r"([\w.]+) set to `?%gin\.REQUIRED", str(e.code))
+    except ConfigError as e:
+      m = re.search(r"([\w.]+) set to `?%gin\.REQUIRED", str(e))
       name = m.group(1) if m else None
       if name not in NOT_NEEDED or any(b.startswith(f"{name} =") for b in extra):
-        raise
+        raise SystemExit(str(e)) from e
       extra.append(f"{name} = {NOT_NEEDED[name]}")
       logging.info(
         "%s is not set; a fit check does not depend on it (taken as %s)", name, NOT_NEEDED[name]

@@ -20,20 +20,20 @@ import numpy as np
 
 from polylm_jax import framing, languages, sharding
 from polylm_jax.background import Background
-from polylm_jax.config import ModelConfig, analytic_param_count
-from polylm_jax.io import locks, storage
-from polylm_jax.kernels.common import BlockSizes
-from polylm_jax.train import flops, memory_report
-from polylm_jax.train.checkpoint import (
+from polylm_jax.checkpoint.manager import (
   CheckpointConfig,
   Checkpointer,
-  CheckpointSaveError,
   load_initial_params,
   set_aside_previous_run,
 )
+from polylm_jax.config import ModelConfig, analytic_param_count
+from polylm_jax.errors import CheckpointSaveError, NonFiniteError
+from polylm_jax.io import locks, storage
+from polylm_jax.kernels.common import BlockSizes
+from polylm_jax.optimizer import OptimizerConfig
+from polylm_jax.train import flops, memory_report
 from polylm_jax.train.loss import LossConfig
 from polylm_jax.train.metrics import MetricsWriter
-from polylm_jax.train.optimizer import OptimizerConfig
 from polylm_jax.train.spikes import SpikeConfig
 from polylm_jax.train.step import TrainStep
 from polylm_jax.typecheck import check_fields
@@ -86,10 +86,6 @@ class TrainerConfig:
         "TrainerConfig.lm_eval_tasks and lm_eval_every go together: set both "
         f"(got tasks={self.lm_eval_tasks!r}, every={self.lm_eval_every})"
       )
-
-
-class NonFiniteError(RuntimeError):
-  pass
 
 
 class _Preemption:

@@ -1,5 +1,6 @@
-"""Where step metrics go: a JSONL file and TensorBoard event files in the workdir (local or object
-storage, polylm_jax.io.storage), and the console (a progress bar on a terminal, plain log lines otherwise)."""
+"""Where step metrics go: a JSONL file and TensorBoard event files in the workdir (local or
+object storage, through io.storage), and the console (a progress bar on a terminal, plain log
+lines otherwise)."""
 
 from __future__ import annotations
 

@@ -11,9 +11,10 @@ import logging
 import gin
 
 from polylm_jax import languages as language_sets
+from polylm_jax.checkpoint.manager import CheckpointConfig, checkpoint_steps, tokenizer_b64
+from polylm_jax.errors import ConfigError
 from polylm_jax.io import storage
 from polylm_jax.train import loop
-from polylm_jax.train.checkpoint import CheckpointConfig, checkpoint_steps, tokenizer_b64
 from polylm_jax.train.spikes import SpikeConfig
 
 
@@ -44,18 +45,18 @@ def run(
 
   # Settings that need nothing built are checked first.
   if data.seq_len > model.max_length:
-    raise SystemExit(
+    raise ConfigError(
       f"DataConfig.seq_len={data.seq_len} exceeds the model's max_length={model.max_length}"
     )
   if epochs is not None and trainer.num_steps is not None:
-    raise SystemExit(
+    raise ConfigError(
       f"both train.epochs = {epochs} and TrainerConfig.num_steps = {trainer.num_steps} are set; "
       f"set one: train.epochs = None to train a number of steps, or TrainerConfig.num_steps = "
       f"None to train a number of epochs"
     )
   if epochs is None:
     if trainer.num_steps is None:
-      raise SystemExit(
+      raise ConfigError(
         "TrainerConfig.num_steps is None: set the number of steps to train (or train.epochs "
         "for instruction data)"
       )
@@ -75,7 +76,7 @@ def run(
       trainer = dataclasses.replace(trainer, num_steps=steps)
       _check_schedule(optimizer, trainer.num_steps)
   elif epochs is not None:
-    raise SystemExit(
+    raise ConfigError(
       "train.epochs needs instruction data (train.instructions); for "
       "pre-training set TrainerConfig.num_steps"
     )
@@ -92,7 +93,7 @@ def run(
     return {"metrics": {}, "state": None, "train_step": None, "complete_at": done[-1]}
   vocab = tasks.vocabulary()
   if vocab.vocab_size > model.vocab_size:
-    raise SystemExit(
+    raise ConfigError(
       f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
       f"{model.vocab_size} ({model.name}); enlarge the model vocabulary"
     )
@@ -183,9 +184,9 @@ def _most_over_processes(counts: list[int]) -> list[int]:
 
 
 def _check_schedule(optimizer, num_steps: int) -> None:
-  from polylm_jax.train.optimizer import lr_schedule
+  from polylm_jax.optimizer import lr_schedule
 
   try:
     lr_schedule(optimizer, num_steps)
   except ValueError as e:
-    raise SystemExit(str(e)) from e
+    raise ConfigError(str(e)) from e

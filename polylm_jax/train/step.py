@@ -20,15 +20,15 @@ from polylm_jax import languages, sharding
 from polylm_jax.config import ModelConfig
 from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.model import params as model_params
-from polylm_jax.train import spikes
-from polylm_jax.train.loss import LossConfig, per_token_nll, token_nll
-from polylm_jax.train.optimizer import (
+from polylm_jax.optimizer import (
   OptimizerConfig,
   global_norm,
   lr_schedule,
   make_optimizer,
   scale_by_lr,
 )
+from polylm_jax.train import spikes
+from polylm_jax.train.loss import LossConfig, per_token_nll, token_nll
 
 # The batch the step consumes: packed rows with per-document positions and segment ids.
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")

@@ -15,13 +15,9 @@ import jax
 
 from polylm_jax import languages
 from polylm_jax.config import ModelConfig
+from polylm_jax.errors import CheckpointMismatchError
 from polylm_jax.model import params as model_params
-from polylm_jax.train.optimizer import CHAIN_SETTINGS, OptimizerConfig, chain_names
-
-
-class CheckpointMismatchError(ValueError):
-  pass
-
+from polylm_jax.optimizer import CHAIN_SETTINGS, OptimizerConfig, chain_names
 
 Leaves = dict[str, tuple[tuple[int, ...], str]]  # dotted name -> (shape, dtype)
 

@@ -12,24 +12,8 @@ import json
 import logging
 import time
 
-from polylm_jax.train.compat import CheckpointMismatchError
-
-
-class CorruptCheckpointError(RuntimeError):
-  """A checkpoint (or its data state) proven damaged: files missing, truncated or undecodable."""
-
-
-class CheckpointReadError(RuntimeError):
-  """A checkpoint that could not be read for a reason that says nothing about its files (a
-  storage error, a timeout), after retries: reported, never moved."""
-
-
-class NoUsableCheckpointError(RuntimeError):
-  """A workdir with checkpoint history but nothing to resume from: never a silent fresh start."""
-
-
-class CheckpointSaveError(RuntimeError):
-  pass
+from polylm_jax.checkpoint.fit import CheckpointMismatchError
+from polylm_jax.errors import CheckpointReadError, CorruptCheckpointError
 
 
 def _is_resource_error(e: BaseException) -> bool:

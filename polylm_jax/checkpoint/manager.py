@@ -16,7 +16,7 @@ What is never lost (docs/checkpointing.md): a checkpoint is deleted only by the 
 a newer one is complete; a data state only when no checkpoint of its step exists on disk. A
 checkpoint proven damaged is moved to corrupt/ (checkpoint_read.py: other read errors are retried,
 then reported); one that does not fit the configuration, data settings included, stops the run
-with a message (compat.py); a workdir with checkpoints never silently starts over.
+with a message (fit.py); a workdir with checkpoints never silently starts over.
 """
 
 from __future__ import annotations
@@ -32,24 +32,20 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from polylm_jax.checkpoint import fit
+from polylm_jax.checkpoint.damage import _read
+from polylm_jax.checkpoint.fit import check_model_compatible
+from polylm_jax.checkpoint.on_disk import complete_steps, finished
 from polylm_jax.config import ModelConfig
-from polylm_jax.data.errors import DataStateMismatchError
-from polylm_jax.export.checkpoint_reader import complete_steps, finished
-from polylm_jax.io import disk, storage
-from polylm_jax.model import params as model_params
-from polylm_jax.train import compat
-from polylm_jax.train.checkpoint_read import (  # the errors of a run's checkpoints
-  CheckpointReadError as CheckpointReadError,
-)
-from polylm_jax.train.checkpoint_read import (
+from polylm_jax.errors import (
   CheckpointSaveError,
   CorruptCheckpointError,
+  DataStateMismatchError,
   NoUsableCheckpointError,
-  _read,
 )
-from polylm_jax.train.compat import CheckpointMismatchError as CheckpointMismatchError
-from polylm_jax.train.compat import check_model_compatible
-from polylm_jax.train.optimizer import chain_names
+from polylm_jax.io import disk, storage
+from polylm_jax.model import params as model_params
+from polylm_jax.optimizer import chain_names
 from polylm_jax.typecheck import check_fields
 
 
@@ -261,7 +257,7 @@ class Checkpointer:
       tree = getattr(tree, "tree", tree)
       if not isinstance(meta, dict) or tree is None:
         raise ValueError("metadata missing")
-      return meta, compat.saved_leaf_names(tree)
+      return meta, fit.saved_leaf_names(tree)
 
     return _read(self.step_dir(step), "metadata", read)
 
@@ -275,7 +271,7 @@ class Checkpointer:
     run_meta: dict[str, Any] | None = None,
   ) -> tuple[Any, dict[str, Any]]:
     """(state, meta) of one checkpoint. A damaged checkpoint raises CorruptCheckpointError, one
-    that does not fit the configuration CheckpointMismatchError (compat.py; the data settings
+    that does not fit the configuration CheckpointMismatchError (fit.py; the data settings
     too, compared with `run_meta`, the metadata this start would save), one that cannot be read
     for another reason CheckpointReadError. Nothing is moved here."""
     where = self.step_dir(step)
@@ -283,28 +279,28 @@ class Checkpointer:
     check_model_compatible(
       meta.get("model_config"), self.train_step.model_config, f"checkpoint {where}"
     )
-    compat.check_languages_compatible(meta.get("languages"), f"checkpoint {where}")
-    expected = compat.leaf_names(self._abstract_state())
+    fit.check_languages_compatible(meta.get("languages"), f"checkpoint {where}")
+    expected = fit.leaf_names(self._abstract_state())
     params_of = lambda leaves: {k: v for k, v in leaves.items() if k.startswith("params.")}
-    param_problems = compat.state_differences(params_of(saved), params_of(expected))
+    param_problems = fit.state_differences(params_of(saved), params_of(expected))
     if param_problems:
-      raise compat.mismatch_error(str(where), param_problems, optimizer_only=False)
-    problems = compat.state_differences(saved, expected)
+      raise fit.mismatch_error(str(where), param_problems, optimizer_only=False)
+    problems = fit.state_differences(saved, expected)
     opt_now = dataclasses.asdict(self.train_step.optimizer_config)
     settings_changed = meta.get("optimizer_config", opt_now) != opt_now
     if problems and not reset_optimizer:
-      raise compat.mismatch_error(
+      raise fit.mismatch_error(
         str(where),
-        compat.optimizer_differences(meta, self.train_step.optimizer_config) or problems,
+        fit.optimizer_differences(meta, self.train_step.optimizer_config) or problems,
         optimizer_only=True,
       )
     data_changes = (
-      compat.data_differences(meta, run_meta)
+      fit.data_differences(meta, run_meta)
       if data_iterator is not None and run_meta is not None
       else []
     )
     if data_changes and not reset_data:
-      raise compat.data_mismatch_error(str(where), data_changes)
+      raise fit.data_mismatch_error(str(where), data_changes)
     if reset_optimizer and (problems or settings_changed):
       state = _read(where, "arrays", lambda: self._restore_with_fresh_optimizer(step))
     else:
@@ -337,7 +333,7 @@ class Checkpointer:
         with storage.local_dir(state_dir, download=True) as local:
           data_iterator.restore(local, meta["data_position"])
       except DataStateMismatchError as e:
-        raise compat.data_mismatch_error(str(where), [str(e)]) from e
+        raise fit.data_mismatch_error(str(where), [str(e)]) from e
 
     _read(where, f"its data-iterator state {state_dir}", read_data)
     return state, meta
