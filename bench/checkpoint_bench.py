@@ -30,7 +30,7 @@ def step_time_with_async_save(steps: int) -> None:
   from polylm_jax.checkpoint.manager import CheckpointConfig, Checkpointer
   from polylm_jax.config import PRESETS
   from polylm_jax.optimizer import OptimizerConfig
-  from polylm_jax.train.step import TrainStep
+  from polylm_jax.trainer.step import TrainStep
 
   cfg = PRESETS["small"].replace(dtype="float32")
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])

@@ -210,9 +210,9 @@ def train_step_mfu(args) -> bool:
 def one_train_step(args, cfg, blocks, batch: int, length: int, reps: int) -> None:
   from polylm_jax import sharding
   from polylm_jax.optimizer import OptimizerConfig
-  from polylm_jax.train import flops
-  from polylm_jax.train.loss import LossConfig
-  from polylm_jax.train.step import TrainStep
+  from polylm_jax.trainer import flops
+  from polylm_jax.trainer.loss import LossConfig
+  from polylm_jax.trainer.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   loss = LossConfig(

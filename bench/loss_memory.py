@@ -31,7 +31,7 @@ IMPLS = {
 
 
 def loss_only_temporaries(cfg, loss_config, n_tokens: int) -> int:
-  from polylm_jax.train.loss import tiled_token_nll, token_nll
+  from polylm_jax.trainer.loss import tiled_token_nll, token_nll
 
   h = jax.ShapeDtypeStruct((n_tokens, cfg.d_model), jnp.float32)
   w = jax.ShapeDtypeStruct((cfg.vocab_size, cfg.d_model), jnp.float32)
@@ -53,7 +53,7 @@ def loss_only_temporaries(cfg, loss_config, n_tokens: int) -> int:
 def train_step(cfg, loss_config, devices, batch: int, length: int):
   from polylm_jax import sharding
   from polylm_jax.optimizer import OptimizerConfig
-  from polylm_jax.train.step import TrainStep
+  from polylm_jax.trainer.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices)
   step = TrainStep(
@@ -77,7 +77,7 @@ def main():
 
   console.choose_platform()  # the CPU, explicitly, on a machine without accelerators
   from polylm_jax.config import PRESETS
-  from polylm_jax.train.loss import LossConfig
+  from polylm_jax.trainer.loss import LossConfig
 
   cfg = PRESETS[args.preset].replace(dtype=args.dtype)
   n = args.batch * args.length

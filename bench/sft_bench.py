@@ -47,7 +47,7 @@ def main() -> None:
   from polylm_jax.config import PRESETS
   from polylm_jax.data import instructions, pipeline, tasks
   from polylm_jax.optimizer import OptimizerConfig
-  from polylm_jax.train.step import TrainStep
+  from polylm_jax.trainer.step import TrainStep
 
   cfg = PRESETS[args.preset].replace(dtype="float32")
   instructions.InstructionCorpora(embedded_sample=True).register(tasks.vocabulary(), args.seq)

@@ -36,7 +36,7 @@ def measured_matmul_peak(n: int = 2048, reps: int = 5) -> float:
 def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
   from polylm_jax import sharding
   from polylm_jax.optimizer import OptimizerConfig
-  from polylm_jax.train.step import TrainStep
+  from polylm_jax.trainer.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10_000)
@@ -115,7 +115,7 @@ def main():
   parser.add_argument("--scan_layers", type=int, default=1)
   args = parser.parse_args()
   from polylm_jax.config import PRESETS
-  from polylm_jax.train.flops import train_flops_per_token
+  from polylm_jax.trainer.flops import train_flops_per_token
 
   cfg = PRESETS["small"].replace(dtype="float32", scan_layers=bool(args.scan_layers))
   import torch

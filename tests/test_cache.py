@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from polylm_jax.data import cache_cli, pipeline, sample, sources, tokenizer
+from polylm_jax.data import pipeline, sample, sources, tokenizer
+from polylm_jax.train import cache_cli
 
 SP = tokenizer.load(sample.TOKENIZER_MODEL)
 

@@ -20,7 +20,7 @@ from polylm_jax.config import PRESETS
 from polylm_jax.errors import CheckpointMismatchError
 from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train import cli
-from polylm_jax.train.step import TrainStep
+from polylm_jax.trainer.step import TrainStep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]

@@ -203,7 +203,7 @@ only/Stage.rates = {{'mydata_th': 0.5, 'mybitext_en_th': 0.3, 'en': 0.2}}
 
 
 def test_gin_errors_name_the_missing_setting_and_the_closest_names():
-  from polylm_jax import gin_setup
+  from polylm_jax.train import gin_setup
 
   gin_setup.register_configurables()
   with pytest.raises(SystemExit, match="did you mean 'num_steps'"):

@@ -3,9 +3,8 @@ report, and the exit status that says whether it fits."""
 
 import pytest
 
-from polylm_jax import gin_setup
 from polylm_jax.errors import ConfigError
-from polylm_jax.train import compile_cli
+from polylm_jax.train import compile_cli, gin_setup
 
 
 @pytest.mark.slow
@@ -35,7 +34,7 @@ def test_a_step_that_does_not_fit_exits_1_with_the_settings_to_change(capsys):
   # XLA's count of a scanned model's FLOPs covers one layer; the model's own count is printed.
   assert "(XLA counts the scanned layer body once)" in out
   from polylm_jax.config import PRESETS
-  from polylm_jax.train.flops import train_flops_per_token
+  from polylm_jax.trainer.flops import train_flops_per_token
 
   per_device = train_flops_per_token(PRESETS["tiny"], 128) * 8 * 128 / 8
   assert f"model FLOPs {per_device:.3e} a step" in out
@@ -89,7 +88,7 @@ def test_fit_presets_need_no_step_count_or_mixture_and_advice_leaves_out_what_th
   presets compile as docs/scale.md shows them, without inventing either."""
   import logging
 
-  from polylm_jax.train import memory_report
+  from polylm_jax.trainer import memory_report
 
   gin_setup.register_configurables()
   with caplog.at_level(logging.INFO):

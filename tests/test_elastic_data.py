@@ -199,7 +199,7 @@ def test_batch_fingerprint_sees_every_row_in_place_but_not_the_sharding(make_bat
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from polylm_jax.train.step import batch_fingerprint
+  from polylm_jax.trainer.step import batch_fingerprint
 
   batch = make_batch(0, 8, 64, 100)
   fingerprint = int(jax.jit(batch_fingerprint)(batch))

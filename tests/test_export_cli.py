@@ -191,7 +191,7 @@ def test_what_needs_no_tensorflow_never_imports_it_and_verify_says_what_to_insta
 
   modules = [
     "polylm_jax.data.tokenizer_cli",
-    "polylm_jax.data.cache_cli",
+    "polylm_jax.train.cache_cli",
     "polylm_jax.export.cli",
     "polylm_jax.export.import_cli",
     "polylm_jax.decode.cli",

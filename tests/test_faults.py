@@ -37,8 +37,8 @@ from polylm_jax.export import hf_export, import_cli
 from polylm_jax.io import locks
 from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train import cli
-from polylm_jax.train.loop import TrainerConfig, train
-from polylm_jax.train.step import TrainStep
+from polylm_jax.trainer.loop import TrainerConfig, train
+from polylm_jax.trainer.step import TrainStep
 
 pytestmark = pytest.mark.faults
 
@@ -244,10 +244,10 @@ def test_a_read_error_is_retried_and_never_moves_a_checkpoint(run_copy, monkeypa
   retried; if it keeps failing the run stops naming it, and nothing is moved."""
   import orbax.checkpoint as ocp
 
-  from polylm_jax.train import checkpoint as checkpoint_lib
-  from polylm_jax.train import checkpoint_read
+  from polylm_jax.checkpoint import damage
+  from polylm_jax.errors import CheckpointReadError
 
-  monkeypatch.setattr(checkpoint_read, "READ_RETRY_DELAY_S", 0.01)
+  monkeypatch.setattr(damage, "READ_RETRY_DELAY_S", 0.01)
   real = ocp.CheckpointManager.restore
   failures = {"left": 10**6}
 
@@ -259,7 +259,7 @@ def test_a_read_error_is_retried_and_never_moves_a_checkpoint(run_copy, monkeypa
 
   monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
   before = _tree_digest(run_copy)
-  with pytest.raises(checkpoint_lib.CheckpointReadError, match="3 attempts.*nothing was moved"):
+  with pytest.raises(CheckpointReadError, match="3 attempts.*nothing was moved"):
     cli.main(_args(run_copy, 8))
   assert _tree_digest(run_copy) == before and not (run_copy / "corrupt").exists()
   failures["left"] = 2  # a storage hiccup: the third try reads it

@@ -16,7 +16,7 @@ from polylm_jax.model import params as P
 from polylm_jax.model.attention import attention
 from polylm_jax.model.attention import xla_attention as reference_attention
 from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.train.step import TrainStep
+from polylm_jax.trainer.step import TrainStep
 
 KERNELS = {"pallas_gpu": flash_gpu.flash_attention, "pallas_tpu": flash_tpu.flash_attention}
 BLOCKS = BlockSizes(16, 32)  # several blocks along T=64, q and k blocks of different sizes

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from polylm_jax import languages
-from polylm_jax.data import cache_cli, pipeline, sample, tokenizer_cli
+from polylm_jax.data import pipeline, sample, tokenizer_cli
 from polylm_jax.errors import CheckpointMismatchError
-from polylm_jax.train import cli
+from polylm_jax.train import cache_cli, cli
 
 WORDS = (
   "habari za asubuhi watoto wanacheza shuleni mama anapika chakula kitamu leo jua linawaka sana "

@@ -10,7 +10,7 @@ from polylm_jax import sharding
 from polylm_jax.config import PRESETS
 from polylm_jax.model import params as model_params
 from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.train.step import TrainStep
+from polylm_jax.trainer.step import TrainStep
 
 TINY = PRESETS["tiny"]
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]

@@ -11,8 +11,8 @@ from polylm_jax.checkpoint.manager import CheckpointConfig
 from polylm_jax.config import PRESETS
 from polylm_jax.data import pipeline, resumable, tasks  # noqa: F401 (registers the sample tasks)
 from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.train.loop import TrainerConfig, train
-from polylm_jax.train.spikes import SpikeConfig
+from polylm_jax.trainer.loop import TrainerConfig, train
+from polylm_jax.trainer.spikes import SpikeConfig
 
 CORRUPT_AT = 26  # the 26th batch is corrupt
 
@@ -76,7 +76,7 @@ def test_rollback_restores_the_checkpoint_and_skips_batches(tmp_path, caplog):
 def test_detector_statistics_and_grad_norm_option():
   import jax.numpy as jnp
 
-  from polylm_jax.train import spikes
+  from polylm_jax.trainer import spikes
 
   cfg = SpikeConfig(warmup_steps=5, z_threshold=4.0)
   with_grad = SpikeConfig(warmup_steps=5, z_threshold=4.0, grad_norm_z_threshold=4.0)

@@ -10,10 +10,10 @@ from polylm_jax.config import PRESETS
 from polylm_jax.errors import NonFiniteError
 from polylm_jax.model import params as model_params
 from polylm_jax.optimizer import OptimizerConfig, decay_mask, lr_schedule
-from polylm_jax.train import flops
-from polylm_jax.train.loop import TrainerConfig, train
-from polylm_jax.train.loss import LossConfig, per_token_nll, tiled_token_nll, token_nll
-from polylm_jax.train.step import TrainStep
+from polylm_jax.trainer import flops
+from polylm_jax.trainer.loop import TrainerConfig, train
+from polylm_jax.trainer.loss import LossConfig, per_token_nll, tiled_token_nll, token_nll
+from polylm_jax.trainer.step import TrainStep
 
 TINY = PRESETS["tiny"]
 
@@ -127,7 +127,7 @@ def test_vocab_parallel_tiled_nll_keeps_the_table_split_and_equals_the_plain_los
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from polylm_jax.train.loss import vocab_parallel_token_nll
+  from polylm_jax.trainer.loss import vocab_parallel_token_nll
 
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   v = 512

@@ -1,1 +1,4 @@
-"""Training: optimizer, the sharded train step, FLOP accounting, the loop and its metrics."""
+"""The training commands: `polylm-train` (cli.py, run.py), `polylm-compile` (compile_cli.py) and
+`polylm-cache` (cache_cli.py), and the gin wiring they share (gin_setup.py). They assemble the
+engine (`polylm_jax.trainer`), the data pipeline, checkpoints and evaluation; nothing below
+imports them."""

@@ -18,9 +18,10 @@ import uuid
 
 import gin
 
-from polylm_jax import console, errors, gin_setup
+from polylm_jax import console, errors
 from polylm_jax.errors import WorkdirError
 from polylm_jax.io import locks, storage
+from polylm_jax.train import gin_setup
 
 
 def check_workdir(workdir: str) -> str:

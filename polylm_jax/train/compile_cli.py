@@ -23,8 +23,9 @@ import logging
 import os
 import sys
 
-from polylm_jax import gin_setup, tpu_slices
+from polylm_jax import tpu_slices
 from polylm_jax.errors import ConfigError
+from polylm_jax.train import gin_setup
 
 
 def topology_name(target: str) -> str:
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
   console.quiet_logging()
   console.choose_platform()
   from polylm_jax import languages, sharding
-  from polylm_jax.train import memory_report
-  from polylm_jax.train.loop import TrainerConfig
-  from polylm_jax.train.step import TrainStep
+  from polylm_jax.trainer import memory_report
+  from polylm_jax.trainer.loop import TrainerConfig
+  from polylm_jax.trainer.step import TrainStep
 
   gin_setup.register_configurables()
   _parse(args.gin_file, args.gin_bindings)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   m = memory_report.analyse(compiled)
   hbm = args.hbm_gib * memory_report.GIB if args.hbm_gib else memory_report.hbm_bytes(devices[0])
-  from polylm_jax.train import flops
+  from polylm_jax.trainer import flops
 
   peak = flops.peak_flops_per_device(devices[0])
   work = memory_report.model_work(model, data.batch_size, data.seq_len, devices, peak)

@@ -14,8 +14,8 @@ from polylm_jax import languages as language_sets
 from polylm_jax.checkpoint.manager import CheckpointConfig, checkpoint_steps, tokenizer_b64
 from polylm_jax.errors import ConfigError
 from polylm_jax.io import storage
-from polylm_jax.train import loop
-from polylm_jax.train.spikes import SpikeConfig
+from polylm_jax.trainer import loop
+from polylm_jax.trainer.spikes import SpikeConfig
 
 
 def run(

@@ -27,8 +27,8 @@ from polylm_jax.optimizer import (
   make_optimizer,
   scale_by_lr,
 )
-from polylm_jax.train import spikes
-from polylm_jax.train.loss import LossConfig, per_token_nll, token_nll
+from polylm_jax.trainer import spikes
+from polylm_jax.trainer.loss import LossConfig, per_token_nll, token_nll
 
 # The batch the step consumes: packed rows with per-document positions and segment ids.
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
@@ -285,7 +285,7 @@ class TrainStep:
   def compile_for(self, state, batch):
     """Compiles the step for this state and (placed) batch now, keeps the executable for the
     steps that follow, and returns XLA's memory and cost analysis of it (memory_report.py)."""
-    from polylm_jax.train import memory_report
+    from polylm_jax.trainer import memory_report
 
     self._compiled = self.lower(state, batch).compile()
     self._compiled_for = _signature(batch)

@@ -88,7 +88,7 @@ class ModelWork:
 
 
 def model_work(model, batch_size: int, seq_len: int, devices, peak_flops=None) -> ModelWork:
-  from polylm_jax.train import flops
+  from polylm_jax.trainer import flops
 
   per_device = flops.train_flops_per_token(model, seq_len) * batch_size * seq_len / len(devices)
   return ModelWork(per_device, model.scan_layers, peak_flops)

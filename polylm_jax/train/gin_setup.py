@@ -36,10 +36,10 @@ def register_configurables():
   from polylm_jax.data.pipeline import DataConfig
   from polylm_jax.kernels.common import BlockSizes
   from polylm_jax.optimizer import OptimizerConfig
-  from polylm_jax.train import loop
-  from polylm_jax.train.loss import LossConfig
   from polylm_jax.train.run import run
-  from polylm_jax.train.spikes import SpikeConfig
+  from polylm_jax.trainer import loop
+  from polylm_jax.trainer.loss import LossConfig
+  from polylm_jax.trainer.spikes import SpikeConfig
 
   gin.external_configurable(model_configs.model_config, "model_config")
   gin.external_configurable(OptimizerConfig, "OptimizerConfig")

@@ -31,11 +31,11 @@ from polylm_jax.errors import CheckpointSaveError, NonFiniteError
 from polylm_jax.io import locks, storage
 from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.train import flops, memory_report
-from polylm_jax.train.loss import LossConfig
-from polylm_jax.train.metrics import MetricsWriter
-from polylm_jax.train.spikes import SpikeConfig
-from polylm_jax.train.step import TrainStep
+from polylm_jax.trainer import flops, memory_report
+from polylm_jax.trainer.loss import LossConfig
+from polylm_jax.trainer.metrics import MetricsWriter
+from polylm_jax.trainer.spikes import SpikeConfig
+from polylm_jax.trainer.step import TrainStep
 from polylm_jax.typecheck import check_fields
 
 

@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> list[str]:
   except ImportError as e:
     raise SystemExit("polylm-cache needs Apache Beam: pip install apache-beam") from e
 
-  from polylm_jax import gin_setup, languages
+  from polylm_jax import languages
   from polylm_jax.data import cache, tasks  # noqa: F401 (registers the sample tasks)
+  from polylm_jax.train import gin_setup
 
   gin_setup.register_configurables()
   try:
