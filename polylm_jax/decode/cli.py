@@ -138,8 +138,9 @@ def _sampling(args):
 class _Stream:
   """Prints one row's text as its tokens arrive (only the part that is complete UTF-8)."""
 
-  def __init__(self, sp, out=sys.stdout):
-    self.sp, self.out, self.ids, self.shown = sp, out, [], ""
+  def __init__(self, sp, out=None):
+    # sys.stdout when called, not when imported: it may have been replaced since.
+    self.sp, self.out, self.ids, self.shown = sp, out or sys.stdout, [], ""
 
   def __call__(self, row: int, ids: list[int]) -> None:
     self.ids.extend(t for t in ids if t != 2)
