@@ -1,9 +1,11 @@
-"""The languages of a run: codes, display names and scripts. Every other module asks this one.
+"""The languages of a run: codes, display names and scripts.
 
 A run's language set is configuration (gin `train.languages = @Languages()`, `Languages.codes`):
-PolyLM's 18 by default, any other list for a run that adds or drops languages. A language's tag is
-its position in the set plus one (0: untagged), carried per token through packing so the trainer
-reports loss per language; checkpoints record the set, and a resume with another set fails.
+PolyLM's 18 by default, any other list for a run that adds or drops languages. It is a value: the
+training command hands it to the tasks it registers, the curriculum, the train step (loss slots),
+the loop (per-language metrics) and the checkpoint (which records it); nothing looks it up. A
+language's tag is its position in the set plus one (0: untagged), carried per token through
+packing so the trainer reports loss per language; a resume with another set fails.
 Codes are ISO 639-1; the table below names many languages, `Languages.extra` names any other.
 """
 
@@ -98,6 +100,11 @@ POLYLM = (
 DEFAULT_CODES = POLYLM
 
 
+def name_of(code: str, extra: dict[str, tuple[str, str]] | None = None) -> str:
+  """A language's English name from the table (or `extra`); the code itself if neither has it."""
+  return ({**KNOWN, **(extra or {})}.get(code) or (code, ""))[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Languages:
   """gin `Languages.codes = [...]` (order fixes the tags); `Languages.extra = {'xx': ('Name',
@@ -137,21 +144,10 @@ class Languages:
     return self.codes[tag - 1]
 
   def name(self, code: str) -> str:
-    return ({**KNOWN, **(self.extra or {})}.get(code) or (code, ""))[0]
+    return name_of(code, self.extra)
 
   def script(self, code: str) -> str:
     return ({**KNOWN, **(self.extra or {})}.get(code) or ("", "unknown"))[1]
 
 
-_ACTIVE = Languages()
-
-
-def active() -> Languages:
-  """The run's language set (PolyLM's 18 until a run configures another)."""
-  return _ACTIVE
-
-
-def set_active(languages: Languages) -> Languages:
-  global _ACTIVE
-  previous, _ACTIVE = _ACTIVE, languages
-  return previous
+DEFAULT = Languages()  # PolyLM's 18; a run passes its own set wherever tags or names are needed

@@ -43,9 +43,8 @@ def make_batch():
 @pytest.fixture(autouse=True)
 def _fresh_global_state():
   """Each test starts from the same global state whatever ran before it: the seqio registry as
-  the package registers it, the default language set, no dropped-record counts, no gin config."""
-  from polylm_jax import languages
-
+  the package registers it (tasks tagged with the default language set), no dropped-record
+  counts, no gin config."""
   yield
   import gin
   import seqio
@@ -58,11 +57,15 @@ def _fresh_global_state():
   ):
     for name in set(registry.names()) - baseline:
       registry.remove(name)
-  for name, task in _BASELINE["task_objects"].items():  # a test replaced a sample task
-    if seqio.TaskRegistry.get(name) is not task:
-      seqio.TaskRegistry.remove(name)
-      seqio.TaskRegistry.add_provider(name, task)
-  languages.set_active(languages.Languages())
+  for registry, objects in (  # a test replaced a sample task or mixture (another language set)
+    (seqio.TaskRegistry, _BASELINE["task_objects"]),
+    (seqio.MixtureRegistry, _BASELINE["mixture_objects"]),
+  ):
+    for name, provider in objects.items():
+      if name not in registry.names() or registry.get(name) is not provider:
+        if name in registry.names():
+          registry.remove(name)
+        registry.add_provider(name, provider)
   with documents._LOCK:
     documents._DROPPED.clear()
     documents._SEEN.clear()
@@ -78,6 +81,7 @@ def _baseline():
     "tasks": set(seqio.TaskRegistry.names()),
     "mixtures": set(seqio.MixtureRegistry.names()),
     "task_objects": {n: seqio.TaskRegistry.get(n) for n in seqio.TaskRegistry.names()},
+    "mixture_objects": {n: seqio.MixtureRegistry.get(n) for n in seqio.MixtureRegistry.names()},
   }
 
 

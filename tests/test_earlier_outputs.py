@@ -44,7 +44,10 @@ def test_an_earlier_checkpoint_exports_to_the_earlier_export(tmp_path):
 
   out = tmp_path / "export"
   assert cli.main([f"--workdir={_copy('run', tmp_path)}", f"--out={out}"]) == 0
-  now, before = load_file(out / "model.safetensors"), load_file(FIXTURE / "export/model.safetensors")
+  now, before = (
+    load_file(out / "model.safetensors"),
+    load_file(FIXTURE / "export/model.safetensors"),
+  )
   assert now.keys() == before.keys()
   for name, tensor in before.items():
     np.testing.assert_array_equal(now[name], tensor, err_msg=name)

@@ -108,3 +108,68 @@ def test_a_19th_language_from_configuration(tmp_path, caplog, capsys):
   other, _ = _gin(tmp_path, ["sw", *languages.POLYLM])
   with pytest.raises(CheckpointMismatchError, match="Languages.codes"):
     _train(other, workdir, 6)
+
+
+@pytest.mark.slow
+def test_two_runs_with_other_language_sets_in_one_process_each_tag_with_their_own(tmp_path):
+  """The language set is the run's value, not a process-wide setting: a second run in the same
+  process, with the same data but the set in another order, names its losses by its own set."""
+  for codes in (["en", "de"], ["de", "en"]):
+    gin_file = tmp_path / f"{codes[0]}.gin"
+    gin_file.write_text(f"train.languages = @Languages()\nLanguages.codes = {codes!r}\n")
+    workdir = tmp_path / codes[0]
+    cli.main(
+      [
+        "--gin_file=gin_configs/quickstart.gin",
+        f"--gin_file={gin_file}",
+        f"--workdir={workdir}",
+        "--gin_bindings=train.curriculum = None",
+        "--gin_bindings=DataConfig.mixture = 'polylm_pt_en'",
+        "--gin_bindings=TrainerConfig.num_steps = 2",
+        "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+        "--gin_bindings=OptimizerConfig.decay_steps = 2",
+        "--gin_bindings=DataConfig.seq_len = 64",
+        "--gin_bindings=DataConfig.batch_size = 8",
+        "--gin_bindings=TrainerConfig.eval_every = 2",
+        "--gin_bindings=CheckpointConfig.enabled = False",
+      ]
+    )
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {k for r in records for k in r if k.startswith("loss/")} == {"loss/en"}, codes
+    [evaluation] = [
+      json.loads(line) for line in (workdir / "eval_metrics.jsonl").read_text().splitlines()
+    ]
+    assert [k for k in evaluation if k.startswith("val_loss/")] == ["val_loss/en"], codes
+
+
+def test_a_task_carries_its_language_set_to_a_beam_worker(tmp_path):
+  """What a remote Beam runner does with a task: pickle it, load it in another process (a worker
+  that never saw the run's gin config) and run its preprocessors. The tags are still the run's."""
+  import subprocess
+  import sys
+
+  from apache_beam.internal import pickler
+
+  from polylm_jax.data import sources
+
+  corpus = tmp_path / "sw.txt"
+  corpus.write_text(_swahili(20, 0), "utf-8")
+  language_set = languages.Languages(codes=tuple(CODES))
+  [name] = sources.TextCorpora(files={"sw": {"train": str(corpus)}}, prefix="polylm_w_").register(
+    language_set=language_set
+  )
+  import seqio
+
+  pickled = tmp_path / "task.pkl"
+  pickled.write_bytes(pickler.dumps(seqio.TaskRegistry.get(name)))
+  worker = (
+    "import sys\n"
+    "from apache_beam.internal import pickler\n"
+    "task = pickler.loads(open(sys.argv[1], 'rb').read())\n"
+    "block = next(task.get_dataset(None, split='train', shuffle=False).as_numpy_iterator())\n"
+    "print(sorted({int(tag) for doc in block['lang'] for tag in doc}))\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", worker, str(pickled)], capture_output=True, text=True, check=True
+  ).stdout
+  assert out.strip().splitlines()[-1] == f"[{CODES.index('sw') + 1}]"

@@ -215,6 +215,46 @@ def test_loop_stops_after_k_nonfinite_steps_in_a_row(make_batch, tmp_path):
   assert len(lines) == 5  # steps 1-2 fine, 3-5 skipped, then stop
 
 
+def test_callbacks_see_each_step_and_a_profile_covers_the_steps_asked_for(make_batch, tmp_path):
+  """What the loop hands its callbacks (metrics one step late, each step after the checkpoint
+  decision), a callback that stops the run, and the profiler callback's trace file."""
+  from polylm_jax.trainer.callbacks import Callback, Profile
+
+  seen = []
+
+  class Recorder(Callback):
+    def on_metrics(self, trainer, step, metrics):
+      seen.append(("metrics", step, round(metrics["loss"], 3) > 0))
+
+    def after_step(self, trainer, step):
+      seen.append(("step", step, trainer.step == step))
+
+    def wants_stop(self, trainer, step):
+      return "enough" if step == 4 else None
+
+  batches = (make_batch(i, 8, 32, TINY.vocab_size) for i in range(100))
+  train(
+    TINY,
+    OptimizerConfig(warmup_steps=1),
+    sharding.MeshConfig(data=-1),
+    TrainerConfig(num_steps=10, tensorboard=False),
+    batches,
+    str(tmp_path),
+    callbacks=[Recorder(), Profile(start_step=2, num_steps=2)],
+  )
+  assert seen == [
+    ("step", 1, True),
+    ("metrics", 1, True),
+    ("step", 2, True),
+    ("metrics", 2, True),
+    ("step", 3, True),
+    ("metrics", 3, True),
+    ("step", 4, True),
+    ("metrics", 4, True),
+  ]
+  assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
 def test_schedule_is_warmup_then_cosine_to_the_floor():
   cfg = OptimizerConfig(peak_lr=6e-5, end_lr=6e-6, warmup_steps=100)
   sched = lr_schedule(cfg, total_steps=1000)

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 
-from polylm_jax import languages
 from polylm_jax.config import ModelConfig
 from polylm_jax.errors import CheckpointMismatchError
 from polylm_jax.model import params as model_params
@@ -74,11 +73,13 @@ def check_model_compatible(saved: dict[str, Any] | None, current: ModelConfig, w
     )
 
 
-def check_languages_compatible(saved: list[str] | None, where: str) -> None:
+def check_languages_compatible(
+  saved: list[str] | None, configured: list[str] | None, where: str
+) -> None:
   """Per-language tags and loss slots are positions in the language set: another set would
-  silently mix languages up."""
-  now = list(languages.active().codes)
-  if saved is not None and list(saved) != now:
+  silently mix languages up. (None: not recorded, nothing to compare.)"""
+  now = None if configured is None else list(configured)
+  if saved is not None and now is not None and list(saved) != now:
     raise CheckpointMismatchError(
       f"{where} was trained with the language set {saved}, but this run configures {now} "
       f"(Languages.codes); per-language tags would mean other languages. Set Languages.codes "

@@ -279,7 +279,9 @@ class Checkpointer:
     check_model_compatible(
       meta.get("model_config"), self.train_step.model_config, f"checkpoint {where}"
     )
-    fit.check_languages_compatible(meta.get("languages"), f"checkpoint {where}")
+    fit.check_languages_compatible(
+      meta.get("languages"), (run_meta or {}).get("languages"), f"checkpoint {where}"
+    )
     expected = fit.leaf_names(self._abstract_state())
     params_of = lambda leaves: {k: v for k, v in leaves.items() if k.startswith("params.")}
     param_problems = fit.state_differences(params_of(saved), params_of(expected))

@@ -27,7 +27,9 @@ from polylm_jax import languages
 from polylm_jax.data import documents, packing
 
 
-def row_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+def row_output_features(
+  vocab: seqio.Vocabulary, language_set: languages.Languages = languages.DEFAULT
+) -> dict[str, seqio.Feature]:
   """The features of a packed-row task: one row of every key per example."""
   ids = seqio.PassThroughVocabulary(2**31 - 1)
   features = {
@@ -38,19 +40,28 @@ def row_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   for key in ("positions", "segment_ids"):
     features[key] = seqio.Feature(ids, add_eos=False, dtype=tf.int32)
   features["languages"] = seqio.Feature(
-    seqio.PassThroughVocabulary(languages.active().slots), add_eos=False, dtype=tf.int32
+    seqio.PassThroughVocabulary(language_set.slots), add_eos=False, dtype=tf.int32
   )
   return features
 
 
 def packed_task_preprocessors(
-  task: str, lang: str, records: documents.RecordFilter, seq_len: int, *, parallel_blocks: int = 1
+  task: str,
+  lang: str,
+  records: documents.RecordFilter,
+  seq_len: int,
+  *,
+  language_set: languages.Languages = languages.DEFAULT,
+  parallel_blocks: int = 1,
 ) -> list:
   """Tokenize, pack into rows of seq_len (each source shard ends with one padded row), then the
-  cache placeholder: everything Beam should do once."""
+  cache placeholder: everything Beam should do once. The tags come from `language_set`, held by
+  the preprocessor itself, so Beam workers on other machines tag with the run's set."""
 
   return [
-    documents.tokenize_records(task, lang, records, parallel_blocks=parallel_blocks),
+    documents.tokenize_records(
+      task, lang, records, language_set=language_set, parallel_blocks=parallel_blocks
+    ),
     lambda ds: packing.pack(ds, seq_len, flush=True),
     seqio.CacheDatasetPlaceholder(),
   ]

@@ -58,8 +58,11 @@ def _example_count(name: str, split: str) -> float:
   return float(n)
 
 
-def resolve_rates(stage: Stage, split: str = "train") -> dict[str, float]:
-  """{task name: normalised rate} for one stage; bad rates fail naming the stage and key."""
+def resolve_rates(
+  stage: Stage, split: str = "train", language_set: languages.Languages = languages.DEFAULT
+) -> dict[str, float]:
+  """{task name: normalised rate} for one stage; bad rates fail naming the stage and key. A
+  temperature stage without `tasks` samples over `language_set` (the run's languages)."""
   label = f"stage {stage.name or stage.start_step}"
   explicit = {task_name(k): float(v) for k, v in (stage.rates or {}).items()}
   for k, v in explicit.items():
@@ -67,7 +70,7 @@ def resolve_rates(stage: Stage, split: str = "train") -> dict[str, float]:
       raise ValueError(f"curriculum {label}: rate of {k!r} is negative ({v})")
   rates = dict(explicit)
   if stage.temperature is not None:
-    pool = [task_name(k) for k in (stage.tasks or languages.active().codes)]
+    pool = [task_name(k) for k in (stage.tasks or language_set.codes)]
     rest = [t for t in pool if t not in explicit]
     share = 1.0 - sum(explicit.values())
     if share < 0:
@@ -93,6 +96,9 @@ class Curriculum:
   # The next stage's input pipeline is built in the background this many steps before its
   # boundary, so the switch does not stall the run (0: built at the boundary, in the way).
   prepare_ahead_steps: int = 100
+  # The run's languages: the pool of a temperature stage without `tasks`, and the names in its
+  # table. The training command sets it from `train.languages`.
+  language_set: languages.Languages = languages.DEFAULT
 
   def __post_init__(self):
     stages = tuple(self.stages)
@@ -113,24 +119,27 @@ class Curriculum:
     return max(i for i, s in enumerate(self.stages) if s.start_step <= batch_index)
 
   def mixtures(self, split: str = "train") -> list[str]:
-    """Registers (once) and returns one seqio Mixture per stage."""
+    """Registers and returns one seqio Mixture per stage. A Mixture holds the Task objects it
+    was made with, so it is made again each time: its tasks may since have been registered
+    again (for another language set)."""
     names = []
     for stage in self.stages:
-      rates = resolve_rates(stage, split)
+      rates = resolve_rates(stage, split, self.language_set)
       key = hashlib.sha1(json.dumps(sorted(rates.items())).encode()).hexdigest()[:10]
       name = f"polylm_curriculum_{key}"
-      if name not in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.add(name, list(rates.items()))
+      if name in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(name)
+      seqio.MixtureRegistry.add(name, list(rates.items()))
       names.append(name)
     return names
 
   def table(self, split: str = "train") -> str:
     rows = []
     for i, stage in enumerate(self.stages):
-      rates = resolve_rates(stage, split)
+      rates = resolve_rates(stage, split, self.language_set)
       english = sum(v for k, v in rates.items() if k.endswith("_en") or k == "en")
       shown = ", ".join(
-        f"{task_registry.task_language(k)} {v:.1%}"
+        f"{task_registry.task_language(k, self.language_set)} {v:.1%}"
         for k, v in sorted(rates.items(), key=lambda kv: -kv[1])
       )
       rows.append(

@@ -149,6 +149,7 @@ def tokenize_records(
   language: str,
   records: RecordFilter = RecordFilter(),
   *,
+  language_set: languages.Languages = languages.DEFAULT,
   block_size: int = BLOCK_SIZE,
   parallel_blocks: int = 1,
 ):
@@ -162,8 +163,8 @@ def tokenize_records(
   docs/benchmarks.md); raise it when one task must feed a many-core host alone."""
 
   def preprocess(ds: tf.data.Dataset, output_features) -> tf.data.Dataset:
-    # The tag is looked up when the dataset is built, i.e. with the run's configured language set.
-    language_tag = languages.active().tag(language)
+    # Looked up when the dataset is built: a registered task no run reads never asks.
+    language_tag = language_set.tag(language)
     vocab = output_features["targets"].vocabulary
     sp = vocab.tokenizer  # the sentencepiece processor of vocab's model
     if vocab.eos_id != sp.eos_id() or sp.eos_id() < 0:

@@ -38,9 +38,7 @@ from polylm_jax import chat, framing, languages
 from polylm_jax.data import documents, tasks
 from polylm_jax.typecheck import check_fields
 
-SKIP_REASONS = ("invalid_json", "missing_field", "empty")
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sft_sample"
-TRUNCATIONS = ("dropped_turns", "truncated_prompt", "truncated_response")
 
 
 def parse_record(raw) -> tuple[list[chat.Turn] | None, str | None]:
@@ -107,12 +105,14 @@ def tokenize_instructions(
   max_tokens: int,
   min_prompt_tokens: int = 8,
   block_size: int = 256,
+  *,
+  language_set: languages.Languages = languages.DEFAULT,
 ):
   """seqio preprocessor: serialized records -> blocks of examples {"targets", "loss_weights",
   "lang"} (ragged [examples, tokens]; targets exclude the leading BOS, which packing adds)."""
 
   def preprocess(ds: tf.data.Dataset, output_features) -> tf.data.Dataset:
-    tag = languages.active().tag(lang)
+    tag = language_set.tag(lang)
     sp = output_features["targets"].vocabulary.tokenizer
 
     def encode(raw: np.ndarray):
@@ -151,8 +151,10 @@ def tokenize_instructions(
   return preprocess
 
 
-def output_features(vocab) -> dict[str, seqio.Feature]:
-  features = tasks.output_features(vocab)
+def output_features(
+  vocab, language_set: languages.Languages = languages.DEFAULT
+) -> dict[str, seqio.Feature]:
+  features = tasks.output_features(vocab, language_set=language_set)
   features["loss_weights"] = seqio.Feature(
     seqio.PassThroughVocabulary(2), add_eos=False, dtype=tf.float32, rank=2
   )
@@ -204,13 +206,13 @@ class InstructionCorpora:
         f"InstructionCorpora.holdout_fraction={self.holdout_fraction} must be in [0, 1)"
       )
 
-  def _globs(self) -> dict[str, dict[str, str]]:
+  def _globs(self, language_set: languages.Languages) -> dict[str, dict[str, str]]:
     out = {}
     for lang, spec in (self.files or {}).items():
       out[lang] = {"train": spec} if isinstance(spec, str) else dict(spec)
     directory = str(SAMPLE_DIR) if self.embedded_sample else self.directory
     if directory:
-      for lang in languages.active().codes:
+      for lang in language_set.codes:
         pattern = f"{directory.rstrip('/')}/{self.file_pattern.format(lang=lang)}"
         if lang not in out and tf.io.gfile.glob(pattern):
           out[lang] = {"train": pattern}
@@ -218,16 +220,19 @@ class InstructionCorpora:
         raise ValueError(
           f"InstructionCorpora.directory={directory!r}: no file matches "
           f"{self.file_pattern!r} for any of the run's languages "
-          f"{list(languages.active().codes)}"
+          f"{list(language_set.codes)}"
         )
     return out
 
-  def register(self, vocab=None, seq_len: int = 2048) -> dict[str, dict]:
-    """Registers the tasks and the mixture; returns per-language statistics (also logged)."""
+  def register(
+    self, vocab=None, seq_len: int = 2048, language_set: languages.Languages = languages.DEFAULT
+  ) -> dict[str, dict]:
+    """Registers the tasks and the mixture, tagged with `language_set` (the run's); returns
+    per-language statistics (also logged)."""
     vocab = vocab or tasks.vocabulary()
     sp = vocab.tokenizer
     stats, rates = {}, {}
-    for lang, splits in sorted(self._globs().items()):
+    for lang, splits in sorted(self._globs(language_set).items()):
       name = self.prefix + lang
       records = {}
       for split, pattern in splits.items():
@@ -257,9 +262,11 @@ class InstructionCorpora:
           num_input_examples={s: len(r) for s, r in records.items()},
         ),
         preprocessors=[
-          tokenize_instructions(name, lang, self.format, seq_len, self.min_prompt_tokens)
+          tokenize_instructions(
+            name, lang, self.format, seq_len, self.min_prompt_tokens, language_set=language_set
+          )
         ],
-        output_features=output_features(vocab),
+        output_features=output_features(vocab, language_set),
         shuffle_buffer_size=64,
       )
       n = stats[lang]["train_examples"]

@@ -16,6 +16,7 @@ import re
 import seqio
 import tensorflow as tf
 
+from polylm_jax import languages
 from polylm_jax.data import cache, documents, tasks
 from polylm_jax.typecheck import check_fields
 
@@ -89,17 +90,24 @@ class TextCorpora:
       self.max_chars,
     )
 
-  def _add(self, name: str, lang: str, source, records: documents.RecordFilter, vocab) -> None:
+  def _add(
+    self, name: str, lang: str, source, records: documents.RecordFilter, vocab, language_set
+  ) -> None:
     if self.cache_seq_len:  # packed rows, cacheable: shuffled per row, not per block
-      features = cache.row_output_features(vocab)
+      features = cache.row_output_features(vocab, language_set)
       preprocessors = cache.packed_task_preprocessors(
-        name, lang, records, self.cache_seq_len, parallel_blocks=self.parallel_blocks
+        name,
+        lang,
+        records,
+        self.cache_seq_len,
+        language_set=language_set,
+        parallel_blocks=self.parallel_blocks,
       )
       buffer = self.shuffle_blocks * documents.BLOCK_SIZE
     else:
-      features = tasks.output_features(vocab)
+      features = tasks.output_features(vocab, language_set=language_set)
       preprocessors = tasks.text_preprocessors(
-        name, lang, records, parallel_blocks=self.parallel_blocks
+        name, lang, records, language_set=language_set, parallel_blocks=self.parallel_blocks
       )
       buffer = self.shuffle_blocks
     _claim(name, self.replace)  # only now that the task is valid: a bad setting loses nothing
@@ -112,7 +120,12 @@ class TextCorpora:
       shuffle_buffer_size=buffer,
     )
 
-  def register(self, vocab: seqio.Vocabulary | None = None) -> list[str]:
+  def register(
+    self,
+    vocab: seqio.Vocabulary | None = None,
+    language_set: languages.Languages = languages.DEFAULT,
+  ) -> list[str]:
+    """Registers a task per language, tagged with `language_set` (the run's)."""
     vocab = vocab or tasks.vocabulary()
     both = set(self.files or {}) & set(self.tfds or {})
     if both:
@@ -122,7 +135,12 @@ class TextCorpora:
       name = self.prefix + lang
       files = {split: _check_globs(name, split, p) for split, p in splits.items()}
       self._add(
-        name, lang, seqio.TextLineDataSource(files), self._filter(self.record_format), vocab
+        name,
+        lang,
+        seqio.TextLineDataSource(files),
+        self._filter(self.record_format),
+        vocab,
+        language_set,
       )
       logging.info("registered %s over %s (%s records)", name, dict(splits), self.record_format)
       names.append(name)
@@ -141,6 +159,7 @@ class TextCorpora:
         ),
         self._filter("tfds"),
         vocab,
+        language_set,
       )
       logging.info("registered %s over TFDS %s %s", name, spec["name"], dict(spec["splits"]))
       names.append(name)
@@ -184,7 +203,12 @@ class BitextCorpora:
   def __post_init__(self):
     check_fields(self)
 
-  def register(self, vocab: seqio.Vocabulary | None = None) -> list[str]:
+  def register(
+    self,
+    vocab: seqio.Vocabulary | None = None,
+    language_set: languages.Languages = languages.DEFAULT,
+  ) -> list[str]:
+    """Registers a task per pair, tagged with its non-English side in `language_set`."""
     vocab = vocab or tasks.vocabulary()
     parts = _template_parts(self.template)
     names = []
@@ -206,13 +230,15 @@ class BitextCorpora:
             f"files; the sides must align file by file"
           )
         files[split] = (a, b)
-      preprocessors = tasks.text_preprocessors(name, tgt if src == "en" else src)
+      preprocessors = tasks.text_preprocessors(
+        name, tgt if src == "en" else src, language_set=language_set
+      )
       _claim(name, self.replace)  # only now that the task is valid: a bad setting loses nothing
       seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(_bitext_fn(files, parts, src, tgt), splits=tuple(files)),
         preprocessors=preprocessors,
-        output_features=tasks.output_features(vocab),
+        output_features=tasks.output_features(vocab, language_set=language_set),
         shuffle_buffer_size=self.shuffle_blocks,
       )
       names.append(name)

@@ -3,7 +3,8 @@
 Importing this module registers, for each of the 18 PolyLM languages, `polylm_pt_<lang>` over the
 embedded sample corpus (splits `train` / `validation`), the mixture `polylm_sample` (equal rates),
 and the bilingual tasks `polylm_bitext_<src>_<tgt>` (English <-> each language) over its parallel
-sentences.
+sentences, tagged with PolyLM's language set; a run that configures another set registers them
+again with it (`register_sample_tasks(vocab, language_set)`).
 Register your own corpora the same way: a seqio Task whose output feature is `targets`, tokenized
 with the same vocabulary, then a Mixture naming the tasks (see README, "Your own data").
 """
@@ -31,17 +32,21 @@ LANGUAGE_FEATURE = "lang"
 
 
 def output_features(
-  vocab: seqio.Vocabulary, *, language_tagged: bool = True, blocks: bool = True
+  vocab: seqio.Vocabulary,
+  *,
+  language_set: languages.Languages = languages.DEFAULT,
+  language_tagged: bool = True,
+  blocks: bool = True,
 ) -> dict[str, seqio.Feature]:
-  """`targets`, plus the per-token language tag `lang` (languages.Languages.tag; 0 none)
-  that lets the trainer report training loss per language through packing. `blocks`: elements
+  """`targets`, plus the per-token language tag `lang` (`language_set.tag`, the run's set; 0
+  none) that lets the trainer report training loss per language through packing. `blocks`: elements
   are blocks of documents (rank 2, as documents.tokenize_records makes them) rather than one
   document each (rank 1, as seqio's own per-example preprocessors make them)."""
   rank = 2 if blocks else 1
   features = {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32, rank=rank)}
   if language_tagged:
     features[LANGUAGE_FEATURE] = seqio.Feature(
-      vocabulary=seqio.PassThroughVocabulary(languages.active().slots),
+      vocabulary=seqio.PassThroughVocabulary(language_set.slots),
       add_eos=False,
       dtype=tf.int32,
       rank=rank,
@@ -49,17 +54,13 @@ def output_features(
   return features
 
 
-def language_tag(lang: str) -> int:
-  """The `lang` feature value of a language in the run's language set (0: none)."""
-  return languages.active().tag(lang)
-
-
-def tag_language(lang: str):
+def tag_language(lang: str, language_set: languages.Languages = languages.DEFAULT):
   """Per-example preprocessor (after tokenize + EOS) for tasks you write with seqio's own
-  preprocessors: every target token is tagged with `lang`."""
+  preprocessors: every target token is tagged with `lang`'s tag in `language_set` (the run's
+  set: the same one its output_features were made with)."""
 
   def fn(ds):
-    tag = language_tag(lang)  # when the dataset is built: the run's language set
+    tag = language_set.tag(lang)  # when the dataset is built: a task no run uses never asks
     return ds.map(
       lambda ex: dict(ex, **{LANGUAGE_FEATURE: tf.fill(tf.shape(ex["targets"]), tag)}),
       num_parallel_calls=tf.data.AUTOTUNE,
@@ -73,10 +74,16 @@ def text_preprocessors(
   lang: str,
   records: documents.RecordFilter = documents.RecordFilter(),
   *,
+  language_set: languages.Languages = languages.DEFAULT,
   parallel_blocks: int = 1,
 ) -> list:
-  """From records to blocks of tagged documents ({"targets": tokens + EOS, "lang"})."""
-  return [documents.tokenize_records(task, lang, records, parallel_blocks=parallel_blocks)]
+  """From records to blocks of documents tagged with `lang` in `language_set` ({"targets":
+  tokens + EOS, "lang"})."""
+  return [
+    documents.tokenize_records(
+      task, lang, records, language_set=language_set, parallel_blocks=parallel_blocks
+    )
+  ]
 
 
 def _sample_dataset_fn(lang: str):
@@ -87,15 +94,43 @@ def _sample_dataset_fn(lang: str):
   return dataset_fn
 
 
-def register_sample_tasks(vocab: seqio.Vocabulary | None = None) -> list[str]:
-  """Registers `polylm_pt_<lang>` for every language and the equal-rate `polylm_sample` mixture."""
+# The language set each task this module registered was made with (and the task object, which a
+# caller may since have replaced): a run with another set registers them again for its own.
+_MADE_FOR: dict[str, tuple[seqio.Task, languages.Languages]] = {}
+
+
+def _registered_for(name: str, language_set: languages.Languages) -> bool:
+  """Whether `name` is registered, made by this module for `language_set`. Another version of it
+  (another set's, or a caller's own) is removed, to be registered again."""
+  if name not in seqio.TaskRegistry.names():
+    return False
+  made = _MADE_FOR.get(name)
+  if made is not None and made[0] is seqio.TaskRegistry.get(name) and made[1] == language_set:
+    return True
+  seqio.TaskRegistry.remove(name)
+  return False
+
+
+def _add(name: str, language_set: languages.Languages, **task) -> None:
+  _MADE_FOR[name] = (seqio.TaskRegistry.add(name, **task), language_set)
+
+
+def register_sample_tasks(
+  vocab: seqio.Vocabulary | None = None, language_set: languages.Languages = languages.DEFAULT
+) -> list[str]:
+  """Registers `polylm_pt_<lang>` for every language of the sample and the equal-rate
+  `polylm_sample` mixture, tagged with `language_set` (the run's; registered again when a run
+  has another)."""
   vocab = vocab or vocabulary()
   names = []
+  fresh = False
   for lang in sample.LANGUAGES:
     name = TASK_PREFIX + lang
-    if name not in seqio.TaskRegistry.names():
-      seqio.TaskRegistry.add(
+    if not _registered_for(name, language_set):
+      fresh = True
+      _add(
         name,
+        language_set,
         source=seqio.FunctionDataSource(
           _sample_dataset_fn(lang),
           splits=("train", "validation"),
@@ -103,11 +138,13 @@ def register_sample_tasks(vocab: seqio.Vocabulary | None = None) -> list[str]:
             s: len(sample.sample_lines(lang, s)) for s in ("train", "validation")
           },
         ),
-        preprocessors=text_preprocessors(name, lang),
-        output_features=output_features(vocab),
+        preprocessors=text_preprocessors(name, lang, language_set=language_set),
+        output_features=output_features(vocab, language_set=language_set),
         shuffle_buffer_size=documents.SHUFFLE_BLOCKS,
       )
     names.append(name)
+  if fresh and SAMPLE_MIXTURE in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(SAMPLE_MIXTURE)  # it holds the task objects it was made with
   if SAMPLE_MIXTURE not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add(SAMPLE_MIXTURE, [(n, 1.0) for n in names])
   return names
@@ -123,11 +160,12 @@ def register_bitext_tasks(
   template: str = BITEXT_TEMPLATE,
   vocab: seqio.Vocabulary | None = None,
   prefix: str = BITEXT_PREFIX,
+  language_set: languages.Languages = languages.DEFAULT,
 ) -> list[str]:
   """Bilingual documents from the sample's parallel sentences: `<prefix><src>_<tgt>`, one
   document per sentence pair, formatted by `template` ({src}, {tgt}, {src_lang}, {tgt_lang}).
-  Every token is tagged with the non-English language of the pair. Default pairs: English <->
-  each other language."""
+  Every token is tagged with the non-English language of the pair (its tag in `language_set`).
+  Default pairs: English <-> each other language."""
   vocab = vocab or vocabulary()
   pairs = pairs or [
     p for lang in sample.LANGUAGES if lang != "en" for p in (("en", lang), (lang, "en"))
@@ -136,7 +174,7 @@ def register_bitext_tasks(
   for src, tgt in pairs:
     name = f"{prefix}{src}_{tgt}"
     names.append(name)
-    if name in seqio.TaskRegistry.names():
+    if _registered_for(name, language_set):
       continue
 
     def dataset_fn(split, shuffle_files, seed=None, src=src, tgt=tgt):
@@ -147,25 +185,28 @@ def register_bitext_tasks(
       ]
       return tf.data.Dataset.from_tensor_slices({"text": docs})
 
-    seqio.TaskRegistry.add(
+    _add(
       name,
+      language_set,
       source=seqio.FunctionDataSource(
         dataset_fn,
         splits=("train", "validation"),
         num_input_examples={s: len(sample.parallel_lines(src, s)) for s in ("train", "validation")},
       ),
-      preprocessors=text_preprocessors(name, tgt if src == "en" else src),
-      output_features=output_features(vocab),
+      preprocessors=text_preprocessors(
+        name, tgt if src == "en" else src, language_set=language_set
+      ),
+      output_features=output_features(vocab, language_set=language_set),
       shuffle_buffer_size=documents.SHUFFLE_BLOCKS,
     )
   return names
 
 
-def task_language(task_name: str) -> str:
+def task_language(task_name: str, language_set: languages.Languages = languages.DEFAULT) -> str:
   """The language a task's metrics are named after: its name's last part when that is one of the
   run's languages (polylm_pt_th, polylm_sft_th -> th), else the whole name."""
   last = task_name.rsplit("_", 1)[-1]
-  return last if last in languages.active().codes else task_name
+  return last if last in language_set.codes else task_name
 
 
 register_sample_tasks()

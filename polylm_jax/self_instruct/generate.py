@@ -58,7 +58,7 @@ def format_task(index: int, record: dict) -> str:
 def build_prompt(lang: str, examples: list[dict], n: int) -> str:
   shown = "".join(format_task(i + 1, r) for i, r in enumerate(examples))
   return (
-    PROMPT.format(n=n, language=languages.active().name(lang))
+    PROMPT.format(n=n, language=languages.name_of(lang))
     + shown
     + f"###\n{len(examples) + 1}. Instruction:"
   )

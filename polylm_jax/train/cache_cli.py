@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     gin_setup.parse_gin(args.gin_file, args.gin_bindings)
   except ConfigError as e:
     raise SystemExit(str(e)) from e
-  # The run's language set: cached rows carry its per-token language tags.
-  languages.set_active(gin_setup.configured("train.languages", languages.Languages()))
+  # The run's language set: cached rows carry its per-token language tags. The tasks hold it in
+  # their preprocessors, so Beam workers on other machines tag with it too.
+  language_set = gin_setup.configured("train.languages", languages.DEFAULT)
   for key in ("train.corpora", "train.bitext"):
     registry = gin_setup.configured(key)
     if registry is not None:
-      registry.register()
+      registry.register(language_set=language_set)
   names = cache.select_tasks(args.tasks)
   written = cache.cache_tasks(names, args.cache_dir, args.beam_option)
   for path in written:

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
       raise SystemExit(f"the gin config binds no train.{name}")
   if data is None:
     raise SystemExit("the gin config binds no train.data (DataConfig: batch_size, seq_len)")
-  languages.set_active(gin_setup.configured("train.languages", languages.Languages()))
+  language_set = gin_setup.configured("train.languages", languages.DEFAULT)
   devices, where = target_devices(args.target)
   mesh = sharding.make_mesh(mesh_config, devices)
   try:
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
       mesh,
       mesh_config.effective_rules,
       trainer.num_steps,
+      language_slots=language_set.slots,
       loss_config=trainer.loss,
     )
     step.check_batch_shape(data.batch_size)

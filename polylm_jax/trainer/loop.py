@@ -1,6 +1,6 @@
-"""The training loop: build mesh and step, resume from the latest checkpoint, feed batches, log
-metrics, save checkpoints (periodically, at the end, on SIGTERM / preemption), react to loss spikes
-and stop on repeated non-finite updates.
+"""The training loop: a Trainer assembles mesh, step, checkpointer and metrics writer once, then
+feeds batches; everything else (preemption, spike rollback, evaluation, profiling) plugs in as
+callbacks (callbacks.py) that the training command hands over.
 
 Takes any iterator of numpy batches; checkpointing needs one that can save and restore its state
 (`polylm_jax.data.resumable.BatchIterator`). Imports no seqio/tensorflow/gin itself.
@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -27,11 +26,12 @@ from polylm_jax.checkpoint.manager import (
   set_aside_previous_run,
 )
 from polylm_jax.config import ModelConfig, analytic_param_count
-from polylm_jax.errors import CheckpointSaveError, NonFiniteError
+from polylm_jax.errors import CheckpointSaveError
 from polylm_jax.io import locks, storage
 from polylm_jax.kernels.common import BlockSizes
 from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.trainer import flops, memory_report
+from polylm_jax.trainer import flops, reporting
+from polylm_jax.trainer.callbacks import Callback, default_callbacks
 from polylm_jax.trainer.loss import LossConfig
 from polylm_jax.trainer.metrics import MetricsWriter
 from polylm_jax.trainer.spikes import SpikeConfig
@@ -72,15 +72,21 @@ class TrainerConfig:
   # How the Pallas attention kernels tile the sequence (ModelConfig.attention_impl picks the
   # kernel): `TrainerConfig.attention_blocks = @BlockSizes()`, `BlockSizes.block_q = 128`, ...
   attention_blocks: BlockSizes = BlockSizes()
+  # A JAX profiler trace of steps profile_start_step .. + profile_num_steps - 1 into
+  # <workdir>/profile (0: none).
+  profile_start_step: int = 0
+  profile_num_steps: int = 3
 
   def __post_init__(self):
     check_fields(self)
     for name in ("num_steps", "log_every", "max_nonfinite_in_a_row"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"TrainerConfig.{name}={getattr(self, name)} must be >= 1")
-    for name in ("eval_every", "lm_eval_every"):
+    for name in ("eval_every", "lm_eval_every", "profile_start_step"):
       if getattr(self, name) < 0:
         raise ValueError(f"TrainerConfig.{name}={getattr(self, name)} must be >= 0 (0: never)")
+    if self.profile_num_steps < 1:
+      raise ValueError(f"TrainerConfig.profile_num_steps={self.profile_num_steps} must be >= 1")
     if bool(self.lm_eval_tasks) != bool(self.lm_eval_every):
       raise ValueError(
         "TrainerConfig.lm_eval_tasks and lm_eval_every go together: set both "
@@ -88,28 +94,258 @@ class TrainerConfig:
       )
 
 
-class _Preemption:
-  """SIGTERM (how schedulers announce preemption) sets a flag the loop checks after each step."""
+class Trainer:
+  """One run's parts, built once: the mesh and step, the checkpointer, the metadata a checkpoint
+  records. `run()` takes the workdir's lock, restores or initialises the state and trains up to
+  `config.num_steps`; callbacks see the live trainer (`step`, `state`, `step_fn`, `checkpointer`,
+  `batches`) at the points callbacks.py lists."""
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
+  def __init__(
+    self,
+    model: ModelConfig,
+    optimizer: OptimizerConfig,
+    mesh_config: sharding.MeshConfig,
+    config: TrainerConfig,
+    batches: Iterator[dict[str, np.ndarray]],
+    workdir: str,
+    *,
+    checkpoint: CheckpointConfig | None = None,
+    spikes: SpikeConfig = SpikeConfig(),
+    metadata: dict[str, Any] | None = None,
+    language_set: languages.Languages = languages.DEFAULT,
+    callbacks: Sequence[Callback] | None = None,
+  ):
+    if config.num_steps is None:
+      raise ValueError("TrainerConfig.num_steps is None: set the number of steps to train")
+    self.num_steps: int = config.num_steps
+    self.model, self.config, self.workdir = model, config, workdir
+    self.batches: Any = batches  # resumable ones also save, restore, skip and know their position
+    self.language_set = language_set
+    self.callbacks = list(default_callbacks(spikes) if callbacks is None else callbacks)
+    self.lead = jax.process_index() == 0  # one writer per run, whatever the number of hosts
+    self.mesh = sharding.make_mesh(mesh_config)
+    self.step_fn = TrainStep(
+      model,
+      optimizer,
+      self.mesh,
+      mesh_config.effective_rules,
+      config.num_steps,
+      spikes,
+      language_slots=language_set.slots,
+      loss_config=config.loss,
+      attention_blocks=config.attention_blocks,
+    )
+    logging.info(
+      "mesh %s over %d %s device(s); model %s, %.4g parameters",
+      dict(self.mesh.shape),
+      self.mesh.devices.size,
+      jax.devices()[0].platform,
+      model.name,
+      analytic_param_count(model),
+    )
+    self.checkpoint_config = checkpoint
+    self.checkpointer: Checkpointer | None = None
+    self.meta = dict(
+      metadata or {},
+      model_config=dataclasses.asdict(model),
+      seed=config.seed,
+      framing=framing.TRAINING.to_meta(),
+      languages=list(language_set.codes),
+    )
+    self.peak = flops.peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
+    self.state: Any = None
+    self.step = self.step_at_start = 0
+    self._pending: reporting.Pending | None = None
+    self._reported: reporting.Pending | None = None  # the step whose metrics are being read
+    self._rolled_back = False
 
-  def __enter__(self):
+  def run(self, *, start_over: bool = False) -> dict[str, Any]:
+    """Trains; returns the last metrics, the final state and the step object. Process 0 holds
+    the workdir's lock for the whole run. `start_over` moves an earlier run's files to
+    <workdir>/previous/ first; without it a workdir with checkpoints is always resumed."""
+    with locks.workdir_lock(self.workdir) if self.lead else contextlib.nullcontext():
+      if start_over and self.lead:
+        set_aside_previous_run(self.workdir)
+      cfg = self.checkpoint_config
+      if cfg is not None and cfg.enabled:
+        self.checkpointer = Checkpointer(self.workdir, cfg, self.step_fn)
+      return self._run()
+
+  def _run(self) -> dict[str, Any]:
+    ckpt = self.checkpointer
+    if ckpt is not None:
+      for attr in ("save", "restore", "position"):
+        if not hasattr(self.batches, attr):
+          raise TypeError(
+            "checkpointing needs a resumable batch iterator (save/restore/position, "
+            "e.g. data.resumable.BatchIterator); set CheckpointConfig.enabled=False"
+          )
+    for callback in self.callbacks:
+      callback.check(self)
+    # The first batch (tf.data fills its shuffle buffers, opens every file) is fetched in the
+    # background while the state is initialised and the step compiled; a resume must restore
+    # the data state first.
+    first = None if ckpt is not None and ckpt.steps_on_disk() else self._fetch_first()
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, JAX's preemption sync point still works
-      self._previous = None
-    return self
+      self.state = _initial_state(ckpt, self.step_fn, self.batches, self.config, self.meta)
+    except BaseException:
+      if first is not None:
+        first.wait()
+      if ckpt is not None:
+        ckpt.manager.close()
+      raise
+    self.step = self.step_at_start = int(self.state.step)
+    if first is None and self.step < self.num_steps:
+      first = self._fetch_first()
+    writer = MetricsWriter(
+      self.workdir,
+      tensorboard=self.config.tensorboard,
+      total_steps=self.num_steps,
+      start_step=self.step,
+      progress_bar=self.config.progress_bar,
+      enabled=self.lead,
+    )
+    started: list[Callback] = []
+    try:
+      for callback in self.callbacks:
+        started.append(callback)
+        callback.on_start(self)
+      last = self._loop(first, writer)
+    except BaseException as e:
+      if first is not None:  # the first batch's thread, finished or not, ends before the process
+        first.wait()
+      self._close_after_failure(e, writer, started)
+      raise
+    for callback in started:
+      callback.close()
+    writer.close()
+    if ckpt is not None:
+      ckpt.close()  # a failed final save raises here
+    return {"metrics": last, "state": self.state, "train_step": self.step_fn}
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
-    self.requested = True
+  def _loop(self, first: Background | None, writer: MetricsWriter) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    clock = time.perf_counter()
+    while self.step < self.num_steps:
+      local = first.result() if first is not None else next(self.batches)
+      placed = self._place(local, compile_first=first is not None)
+      self.state, metrics = self.step_fn(self.state, placed)
+      if first is not None:
+        self._record_config()
+        first = None
+      self.step += 1
+      if self._pending is not None:
+        last, clock = self._report(writer, clock)
+        if self._rolled_back:  # a callback went back to the last checkpoint
+          continue
+      rows, seq_len = local["inputs"].shape
+      position = getattr(self.batches, "position", self.step)
+      self._pending = reporting.Pending(
+        self.step, metrics, rows * jax.process_count(), seq_len, position
+      )
+      stop = next((r for c in self.callbacks if (r := c.wants_stop(self, self.step))), None)
+      if self.checkpointer is not None and self._save_due(stop):
+        _save_if_sound(
+          self.checkpointer, self.step_fn, self.step, self.state, self.batches, self.meta
+        )
+      for callback in self.callbacks:
+        callback.after_step(self, self.step)
+      if stop:
+        logging.warning(
+          "stopped at step %d for %s; the checkpoint is being finalised", self.step, stop
+        )
+        break
+    if self._pending is not None:
+      last, _ = self._report(writer, clock)
+    return last
 
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  def _fetch_first(self) -> Background:
+    batches = self.batches
+    return Background(lambda: next(batches), "first-batch")
+
+  def _place(self, local: dict[str, np.ndarray], *, compile_first: bool):
+    """The batch on the mesh. A start's first batch compiles the step first (for the data
+    config's shapes, while the batch is still being read) and logs what it needs."""
+    config = getattr(self.batches, "config", None) if compile_first else None
+    if config is not None:
+      reporting.compile_step(
+        self.step_fn, self.state, config.batch_size, config.seq_len, self.model, self.peak
+      )
+    placed = self.step_fn.place_batch(local)
+    if compile_first and not self.step_fn.compiled_for(placed):  # rows other than it says
+      rows, length = local["inputs"].shape
+      reporting.compile_step(
+        self.step_fn, self.state, rows * jax.process_count(), length, self.model, self.peak
+      )
+    return placed
+
+  def _record_config(self) -> None:
+    """The config of this (re)start, once its first step ran: a start that fails (a setting the
+    checkpoint or the data does not take) leaves the earlier one."""
+    if self.lead and self.meta.get("gin_config"):
+      storage.write_text(storage.join(self.workdir, "config.gin"), self.meta["gin_config"])
+
+  def _report(self, writer: MetricsWriter, clock: float) -> tuple[dict[str, Any], float]:
+    pending, self._pending, self._rolled_back = self._pending, None, False
+    assert pending is not None
+    self._reported = pending
+    out, clock = reporting.report(
+      pending, writer, self.config, self.model, self.peak, self.mesh, clock, self.language_set
+    )
+    for callback in self.callbacks:
+      callback.on_metrics(self, pending.step, out)
+    return out, clock
+
+  def _save_due(self, stop: str | None) -> bool:
+    ckpt = self.checkpointer
+    return ckpt is not None and (
+      ckpt.should_save(self.step) or bool(stop) or self.step == self.num_steps
+    )
+
+  def roll_back(self, *, spike_step: int, skip_batches: int) -> None:
+    """Back to the last checkpoint, the data resumed `skip_batches` past the batch of
+    `spike_step` (whose metrics are being reported now)."""
+    ckpt, batches, reported = self.checkpointer, self.batches, self._reported
+    if ckpt is None or reported is None:
+      raise ValueError("rolling back needs checkpoints (CheckpointConfig.enabled)")
+    spike_position = reported.position
+    ckpt.wait()
+    restored = ckpt.restore_latest(batches, run_meta=self.meta)
+    if restored is None:
+      raise RuntimeError(
+        f"loss spike at step {spike_step} but no checkpoint to roll back to; save "
+        f"more often (CheckpointConfig.every_steps) or use SpikeConfig.mode='skip'"
+      )
+    self.state, _ = restored
+    skip = max(spike_position + skip_batches - batches.position, 0)
+    batches.skip(skip)
+    self.step = int(self.state.step)
+    self._rolled_back = True
+    logging.warning(
+      "loss spike at step %d: rolled back to step %d and skipped %d batches (data "
+      "resumes at position %d)",
+      spike_step,
+      self.step,
+      skip,
+      batches.position,
+    )
+
+  def _close_after_failure(self, e: BaseException, writer, callbacks) -> None:
+    """The run already failed: an error closing a callback, the writer or the checkpointer (a
+    full disk) is logged, and must not hide why it failed."""
+    ckpt = self.checkpointer
+    closers = [(type(c).__name__, c.close) for c in callbacks]
+    if ckpt is not None:
+      closers.append(("checkpointer", ckpt.close))
+    if writer is not None:
+      closers.append(("metrics writer", writer.close))
+    for name, close in closers:
+      try:
+        close()
+      except Exception as also:  # noqa: BLE001
+        logging.error("closing the %s after the failure: %s: %s", name, type(also).__name__, also)
+    if ckpt is not None and not isinstance(e, (CheckpointSaveError, KeyboardInterrupt)):
+      e.add_note(reporting.saved_note(ckpt))
 
 
 def train(
@@ -123,245 +359,25 @@ def train(
   checkpoint: CheckpointConfig | None = None,
   spikes: SpikeConfig = SpikeConfig(),
   metadata: dict[str, Any] | None = None,
-  eval_sets: Mapping[str, list[dict[str, np.ndarray]]] | None = None,
   start_over: bool = False,
-  benchmark=None,
+  language_set: languages.Languages = languages.DEFAULT,
+  callbacks: Sequence[Callback] | None = None,
 ) -> dict[str, Any]:
-  """Runs up to `trainer.num_steps` steps; returns the last metrics, final state, step object.
-
-  Process 0 holds the workdir's lock for the whole run. `start_over` moves an earlier run's files
-  to <workdir>/previous/ first; without it a workdir with checkpoints is always resumed.
-  `benchmark(step_fn, params) -> metrics` runs every `trainer.lm_eval_every` steps.
-  """
-  if trainer.num_steps is None:
-    raise ValueError("TrainerConfig.num_steps is None: set the number of steps to train")
-  lead = jax.process_index() == 0
-  with locks.workdir_lock(workdir) if lead else contextlib.nullcontext():
-    if start_over and lead:
-      set_aside_previous_run(workdir)
-    return _train(
-      model,
-      optimizer,
-      mesh_config,
-      trainer,
-      batches,
-      workdir,
-      checkpoint,
-      spikes,
-      metadata,
-      eval_sets,
-      benchmark,
-    )
-
-
-def _log_step_memory(memory, mesh, work: memory_report.ModelWork, advice: str) -> None:
-  device = mesh.devices.flat[0]
-  where = f"{mesh.devices.size} x {device.device_kind}"
-  hbm = memory_report.hbm_bytes(device)
-  for line in memory_report.report_lines(memory, hbm, where, work):
-    logging.info("%s", line)
-  if hbm and memory.peak > hbm:
-    logging.warning("the step needs more memory than the device has; %s", advice)
-
-
-def _compile_first_step(step_fn, state, rows: int, length: int, model, peak) -> None:
-  """Checks the batch against the mesh, compiles the step for batches of these shapes (from the
-  data config: while the first batch is still being read) and logs what it needs per device."""
-  step_fn.check_batch_shape(rows)
-  sharding.check_process_rows(step_fn.batch_sharding, rows)
-  mesh = step_fn.mesh
-  work = memory_report.model_work(model, rows, length, mesh.devices.flat, peak)
-  advice = memory_report.knobs(model, step_fn.loss_config, step_fn.optimizer_config)
-  _log_step_memory(
-    step_fn.compile_for(state, step_fn.abstract_batch(rows, length)), mesh, work, advice
-  )
-
-
-def _first_batch(batches) -> Background:
-  return Background(lambda: next(batches), "first-batch")
-
-
-@dataclasses.dataclass
-class _Pending:
-  """A step's metrics, still on device: read one step late, so the host never waits on the
-  device between dispatches."""
-
-  step: int
-  metrics: dict[str, jax.Array]
-  rows: int  # global rows of the batch
-  seq_len: int
-  position: int  # data position after this step's batch
-
-
-def _train(
-  model,
-  optimizer,
-  mesh_config,
-  trainer,
-  batches,
-  workdir,
-  checkpoint,
-  spikes,
-  metadata,
-  eval_sets,
-  benchmark,
-):
-  lead = jax.process_index() == 0
-  mesh = sharding.make_mesh(mesh_config)
-  step_fn = TrainStep(
+  """Builds a Trainer and runs it (see Trainer.run); `callbacks` None: the defaults
+  (preemption, and spike rollback when SpikeConfig.mode = 'rollback')."""
+  return Trainer(
     model,
     optimizer,
-    mesh,
-    mesh_config.effective_rules,
-    trainer.num_steps,
-    spikes,
-    loss_config=trainer.loss,
-    attention_blocks=trainer.attention_blocks,
-  )
-  logging.info(
-    "mesh %s over %d %s device(s); model %s, %.4g parameters",
-    dict(mesh.shape),
-    mesh.devices.size,
-    jax.devices()[0].platform,
-    model.name,
-    analytic_param_count(model),
-  )
-  ckpt = None
-  if checkpoint is not None and checkpoint.enabled:
-    for attr in ("save", "restore", "position"):
-      if not hasattr(batches, attr):
-        raise TypeError(
-          "checkpointing needs a resumable batch iterator (save/restore/position, "
-          "e.g. data.resumable.BatchIterator); set CheckpointConfig.enabled=False"
-        )
-    ckpt = Checkpointer(workdir, checkpoint, step_fn)
-  if spikes.mode == "rollback" and ckpt is None:
-    raise ValueError("SpikeConfig.mode='rollback' needs checkpoints (CheckpointConfig.enabled)")
-  meta = dict(
-    metadata or {},
-    model_config=dataclasses.asdict(model),
-    seed=trainer.seed,
-    framing=framing.TRAINING.to_meta(),
-    languages=list(languages.active().codes),
-  )
-
-  # The first batch (tf.data fills its shuffle buffers, opens every file) is fetched in the
-  # background while the state is initialised and the step compiled; a resume must restore the
-  # data state first.
-  first = None if ckpt is not None and ckpt.steps_on_disk() else _first_batch(batches)
-  try:
-    state = _initial_state(ckpt, step_fn, batches, trainer, meta)
-  except BaseException:
-    if first is not None:
-      first.wait()
-    if ckpt is not None:
-      ckpt.manager.close()
-    raise
-  if first is None and int(state.step) < trainer.num_steps:
-    first = _first_batch(batches)
-  peak = flops.peak_flops_per_device(jax.devices()[0], trainer.peak_flops_per_device)
-  writer = MetricsWriter(
+    mesh_config,
+    trainer,
+    batches,
     workdir,
-    tensorboard=trainer.tensorboard,
-    total_steps=trainer.num_steps,
-    start_step=int(state.step),
-    progress_bar=trainer.progress_bar,
-    enabled=lead,
-  )
-  eval_writer = None
-  if (eval_sets and trainer.eval_every) or (benchmark is not None and trainer.lm_eval_every):
-    eval_writer = MetricsWriter(
-      workdir,
-      filename="eval_metrics.jsonl",
-      progress_bar=False,
-      start_step=int(state.step),
-      tensorboard=trainer.tensorboard,
-      enabled=lead,
-    )
-  pending: _Pending | None = None
-  last_time = time.perf_counter()
-  last: dict[str, Any] = {}
-  try:
-    with _Preemption() as preemption:
-      step = int(state.step)
-      while step < trainer.num_steps:
-        if first is not None:  # this start's first step: compile it and say what it needs
-          config = getattr(batches, "config", None)  # the data's shapes, before its first batch
-          if config is not None:
-            _compile_first_step(step_fn, state, config.batch_size, config.seq_len, model, peak)
-          local = first.result()
-          placed = step_fn.place_batch(local)
-          if not step_fn.compiled_for(placed):  # no config, or rows other than it says
-            rows, length = local["inputs"].shape
-            _compile_first_step(step_fn, state, rows * jax.process_count(), length, model, peak)
-        else:
-          local = next(batches)
-          placed = step_fn.place_batch(local)
-        state, metrics = step_fn(state, placed)
-        if first is not None and lead and meta.get("gin_config"):
-          # The config of this (re)start, once its first step ran: a start that fails (a
-          # setting the checkpoint or the data does not take) leaves the earlier one.
-          storage.write_text(storage.join(workdir, "config.gin"), meta["gin_config"])
-        first = None
-        step += 1
-        rows, seq_len = local["inputs"].shape
-        position = getattr(batches, "position", step)
-        if pending is not None:
-          last, last_time = _report(pending, writer, trainer, model, peak, mesh, last_time)
-          if last["spike"] and spikes.mode == "rollback":
-            state, step = _rollback(ckpt, batches, pending, spikes, meta)
-            pending = None
-            continue
-        pending = _Pending(step, metrics, rows * jax.process_count(), seq_len, position)
-        stop = preemption.requested or (ckpt is not None and ckpt.reached_preemption(step))
-        if ckpt is not None and (ckpt.should_save(step) or stop or step == trainer.num_steps):
-          _save_if_sound(ckpt, step_fn, step, state, batches, meta)
-        if eval_writer is not None:
-          _evaluate_if_due(eval_writer, step, trainer, step_fn, state.params, eval_sets, benchmark)
-        if stop:
-          logging.warning(
-            "stopped at step %d for preemption; the checkpoint is being finalised", step
-          )
-          break
-      if pending is not None:
-        last, _ = _report(pending, writer, trainer, model, peak, mesh, last_time)
-  except BaseException as e:
-    if first is not None:  # failed before the first step took its batch
-      first.wait()
-    # The run already failed: an error closing the checkpointer or a writer (a full disk) is
-    # logged, and must not hide why it failed.
-    closers = [("checkpointer", ckpt.close)] if ckpt is not None else []
-    closers.append(("metrics writer", writer.close))
-    if eval_writer is not None:
-      closers.append(("evaluation metrics writer", eval_writer.close))
-    for name, close in closers:
-      try:
-        close()
-      except Exception as also:  # noqa: BLE001
-        logging.error("closing the %s after the failure: %s: %s", name, type(also).__name__, also)
-    if ckpt is not None and not isinstance(e, (CheckpointSaveError, KeyboardInterrupt)):
-      e.add_note(_saved_note(ckpt))
-    raise
-  writer.close()
-  if eval_writer is not None:
-    eval_writer.close()
-  if ckpt is not None:
-    ckpt.close()  # a failed final save raises here
-  return {"metrics": last, "state": state, "train_step": step_fn}
-
-
-def _saved_note(ckpt: Checkpointer) -> str:
-  """What a failed run leaves to resume from (added to its error, the last line printed)."""
-  try:
-    steps = ckpt.steps_on_disk()
-  except Exception as e:  # noqa: BLE001
-    return f"the checkpoints in {ckpt.root} could not be listed ({type(e).__name__}: {e})"
-  if not steps:
-    return f"no checkpoint was saved in {ckpt.root}"
-  return (
-    f"checkpoints saved: steps {steps} in {ckpt.root}; a restart resumes from step {steps[-1]} "
-    f"(the steps after it are not saved and will be redone)"
-  )
+    checkpoint=checkpoint,
+    spikes=spikes,
+    metadata=metadata,
+    language_set=language_set,
+    callbacks=callbacks,
+  ).run(start_over=start_over)
 
 
 def _initial_state(ckpt, step_fn: TrainStep, batches, trainer: TrainerConfig, meta):
@@ -413,112 +429,3 @@ def _save_if_sound(ckpt: Checkpointer, step_fn: TrainStep, step: int, state, bat
     )
     return
   ckpt.save(step, state, batches, meta)
-
-
-def _evaluate_if_due(writer, step, trainer, step_fn, params, eval_sets, benchmark) -> None:
-  due = lambda every: bool(every) and (step % every == 0 or step == trainer.num_steps)
-  record = {}
-  if eval_sets and due(trainer.eval_every):
-    record.update(evaluate(step_fn, params, eval_sets))
-  if benchmark is not None and due(trainer.lm_eval_every):
-    record.update(benchmark(step_fn, params))
-  if record:
-    writer.write(step, record)
-
-
-def evaluate(step_fn: TrainStep, params, eval_sets) -> dict[str, float]:
-  """Held-out loss per evaluation set (e.g. per language): token-mean NLL over its batches."""
-  out = {}
-  for name, batches in eval_sets.items():
-    total, weight = 0.0, 0.0
-    for local in batches:
-      loss_sum, w = step_fn.eval_sums(params, step_fn.place_batch(local))
-      total, weight = total + float(loss_sum), weight + float(w)
-    out[f"val_loss/{name}"] = total / max(weight, 1.0)
-  return out
-
-
-def _rollback(ckpt: Checkpointer, batches, pending, spikes: SpikeConfig, meta):
-  """PaLM-style: back to the last checkpoint, data resumed `rollback_skip_batches` past the
-  spike."""
-  spike_step, spike_position = pending.step, pending.position
-  ckpt.wait()
-  restored = ckpt.restore_latest(batches, run_meta=meta)
-  if restored is None:
-    raise RuntimeError(
-      f"loss spike at step {spike_step} but no checkpoint to roll back to; save "
-      f"more often (CheckpointConfig.every_steps) or use SpikeConfig.mode='skip'"
-    )
-  state, meta = restored
-  skip = spike_position + spikes.rollback_skip_batches - batches.position
-  batches.skip(max(skip, 0))
-  logging.warning(
-    "loss spike at step %d: rolled back to step %d and skipped %d batches (data "
-    "resumes at position %d)",
-    spike_step,
-    int(state.step),
-    max(skip, 0),
-    batches.position,
-  )
-  return state, int(state.step)
-
-
-def _report(pending: _Pending, writer, trainer, model, peak, mesh, last_time):
-  step, rows, seq_len = pending.step, pending.rows, pending.seq_len
-  fetched = jax.device_get(pending.metrics)
-  values = {k: v.item() for k, v in fetched.items() if np.ndim(v) == 0}
-  now = time.perf_counter()
-  dt = now - last_time
-  tokens = rows * seq_len
-  out = {
-    "loss": values["loss"],
-    "grad_norm": values["grad_norm"],
-    "learning_rate": values["learning_rate"],
-    "tokens_per_sec": tokens / dt,
-    "step_time_s": dt,
-    "skipped": values["skipped"],
-    "nonfinite_total": values["nonfinite_total"],
-    "spike": values["spike"],
-    "batch_fingerprint": int(values["batch_fingerprint"]),
-  }
-  if "language_tokens" in fetched:  # training loss per language (slot 0: untagged tokens)
-    for i, (total, count) in enumerate(
-      zip(fetched["language_loss"][1:], fetched["language_tokens"][1:])
-    ):
-      if count > 0:
-        out[f"loss/{languages.active().code(i + 1)}"] = float(total / count)
-  if peak:
-    per_token = flops.train_flops_per_token(model, seq_len)
-    out["mfu"] = per_token * out["tokens_per_sec"] / (peak * mesh.devices.size)
-  if values["nonfinite"]:
-    logging.warning(
-      "step %d: non-finite loss or gradient (loss=%s, grad_norm=%s): update skipped "
-      "(%d in a row, %d in total)",
-      step,
-      values["loss"],
-      values["grad_norm"],
-      values["nonfinite_in_a_row"],
-      values["nonfinite_total"],
-    )
-  if values["spike"]:
-    logging.warning(
-      "step %d: loss spike: loss %.4g (threshold %.4g), grad norm %.4g (threshold %.4g)%s",
-      step,
-      values["loss"],
-      values["loss_threshold"],
-      values["grad_norm"],
-      values["grad_norm_threshold"],
-      "; update skipped" if values["skipped"] else "",
-    )
-    out["loss_threshold"] = values["loss_threshold"]
-    out["grad_norm_threshold"] = values["grad_norm_threshold"]
-  writer.write(
-    step, out, console=step % trainer.log_every == 0 or step == 1 or step == trainer.num_steps
-  )
-  if values["nonfinite_in_a_row"] >= trainer.max_nonfinite_in_a_row:
-    raise NonFiniteError(
-      f"stopping at step {step}: {values['nonfinite_in_a_row']} consecutive non-finite updates "
-      f"(TrainerConfig.max_nonfinite_in_a_row={trainer.max_nonfinite_in_a_row}); the parameters "
-      f"are those of the last finite step"
-    )
-  return out, now

@@ -28,7 +28,7 @@ from polylm_jax.optimizer import (
   scale_by_lr,
 )
 from polylm_jax.trainer import spikes
-from polylm_jax.trainer.loss import LossConfig, per_token_nll, token_nll
+from polylm_jax.trainer.loss import LossConfig, per_token_nll
 
 # The batch the step consumes: packed rows with per-document positions and segment ids.
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
@@ -43,12 +43,6 @@ class TrainState:
   nonfinite_in_a_row: jax.Array
   nonfinite_total: jax.Array
   spike_stats: jax.Array  # running loss / grad-norm statistics (train/spikes.py)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-  """Summed token-weighted negative log-likelihood and the weight total, both float32."""
-  w = weights.astype(jnp.float32)
-  return jnp.sum(token_nll(logits, targets) * w), jnp.sum(w)
 
 
 # Optional batch key "languages": per token 0 (none/padding) or the language's tag in the run's
@@ -96,14 +90,13 @@ class TrainStep:
   rules: tuple
   total_steps: int
   spike_config: spikes.SpikeConfig = spikes.SpikeConfig()
-  language_slots: int = 0  # 0: the active language set's (languages.active().slots)
+  language_slots: int = languages.DEFAULT.slots  # the run's Languages.slots (loss per language)
   loss_config: LossConfig = LossConfig()
   attention_blocks: BlockSizes = BlockSizes()  # the Pallas kernels' tiling (kernels/common.py)
 
   def __post_init__(self):
     self._compiled: Any = None
     self._compiled_for: Any = None
-    self.language_slots = self.language_slots or languages.active().slots
     sharding.check_model_fits_mesh(self.model_config, self.mesh, self.rules)
     self.graphdef = model_params.graphdef(self.model_config, self.attention_blocks)
     abstract = model_params.abstract_params(self.model_config)
