@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from polylm_jax.typecheck import check_fields
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")  # kernels/dispatch.py
+# The attention implementations, one list: ModelConfig checks it, kernels/dispatch.py runs them.
+ATTENTION_IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -376,9 +376,3 @@ def _to_cache(kv: jax.Array, slots: int) -> jax.Array:
   x = jnp.swapaxes(kv, -3, -2)
   x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, slots - x.shape[-2]), (0, 0)])
   return sharding.constrain(x, CACHE_LOGICAL[-x.ndim :])
-
-
-def cache_bytes(config: ModelConfig, batch: int, slots: int) -> int:
-  """Memory of a KV cache (both halves), for planning batch sizes."""
-  itemsize = jnp.dtype(config.compute_dtype).itemsize
-  return 2 * config.num_layers * batch * slots * config.d_model * itemsize

@@ -139,3 +139,30 @@ def differentiable(forward, backward):
 
   flash.defvjp(flash_fwd, flash_bwd)
   return flash
+
+
+def entry_point(impl: str, forward, backward, check=None):
+  """A kernel pair's public function, the same for every platform:
+  flash_attention(q, k, v, segment_ids=None, *, causal=True, blocks=BlockSizes(), interpret=False).
+  `check(q, blocks, block_k, interpret)` adds the platform's own input checks."""
+  flash = differentiable(forward, backward)
+
+  def flash_attention(
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    causal: bool = True,
+    blocks: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+  ) -> jax.Array:
+    """[B, T, H, D] attention with packing (segment ids) and causal masking. `interpret=True`
+    runs the same kernels in the Pallas interpreter (any platform; for tests)."""
+    _, block_k = check_inputs(q, k, v, segment_ids, blocks, impl=impl)
+    if check is not None:
+      check(q, blocks, block_k, interpret)
+    return flash(q, k, v, segment_ids_or_one(q, segment_ids), causal, blocks, interpret)
+
+  flash_attention.__qualname__ = flash_attention.__name__ = "flash_attention"
+  return flash_attention

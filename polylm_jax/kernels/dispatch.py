@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from polylm_jax import sharding
+from polylm_jax.config import ATTENTION_IMPLS as IMPLS  # the one list (ModelConfig checks it)
 from polylm_jax.kernels.common import BlockSizes, check_inputs, segment_ids_or_one
 
-IMPLS = ("xla", "pallas_gpu", "pallas_tpu", "cudnn", "auto")
 _PLATFORM_OF = {"pallas_gpu": "gpu", "pallas_tpu": "tpu", "cudnn": "gpu"}
 _logged: set[tuple] = set()
 

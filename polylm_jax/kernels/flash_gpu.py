@@ -21,15 +21,12 @@ from jax.experimental import pallas as pl
 
 from polylm_jax.kernels.common import (
   MASK_VALUE,
-  BlockSizes,
   block_mask,
-  check_inputs,
-  differentiable,
   dot,
   dot_t,
   dot_tn,
+  entry_point,
   online_softmax_step,
-  segment_ids_or_one,
 )
 
 
@@ -230,21 +227,5 @@ def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   return dq, dk, dv
 
 
-_flash = differentiable(_forward, _backward)
-
-
-def flash_attention(
-  q,
-  k,
-  v,
-  segment_ids=None,
-  *,
-  causal: bool = True,
-  blocks: BlockSizes = BlockSizes(),
-  interpret: bool = False,
-) -> jax.Array:
-  """[B, T, H, D] attention with packing (segment ids) and causal masking, on a GPU.
-
-  `interpret=True` runs the same kernels in the Pallas interpreter (any platform; for tests)."""
-  check_inputs(q, k, v, segment_ids, blocks, impl="pallas_gpu")
-  return _flash(q, k, v, segment_ids_or_one(q, segment_ids), causal, blocks, interpret)
+# [B, T, H, D] attention on a GPU (Triton lowering); see common.entry_point.
+flash_attention = entry_point("pallas_gpu", _forward, _backward)

@@ -23,11 +23,9 @@ from jax.experimental.pallas import tpu as pltpu
 from polylm_jax.kernels.common import (
   MASK_VALUE,
   BlockSizes,
-  check_inputs,
-  differentiable,
   dot,
   dot_t,
-  segment_ids_or_one,
+  entry_point,
 )
 
 LANES, SUBLANES = 128, 8
@@ -344,23 +342,7 @@ def _backward(q, k, v, seg, o, lse, do, causal, blocks, interpret):
   return back(dq), back(dk), back(dv)
 
 
-_flash = differentiable(_forward, _backward)
-
-
-def flash_attention(
-  q,
-  k,
-  v,
-  segment_ids=None,
-  *,
-  causal: bool = True,
-  blocks: BlockSizes = BlockSizes(),
-  interpret: bool = False,
-) -> jax.Array:
-  """[B, T, H, D] attention with packing (segment ids) and causal masking, on a TPU.
-
-  `interpret=True` runs the same kernels in the Pallas TPU interpreter (any platform; for tests)."""
-  block_q, block_k = check_inputs(q, k, v, segment_ids, blocks, impl="pallas_tpu")
+def _check_lanes(q, blocks: BlockSizes, block_k: int, interpret: bool) -> None:
   for name, b in (
     ("block_k", block_k),
     ("bwd_block_k", blocks.backward().for_length(q.shape[1])[1]),
@@ -370,4 +352,7 @@ def flash_attention(
         f"pallas_tpu: {name}={b} must be a multiple of {LANES} on TPU "
         f"(segment-id lanes); use a sequence of at least {LANES} tokens"
       )
-  return _flash(q, k, v, segment_ids_or_one(q, segment_ids), causal, blocks, interpret)
+
+
+# [B, T, H, D] attention on a TPU (Mosaic lowering); see common.entry_point.
+flash_attention = entry_point("pallas_tpu", _forward, _backward, _check_lanes)

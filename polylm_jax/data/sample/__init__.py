@@ -15,7 +15,7 @@ import pathlib
 from polylm_jax import languages
 
 LANGUAGES = languages.POLYLM  # the corpus has exactly PolyLM's 18 languages
-SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
+SAMPLE_DIR = pathlib.Path(__file__).resolve().parent  # this package holds the corpus
 TREEBANK_DIR = SAMPLE_DIR / "ud"
 # The treebank files that hold the 1,000 PUD sentences, parallel line by line (nl, vi, he do not).
 PUD_LANGUAGES = tuple(lang for lang in LANGUAGES if lang not in ("nl", "vi", "he"))
