@@ -57,7 +57,7 @@ def export(workdir: str, out: str, dtype: str) -> None:
   import memory  # bench/memory.py
 
   from polylm_jax.checkpoint import on_disk
-  from polylm_jax.export import cli
+  from polylm_jax.export import export_cli as cli
 
   rss_before = memory.current_gib()
   memory.reset_peak()

@@ -19,7 +19,7 @@ from polylm_jax.checkpoint.manager import CheckpointConfig, Checkpointer
 from polylm_jax.config import PRESETS
 from polylm_jax.errors import CheckpointMismatchError
 from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.train import cli
+from polylm_jax.train import train_cli as cli
 from polylm_jax.trainer.step import TrainStep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from polylm_jax.train import cli
+from polylm_jax.train import train_cli as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHORT = [

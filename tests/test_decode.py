@@ -15,8 +15,8 @@ import transformers
 from polylm_jax import framing, sharding
 from polylm_jax.config import PRESETS
 from polylm_jax.data import sample
-from polylm_jax.decode import cli as generate_cli
 from polylm_jax.decode import generate, sampling
+from polylm_jax.decode import generate_cli as generate_cli
 from polylm_jax.export import hf_export
 from polylm_jax.model import params as P
 
@@ -172,7 +172,7 @@ def test_prompts_are_never_truncated_silently_and_stop_strings_cut(params, caplo
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
-  from polylm_jax.train import cli
+  from polylm_jax.train import train_cli as cli
 
   workdir = tmp_path_factory.mktemp("gen") / "run"
   cli.main(
@@ -190,7 +190,7 @@ def trained_workdir(tmp_path_factory):
 
 
 def test_generate_cli_from_a_workdir_and_from_its_export(trained_workdir, tmp_path, capsys):
-  from polylm_jax.export import cli as export_cli
+  from polylm_jax.export import export_cli as export_cli
 
   prompts = tmp_path / "in.jsonl"
   prompts.write_text(
@@ -247,7 +247,7 @@ def test_generate_cli_from_a_workdir_and_from_its_export(trained_workdir, tmp_pa
 def test_chat_loop_and_a_model_without_its_tokenizer(
   trained_workdir, tmp_path, monkeypatch, capsys
 ):
-  from polylm_jax.export import cli as export_cli
+  from polylm_jax.export import export_cli as export_cli
 
   answers = iter(["Hello", "/reset", "How are you", ""])
   monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
@@ -265,7 +265,7 @@ def test_chat_loop_and_a_model_without_its_tokenizer(
 
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
 def test_generate_arguments_are_checked_before_any_model_is_loaded(tmp_path, value, capsys):
-  from polylm_jax.decode import cli
+  from polylm_jax.decode import generate_cli as cli
 
   with pytest.raises(SystemExit) as e:  # the workdir does not even exist: nothing was read
     cli.main([f"--workdir={tmp_path / 'none'}", "--prompt=Hi", f"--max_new_tokens={value}"])

@@ -23,7 +23,7 @@ def _copy(what: str, tmp_path) -> pathlib.Path:
 def test_an_earlier_checkpoint_resumes_with_the_same_losses(tmp_path):
   """The continuation from the earlier checkpoint (parameters, optimizer state, data position)
   gives the losses the earlier version gave for steps 5 and 6."""
-  from polylm_jax.train import cli
+  from polylm_jax.train import train_cli as cli
 
   workdir = _copy("run", tmp_path)
   cli.main(
@@ -40,7 +40,7 @@ def test_an_earlier_checkpoint_resumes_with_the_same_losses(tmp_path):
 def test_an_earlier_checkpoint_exports_to_the_earlier_export(tmp_path):
   from safetensors.numpy import load_file
 
-  from polylm_jax.export import cli
+  from polylm_jax.export import export_cli as cli
 
   out = tmp_path / "export"
   assert cli.main([f"--workdir={_copy('run', tmp_path)}", f"--out={out}"]) == 0
@@ -58,7 +58,7 @@ def test_an_earlier_checkpoint_exports_to_the_earlier_export(tmp_path):
 
 @pytest.mark.parametrize("source", ["run", "export"])
 def test_an_earlier_checkpoint_and_export_generate_the_same(source, tmp_path, capsys):
-  from polylm_jax.decode import cli
+  from polylm_jax.decode import generate_cli as cli
 
   flag = "--workdir" if source == "run" else "--hf_dir"
   cli.main(

@@ -169,7 +169,7 @@ def test_a_run_moves_from_2x4_to_1x8_to_4x2_processes_with_the_same_batches(tmp_
   """Multi-host as on a pod, with local processes (gloo collectives): steps 1-2 on 2 processes of
   4 devices, 3-4 on 1 of 8 (this one), 5-6 on 4 of 2, through a curriculum's stage switch; every
   global batch equals that of an uninterrupted run on one process."""
-  from polylm_jax.train import cli
+  from polylm_jax.train import train_cli as cli
 
   reference = tmp_path / "reference"
   cli.main(

@@ -12,9 +12,9 @@ import transformers
 from polylm_jax.checkpoint import on_disk
 from polylm_jax.config import PRESETS
 from polylm_jax.errors import CheckpointMismatchError
-from polylm_jax.export import cli as export_cli
+from polylm_jax.export import export_cli as export_cli
 from polylm_jax.export import hf_export, hf_layout, import_cli
-from polylm_jax.train import cli as train_cli
+from polylm_jax.train import train_cli as train_cli
 
 SHORT = [
   "--gin_file=gin_configs/quickstart.gin",
@@ -192,13 +192,13 @@ def test_what_needs_no_tensorflow_never_imports_it_and_verify_says_what_to_insta
   modules = [
     "polylm_jax.data.tokenizer_cli",
     "polylm_jax.train.cache_cli",
-    "polylm_jax.export.cli",
+    "polylm_jax.export.export_cli",
     "polylm_jax.export.import_cli",
-    "polylm_jax.decode.cli",
-    "polylm_jax.eval.cli",
-    "polylm_jax.self_instruct.cli",
+    "polylm_jax.decode.generate_cli",
+    "polylm_jax.eval.eval_cli",
+    "polylm_jax.self_instruct.self_instruct_cli",
     "polylm_jax.train.compile_cli",
-    "polylm_jax.train.cli",
+    "polylm_jax.train.train_cli",
   ]
   script = (
     "import importlib, sys\n"
@@ -225,7 +225,7 @@ def test_what_needs_no_tensorflow_never_imports_it_and_verify_says_what_to_insta
     [
       sys.executable,
       "-c",
-      hide + "from polylm_jax.export import cli\n"
+      hide + "from polylm_jax.export import export_cli as cli\n"
       f"cli.main(['--workdir={tmp_path / 'no-run'}', '--out={out}', '--verify'])",
     ],
     capture_output=True,

@@ -32,11 +32,11 @@ from polylm_jax.errors import (
   NoUsableCheckpointError,
   WorkdirLockedError,
 )
-from polylm_jax.export import cli as export_cli
+from polylm_jax.export import export_cli as export_cli
 from polylm_jax.export import hf_export, import_cli
 from polylm_jax.io import locks
 from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.train import cli
+from polylm_jax.train import train_cli as cli
 from polylm_jax.trainer.loop import TrainerConfig, train
 from polylm_jax.trainer.step import TrainStep
 

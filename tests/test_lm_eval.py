@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from polylm_jax.errors import MissingDataError  # noqa: E402
 from polylm_jax.eval import lm_eval_model  # noqa: E402
-from polylm_jax.export import cli as export_cli  # noqa: E402
+from polylm_jax.export import export_cli as export_cli  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
 
@@ -36,7 +36,7 @@ def local_tasks(tmp_path) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def run_and_export(tmp_path_factory):
-  from polylm_jax.train import cli
+  from polylm_jax.train import train_cli as cli
 
   root = tmp_path_factory.mktemp("lmeval")
   cli.main(
@@ -157,7 +157,7 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
 ):
   import logging
 
-  from polylm_jax.eval import cli as eval_cli
+  from polylm_jax.eval import eval_cli as eval_cli
 
   for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
     monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
@@ -238,7 +238,7 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
 
 
 def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
-  from polylm_jax.train import cli
+  from polylm_jax.train import train_cli as cli
 
   include = local_tasks(tmp_path)
   cli.main(

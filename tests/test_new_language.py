@@ -10,7 +10,8 @@ import pytest
 from polylm_jax import languages
 from polylm_jax.data import pipeline, sample, tokenizer_cli
 from polylm_jax.errors import CheckpointMismatchError
-from polylm_jax.train import cache_cli, cli
+from polylm_jax.train import cache_cli
+from polylm_jax.train import train_cli as cli
 
 WORDS = (
   "habari za asubuhi watoto wanacheza shuleni mama anapika chakula kitamu leo jua linawaka sana "

@@ -16,7 +16,7 @@ import pytest
 
 from polylm_jax.data import instructions, sample
 from polylm_jax.self_instruct import filters, rouge
-from polylm_jax.self_instruct.cli import main as self_instruct_main
+from polylm_jax.self_instruct.self_instruct_cli import main as self_instruct_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NAMES = {"Thai": "th", "Vietnamese": "vi"}

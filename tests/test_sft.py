@@ -128,8 +128,8 @@ def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
 
   from polylm_jax import sharding
   from polylm_jax.decode import generate, loading
-  from polylm_jax.export import cli as export_cli
-  from polylm_jax.train import cli
+  from polylm_jax.export import export_cli as export_cli
+  from polylm_jax.train import train_cli as cli
 
   records = [
     {"instruction": q, "output": a}
@@ -200,7 +200,7 @@ def test_epochs_set_the_steps_and_a_constant_schedule_stays_at_peak():
 def test_epochs_and_a_step_count_are_one_choice(tmp_path):
   """sft/quickstart.gin trains a number of epochs; a step count given as well is refused (it
   would otherwise be replaced by the epochs' count without a word)."""
-  from polylm_jax.train import cli
+  from polylm_jax.train import train_cli as cli
 
   args = [
     "--gin_file=sft/quickstart.gin",

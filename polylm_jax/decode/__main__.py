@@ -1,3 +1,3 @@
-from polylm_jax.decode.cli import console_main
+from polylm_jax.decode.generate_cli import console_main
 
 console_main()

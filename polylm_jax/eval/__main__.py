@@ -1,3 +1,3 @@
-from polylm_jax.eval.cli import console_main
+from polylm_jax.eval.eval_cli import console_main
 
 console_main()

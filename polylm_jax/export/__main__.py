@@ -1,3 +1,3 @@
-from polylm_jax.export.cli import console_main
+from polylm_jax.export.export_cli import console_main
 
 console_main()

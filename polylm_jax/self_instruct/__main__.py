@@ -1,3 +1,3 @@
-from polylm_jax.self_instruct.cli import console_main
+from polylm_jax.self_instruct.self_instruct_cli import console_main
 
 console_main()

@@ -1,3 +1,3 @@
-from polylm_jax.train.cli import console_main
+from polylm_jax.train.train_cli import console_main
 
 console_main()
