@@ -42,7 +42,7 @@ class Benchmark:
     self.tasks = suite.load_tasks(self.specs, manager)
     self.sp = spm.SentencePieceProcessor(model_proto=tokenizer_model)
     self.limit, self.num_fewshot, self.batch_size = limit, num_fewshot, batch_size
-    self._lm = None
+    self._lm: Any = None  # eval.lm_eval_model.PolyLMJax, made at the first evaluation
     logging.info("in-training evaluation: %s", ", ".join(s.task for s in self.specs))
 
   def _model(self, step_fn, params):

@@ -184,7 +184,7 @@ class PolyLMJax(TemplateLM):
       len(items) - len(first),
     )
     rest = self.scorer.score([items[i] for i in order[self.batch_size :]], progress=bar)
-    out = [None] * len(items)
+    out: list[Any] = [None] * len(items)
     for i, s in zip(order, head + rest):
       out[i] = s
     return out

@@ -116,13 +116,13 @@ class TrainStep:
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
     )
-    self.state_shardings = TrainState(
-      step=replicated,
+    self.state_shardings = TrainState(  # (the same structure, holding shardings)
+      step=replicated,  # type: ignore[arg-type]
       params=self.param_shardings,
       opt_state=opt_shardings,
-      nonfinite_in_a_row=replicated,
-      nonfinite_total=replicated,
-      spike_stats=replicated,
+      nonfinite_in_a_row=replicated,  # type: ignore[arg-type]
+      nonfinite_total=replicated,  # type: ignore[arg-type]
+      spike_stats=replicated,  # type: ignore[arg-type]
     )
     self.batch_sharding = NamedSharding(
       self.mesh, sharding.logical_to_mesh_spec(BATCH_LOGICAL, self.rules)
