@@ -34,7 +34,13 @@ def step_time_with_async_save(steps: int) -> None:
 
   cfg = PRESETS["small"].replace(dtype="float32")
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10_000)
+  step = TrainStep(
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10_000,
+  )
   state = step.init(0)
   rng = np.random.default_rng(0)
   toks = rng.integers(3, cfg.vocab_size, (8, 513)).astype(np.int32)

@@ -222,11 +222,11 @@ def one_train_step(args, cfg, blocks, batch: int, length: int, reps: int) -> Non
     vocab_tile=args.loss_vocab_tile,
   )
   step = TrainStep(
-    cfg,
-    OptimizerConfig(warmup_steps=1),
-    mesh,
-    sharding.DEFAULT_RULES,
-    1000,
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=1000,
     loss_config=loss,
     attention_blocks=blocks,
   )

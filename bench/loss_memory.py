@@ -57,7 +57,12 @@ def train_step(cfg, loss_config, devices, batch: int, length: int):
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices)
   step = TrainStep(
-    cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 100, loss_config=loss_config
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=100,
+    loss_config=loss_config,
   )
   batch_spec = step.abstract_batch(batch, length, languages=False)
   compiled = step.lower(step.abstract_state(), batch_spec).compile()

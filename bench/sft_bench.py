@@ -52,7 +52,13 @@ def main() -> None:
   cfg = PRESETS[args.preset].replace(dtype="float32")
   instructions.InstructionCorpora(embedded_sample=True).register(tasks.vocabulary(), args.seq)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10_000)
+  step = TrainStep(
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10_000,
+  )
   print(
     f"SFT vs pre-training: {cfg.name} float32, rows {args.batch} x {args.seq}, {args.steps} "
     f"timed steps; jax {jax.__version__}; CPU {cpu_name()} ({os.cpu_count()} cores)"

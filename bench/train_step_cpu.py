@@ -39,7 +39,13 @@ def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
   from polylm_jax.trainer.step import TrainStep
 
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10_000)
+  step = TrainStep(
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10_000,
+  )
   state = step.init(0)
   rng = np.random.default_rng(0)
   toks = rng.integers(3, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)

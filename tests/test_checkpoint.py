@@ -44,7 +44,11 @@ def _final(workdir, cfg=TINY, mesh_shape=(1, 1, 1)):
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
   step = TrainStep(
-    cfg, OptimizerConfig(warmup_steps=3, decay_steps=30), mesh, sharding.DEFAULT_RULES, 30
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=3, decay_steps=30),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=30,
   )
   ckpt = Checkpointer(workdir, CheckpointConfig(), step)
   state, meta = ckpt.restore(ckpt.steps()[-1], None)
@@ -145,7 +149,13 @@ def test_sigkill_and_sigterm_at_random_moments_lose_nothing(tmp_path):
 
 def test_restore_onto_other_meshes_and_device_counts(tmp_path, make_batch):
   mesh = sharding.make_mesh(sharding.MeshConfig(2, 4, 1))
-  step = TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  step = TrainStep(
+    model_config=TINY,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
+  )
   state = step.init(0)
   state, _ = step(state, step.place_batch(make_batch(0, 8, 32, TINY.vocab_size)))
   saved = jax.device_get(state)
@@ -162,11 +172,11 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path, make_batch):
   for shape in ((1, 1, 1), (4, 1, 2)):
     devices = jax.devices()[: int(np.prod(shape))]
     other = TrainStep(
-      TINY,
-      OptimizerConfig(warmup_steps=1),
-      sharding.make_mesh(sharding.MeshConfig(*shape), devices),
-      sharding.DEFAULT_RULES,
-      10,
+      model_config=TINY,
+      optimizer_config=OptimizerConfig(warmup_steps=1),
+      mesh=sharding.make_mesh(sharding.MeshConfig(*shape), devices),
+      rules=sharding.DEFAULT_RULES,
+      total_steps=10,
     )
     restorer = Checkpointer(tmp_path, CheckpointConfig(), other)
     restored, _ = restorer.restore(1, None)
@@ -193,7 +203,13 @@ class _Positions:
 
 def _saved_steps(tmp_path, steps, config):
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  step = TrainStep(
+    model_config=TINY,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
+  )
   state = step.init(0)
   ckpt = Checkpointer(tmp_path, config, step)
   data = _Positions()
@@ -253,7 +269,13 @@ def test_checkpoint_of_another_model_names_the_mismatch(tmp_path):
   other = Checkpointer(
     tmp_path,
     CheckpointConfig(),
-    TrainStep(other_cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10),
+    TrainStep(
+      model_config=other_cfg,
+      optimizer_config=OptimizerConfig(warmup_steps=1),
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      total_steps=10,
+    ),
   )
   with pytest.raises(
     CheckpointMismatchError,

@@ -274,11 +274,11 @@ def test_reset_optimizer_keeps_the_parameters_step_and_data_position(run_copy, c
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   steps = {
     clip: TrainStep(
-      TINY,
-      OptimizerConfig(warmup_steps=2, decay_steps=30, grad_clip_norm=clip),
-      mesh,
-      sharding.DEFAULT_RULES,
-      30,
+      model_config=TINY,
+      optimizer_config=OptimizerConfig(warmup_steps=2, decay_steps=30, grad_clip_norm=clip),
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      total_steps=30,
     )
     for clip in (1.0, 0.0)
   }
@@ -341,7 +341,11 @@ def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
     assert "earlier checkpoints are untouched: [2, 4]" in last
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
     step = TrainStep(
-      TINY, OptimizerConfig(warmup_steps=2, decay_steps=30), mesh, sharding.DEFAULT_RULES, 30
+      model_config=TINY,
+      optimizer_config=OptimizerConfig(warmup_steps=2, decay_steps=30),
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      total_steps=30,
     )
     ckpt = Checkpointer(work, CheckpointConfig(), step)
     assert ckpt.steps() == [2, 4]
@@ -415,7 +419,13 @@ def test_no_checkpoint_during_a_nonfinite_streak(tmp_path, make_batch, caplog):
 
 def test_nonfinite_weights_are_never_saved_exported_or_imported(tmp_path):
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  step = TrainStep(
+    model_config=TINY,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
+  )
   state = step.init(0)
   assert step.is_finite(state)
   params = jax.tree.map(np.array, jax.device_get(state.params))  # writable copies

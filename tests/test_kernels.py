@@ -120,11 +120,11 @@ def test_sharded_model_with_kernel_matches_xla(kernel, make_batch):
   for impl in ("xla", kernel):
     cfg = PRESETS["tiny"].replace(attention_impl=impl, attention_interpret=True)
     step = TrainStep(
-      cfg,
-      OptimizerConfig(warmup_steps=1),
-      mesh,
-      sharding.DEFAULT_RULES,
-      10,
+      model_config=cfg,
+      optimizer_config=OptimizerConfig(warmup_steps=1),
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      total_steps=10,
       attention_blocks=BlockSizes(16, 16),
     )
     state = step.init(0)
@@ -216,7 +216,13 @@ def test_tpu_train_step_with_kernel_compiles_for_a_v5p_slice():
   cfg = PRESETS["tiny"].replace(
     d_model=256, num_heads=2, max_length=256, dtype="bfloat16", attention_impl="pallas_tpu"
   )
-  step = TrainStep(cfg, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  step = TrainStep(
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
+  )
   batch = step.abstract_batch(4, 256, languages=False)
   compiled = step.lower(step.abstract_state(), batch).compile()
   text = compiled.as_text()

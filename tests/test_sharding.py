@@ -19,7 +19,13 @@ MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
 def _run(mesh_shape, make_batch, steps=3):
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
-  step = TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  step = TrainStep(
+    model_config=TINY,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
+  )
   state = step.init(seed=0)
   losses = []
   for i in range(steps):
@@ -90,21 +96,39 @@ def test_mesh_sizes_that_do_not_fit_fail_before_compiling():
     r"\('tensor',\)\), which does not divide "
     r"ModelConfig.num_heads=4",
   ):
-    TrainStep(TINY, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+    TrainStep(
+      model_config=TINY,
+      optimizer_config=OptimizerConfig(warmup_steps=1),
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      total_steps=10,
+    )
   # The checks follow the rules, not the mesh axis names: heads over fsdp are checked there.
   fsdp = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
   moved = sharding.MeshConfig(
     rule_overrides={"heads": "fsdp", "activation_heads": "fsdp", "embed": None}
   ).effective_rules
   with pytest.raises(ValueError, match=r"rule 'heads' -> mesh axes \('fsdp',\)"):
-    TrainStep(TINY, OptimizerConfig(warmup_steps=1), fsdp, moved, 10)
+    TrainStep(
+      model_config=TINY,
+      optimizer_config=OptimizerConfig(warmup_steps=1),
+      mesh=fsdp,
+      rules=moved,
+      total_steps=10,
+    )
 
 
 def test_indivisible_parameter_names_the_tensor():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
   wide = TINY.replace(d_model=68, num_heads=4)  # embed=68 cannot split 8 ways over fsdp
   with pytest.raises(ValueError, match=r"params\['blocks'\].*size 68.*fsdp"):
-    TrainStep(wide, OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+    TrainStep(
+      model_config=wide,
+      optimizer_config=OptimizerConfig(warmup_steps=1),
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      total_steps=10,
+    )
 
 
 def test_rules_are_data():

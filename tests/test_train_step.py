@@ -21,7 +21,13 @@ TINY = PRESETS["tiny"]
 def _step(opt=None, mesh_shape=(1, 1, 1)):
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
-  return TrainStep(TINY, opt or OptimizerConfig(warmup_steps=1), mesh, sharding.DEFAULT_RULES, 10)
+  return TrainStep(
+    model_config=TINY,
+    optimizer_config=opt or OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
+  )
 
 
 def test_gradient_accumulation_matches_one_big_batch(make_batch):
@@ -56,11 +62,11 @@ def _loss_and_grads(batch, loss_config, mesh_shape=(1, 1, 1)):
     sharding.MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))]
   )
   step = TrainStep(
-    cfg,
-    OptimizerConfig(warmup_steps=1),
-    mesh,
-    sharding.DEFAULT_RULES,
-    10,
+    model_config=cfg,
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    mesh=mesh,
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
     loss_config=loss_config,
   )
   state = step.init(0)

@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
   mesh = sharding.make_mesh(mesh_config, devices)
   try:
     step = TrainStep(
-      model,
-      optimizer,
-      mesh,
-      mesh_config.effective_rules,
-      trainer.num_steps,
+      model_config=model,
+      optimizer_config=optimizer,
+      mesh=mesh,
+      rules=mesh_config.effective_rules,
+      total_steps=trainer.num_steps,
       language_slots=language_set.slots,
       loss_config=trainer.loss,
     )

@@ -125,12 +125,12 @@ class Trainer:
     self.lead = jax.process_index() == 0  # one writer per run, whatever the number of hosts
     self.mesh = sharding.make_mesh(mesh_config)
     self.step_fn = TrainStep(
-      model,
-      optimizer,
-      self.mesh,
-      mesh_config.effective_rules,
-      config.num_steps,
-      spikes,
+      model_config=model,
+      optimizer_config=optimizer,
+      mesh=self.mesh,
+      rules=mesh_config.effective_rules,
+      total_steps=config.num_steps,
+      spike_config=spikes,
       language_slots=language_set.slots,
       loss_config=config.loss,
       attention_blocks=config.attention_blocks,
