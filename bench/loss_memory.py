@@ -1,4 +1,4 @@
-"""Memory and speed of the three LM-head losses (train/loss.py: full, chunked, tiled), measured
+"""Memory and speed of the three LM-head losses (trainer/loss.py: full, chunked, tiled), measured
 in one run against `full`:
 
 1. the loss alone (its value and the gradients of hidden states and the tied embedding) for

@@ -74,7 +74,7 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, fields: dict) -> "ModelConfig":
     """The config recorded in a checkpoint or export. Settings of how the model is computed that
-    moved out of ModelConfig (the loss: train.loss.LossConfig; the attention kernels' block
+    moved out of ModelConfig (the loss: trainer.loss.LossConfig; the attention kernels' block
     sizes: TrainerConfig.attention_blocks) are dropped from records written before they moved."""
     return cls(**{k: v for k, v in fields.items() if k not in _MOVED_OUT})
 

@@ -42,7 +42,7 @@ class TrainState:
   opt_state: Any
   nonfinite_in_a_row: jax.Array
   nonfinite_total: jax.Array
-  spike_stats: jax.Array  # running loss / grad-norm statistics (train/spikes.py)
+  spike_stats: jax.Array  # running loss / grad-norm statistics (trainer/spikes.py)
 
 
 # Optional batch key "languages": per token 0 (none/padding) or the language's tag in the run's
