@@ -14,7 +14,7 @@ import gin
 from polylm_jax.errors import ConfigError
 
 # The shipped gin files, inside the package (also a non-editable install or a wheel has them).
-GIN_DIR = pathlib.Path(__file__).resolve().parent / "gin_configs"
+GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"  # polylm_jax/gin_configs
 
 _train_fn = None  # the training entry point as wrapped by gin
 
