@@ -100,3 +100,19 @@ def _baseline():
 
 
 _BASELINE = _baseline()
+
+
+@pytest.fixture
+def train_args():
+  """runs.train_args: polylm-train arguments for a short quickstart run."""
+  import runs
+
+  return runs.train_args
+
+
+@pytest.fixture
+def tiny_step():
+  """runs.tiny_step: a TrainStep of the tiny model, keyword arguments overriding the defaults."""
+  import runs
+
+  return runs.tiny_step

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from runs import tiny_step
 
 from polylm_jax import sharding
 from polylm_jax.checkpoint.manager import CheckpointConfig, Checkpointer
@@ -149,13 +150,7 @@ def test_sigkill_and_sigterm_at_random_moments_lose_nothing(tmp_path):
 
 def test_restore_onto_other_meshes_and_device_counts(tmp_path, make_batch):
   mesh = sharding.make_mesh(sharding.MeshConfig(2, 4, 1))
-  step = TrainStep(
-    model_config=TINY,
-    optimizer_config=OptimizerConfig(warmup_steps=1),
-    mesh=mesh,
-    rules=sharding.DEFAULT_RULES,
-    total_steps=10,
-  )
+  step = tiny_step(mesh=mesh)
   state = step.init(0)
   state, _ = step(state, step.place_batch(make_batch(0, 8, 32, TINY.vocab_size)))
   saved = jax.device_get(state)
@@ -203,13 +198,7 @@ class _Positions:
 
 def _saved_steps(tmp_path, steps, config):
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(
-    model_config=TINY,
-    optimizer_config=OptimizerConfig(warmup_steps=1),
-    mesh=mesh,
-    rules=sharding.DEFAULT_RULES,
-    total_steps=10,
-  )
+  step = tiny_step(mesh=mesh)
   state = step.init(0)
   ckpt = Checkpointer(tmp_path, config, step)
   data = _Positions()

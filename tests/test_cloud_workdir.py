@@ -22,9 +22,8 @@ from polylm_jax.checkpoint import on_disk
 from polylm_jax.checkpoint.manager import orbax_path, set_aside_previous_run
 from polylm_jax.config import ModelConfig
 from polylm_jax.decode import loading
-from polylm_jax.eval import eval_cli as eval_cli
-from polylm_jax.export import export_cli as export_cli
-from polylm_jax.export import import_cli
+from polylm_jax.eval import eval_cli
+from polylm_jax.export import export_cli, import_cli
 from polylm_jax.io import locks, storage
 from polylm_jax.model import params as P
 from polylm_jax.train import train_cli as cli

@@ -15,8 +15,7 @@ import transformers
 from polylm_jax import framing, sharding
 from polylm_jax.config import PRESETS
 from polylm_jax.data import sample
-from polylm_jax.decode import generate, sampling
-from polylm_jax.decode import generate_cli as generate_cli
+from polylm_jax.decode import generate, generate_cli, sampling
 from polylm_jax.export import hf_export
 from polylm_jax.model import params as P
 
@@ -190,7 +189,7 @@ def trained_workdir(tmp_path_factory):
 
 
 def test_generate_cli_from_a_workdir_and_from_its_export(trained_workdir, tmp_path, capsys):
-  from polylm_jax.export import export_cli as export_cli
+  from polylm_jax.export import export_cli
 
   prompts = tmp_path / "in.jsonl"
   prompts.write_text(
@@ -247,7 +246,7 @@ def test_generate_cli_from_a_workdir_and_from_its_export(trained_workdir, tmp_pa
 def test_chat_loop_and_a_model_without_its_tokenizer(
   trained_workdir, tmp_path, monkeypatch, capsys
 ):
-  from polylm_jax.export import export_cli as export_cli
+  from polylm_jax.export import export_cli
 
   answers = iter(["Hello", "/reset", "How are you", ""])
   monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))

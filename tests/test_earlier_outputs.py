@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from runs import train_args
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "made_before_the_redesign"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -26,10 +27,7 @@ def test_an_earlier_checkpoint_resumes_with_the_same_losses(tmp_path):
   from polylm_jax.train import train_cli as cli
 
   workdir = _copy("run", tmp_path)
-  cli.main(
-    ["--gin_file=gin_configs/quickstart.gin", f"--workdir={workdir}"]
-    + [f"--gin_bindings={b}" for b in EXPECTED["train_bindings"]]
-  )
+  cli.main(train_args(workdir, EXPECTED["train_bindings"]))
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   resumed = {str(r["step"]): r["loss"] for r in rows if r["step"] > 4}
   assert resumed.keys() == EXPECTED["resumed_losses"].keys()

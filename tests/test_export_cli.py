@@ -8,28 +8,27 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from runs import train_args
 
 from polylm_jax.checkpoint import on_disk
 from polylm_jax.config import PRESETS
 from polylm_jax.errors import CheckpointMismatchError
-from polylm_jax.export import export_cli as export_cli
-from polylm_jax.export import hf_export, hf_layout, import_cli
-from polylm_jax.train import train_cli as train_cli
+from polylm_jax.export import export_cli, hf_export, hf_layout, import_cli
+from polylm_jax.train import train_cli
 
-SHORT = [
-  "--gin_file=gin_configs/quickstart.gin",
-  "--gin_bindings=TrainerConfig.num_steps = 6",
-  "--gin_bindings=OptimizerConfig.warmup_steps = 2",
-  "--gin_bindings=DataConfig.seq_len = 64",
-  "--gin_bindings=DataConfig.batch_size = 8",
-  "--gin_bindings=TrainerConfig.eval_every = 0",
-]
+SHORT = {
+  "TrainerConfig.num_steps": 6,
+  "OptimizerConfig.warmup_steps": 2,
+  "DataConfig.seq_len": 64,
+  "DataConfig.batch_size": 8,
+  "TrainerConfig.eval_every": 0,
+}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  train_cli.main(SHORT + [f"--workdir={workdir}"])
+  train_cli.main(train_args(workdir, SHORT))
   return workdir
 
 
@@ -151,15 +150,13 @@ def test_import_then_train_from_the_imported_parameters(tmp_path, capsys):
   assert "PASS logits max abs diff" in capsys.readouterr().out
   _readable_by_others(tmp_path / "init")
   # The learning rate of step 0 is 0 (warmup), so one step leaves the imported parameters as is.
-  result = train_cli.main(
-    SHORT
-    + [
-      f"--workdir={tmp_path / 'run'}",
-      "--gin_bindings=TrainerConfig.num_steps = 1",
-      "--gin_bindings=OptimizerConfig.decay_steps = 10",
-      f"--gin_bindings=TrainerConfig.init_params_from = '{tmp_path / 'init'}'",
-    ]
-  )
+  bindings = {
+    **SHORT,
+    "TrainerConfig.num_steps": 1,
+    "OptimizerConfig.decay_steps": 10,
+    "TrainerConfig.init_params_from": f"'{tmp_path / 'init'}'",
+  }
+  result = train_cli.main(train_args(tmp_path / "run", bindings))
   cfg = hf_export.config_from_hf(tmp_path / "hf")
   imported = hf_export.import_params(tmp_path / "hf", cfg)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(result["state"].params), imported)
@@ -173,13 +170,8 @@ def test_import_of_another_model_is_refused_by_the_trainer(tmp_path):
     match=r"fc_kernel'\]: checkpoint \(2, 64, 128\) "
     r"vs model \(2, 64, 256\)",
   ):
-    train_cli.main(
-      SHORT
-      + [
-        f"--workdir={tmp_path / 'run'}",
-        f"--gin_bindings=TrainerConfig.init_params_from = '{tmp_path / 'init'}'",
-      ]
-    )
+    bindings = {**SHORT, "TrainerConfig.init_params_from": f"'{tmp_path / 'init'}'"}
+    train_cli.main(train_args(tmp_path / "run", bindings))
 
 
 def test_what_needs_no_tensorflow_never_imports_it_and_verify_says_what_to_install(tmp_path):

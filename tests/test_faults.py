@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from runs import tiny_step, train_args
 
 from polylm_jax import sharding
 from polylm_jax.checkpoint.manager import (
@@ -32,8 +33,7 @@ from polylm_jax.errors import (
   NoUsableCheckpointError,
   WorkdirLockedError,
 )
-from polylm_jax.export import export_cli as export_cli
-from polylm_jax.export import hf_export, import_cli
+from polylm_jax.export import export_cli, hf_export, import_cli
 from polylm_jax.io import locks
 from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train import train_cli as cli
@@ -57,10 +57,7 @@ BINDINGS = {
 
 
 def _args(workdir, steps, **extra):
-  bindings = dict(BINDINGS, **{"TrainerConfig.num_steps": steps}, **extra)
-  return ["--gin_file=gin_configs/quickstart.gin", f"--workdir={workdir}"] + [
-    f"--gin_bindings={k} = {v}" for k, v in bindings.items()
-  ]
+  return train_args(workdir, dict(BINDINGS, **{"TrainerConfig.num_steps": steps}, **extra))
 
 
 def _tree_digest(root: pathlib.Path) -> dict[str, str]:
@@ -419,13 +416,7 @@ def test_no_checkpoint_during_a_nonfinite_streak(tmp_path, make_batch, caplog):
 
 def test_nonfinite_weights_are_never_saved_exported_or_imported(tmp_path):
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  step = TrainStep(
-    model_config=TINY,
-    optimizer_config=OptimizerConfig(warmup_steps=1),
-    mesh=mesh,
-    rules=sharding.DEFAULT_RULES,
-    total_steps=10,
-  )
+  step = tiny_step(mesh=mesh)
   state = step.init(0)
   assert step.is_finite(state)
   params = jax.tree.map(np.array, jax.device_get(state.params))  # writable copies

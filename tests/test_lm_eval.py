@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from polylm_jax.errors import MissingDataError  # noqa: E402
 from polylm_jax.eval import lm_eval_model  # noqa: E402
-from polylm_jax.export import export_cli as export_cli  # noqa: E402
+from polylm_jax.export import export_cli  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
 
@@ -157,7 +157,7 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
 ):
   import logging
 
-  from polylm_jax.eval import eval_cli as eval_cli
+  from polylm_jax.eval import eval_cli
 
   for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
     monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test

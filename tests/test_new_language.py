@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+from runs import train_args
 
 from polylm_jax import languages
 from polylm_jax.data import pipeline, sample, tokenizer_cli
@@ -46,19 +47,15 @@ final/Stage.counts = {{'sw': 300}}  # temperature sampling needs a size for a fi
 
 
 def _train(gin_file, workdir, steps):
-  return cli.main(
-    [
-      "--gin_file=gin_configs/quickstart.gin",
-      f"--gin_file={gin_file}",
-      f"--workdir={workdir}",
-      f"--gin_bindings=TrainerConfig.num_steps = {steps}",
-      "--gin_bindings=OptimizerConfig.warmup_steps = 2",
-      "--gin_bindings=DataConfig.seq_len = 64",
-      "--gin_bindings=DataConfig.batch_size = 8",
-      "--gin_bindings=TrainerConfig.eval_every = 4",
-      "--gin_bindings=CheckpointConfig.every_steps = 4",
-    ]
-  )
+  bindings = {
+    "TrainerConfig.num_steps": steps,
+    "OptimizerConfig.warmup_steps": 2,
+    "DataConfig.seq_len": 64,
+    "DataConfig.batch_size": 8,
+    "TrainerConfig.eval_every": 4,
+    "CheckpointConfig.every_steps": 4,
+  }
+  return cli.main(train_args(workdir, bindings, str(gin_file)))
 
 
 @pytest.mark.slow
@@ -119,22 +116,18 @@ def test_two_runs_with_other_language_sets_in_one_process_each_tag_with_their_ow
     gin_file = tmp_path / f"{codes[0]}.gin"
     gin_file.write_text(f"train.languages = @Languages()\nLanguages.codes = {codes!r}\n")
     workdir = tmp_path / codes[0]
-    cli.main(
-      [
-        "--gin_file=gin_configs/quickstart.gin",
-        f"--gin_file={gin_file}",
-        f"--workdir={workdir}",
-        "--gin_bindings=train.curriculum = None",
-        "--gin_bindings=DataConfig.mixture = 'polylm_pt_en'",
-        "--gin_bindings=TrainerConfig.num_steps = 2",
-        "--gin_bindings=OptimizerConfig.warmup_steps = 1",
-        "--gin_bindings=OptimizerConfig.decay_steps = 2",
-        "--gin_bindings=DataConfig.seq_len = 64",
-        "--gin_bindings=DataConfig.batch_size = 8",
-        "--gin_bindings=TrainerConfig.eval_every = 2",
-        "--gin_bindings=CheckpointConfig.enabled = False",
-      ]
-    )
+    bindings = [
+      "train.curriculum = None",
+      "DataConfig.mixture = 'polylm_pt_en'",
+      "TrainerConfig.num_steps = 2",
+      "OptimizerConfig.warmup_steps = 1",
+      "OptimizerConfig.decay_steps = 2",
+      "DataConfig.seq_len = 64",
+      "DataConfig.batch_size = 8",
+      "TrainerConfig.eval_every = 2",
+      "CheckpointConfig.enabled = False",
+    ]
+    cli.main(train_args(workdir, bindings, str(gin_file)))
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {k for r in records for k in r if k.startswith("loss/")} == {"loss/en"}, codes
     [evaluation] = [

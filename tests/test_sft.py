@@ -128,7 +128,7 @@ def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
 
   from polylm_jax import sharding
   from polylm_jax.decode import generate, loading
-  from polylm_jax.export import export_cli as export_cli
+  from polylm_jax.export import export_cli
   from polylm_jax.train import train_cli as cli
 
   records = [

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from runs import tiny_step
 
 from polylm_jax import sharding
 from polylm_jax.config import PRESETS
@@ -19,13 +20,7 @@ MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
 def _run(mesh_shape, make_batch, steps=3):
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
-  step = TrainStep(
-    model_config=TINY,
-    optimizer_config=OptimizerConfig(warmup_steps=1),
-    mesh=mesh,
-    rules=sharding.DEFAULT_RULES,
-    total_steps=10,
-  )
+  step = tiny_step(mesh=mesh)
   state = step.init(seed=0)
   losses = []
   for i in range(steps):
@@ -96,13 +91,7 @@ def test_mesh_sizes_that_do_not_fit_fail_before_compiling():
     r"\('tensor',\)\), which does not divide "
     r"ModelConfig.num_heads=4",
   ):
-    TrainStep(
-      model_config=TINY,
-      optimizer_config=OptimizerConfig(warmup_steps=1),
-      mesh=mesh,
-      rules=sharding.DEFAULT_RULES,
-      total_steps=10,
-    )
+    tiny_step(mesh=mesh)
   # The checks follow the rules, not the mesh axis names: heads over fsdp are checked there.
   fsdp = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
   moved = sharding.MeshConfig(

@@ -1,0 +1,46 @@
+"""What the tests train, in one place: polylm-train arguments for short runs of the quickstart
+config, and a TrainStep of the tiny model. Test modules import these (`from runs import ...`);
+conftest.py also hands them over as the fixtures `train_args` and `tiny_step`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+QUICKSTART = "gin_configs/quickstart.gin"
+
+
+def train_args(
+  workdir, bindings: Mapping[str, Any] | Sequence[str] = (), *gin_files: str
+) -> list[str]:
+  """`--gin_file=gin_configs/quickstart.gin` (then each of `gin_files`), `--workdir`, and one
+  `--gin_bindings` per binding, given as {'TrainerConfig.num_steps': 6} or as
+  ['TrainerConfig.num_steps = 6']."""
+  if isinstance(bindings, Mapping):
+    bindings = [f"{k} = {v}" for k, v in bindings.items()]
+  return [
+    f"--gin_file={QUICKSTART}",
+    *(f"--gin_file={f}" for f in gin_files),
+    f"--workdir={workdir}",
+  ] + [f"--gin_bindings={b}" for b in bindings]
+
+
+def tiny_step(**overrides):
+  """A TrainStep of the tiny model, built with keyword arguments: warmup 1, 10 steps, the
+  default rules, on one CPU device unless `mesh` is given; any argument may be overridden."""
+  import jax
+
+  from polylm_jax import sharding
+  from polylm_jax.config import PRESETS
+  from polylm_jax.optimizer import OptimizerConfig
+  from polylm_jax.trainer.step import TrainStep
+
+  kwargs: dict[str, Any] = dict(
+    model_config=PRESETS["tiny"],
+    optimizer_config=OptimizerConfig(warmup_steps=1),
+    rules=sharding.DEFAULT_RULES,
+    total_steps=10,
+  )
+  kwargs.update(overrides)
+  if "mesh" not in kwargs:
+    kwargs["mesh"] = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  return TrainStep(**kwargs)
