@@ -108,7 +108,7 @@ def _texts(args) -> dict[str, list[str]]:
   return {lang: list(read_lines(pattern, args.text_field)) for lang, pattern in inputs.items()}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="polylm-tokenizer", description=console.summary(__doc__))
   sub = parser.add_subparsers(dest="command", required=True)
   fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -167,49 +167,56 @@ def main(argv=None) -> int:
   r.add_argument("--input", action="append", default=[], help="LANG=PATH (repeatable)")
   r.add_argument("--dir", help="a directory of <lang>.txt files (e.g. a parallel corpus)")
   r.add_argument("--csv", help="also write the table as CSV")
-  args = parser.parse_args(argv)
-  if args.command == "train":
-    weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
-    if args.weights_from:
-      weights = {**json.loads(pathlib.Path(args.weights_from).read_text())["weights"], **weights}
-    path = tokenizer.train(
-      _texts(args),
-      args.out,
-      args.vocab_size,
-      weights=weights,
-      max_sentences=args.max_sentences,
-      seed=args.seed,
-    )
-    print(f"wrote {path} ({tokenizer.load(path).vocab_size()} pieces)")
-    return 0
-  if args.command == "balance":
-    dev = {
-      p.stem: [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-      for p in sorted(pathlib.Path(args.dev_dir).glob("*.txt"))
-    }
-    model, weights, history = tokenizer.balance(
-      _texts(args),
-      dev,
-      args.vocab_size,
-      reference=args.reference,
-      target=args.target,
-      max_reference_cost=args.max_reference_cost,
-      iterations=args.iterations,
-      seed=args.seed,
-    )
-    disk.atomic_write_bytes(args.out, model)
-    record = {
-      "weights": weights,
-      "target": args.target,
-      "reference": args.reference,
-      "iterations": history,
-    }
-    disk.atomic_write_text(args.out + ".balance.json", json.dumps(record, indent=2))
-    print(
-      f"wrote {args.out} and {args.out}.balance.json; weights: "
-      + ", ".join(f"{k} {v:.2f}" for k, v in sorted(weights.items()))
-    )
-    return 0
+  return parser
+
+
+def _train(args) -> int:
+  weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
+  if args.weights_from:
+    weights = {**json.loads(pathlib.Path(args.weights_from).read_text())["weights"], **weights}
+  path = tokenizer.train(
+    _texts(args),
+    args.out,
+    args.vocab_size,
+    weights=weights,
+    max_sentences=args.max_sentences,
+    seed=args.seed,
+  )
+  print(f"wrote {path} ({tokenizer.load(path).vocab_size()} pieces)")
+  return 0
+
+
+def _balance(args) -> int:
+  dev = {
+    p.stem: [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for p in sorted(pathlib.Path(args.dev_dir).glob("*.txt"))
+  }
+  model, weights, history = tokenizer.balance(
+    _texts(args),
+    dev,
+    args.vocab_size,
+    reference=args.reference,
+    target=args.target,
+    max_reference_cost=args.max_reference_cost,
+    iterations=args.iterations,
+    seed=args.seed,
+  )
+  disk.atomic_write_bytes(args.out, model)
+  record = {
+    "weights": weights,
+    "target": args.target,
+    "reference": args.reference,
+    "iterations": history,
+  }
+  disk.atomic_write_text(args.out + ".balance.json", json.dumps(record, indent=2))
+  print(
+    f"wrote {args.out} and {args.out}.balance.json; weights: "
+    + ", ".join(f"{k} {v:.2f}" for k, v in sorted(weights.items()))
+  )
+  return 0
+
+
+def _report(args) -> int:
   if len(args.model) > 2:
     raise SystemExit("report compares at most two models")
   inputs = _pairs(args.input, "--input")
@@ -225,6 +232,11 @@ def main(argv=None) -> int:
       writer.writeheader()
       writer.writerows(rows)
   return 0
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  return {"train": _train, "balance": _balance, "report": _report}[args.command](args)
 
 
 def console_main() -> None:

@@ -21,7 +21,7 @@ import pathlib
 import sys
 
 from polylm_jax import console
-from polylm_jax.decode import generate_cli as generate_cli
+from polylm_jax.decode import generate_cli
 from polylm_jax.io import storage
 
 
