@@ -95,3 +95,29 @@ def test_no_package_imports_one_that_imports_it_back():
 def test_the_training_engine_does_not_import_evaluation_or_the_commands():
   imported = set(_imports().get("trainer", {}))
   assert not imported & {"eval", "train", "decode", "export", "self_instruct"}
+
+
+def test_no_function_is_over_100_lines():
+  """A function that wires things together stays readable in one sitting."""
+  long = []
+  for path in ROOT.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > 100:
+          long.append(f"{path.relative_to(ROOT)}:{node.name} ({lines} lines)")
+  assert long == []
+
+
+def test_only_command_modules_exit_the_process():
+  """Library code raises (errors.py); only command-line modules turn that into an exit."""
+  exits = []
+  for path in ROOT.rglob("*.py"):
+    if path.name.endswith("_cli.py") or path.name == "__main__.py":
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Raise) and "SystemExit" in ast.unparse(node.exc or node):
+        exits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+      if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.exit", "os._exit", "exit"):
+        exits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+  assert exits == []
