@@ -203,12 +203,13 @@ only/Stage.rates = {{'mydata_th': 0.5, 'mybitext_en_th': 0.3, 'en': 0.2}}
 
 
 def test_gin_errors_name_the_missing_setting_and_the_closest_names():
+  from polylm_jax.errors import ConfigError
   from polylm_jax.train import gin_setup
 
   gin_setup.register_configurables()
-  with pytest.raises(SystemExit, match="did you mean 'num_steps'"):
+  with pytest.raises(ConfigError, match="did you mean 'num_steps'"):
     gin_setup.parse_gin(["quickstart.gin"], ["TrainerConfig.num_step = 3"])
-  with pytest.raises(SystemExit, match="did you mean 'TrainerConfig'"):
+  with pytest.raises(ConfigError, match="did you mean 'TrainerConfig'"):
     gin_setup.parse_gin(["quickstart.gin"], ["TrainerConfg.num_steps = 3"])
-  with pytest.raises(SystemExit, match=r"set DataConfig.mixture in your gin file .*"):
+  with pytest.raises(ConfigError, match=r"set DataConfig.mixture in your gin file .*"):
     gin_setup.parse_gin(["quickstart.gin"], ["DataConfig.mixture = %gin.REQUIRED"])
