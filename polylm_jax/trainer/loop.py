@@ -227,8 +227,7 @@ class Trainer:
     last: dict[str, Any] = {}
     clock = time.perf_counter()
     while self.step < self.num_steps:
-      local = first.result() if first is not None else next(self.batches)
-      placed = self._place(local, compile_first=first is not None)
+      local, placed = self._first_batch(first) if first is not None else self._next_batch()
       self.state, metrics = self.step_fn(self.state, placed)
       if first is not None:
         self._record_config()
@@ -263,21 +262,27 @@ class Trainer:
     batches = self.batches
     return Background(lambda: next(batches), "first-batch")
 
-  def _place(self, local: dict[str, np.ndarray], *, compile_first: bool):
-    """The batch on the mesh. A start's first batch compiles the step first (for the data
-    config's shapes, while the batch is still being read) and logs what it needs."""
-    config = getattr(self.batches, "config", None) if compile_first else None
+  def _next_batch(self):
+    local = next(self.batches)
+    return local, self.step_fn.place_batch(local)
+
+  def _first_batch(self, first: Background):
+    """A start's first batch. The step is compiled for the data config's shapes while the batch
+    is still being read (the memory report comes before any data), again if the batch has
+    other rows."""
+    config = getattr(self.batches, "config", None)
     if config is not None:
       reporting.compile_step(
         self.step_fn, self.state, config.batch_size, config.seq_len, self.model, self.peak
       )
+    local = first.result()
     placed = self.step_fn.place_batch(local)
-    if compile_first and not self.step_fn.compiled_for(placed):  # rows other than it says
+    if not self.step_fn.compiled_for(placed):  # no config, or rows other than it says
       rows, length = local["inputs"].shape
       reporting.compile_step(
         self.step_fn, self.state, rows * jax.process_count(), length, self.model, self.peak
       )
-    return placed
+    return local, placed
 
   def _record_config(self) -> None:
     """The config of this (re)start, once its first step ran: a start that fails (a setting the
