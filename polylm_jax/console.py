@@ -111,6 +111,20 @@ def _not_gin_path_noise(record: logging.LogRecord) -> bool:
   )
 
 
+@contextlib.contextmanager
+def only_warnings():
+  """INFO lines held back while inside (an interactive exchange on the console)."""
+  loggers = [logging.getLogger(), logging.getLogger("absl")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(max(logger.level, logging.WARNING))
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
 def quiet_logging() -> None:
   """One console handler on the root logger (replacing plain stream handlers that imported
   libraries installed; handlers of other kinds, e.g. a test's log capture, stay)."""

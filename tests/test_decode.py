@@ -248,9 +248,34 @@ def test_chat_loop_and_a_model_without_its_tokenizer(
 ):
   from polylm_jax.export import export_cli
 
-  answers = iter(["Hello", "/reset", "How are you", ""])
-  monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-  assert generate_cli.main([f"--workdir={trained_workdir}", "--chat", "--max_new_tokens=3"]) == 0
+  from polylm_jax.kernels import dispatch
+
+  # What the console shows, in order: log lines and prompts. `auto`'s choice is logged before
+  # the first prompt (as if this process had not traced these shapes yet), none within the chat.
+  monkeypatch.setattr(dispatch, "_logged", set())
+  shown: list[str] = []
+
+  class Shown(logging.Handler):
+    def emit(self, record):
+      shown.append(f"{record.levelname} {record.getMessage()}")
+
+  answers = iter(["Hello", "/reset", "How are you, my dear friend? " * 3, ""])
+
+  def user(prompt=""):
+    shown.append(prompt)
+    return next(answers)
+
+  monkeypatch.setattr("builtins.input", user)
+  handler = Shown(logging.INFO)
+  logging.getLogger().addHandler(handler)
+  try:
+    assert generate_cli.main([f"--workdir={trained_workdir}", "--chat", "--max_new_tokens=3"]) == 0
+  finally:
+    logging.getLogger().removeHandler(handler)
+  first = shown.index("> ")
+  assert any("attention_impl='auto' chose" in line for line in shown[:first]), shown
+  assert all(line == "> " or line.startswith("WARNING") for line in shown[first:]), shown
+  assert shown.count("> ") == 4
   assert "quit" in capsys.readouterr().err
   from polylm_jax import chat
 

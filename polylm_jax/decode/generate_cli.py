@@ -248,11 +248,21 @@ def _jsonl(gen, args, common) -> None:
 def _chat(gen, sp, fmt, common) -> None:
   from polylm_jax.chat import chat_prompt_ids
 
-  history: list[tuple[str, str]] = []
+  # Compile (and log what `auto` chose for) the first turn's shapes before the first prompt, so
+  # no log line lands in the conversation; later turns log only warnings.
+  gen.generate([chat_prompt_ids(sp, [], "Hi", fmt)], **dict(common, max_new_tokens=2), chunk=1)
   print(
     "polylm-generate chat: empty line or Ctrl-D to quit, /reset to forget the conversation",
     file=sys.stderr,
   )
+  with console.only_warnings():
+    _converse(gen, sp, fmt, common)
+
+
+def _converse(gen, sp, fmt, common) -> None:
+  from polylm_jax.chat import chat_prompt_ids
+
+  history: list[tuple[str, str]] = []
   while True:
     try:
       message = input("> ").strip()
