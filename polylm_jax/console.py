@@ -125,9 +125,39 @@ def only_warnings():
       logger.setLevel(level)
 
 
+def _late_read_on_closed_loop(info) -> bool:
+  """After a checkpoint read fails, Orbax closes its event loop while TensorStore still finishes
+  the other reads; each then reports `Event loop is closed` from asyncio, after the real error."""
+  tb = info.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (
+    isinstance(info.exc_value, RuntimeError)
+    and str(info.exc_value) == "Event loop is closed"
+    and tb is not None
+    and tb.tb_frame.f_code.co_filename.replace(os.sep, "/").endswith("asyncio/base_events.py")
+  )
+
+
+def quiet_closed_loop_reports() -> None:
+  """Drops those reports (sys.unraisablehook); every other unraisable error is shown as before."""
+  shown = sys.unraisablehook
+  if getattr(shown, "polylm_filter", False):
+    return
+
+  def hook(info) -> None:
+    if not _late_read_on_closed_loop(info):
+      shown(info)
+
+  hook.polylm_filter = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
 def quiet_logging() -> None:
   """One console handler on the root logger (replacing plain stream handlers that imported
-  libraries installed; handlers of other kinds, e.g. a test's log capture, stay)."""
+  libraries installed; handlers of other kinds, e.g. a test's log capture, stay), and no
+  `Event loop is closed` reports after a failed checkpoint read."""
+  quiet_closed_loop_reports()
   root = logging.getLogger()
   for handler in list(root.handlers):
     if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)

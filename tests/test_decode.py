@@ -247,7 +247,6 @@ def test_chat_loop_and_a_model_without_its_tokenizer(
   trained_workdir, tmp_path, monkeypatch, capsys
 ):
   from polylm_jax.export import export_cli
-
   from polylm_jax.kernels import dispatch
 
   # What the console shows, in order: log lines and prompts. `auto`'s choice is logged before

@@ -152,6 +152,28 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_the_run_goes_on_exactly(run_
   assert len(list((run_copy / "corrupt").iterdir())) == 1
 
 
+def test_generating_from_a_damaged_checkpoint_says_so_in_one_line(run_copy):
+  """The real error, naming the checkpoint, the tensor and the step to use instead; no trail of
+  `Event loop is closed` reports from the reads still in flight; nothing moved."""
+  for f in _array_files(run_copy / "checkpoints" / "6"):
+    _truncate(f)
+  before = _tree_digest(run_copy)
+  proc = subprocess.run(
+    [sys.executable, "-m", "polylm_jax.decode", f"--workdir={run_copy}", "--prompt=Hi"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+    env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+  )
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"polylm-generate: checkpoint {run_copy}/checkpoints/6 is unreadable")
+  assert "params." in last and last.endswith("the previous checkpoint: --step=4")
+  assert _tree_digest(run_copy) == before
+
+
 def test_a_config_change_on_resume_is_named_and_changes_nothing(run_copy):
   before = _tree_digest(run_copy)
   proc = subprocess.run(

@@ -84,7 +84,17 @@ def proves_damage(e: BaseException) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+  """The error a user can act on: of a chain (Orbax wraps TensorStore's errors in a generic
+  one), the innermost that names damage, else the outermost; its first line."""
+  shown = next(
+    (
+      x
+      for x in reversed(list(_chain(e)))
+      if isinstance(x, _DAMAGE_TYPES) or any(w in str(x) for w in _DAMAGE_WORDS)
+    ),
+    e,
+  )
+  return f"{type(shown).__name__}: {str(shown).splitlines()[0][:300] if str(shown) else ''}"
 
 
 def _read(where, part: str, fn):

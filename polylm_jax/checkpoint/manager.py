@@ -466,15 +466,16 @@ def _latest_step_dir(directory: str) -> str | None:
 def restore_params(step_dir: str | os.PathLike, model_config: ModelConfig, shardings):
   """Just the parameters of a training checkpoint, read straight into `shardings`."""
   abstract = with_shardings(model_params.abstract_params(model_config), shardings)
-  restored = ocp.PyTreeCheckpointer().restore(
-    orbax_path(storage.join(step_dir, "state")),
-    args=ocp.args.PyTreeRestore(
-      item={"params": abstract},
-      restore_args={
-        "params": jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
-      },
-      partial_restore=True,
-    ),
+  args = ocp.args.PyTreeRestore(
+    item={"params": abstract},
+    restore_args={
+      "params": jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+    },
+    partial_restore=True,
+  )
+  state_dir = orbax_path(storage.join(step_dir, "state"))
+  restored = _read(
+    step_dir, "parameters", lambda: ocp.PyTreeCheckpointer().restore(state_dir, args=args)
   )
   return restored["params"]
 

@@ -19,7 +19,7 @@ import logging
 import pathlib
 import sys
 
-from polylm_jax import console, decode
+from polylm_jax import console, decode, errors
 from polylm_jax.io import disk
 
 
@@ -171,6 +171,9 @@ def main(argv=None) -> int:
       checkpoint=args.checkpoint,
       hf_dir=args.hf_dir,
     )
+  except errors.PolyLMError as e:  # a damaged or unreadable checkpoint: 1; a bad setting: 2
+    print(f"polylm-generate: {e}", file=sys.stderr)
+    return e.exit_status
   except (ValueError, FileNotFoundError) as e:
     print(f"polylm-generate: {e}", file=sys.stderr)
     return 2

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from polylm_jax import framing, sharding
 from polylm_jax.config import ModelConfig
+from polylm_jax.errors import CorruptCheckpointError
 from polylm_jax.io import storage
 from polylm_jax.model import params as model_params
 
@@ -76,7 +77,14 @@ def load(
     raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
   sp_bytes = base64.b64decode(meta["tokenizer_model_b64"])
   check_tokenizer(sp_bytes, cfg, str(step_dir))
-  params = restore_params(step_dir, cfg, param_shardings(cfg, mesh, rules))
+  try:
+    params = restore_params(step_dir, cfg, param_shardings(cfg, mesh, rules))
+  except CorruptCheckpointError as e:
+    steps = on_disk.complete_steps(workdir) if workdir else []
+    earlier = [s for s in steps if s < meta.get("step", 0)]
+    if earlier:
+      raise CorruptCheckpointError(f"{e}; the previous checkpoint: --step={earlier[-1]}") from e
+    raise
   logging.info("loaded %s (step %s, %s)", step_dir, meta.get("step"), cfg.name)
   return LoadedModel(cfg, params, sp_bytes, str(step_dir), meta, framing.from_meta(meta))
 
