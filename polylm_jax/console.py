@@ -168,6 +168,10 @@ def quiet_logging() -> None:
   root.addHandler(handler)
   root.setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO
+  # lm-eval's per-call INFO lines (seeds, "Selected tasks", "Building contexts") and datasets'
+  # "TensorFlow version ... available": polylm-eval logs its own progress per task.
+  for chatty in ("lm_eval", "lm-eval", "datasets"):
+    logging.getLogger(chatty).setLevel(logging.WARNING)
   for logger in (root, logging.getLogger("absl")):
     for noise in (_not_gin_path_noise, quiet_seqio):
       if noise not in logger.filters:

@@ -198,6 +198,16 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
   )
   both = (tmp_path / "both" / "results.md").read_text()
   assert "| jax |" in both and "| export |" in both
+  # A task outside the suite's families (a generation task): its first metric is the headline;
+  # lm-eval's INFO lines and its warning about overriding an unset number of shots stay out.
+  caplog.clear()
+  gen = ["--tasks=polylm_test_gen_en", f"--include_path={include}", "--limit=4"]
+  with caplog.at_level(logging.INFO):
+    assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={tmp_path / 'gen'}", *gen]) == 0
+  assert "### polylm_test_gen (exact_match, %)" in (tmp_path / "gen" / "results.md").read_text()
+  assert "reports exact_match first" in caplog.text
+  assert "Overwriting default num_fewshot" not in caplog.text, caplog.text
+  assert "Selected tasks" not in caplog.text, caplog.text
   capsys.readouterr()
   # Bad input: an unknown task lists close matches; missing data names the task and the cache.
   assert (

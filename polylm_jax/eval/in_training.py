@@ -41,7 +41,9 @@ class Benchmark:
     self.specs = suite.resolve(list(task_names), list(languages), set(manager.all_tasks))
     self.tasks = suite.load_tasks(self.specs, manager)
     self.sp = spm.SentencePieceProcessor(model_proto=tokenizer_model)
-    self.limit, self.num_fewshot, self.batch_size = limit, num_fewshot, batch_size
+    self.limit, self.batch_size = limit, batch_size
+    for task in self.tasks.values():
+      suite.set_num_fewshot(task, num_fewshot)
     self._lm: Any = None  # eval.lm_eval_model.PolyLMJax, made at the first evaluation
     logging.info("in-training evaluation: %s", ", ".join(s.task for s in self.specs))
 
@@ -70,7 +72,7 @@ class Benchmark:
     result = evaluator.simple_evaluate(
       model=lm,
       tasks=[self.tasks[s.task] for s in self.specs],
-      num_fewshot=self.num_fewshot,
+      num_fewshot=None,  # set on the tasks at start
       limit=self.limit,
       bootstrap_iters=0,
       log_samples=False,

@@ -50,7 +50,9 @@ class Spec:
   task: str  # the lm-eval task name
   family: str
   language: str  # a language code, or "-" when the task has none
-  metric: str  # the headline metric (lm-eval key without the filter, e.g. "acc")
+  # The headline metric (lm-eval key without the filter, e.g. "acc"); "" for a task outside the
+  # suite's families: the first metric the task reports (its YAML's metric_list order).
+  metric: str
 
 
 def _split_name(task: str, languages) -> tuple[str, str]:
@@ -86,7 +88,7 @@ def resolve(names, languages, known_tasks) -> list[Spec]:
         f"--include_path adds your own)"
       )
     family, language = _split_name(name, languages)
-    out.append(Spec(name, family, language, METRIC.get(family, "acc")))
+    out.append(Spec(name, family, language, METRIC.get(family, "")))
   return out
 
 
@@ -170,25 +172,23 @@ def run_suite(
   )
   logging.info("suite: %d task(s) to run, %d requests%s", len(todo), total, estimate)
   for spec in todo:
+    set_num_fewshot(tasks[spec.task], num_fewshot)
     began = time.perf_counter()
     # task_manager: without one, simple_evaluate re-indexes lm-eval's task YAMLs (~12 s) per call.
     result = evaluator.simple_evaluate(
       model=lm,
       tasks=[tasks[spec.task]],
-      num_fewshot=num_fewshot,
+      num_fewshot=None,  # set on the task above
       limit=limit,
       bootstrap_iters=0,
       log_samples=False,
       task_manager=task_manager,
     )
     metrics = result["results"][spec.task]
-    key = next((k for k in metrics if k.split(",")[0] == spec.metric), None)
-    if key is None:
-      raise ValueError(
-        f"task {spec.task} reported no {spec.metric!r} metric (it has {sorted(metrics)})"
-      )
+    metric, key = headline(spec, metrics)
     record = dict(
       dataclasses.asdict(spec),
+      metric=metric,
       value=float(metrics[key]),
       metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
       num_fewshot=num_fewshot or 0,
@@ -198,6 +198,40 @@ def run_suite(
     )
     storage.write_text(task_record(out_dir, spec.task), json.dumps(record, indent=2))
     logging.info(
-      "suite: %s %s = %.4f (%.0f s)", spec.task, spec.metric, record["value"], record["seconds"]
+      "suite: %s %s = %.4f (%.0f s)", spec.task, metric, record["value"], record["seconds"]
     )
   return {s.task: json.loads(storage.read_text(task_record(out_dir, s.task))) for s in specs}
+
+
+def set_num_fewshot(task, num_fewshot: int | None) -> None:
+  """lm-eval's rule for an asked number of shots (a task whose YAML says 0 keeps 0), applied
+  to the task before evaluating: lm-eval then has nothing to override and no warning to give."""
+  if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+    task.set_config(key="num_fewshot", value=num_fewshot)
+
+
+_NOT_METRICS = ("alias", "name", "sample_len", "samples")
+
+
+def headline(spec: Spec, metrics: dict[str, Any]) -> tuple[str, str]:
+  """(metric, lm-eval result key) of a task's headline number; for a task outside the suite's
+  families the first metric it reports (logged)."""
+  if spec.metric:
+    key = next((k for k in metrics if k.split(",")[0] == spec.metric), None)
+    if key is None:
+      raise ValueError(
+        f"task {spec.task} reported no {spec.metric!r} metric (it has {sorted(metrics)})"
+      )
+    return spec.metric, key
+  reported = [
+    k
+    for k in metrics
+    if k.split(",")[0] not in _NOT_METRICS
+    and not k.split(",")[0].endswith("_stderr")
+    and isinstance(metrics[k], (int, float))
+  ]
+  if not reported:
+    raise ValueError(f"task {spec.task} reported no metric (it has {sorted(metrics)})")
+  metric = reported[0].split(",")[0]
+  logging.info("suite: %s reports %s first: its headline metric", spec.task, metric)
+  return metric, reported[0]
