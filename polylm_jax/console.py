@@ -153,6 +153,26 @@ def quiet_closed_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+def one_handler_each(*names: str) -> None:
+  """Libraries that give their logger a console handler of its own (huggingface_hub) and also
+  pass its records on to the root's: each line shown once, formatted as the others."""
+  for name in names:
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+      if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)
+        logger.removeHandler(handler)
+
+
+def _not_lm_eval_default_notice(record: logging.LogRecord) -> bool:
+  # lm-eval warns, per task it loads, that its own YAMLs leave a metric's aggregation and
+  # direction to the defaults (mean, higher is better): nothing a user can act on.
+  return not (
+    record.name.startswith("lm_eval")
+    and "is defined, but" in str(record.msg)
+    and ("aggregation is not" in str(record.msg) or "higher_is_better is not" in str(record.msg))
+  )
+
+
 def quiet_logging() -> None:
   """One console handler on the root logger (replacing plain stream handlers that imported
   libraries installed; handlers of other kinds, e.g. a test's log capture, stay), and no
@@ -165,6 +185,7 @@ def quiet_logging() -> None:
   handler = logging.StreamHandler()
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler.addFilter(_not_gin_path_noise)
+  handler.addFilter(_not_lm_eval_default_notice)
   root.addHandler(handler)
   root.setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # seqio logs every task it opens at INFO

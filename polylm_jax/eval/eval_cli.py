@@ -22,6 +22,7 @@ import sys
 
 from polylm_jax import console
 from polylm_jax.decode import generate_cli
+from polylm_jax.errors import MissingDataError
 from polylm_jax.io import storage
 
 
@@ -132,6 +133,8 @@ def _run(args) -> int:
   import jax
   from lm_eval.tasks import TaskManager
 
+  console.one_handler_each("huggingface_hub")
+
   from polylm_jax.decode import loading
   from polylm_jax.eval import lm_eval_model, suite
 
@@ -210,9 +213,31 @@ def _compare(args) -> int:
   return 0
 
 
+def _hub_resolves() -> None:
+  """Without network, `fetch` fails at once, not after the Hub client's five retries per file.
+  Only a name that does not resolve counts, and only without a proxy (which resolves for us)."""
+  import socket
+  import urllib.parse
+
+  endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+  if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    return
+  host = urllib.parse.urlparse(endpoint).hostname or endpoint
+  try:
+    socket.getaddrinfo(host, 443)
+  except OSError as e:
+    raise MissingDataError(
+      f"fetch needs network access to the Hugging Face Hub, but {host} does not resolve ({e}); "
+      f"nothing was fetched (HF_ENDPOINT chooses a mirror, HTTPS_PROXY a proxy)"
+    ) from e
+
+
 def _fetch(args) -> int:
   _offline(args.data_dir, offline=False)
+  _hub_resolves()
   from lm_eval.tasks import TaskManager
+
+  console.one_handler_each("huggingface_hub")
 
   from polylm_jax import languages
   from polylm_jax.eval import suite
