@@ -73,3 +73,41 @@ def test_a_workdir_the_hosts_do_not_share_stops_every_process(tmp_path):
     assert "is not shared between the hosts: process(es) [1] cannot see the file" in out
   assert not list((tmp_path / "host0").glob(".shared-check-*"))  # the probe is cleaned up
   assert not (tmp_path / "host0" / "checkpoints").exists()  # stopped before anything was written
+
+
+def _run_both(workdir, steps: int) -> list[str]:
+  port = _free_port()
+  settings = [
+    f"--gin_bindings=TrainerConfig.num_steps = {steps}",
+    "--gin_bindings=CheckpointConfig.every_steps = 2",
+    "--gin_bindings=DataConfig.seq_len = 64",
+    "--gin_bindings=DataConfig.batch_size = 8",
+    "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+    "--gin_bindings=TrainerConfig.eval_every = 0",
+  ]
+  procs = [_start(i, 2, port, workdir, *settings) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+  finally:
+    for p in procs:  # a process left waiting on its peer: stopped, its output kept
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  return outs
+
+
+@pytest.mark.slow
+def test_a_checkpoint_only_one_host_finds_damaged_is_set_aside_by_all(tmp_path):
+  """Process 1 reads data stream 1 only: damage there is seen by it alone. Both processes must
+  act on it together (move the checkpoint aside once, resume from the previous one), not part
+  ways with one waiting in the quarantine while the other trains."""
+  workdir = tmp_path / "run"
+  _run_both(workdir, 4)
+  [stream] = (workdir / "data_state" / "4").glob("stream_1.data-*")
+  stream.write_bytes(stream.read_bytes()[: stream.stat().st_size // 2])
+  lead, worker = _run_both(workdir, 5)
+  for out in (lead, worker):
+    assert "resumed from checkpoint step 2" in out, out[-3000:]
+  assert "another process found it damaged" in lead
+  [moved] = (workdir / "corrupt").iterdir()
+  assert moved.name.startswith("step_4-") and (moved / "data_state").is_dir()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 5]
