@@ -157,9 +157,34 @@ def test_held_out_loss_is_logged_per_language(tmp_path, caplog):
   from polylm_jax.data import sample
 
   for r in records:
-    assert sorted(k.split("/")[1] for k in r if k != "step") == sorted(sample.LANGUAGES)
+    assert sorted(k.split("/")[1] for k in r if k.startswith("val_loss/")) == sorted(
+      sample.LANGUAGES
+    )
+    assert sorted(k for k in r if k.startswith("val_bpb/")) == sorted(
+      f"val_bpb/{lang}" for lang in sample.LANGUAGES
+    )
     assert all(5.0 < r[f"val_loss/{lang}"] < 9.0 for lang in sample.LANGUAGES)
   assert records[1]["val_loss/en"] < records[0]["val_loss/en"]  # still learning
+  # Bits per byte: the same held-out tokens' NLL in bits over their text's UTF-8 bytes, counted
+  # here by decoding each document's targets (not through the trainer's per-token table).
+  import math
+
+  from polylm_jax.data import pipeline, tasks
+  from polylm_jax.data import tokenizer as tok
+
+  sp = tok.load(sample.TOKENIZER_MODEL)
+  config = pipeline.DataConfig(
+    mixture=tasks.TASK_PREFIX + "th", split="validation", seq_len=64, batch_size=8
+  )
+  tokens = text_bytes = 0
+  for batch in pipeline.eval_batches(config):
+    for targets, weights, segments in zip(batch["targets"], batch["weights"], batch["segment_ids"]):
+      tokens += int(weights.sum())
+      for seg in set(segments[weights > 0].tolist()):
+        ids = [t for t in targets[(segments == seg) & (weights > 0)].tolist() if t != 2]
+        text_bytes += len(sp.decode(ids).encode("utf-8"))
+  expected = records[1]["val_loss/th"] * tokens / math.log(2) / text_bytes
+  assert records[1]["val_bpb/th"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_your_own_corpora_from_gin(tmp_path):
@@ -213,3 +238,34 @@ def test_gin_errors_name_the_missing_setting_and_the_closest_names():
     gin_setup.parse_gin(["quickstart.gin"], ["TrainerConfg.num_steps = 3"])
   with pytest.raises(ConfigError, match=r"set DataConfig.mixture in your gin file .*"):
     gin_setup.parse_gin(["quickstart.gin"], ["DataConfig.mixture = %gin.REQUIRED"])
+
+
+def test_train_tokenizer_chooses_the_vocabulary_and_a_change_on_resume_is_refused(tmp_path):
+  """`train.tokenizer`: every task tokenizes with it, the checkpoint records it (so exports and
+  generation use it), and resuming with another one is a data-setting change, named."""
+  import base64
+
+  from polylm_jax.data import sample
+  from polylm_jax.data import tokenizer as tok
+  from polylm_jax.errors import CheckpointMismatchError
+
+  small, other = (
+    tok.train({lang: sample.sample_lines(lang) for lang in langs}, tmp_path / f"{name}.model", 1024)
+    for name, langs in (("small", ("en", "de", "th")), ("other", ("en", "ru")))
+  )
+  args = [
+    "--gin_file=gin_configs/quickstart.gin",
+    f"--workdir={tmp_path / 'run'}",
+    *[f"--gin_bindings={b}" for b in SHORT],
+    f"--gin_bindings=train.tokenizer = '{small}'",
+    "--gin_bindings=model_config.overrides = {'vocab_size': 1024}",
+  ]
+  cli.main(args)
+  meta = json.loads((tmp_path / "run" / "checkpoints" / "6" / "meta" / "metadata").read_text())
+  assert base64.b64decode(meta["tokenizer_model_b64"]) == pathlib.Path(small).read_bytes()
+  with pytest.raises(CheckpointMismatchError, match="train.tokenizer: checkpoint 'SentencePiece"):
+    cli.main(
+      [a.replace(small, other) for a in args] + ["--gin_bindings=TrainerConfig.num_steps = 8"]
+    )
+  with pytest.raises(SystemExit, match=r"train.tokenizer = '/nonexistent.model': no such file"):
+    cli.main(args[:2] + ["--gin_bindings=train.tokenizer = '/nonexistent.model'"])

@@ -108,3 +108,26 @@ def test_weights_up_sample_and_balancing_evens_out_the_languages(tmp_path, capsy
   assert "balance 0: worst" in capsys.readouterr().out
   sp = tokenizer.load(tmp_path / "bal.model")
   assert all(sp.decode(sp.encode(s)) == s for lines in texts.values() for s in lines)
+
+
+def test_token_bytes_count_a_texts_own_bytes_and_say_when_they_cannot(tmp_path):
+  """val_bpb's byte count: summed over a text's tokens, its UTF-8 bytes (the sample tokenizer
+  is lossless); a tokenizer with a dummy prefix and NFKC folding is recognised as not."""
+  import sentencepiece as spm
+
+  from polylm_jax.data import sample
+  from polylm_jax.data import tokenizer as tok
+
+  sp = tok.load(sample.TOKENIZER_MODEL)
+  table = tok.token_bytes(sp, size=sp.vocab_size() + 10)
+  assert tok.bytes_exact(sp) and table[-10:].sum() == 0 and table[[0, 1, 2]].sum() == 0
+  for lang in sample.LANGUAGES:
+    for line in sample.sample_lines(lang, "validation")[:30]:
+      assert table[sp.encode(line)].sum() == len(line.encode("utf-8")), (lang, line)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(sample.sample_lines("en") * 3),
+    model_prefix=str(tmp_path / "default"),
+    vocab_size=300,
+    num_threads=1,
+  )
+  assert not tok.bytes_exact(tok.load(tmp_path / "default.model"))

@@ -8,6 +8,7 @@ reason to skip the checkpoint, and never a reason to start the run over.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from typing import Any
 
@@ -169,6 +170,9 @@ def data_signature(meta: dict[str, Any], position: int) -> dict[str, Any]:
   curriculum, the stage that feeds that position (later stages may change)."""
   data = meta.get("data_config") or {}
   sig: dict[str, Any] = {f"DataConfig.{k}": data[k] for k in DATA_SETTINGS if k in data}
+  if meta.get("tokenizer_model_b64"):  # the ids every document became (train.tokenizer)
+    digest = hashlib.sha256(meta["tokenizer_model_b64"].encode()).hexdigest()[:12]
+    sig["train.tokenizer"] = f"SentencePiece model sha256 {digest}"
   table = meta.get("curriculum")
   if table is None:
     sig["data source"] = "DataConfig.mixture"

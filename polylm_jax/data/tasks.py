@@ -94,25 +94,34 @@ def _sample_dataset_fn(lang: str):
   return dataset_fn
 
 
-# The language set each task this module registered was made with (and the task object, which a
-# caller may since have replaced): a run with another set registers them again for its own.
-_MADE_FOR: dict[str, tuple[seqio.Task, languages.Languages]] = {}
+# The language set and tokenizer each task this module registered was made with (and the task
+# object, which a caller may since have replaced): a run with another set or tokenizer registers
+# them again for its own.
+_MADE_FOR: dict[str, tuple[seqio.Task, languages.Languages, str]] = {}
 
 
-def _registered_for(name: str, language_set: languages.Languages) -> bool:
-  """Whether `name` is registered, made by this module for `language_set`. Another version of it
-  (another set's, or a caller's own) is removed, to be registered again."""
+def _vocab_key(vocab: seqio.Vocabulary) -> str:
+  return str(getattr(vocab, "sentencepiece_model_file", None) or id(vocab))
+
+
+def _registered_for(
+  name: str, language_set: languages.Languages, vocab: seqio.Vocabulary | None = None
+) -> bool:
+  """Whether `name` is registered, made by this module for `language_set` and `vocab`. Another
+  version of it (another set's or tokenizer's, or a caller's own) is removed, to be registered
+  again."""
   if name not in seqio.TaskRegistry.names():
     return False
   made = _MADE_FOR.get(name)
-  if made is not None and made[0] is seqio.TaskRegistry.get(name) and made[1] == language_set:
+  wanted = (language_set, _vocab_key(vocab or vocabulary()))
+  if made is not None and made[0] is seqio.TaskRegistry.get(name) and made[1:] == wanted:
     return True
   seqio.TaskRegistry.remove(name)
   return False
 
 
-def _add(name: str, language_set: languages.Languages, **task) -> None:
-  _MADE_FOR[name] = (seqio.TaskRegistry.add(name, **task), language_set)
+def _add(name: str, language_set: languages.Languages, vocab: seqio.Vocabulary, **task) -> None:
+  _MADE_FOR[name] = (seqio.TaskRegistry.add(name, **task), language_set, _vocab_key(vocab))
 
 
 def register_sample_tasks(
@@ -126,11 +135,12 @@ def register_sample_tasks(
   fresh = False
   for lang in sample.LANGUAGES:
     name = TASK_PREFIX + lang
-    if not _registered_for(name, language_set):
+    if not _registered_for(name, language_set, vocab):
       fresh = True
       _add(
         name,
         language_set,
+        vocab,
         source=seqio.FunctionDataSource(
           _sample_dataset_fn(lang),
           splits=("train", "validation"),
@@ -174,7 +184,7 @@ def register_bitext_tasks(
   for src, tgt in pairs:
     name = f"{prefix}{src}_{tgt}"
     names.append(name)
-    if _registered_for(name, language_set):
+    if _registered_for(name, language_set, vocab):
       continue
 
     def dataset_fn(split, shuffle_files, seed=None, src=src, tgt=tgt):
@@ -188,6 +198,7 @@ def register_bitext_tasks(
     _add(
       name,
       language_set,
+      vocab,
       source=seqio.FunctionDataSource(
         dataset_fn,
         splits=("train", "validation"),

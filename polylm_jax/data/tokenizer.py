@@ -15,6 +15,7 @@ import pathlib
 import random
 from typing import Iterable, Mapping
 
+import numpy as np
 import sentencepiece as spm
 
 from polylm_jax.io import disk
@@ -178,6 +179,36 @@ def load(model_path: str | pathlib.Path) -> spm.SentencePieceProcessor:
   if not path.is_file():
     raise FileNotFoundError(f"SentencePiece model not found: {path}")
   return spm.SentencePieceProcessor(model_file=str(path))
+
+
+# Text that a lossless tokenizer gives back byte for byte: leading, doubled and trailing spaces,
+# a tab, full-width and compatibility forms, combining marks, CJK, an emoji and a newline.
+_BYTES_PROBE = "  Ｔｅｓｔ ﬁ  e\u0301\t日本語 ①  ع 🙂\n "
+
+
+def token_bytes(sp: spm.SentencePieceProcessor, size: int | None = None) -> np.ndarray:
+  """The UTF-8 bytes each token id stands for ([size] int32, ids past the tokenizer's are 0):
+  a piece's text with "▁" as a space, 1 for a byte-fallback piece, 0 for control and unknown
+  ids. Summed over a document's tokens: its text's bytes, for a tokenizer that encodes
+  losslessly (see bytes_exact)."""
+  size = size or sp.vocab_size()
+  if size < sp.vocab_size():
+    raise ValueError(f"token_bytes: size {size} < the tokenizer's {sp.vocab_size()} ids")
+  table = np.zeros(size, np.int32)
+  for i in range(sp.vocab_size()):
+    if sp.is_control(i) or sp.is_unknown(i):
+      continue
+    table[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+  return table
+
+
+def bytes_exact(sp: spm.SentencePieceProcessor) -> bool:
+  """Does token_bytes count a text's own bytes? True for a tokenizer with identity
+  normalization, no dummy prefix and no whitespace folding (polylm-tokenizer's); another one
+  counts the bytes of the text as it normalizes it."""
+  ids = sp.encode(_BYTES_PROBE)
+  table = token_bytes(sp)
+  return sp.decode(ids) == _BYTES_PROBE and int(table[ids].sum()) == len(_BYTES_PROBE.encode())
 
 
 def train_sample_tokenizer(vocab_size: int = 4096) -> str:

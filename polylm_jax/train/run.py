@@ -36,20 +36,26 @@ def run(
   languages=None,
   instructions=None,
   epochs=None,
+  tokenizer=None,
 ):
-  """The gin entry point: wires the seqio pipeline to the training loop."""
+  """The gin entry point: wires the seqio pipeline to the training loop. `tokenizer`: the
+  SentencePiece model every task tokenizes with (a path or gs://...; None: the sample's)."""
   language_set = languages or language_sets.DEFAULT  # handed to everything that tags or names
   _check_settings(model, optimizer, data, trainer, epochs)
+  if tokenizer is not None and not storage.exists(str(tokenizer)):
+    raise ConfigError(f"train.tokenizer = {tokenizer!r}: no such file")
   from polylm_jax.data import tasks
 
-  tasks.register_sample_tasks(language_set=language_set)  # again, if another set had them
-  tasks.register_bitext_tasks(language_set=language_set)
+  vocab = tasks.vocabulary(str(tokenizer)) if tokenizer is not None else tasks.vocabulary()
+  # Registered again if another language set or tokenizer had them.
+  tasks.register_sample_tasks(vocab, language_set=language_set)
+  tasks.register_bitext_tasks(vocab=vocab, language_set=language_set)
   for registry in (corpora, bitext):  # TextCorpora, BitextCorpora: before anything names a task
     if registry is not None:
-      registry.register(language_set=language_set)
+      registry.register(vocab, language_set=language_set)
   metadata: dict[str, Any] = {}
   if instructions is not None:  # instruction tuning (data/instructions.py)
-    stats = instructions.register(tasks.vocabulary(), data.seq_len, language_set)
+    stats = instructions.register(vocab, data.seq_len, language_set)
     metadata["instruction_format"] = instructions.format.to_meta()
     if epochs is not None:
       trainer = _steps_for_epochs(trainer, optimizer, stats, epochs, data.batch_size)
@@ -69,10 +75,10 @@ def run(
       trainer.num_steps,
     )
     return {"metrics": {}, "state": None, "train_step": None, "complete_at": done[-1]}
-  vocab = tasks.vocabulary()
   if vocab.vocab_size > model.vocab_size:
     raise ConfigError(
-      f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
+      f"the tokenizer has {vocab.vocab_size} ids ({vocab.sentencepiece_model_file}) but "
+      f"ModelConfig.vocab_size="
       f"{model.vocab_size} ({model.name}); enlarge the model vocabulary"
     )
   if curriculum is not None:
@@ -196,7 +202,9 @@ def _evaluations(trainer, data, names, vocab, language_set) -> list[callbacks_li
       num_shards=jax.process_count(),
       agree=_most_over_processes if jax.process_count() > 1 else None,
     )
-    evaluations.append((trainer.eval_every, callbacks_lib.held_out_loss(eval_sets)))
+    evaluations.append(
+      (trainer.eval_every, callbacks_lib.held_out_loss(eval_sets, _token_bytes(vocab)))
+    )
   if trainer.lm_eval_tasks:
     from polylm_jax.eval.in_training import Benchmark
 
@@ -232,3 +240,20 @@ def _check_schedule(optimizer, num_steps: int) -> None:
     lr_schedule(optimizer, num_steps)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+
+
+def _token_bytes(vocab):
+  """The bytes of each token id, for val_bpb; logged when they are not the text's own."""
+  import sentencepiece as spm
+
+  from polylm_jax.data import tokenizer
+
+  sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(vocab.sentencepiece_model_file))
+  if not tokenizer.bytes_exact(sp):
+    logging.warning(
+      "val_bpb counts the bytes of the text as the tokenizer %s normalizes it (it does not "
+      "give every text back byte for byte: a dummy prefix, folded whitespace or a "
+      "normalization rule), not the raw text's bytes",
+      vocab.sentencepiece_model_file,
+    )
+  return tokenizer.token_bytes(sp)

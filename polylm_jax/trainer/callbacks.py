@@ -14,8 +14,12 @@ The points, in the order of one step:
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import jax
+import numpy as np
 
 from polylm_jax.trainer.metrics import MetricsWriter
 from polylm_jax.trainer.spikes import SpikeConfig
@@ -105,19 +109,43 @@ def default_callbacks(spikes: SpikeConfig) -> list[Callback]:
   return out
 
 
-def held_out_loss(eval_sets: Mapping[str, Any]) -> EvalFn:
+def held_out_loss(eval_sets: Mapping[str, Any], token_bytes: np.ndarray | None = None) -> EvalFn:
   """Held-out loss per evaluation set (e.g. per language): `val_loss/<name>`, the token-mean
-  NLL over its batches."""
+  NLL over its batches, and with `token_bytes` (data.tokenizer.token_bytes: the UTF-8 bytes of
+  each id) `val_bpb/<name>`: the summed NLL of the predicted tokens (a document's tokens and
+  its EOS) in bits over the summed bytes of their text, comparable across tokenizers."""
+  counters: dict[int, Callable] = {}
+
+  def count_bytes(step_fn: TrainStep, batch) -> jax.Array:
+    if id(step_fn) not in counters:
+      import jax.numpy as jnp
+      from jax.sharding import NamedSharding, PartitionSpec
+
+      replicated = NamedSharding(step_fn.mesh, PartitionSpec())
+      table = jax.device_put(np.asarray(token_bytes, np.float32), replicated)
+      fn = jax.jit(
+        lambda t, targets, weights: jnp.sum(t[targets] * weights),
+        in_shardings=(replicated, step_fn.batch_sharding, step_fn.batch_sharding),
+        out_shardings=replicated,
+      )
+      counters.clear()  # one trainer at a time
+      counters[id(step_fn)] = lambda b: fn(table, b["targets"], b["weights"])
+    return counters[id(step_fn)](batch)
 
   def evaluate(step_fn: TrainStep, params) -> dict[str, float]:
-    out = {}
+    out, bpb = {}, {}
     for name, batches in eval_sets.items():
-      total, weight = 0.0, 0.0
+      total, weight, text_bytes = 0.0, 0.0, 0.0
       for local in batches:
-        loss_sum, w = step_fn.eval_sums(params, step_fn.place_batch(local))
+        batch = step_fn.place_batch(local)
+        loss_sum, w = step_fn.eval_sums(params, batch)
         total, weight = total + float(loss_sum), weight + float(w)
+        if token_bytes is not None:
+          text_bytes += float(count_bytes(step_fn, batch))
       out[f"val_loss/{name}"] = total / max(weight, 1.0)
-    return out
+      if token_bytes is not None:
+        bpb[f"val_bpb/{name}"] = total / math.log(2) / max(text_bytes, 1.0)
+    return {**out, **bpb}  # the losses first, as the log line shows them
 
   return evaluate
 
