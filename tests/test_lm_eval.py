@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -388,3 +389,66 @@ def test_fetch_from_a_hub_that_refuses_shows_each_retry_once_and_names_every_tas
   assert all(" WARNING " in line for line in retries)  # formatted as every other line
   assert "aggregation is not" not in proc.stderr
   assert "not fetched: xcopa_id" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_heldout_bits_per_byte_equal_a_direct_computation_with_transformers(
+  run_and_export, tmp_path
+):
+  """polylm-eval's heldout family (BOS + tokens + EOS per line, every predicted token's bits
+  over the text's UTF-8 bytes; a line longer than the context in windows) against the same
+  definition computed with transformers on the export, float32."""
+  import math
+
+  import torch
+  import transformers
+
+  from polylm_jax.data import sample
+  from polylm_jax.eval import eval_cli, heldout
+
+  workdir, hf_dir = run_and_export
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  docs = {lang: sample.sample_lines(lang, "validation")[:6] for lang in ("en", "th")}
+  docs["th"].append(" ".join(sample.sample_lines("th", "validation")[:40]))  # > 128 tokens
+  for lang, lines in docs.items():
+    (texts / f"{lang}.txt").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+  out = tmp_path / "eval"
+  common = ["--tasks=heldout", f"--heldout={texts}", "--dtype=float32", "--languages=en,th,de"]
+  assert eval_cli.main(["run", f"--workdir={workdir}", f"--out={out}", *common]) == 0
+  results = json.loads((out / "results.json").read_text())["tasks"]
+  assert sorted(results) == ["heldout_en", "heldout_th"]  # no de.txt: de is left out
+  assert "### heldout (bits per byte, lower is better)" in (out / "results.md").read_text()
+
+  sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+  context = model.config.max_position_embeddings
+  assert max(len(sp.encode(d)) for d in docs["th"]) + 2 > context  # the windows are exercised
+  for lang, lines in docs.items():
+    nats = 0.0
+    for text in lines:
+      full = [1, *sp.encode(text), 2]
+      for begin in range(0, len(full) - 1, context):
+        end = min(begin + context, len(full) - 1)
+        with torch.no_grad():
+          logits = model(torch.tensor([full[begin:end]])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        nats -= float(
+          logp[torch.arange(end - begin), torch.tensor(full[begin + 1 : end + 1])].sum()
+        )
+    expected = nats / math.log(2) / sum(len(t.encode("utf-8")) for t in lines)
+    got = results[heldout.task_name(lang)]
+    assert got["value"] == pytest.approx(expected, rel=1e-4), lang
+    assert got["metrics"]["documents"] == len(lines)
+  # A --heldout that is neither 'sample' nor a directory: refused before any model is loaded.
+  assert (
+    eval_cli.main(
+      [
+        "run",
+        f"--workdir={workdir}",
+        f"--out={tmp_path / 'x'}",
+        "--tasks=heldout",
+        f"--heldout={tmp_path / 'none'}",
+      ]
+    )
+    == 2
+  )

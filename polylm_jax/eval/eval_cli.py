@@ -57,15 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
   for p in (run,):
     p.add_argument(
       "--tasks",
-      default=",".join(_families()),
-      help="families (xnli, xcopa, pawsx, xwinograd, xstorycloze, tydiqa) and/or "
-      "lm-eval task names, comma-separated",
+      default=",".join(_families() + ["heldout"]),
+      help="families (xnli, xcopa, pawsx, xwinograd, xstorycloze, tydiqa; heldout: bits per "
+      "byte of held-out text) and/or lm-eval task names, comma-separated",
     )
     p.add_argument(
       "--languages",
       default=None,
       help="language codes to keep (default: the languages the model was trained on)",
     )
+  run.add_argument(
+    "--heldout",
+    default="sample",
+    help="the heldout family's text: 'sample' (the embedded corpus's validation split) or a "
+    "directory of <lang>.txt files, one document per line",
+  )
   run.add_argument("--num_fewshot", type=int, default=0)
   run.add_argument("--limit", type=int, default=None, help="documents per task (for a quick look)")
   run.add_argument("--batch_size", type=int, default=16)
@@ -129,6 +135,15 @@ def check_out(out: str) -> None:
 
 def _run(args) -> int:
   check_out(args.out)
+  names = _split(args.tasks)
+  from polylm_jax.eval import heldout
+
+  wants_heldout = heldout.FAMILY in names
+  names = [n for n in names if n != heldout.FAMILY]
+  if wants_heldout and args.heldout != "sample" and not os.path.isdir(args.heldout):
+    raise FileNotFoundError(
+      f"--heldout={args.heldout}: neither 'sample' nor a directory of <lang>.txt files"
+    )
   _offline(args.data_dir)
   import jax
   from lm_eval.tasks import TaskManager
@@ -161,13 +176,23 @@ def _run(args) -> int:
       f"({json.loads(storage.read_text(previous))}); choose another --out"
     )
   storage.write_text(previous, json.dumps(run_info, indent=2))
-  manager = TaskManager(include_path=args.include_path)
-  specs = suite.resolve(_split(args.tasks), _languages(args, loaded.meta), set(manager.all_tasks))
-  if not specs:
+  languages = _languages(args, loaded.meta)
+  manager, specs, tasks = None, [], {}
+  if names:
+    manager = TaskManager(include_path=args.include_path)
+    specs = suite.resolve(names, languages, set(manager.all_tasks))
+    tasks = suite.load_tasks(
+      [s for s in specs if not storage.exists(suite.task_record(out, s.task))], manager
+    )
+  docs = heldout.documents(args.heldout, languages) if wants_heldout else {}
+  if wants_heldout and not docs:
+    logging.warning(
+      "heldout: --heldout=%s has no text in the model's languages (%s); skipped",
+      args.heldout,
+      ", ".join(languages),
+    )
+  if not specs and not docs:
     raise ValueError("no task left to run (check --tasks and --languages)")
-  tasks = suite.load_tasks(
-    [s for s in specs if not storage.exists(suite.task_record(out, s.task))], manager
-  )
   lm = lm_eval_model.PolyLMJax.from_parts(
     loaded.config,
     loaded.params,
@@ -189,6 +214,7 @@ def _run(args) -> int:
     requests_per_second=speed,
     task_manager=manager,
   )
+  records.update(_heldout(lm, docs, out))
   storage.write_text(
     storage.join(out, "results.json"), json.dumps(dict(run_info, tasks=records), indent=2)
   )
@@ -196,6 +222,21 @@ def _run(args) -> int:
   print(storage.read_text(storage.join(out, "results.md")))
   logging.info("results in %s (devices: %d %s)", out, mesh.devices.size, jax.devices()[0].platform)
   return 0
+
+
+def _heldout(lm, docs: dict[str, list[str]], out: str) -> dict[str, dict]:
+  """Bits per byte per language (eval/heldout.py); finished languages are reused."""
+  from polylm_jax.eval import heldout, suite
+
+  records = {}
+  for lang, texts in docs.items():
+    path = suite.task_record(out, heldout.task_name(lang))
+    if not storage.exists(path):
+      [(task, record)] = heldout.evaluate(lm.scorer, lm.sp, {lang: texts}).items()
+      storage.write_text(path, json.dumps(record, indent=2))
+      logging.info("heldout: %s bits per byte = %.4f", lang, record["value"])
+    records[heldout.task_name(lang)] = json.loads(storage.read_text(path))
+  return records
 
 
 def _compare(args) -> int:

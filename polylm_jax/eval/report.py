@@ -18,10 +18,21 @@ def _families(runs: Sequence[dict]) -> dict[str, list[str]]:
   return out
 
 
+# Metrics shown as they are (not as percentages): bits per byte, lower is better.
+_RAW = {"bpb": "bits per byte, lower is better"}
+
+
+def _unit(metric: str) -> tuple[float, str, str]:
+  """(scale, unit, format) of a metric in tables and charts."""
+  if metric in _RAW:
+    return 1.0, _RAW[metric], "{:.3f}"
+  return 100.0, "%", "{:.1f}"
+
+
 def _cell(records: dict, family: str, language: str) -> float | None:
   for r in records.values():
     if r["family"] == family and r["language"] == language:
-      return 100.0 * r["value"]
+      return _unit(r["metric"])[0] * r["value"]
   return None
 
 
@@ -31,8 +42,9 @@ def markdown(runs: Sequence[dict], labels: Sequence[str]) -> str:
   lines = []
   for family, languages in _families(runs).items():
     metric = next(r["metric"] for rs in runs for r in rs.values() if r["family"] == family)
+    _, unit, fmt = _unit(metric)
     lines += [
-      f"### {family} ({metric}, %)",
+      f"### {family} ({metric}, %)" if unit == "%" else f"### {family} ({unit})",
       "",
       "| run | " + " | ".join(languages) + " | avg |",
       "|---" * (len(languages) + 2) + "|",
@@ -40,10 +52,10 @@ def markdown(runs: Sequence[dict], labels: Sequence[str]) -> str:
     for records, label in zip(runs, labels):
       values = [_cell(records, family, lang) for lang in languages]
       have = [v for v in values if v is not None]
-      avg = f"{sum(have) / len(have):.1f}" if have else "-"
+      avg = fmt.format(sum(have) / len(have)) if have else "-"
       lines.append(
         f"| {label} | "
-        + " | ".join("-" if v is None else f"{v:.1f}" for v in values)
+        + " | ".join("-" if v is None else fmt.format(v) for v in values)
         + f" | {avg} |"
       )
     lines.append("")
@@ -72,7 +84,8 @@ def charts(runs: Sequence[dict], labels: Sequence[str], out_dir: str | pathlib.P
       )
     ax.set_xticks(range(len(languages)), languages)
     metric = next(r["metric"] for rs in runs for r in rs.values() if r["family"] == family)
-    ax.set_ylabel(f"{metric} (%)")
+    unit = _unit(metric)[1]
+    ax.set_ylabel(f"{metric} (%)" if unit == "%" else unit)
     ax.set_title(family)
     if len(runs) > 1:
       ax.legend(fontsize="small")
