@@ -244,6 +244,11 @@ class Trainer:
       )
       stop = next((r for c in self.callbacks if (r := c.wants_stop(self, self.step))), None)
       if self.checkpointer is not None and self._save_due(stop):
+        # This step's metrics are written before its checkpoint, so a run killed right after the
+        # save and resumed from it still has every step's record.
+        last, clock = self._report(writer, clock)
+        if self._rolled_back:
+          continue
         _save_if_sound(
           self.checkpointer, self.step_fn, self.step, self.state, self.batches, self.meta
         )
