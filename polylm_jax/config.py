@@ -133,13 +133,17 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def model_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
-  """A named preset with optional field overrides (the gin entry point for the model)."""
+def model_config(
+  preset: str = "tiny", overrides: dict[str, Any] | None = None, vocab_size: int | None = None
+) -> ModelConfig:
+  """A named preset with optional field overrides (the gin entry point for the model);
+  `vocab_size` on its own (a sweep's vocabulary arms set it beside a run's overrides)."""
   if preset not in PRESETS:
     raise ValueError(
       f"model_config.preset={preset!r} is not a known preset; known: {sorted(PRESETS)}"
     )
-  return PRESETS[preset].replace(**(overrides or {}))
+  config = PRESETS[preset].replace(**(overrides or {}))
+  return config if vocab_size is None else config.replace(vocab_size=vocab_size)
 
 
 def analytic_param_count(cfg: ModelConfig) -> int:

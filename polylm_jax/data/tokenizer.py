@@ -122,6 +122,7 @@ def balance(
   iterations: int = 12,
   gain: float = 3.0,
   seed: int = 0,
+  character_coverage: float = 0.9995,
   log=print,
 ) -> tuple[bytes, dict[str, float], list[dict]]:
   """Chooses per-language weights so that no language of the parallel development set `dev` needs
@@ -144,7 +145,14 @@ def balance(
   base_reference = None
   model = b""
   for it in range(iterations + 1):
-    model = train_model(texts, vocab_size, weights=weights, seed=seed, hard_vocab_limit=False)
+    model = train_model(
+      texts,
+      vocab_size,
+      weights=weights,
+      seed=seed,
+      hard_vocab_limit=False,
+      character_coverage=character_coverage,
+    )
     sp = spm.SentencePieceProcessor(model_proto=model)
     tps = {lang: tokens_per_sentence(sp, lines) for lang, lines in dev.items()}
     base_reference = base_reference or tps[reference]

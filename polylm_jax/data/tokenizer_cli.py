@@ -103,9 +103,15 @@ def _texts(args) -> dict[str, list[str]]:
   if args.dir:
     for path in sorted(pathlib.Path(args.dir).glob("*.txt")):
       inputs.setdefault(path.stem, str(path))
-  if not inputs:
-    raise SystemExit(f"{args.command} needs --dir or --input LANG=GLOB")
-  return {lang: list(read_lines(pattern, args.text_field)) for lang, pattern in inputs.items()}
+  texts = {lang: list(read_lines(pattern, args.text_field)) for lang, pattern in inputs.items()}
+  if args.sample:  # the embedded corpus's training split; --input/--dir languages replace it
+    from polylm_jax.data import sample
+
+    for lang in sample.LANGUAGES:
+      texts.setdefault(lang, sample.sample_lines(lang, "train"))
+  if not texts:
+    raise SystemExit(f"{args.command} needs --dir, --input LANG=GLOB or --sample")
+  return texts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
       help="LANG=GLOB of text or .jsonl files (repeatable; adds to or overrides --dir)",
     )
     p.add_argument("--text_field", default="text", help="JSONL field holding the text")
+    p.add_argument(
+      "--sample",
+      action="store_true",
+      help="the embedded 18-language corpus's training split (its held-out lines left out)",
+    )
     p.add_argument("--vocab_size", type=int, required=True)
+    p.add_argument(
+      "--character_coverage",
+      type=float,
+      default=0.9995,
+      help="share of characters with pieces of their own (the rest as bytes); a small "
+      "vocabulary over many scripts needs less",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="path of the .model file")
   t.add_argument(
@@ -174,14 +192,18 @@ def _train(args) -> int:
   weights = {k: float(v) for k, v in _pairs(args.weight, "--weight").items()}
   if args.weights_from:
     weights = {**json.loads(pathlib.Path(args.weights_from).read_text())["weights"], **weights}
-  path = tokenizer.train(
-    _texts(args),
-    args.out,
-    args.vocab_size,
-    weights=weights,
-    max_sentences=args.max_sentences,
-    seed=args.seed,
-  )
+  try:
+    path = tokenizer.train(
+      _texts(args),
+      args.out,
+      args.vocab_size,
+      weights=weights,
+      max_sentences=args.max_sentences,
+      seed=args.seed,
+      character_coverage=args.character_coverage,
+    )
+  except RuntimeError as e:  # SentencePiece's own check, e.g. too few pieces for the characters
+    raise SystemExit(f"polylm-tokenizer train: SentencePiece refused: {e}") from e
   print(f"wrote {path} ({tokenizer.load(path).vocab_size()} pieces)")
   return 0
 
@@ -200,6 +222,7 @@ def _balance(args) -> int:
     max_reference_cost=args.max_reference_cost,
     iterations=args.iterations,
     seed=args.seed,
+    character_coverage=args.character_coverage,
   )
   disk.atomic_write_bytes(args.out, model)
   record = {
