@@ -22,6 +22,7 @@ LAYERS = [
   ["decode"],
   ["eval", "self_instruct"],
   ["train"],
+  ["sweep"],
 ]
 
 

@@ -1,0 +1,3 @@
+from polylm_jax.sweep.sweep_cli import console_main
+
+console_main()
