@@ -230,3 +230,46 @@ def test_nothing_generated_exits_non_zero_and_says_so(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 1
   assert err[-1].startswith("polylm-self-instruct: nothing was generated: of 4 requests 4 failed")
+
+
+def test_the_data_report_describes_each_language_of_any_alpaca_file(tmp_path, capsys):
+  from polylm_jax.self_instruct import self_instruct_cli as cli
+
+  records = [
+    {"instruction": "Write a poem about the sea.", "input": "", "output": "Waves roll in."},
+    {"instruction": "Write a poem about the sea.", "input": "", "output": "Blue and deep."},
+    {"instruction": "Explain how rain forms in clouds.", "output": "Water vapour condenses."},
+    {"instruction": "Écris un poème sur la mer et le vent.", "output": "La mer chante."},
+  ]
+  (tmp_path / "en.jsonl").write_text("\n".join(json.dumps(r) for r in records), "utf-8")
+  # A JSON list whose records name their language.
+  (tmp_path / "mixed.json").write_text(
+    json.dumps(
+      [{"lang": "de", "instruction": "Schreibe ein Gedicht über das Meer.", "output": "Ja."}]
+    ),
+    "utf-8",
+  )
+  out = tmp_path / "report"
+  assert (
+    cli.main(["report", str(tmp_path / "en.jsonl"), str(tmp_path / "mixed.json"), f"--out={out}"])
+    == 0
+  )
+  summary = json.loads((out / "report.json").read_text())
+  en = summary["en"]
+  assert en["count"] == 4 and en["duplicates"] == 1 and summary["de"]["count"] == 1
+  assert en["instruction_purity"] == 0.75  # the French instruction
+  assert en["share_similar"] == pytest.approx(1 / 3)  # the repeat; the others differ
+  assert en["first_words"][0] == ["write", 2]
+  assert "| en | 4 | 1 |" in (out / "report.md").read_text()
+  assert (out / "rouge_l.png").read_bytes()[:4] == b"\x89PNG"
+  # The embedded MultiAlpaca-format sample: 11 languages, instructions all in their language.
+  from polylm_jax.data import instructions
+
+  sample = sorted(str(p) for p in instructions.SAMPLE_DIR.glob("*.jsonl"))
+  assert cli.main(["report", *sample, f"--out={tmp_path / 'sample'}"]) == 0
+  described = json.loads((tmp_path / "sample" / "report.json").read_text())
+  assert len(described) == 11 and all(s["instruction_purity"] == 1.0 for s in described.values())
+  # A record without an instruction: refused naming the file and line.
+  (tmp_path / "bad.jsonl").write_text('{"instruction": "Hi there, friend"}\n{"output": "x"}\n')
+  assert cli.main(["report", str(tmp_path / "bad.jsonl"), f"--out={tmp_path / 'x'}"]) == 2
+  assert f"{tmp_path / 'bad.jsonl'}:2: no 'instruction' string field" in capsys.readouterr().err

@@ -9,6 +9,11 @@ OpenAI-compatible chat endpoint (OpenAI, or `vllm serve` on an exported checkpoi
 Seeds: JSONL records {"lang", "instruction", "input", "output"}. Output: <out_dir>/<lang>.jsonl
 (append-only; rerun the same command to continue a stopped run) and <out_dir>/report.json. Train on
 it with `InstructionCorpora.directory = '<out_dir>'` (gin_configs/sft/multialpaca.gin).
+
+  polylm-self-instruct report data/self_instruct/*.jsonl --out=data/self_instruct/quality
+
+describes any Alpaca-format instruction set per language (count, duplicates, ROUGE-L diversity,
+language purity, lengths, first words) in report.md and charts.
 """
 
 from __future__ import annotations
@@ -39,7 +44,36 @@ def read_seeds(path: str) -> dict[str, list[dict]]:
   return seeds
 
 
+def report_main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(
+    prog="polylm-self-instruct report",
+    description="Describe instruction sets per language: count, duplicates, ROUGE-L diversity, "
+    "language purity, lengths and first words, in report.md, report.json and two charts.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument(
+    "files",
+    nargs="+",
+    help="Alpaca-format JSONL or JSON files (language: a record's 'lang', "
+    "else the file name, th.jsonl -> th)",
+  )
+  parser.add_argument("--out", required=True, help="the report's directory")
+  parser.add_argument("--no_language_check", action="store_true")
+  args = parser.parse_args(argv)
+  from polylm_jax.self_instruct import report
+
+  try:
+    print(report.write(args.files, args.out, check_language=not args.no_language_check))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"polylm-self-instruct report: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["report"]:
+    return report_main(argv[1:])
   parser = argparse.ArgumentParser(
     prog="polylm-self-instruct",
     description=console.summary(__doc__),
