@@ -115,6 +115,18 @@ def _change(by_seed: dict[int, float], base: dict[int, float]) -> tuple[str, boo
   return f"{mean:+.3f}", abs(mean) <= NOISE_FACTOR * sd
 
 
+def _table(groups: dict[str, dict[str, Any]], field: str, columns: list[str]) -> list[str]:
+  """A row per arm group: the mean over seeds (± their spread) of each column's values."""
+  return [
+    "| arm | " + " | ".join(columns) + " |",
+    "|---" * (len(columns) + 1) + "|",
+    *(
+      f"| {name} | " + " | ".join(_cell(g[field].get(c)) for c in columns) + " |"
+      for name, g in groups.items()
+    ),
+  ]
+
+
 def markdown(sweep: spec.Sweep, sweep_dir: str, data: dict[str, Any]) -> str:
   groups, baseline = data["groups"], data["baseline"]
   languages = _languages(groups)
@@ -129,14 +141,7 @@ def markdown(sweep: spec.Sweep, sweep_dir: str, data: dict[str, Any]) -> str:
   ]
   if data["missing"]:
     lines += [f"Not evaluated yet: {', '.join(data['missing'])}.", ""]
-  lines += [
-    "## Held-out bits per byte (lower is better)",
-    "",
-    "| arm | " + " | ".join(languages) + " |",
-    "|---" * (len(languages) + 1) + "|",
-  ]
-  for name, g in groups.items():
-    lines.append(f"| {name} | " + " | ".join(_cell(g["bpb"].get(x)) for x in languages) + " |")
+  lines += ["## Held-out bits per byte (lower is better)", "", *_table(groups, "bpb", languages)]
   lines += ["", f"## Change against the baseline `{baseline}` (negative: better)", ""]
   base = groups.get(baseline, {}).get("bpb", {})
   if len(seeds) > 1:
@@ -182,15 +187,7 @@ def markdown(sweep: spec.Sweep, sweep_dir: str, data: dict[str, Any]) -> str:
   ]
   bench = sorted({t for g in groups.values() for t in g["bench"]})
   if bench:
-    lines += [
-      "",
-      "## Benchmarks",
-      "",
-      "| arm | " + " | ".join(bench) + " |",
-      "|---" * (len(bench) + 1) + "|",
-    ]
-    for name, g in groups.items():
-      lines.append(f"| {name} | " + " | ".join(_cell(g["bench"].get(t)) for t in bench) + " |")
+    lines += ["", "## Benchmarks", "", *_table(groups, "bench", bench)]
   return "\n".join(lines) + "\n"
 
 
