@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from polylm_jax.data import sample
 from polylm_jax.sweep import report, runner, spec, sweep_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -200,8 +201,12 @@ def test_the_report_sets_changes_against_the_baseline_and_seed_noise(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_killed_mid_arm_resumes_it_and_reports(tmp_path):
+def test_a_sweep_killed_mid_arm_skips_the_finished_one_resumes_it_and_reports(tmp_path):
   target = tmp_path / "sweep"
+  heldout = tmp_path / "heldout"  # two languages keep each arm's evaluation short
+  heldout.mkdir()
+  for lang in ("en", "th"):
+    (heldout / f"{lang}.txt").write_text("\n".join(sample.sample_lines(lang, "validation")[:8]))
   argv = [
     sys.executable,
     "-m",
@@ -212,6 +217,7 @@ def test_a_sweep_killed_mid_arm_resumes_it_and_reports(tmp_path):
     f"--sweep_bindings={TINY}",
     "--sweep_bindings=Sweep.seeds = [0]",
     "--sweep_bindings=Sweep.grid = {'final/Stage.rates': [{'en': 0.7}, {'en': 0.25}]}",
+    f"--sweep_bindings=Sweep.heldout = '{heldout}'",
     # One vocabulary arm: its tokenizer is trained first, and both arms train with it.
     "--sweep_bindings=Sweep.vocab_sizes = [1024]",
     "--sweep_bindings=Sweep.tokenizer_flags = ['--sample', '--character_coverage=0.98']",
@@ -226,25 +232,25 @@ def test_a_sweep_killed_mid_arm_resumes_it_and_reports(tmp_path):
     stdout=subprocess.DEVNULL,
     stderr=subprocess.STDOUT,
   )
-  first_arm = target / "arms" / "vocab=1024__rates=en0.7__seed=0"
-  checkpoint = first_arm / "checkpoints" / "4"
-  while not (checkpoint / "commit_success.txt").exists() and first.poll() is None:
+  arm1 = target / "arms" / "vocab=1024__rates=en0.7__seed=0"
+  arm2 = target / "arms" / "vocab=1024__rates=en0.25__seed=0"
+  while not (arm2 / "checkpoints" / "4" / "commit_success.txt").exists() and first.poll() is None:
     time.sleep(0.5)
-  os.killpg(first.pid, signal.SIGKILL)  # the sweep and the arm's trainer, mid-arm
+  os.killpg(first.pid, signal.SIGKILL)  # the sweep and the second arm's trainer, mid-arm
   first.wait()
-  assert not (target / "eval").exists()  # the first arm never finished
+  assert (target / "eval" / arm1.name / "results.json").is_file()
+  assert not (target / "eval" / arm2.name).exists()
   done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
   assert done.returncode == 0, done.stderr[-4000:]
+  assert f"{arm1} is complete" in done.stderr  # nothing trained again
   assert "resumed from checkpoint step 4" in done.stderr
-  metrics = (first_arm / "metrics.jsonl").read_text().splitlines()
+  metrics = (arm2 / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in metrics] == list(range(1, 9))
-  meta = json.loads((first_arm / "checkpoints" / "8" / "meta" / "metadata").read_text())
+  meta = json.loads((arm2 / "checkpoints" / "8" / "meta" / "metadata").read_text())
   tokenizer = (target / "tokenizers" / "vocab=1024.model").read_bytes()
   assert base64.b64decode(meta["tokenizer_model_b64"]) == tokenizer
   assert meta["model_config"]["vocab_size"] == 1024
   text = (target / "report" / "report.md").read_text()
   assert "Not evaluated yet" not in text and "| vocab=1024__rates=en0.25 |" in text
+  assert "| arm | en | non-en mean | th |" in text
   assert (target / "report" / "learning_curves.png").is_file()
-  # Run again: every arm is finished; nothing is trained, the report is written again.
-  again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
-  assert again.returncode == 0 and again.stderr.count("is complete") == 2

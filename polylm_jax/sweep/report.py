@@ -216,7 +216,7 @@ def charts(data: dict[str, Any], out_dir: str) -> list[str]:
   others = [name for name in groups if name != baseline]
   columns = [x for x in _languages(groups) if base.get(x)]
   if others and columns:
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(columns) * len(others)), 3.4))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.7 * len(columns))), 3.6))
     width = 0.8 / len(others)
     for i, name in enumerate(others):
       bpb = groups[name]["bpb"]
