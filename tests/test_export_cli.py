@@ -191,6 +191,7 @@ def test_what_needs_no_tensorflow_never_imports_it_and_verify_says_what_to_insta
     "polylm_jax.self_instruct.self_instruct_cli",
     "polylm_jax.train.compile_cli",
     "polylm_jax.train.train_cli",
+    "polylm_jax.sweep.sweep_cli",
   ]
   script = (
     "import importlib, sys\n"
