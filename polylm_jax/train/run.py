@@ -77,9 +77,9 @@ def run(
     return {"metrics": {}, "state": None, "train_step": None, "complete_at": done[-1]}
   if vocab.vocab_size > model.vocab_size:
     raise ConfigError(
-      f"the tokenizer has {vocab.vocab_size} ids ({vocab.sentencepiece_model_file}) but "
-      f"ModelConfig.vocab_size="
-      f"{model.vocab_size} ({model.name}); enlarge the model vocabulary"
+      f"the tokenizer has {vocab.vocab_size} ids but ModelConfig.vocab_size="
+      f"{model.vocab_size} ({model.name}); enlarge the model vocabulary (train.tokenizer: "
+      f"{vocab.sentencepiece_model_file})"
     )
   if curriculum is not None:
     curriculum = dataclasses.replace(curriculum, language_set=language_set)
