@@ -15,6 +15,7 @@ import time
 import pytest
 
 from polylm_jax.data import sample
+from polylm_jax.errors import ConfigError
 from polylm_jax.sweep import report, runner, spec, sweep_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -157,6 +158,22 @@ def test_vocabulary_arms_train_a_tokenizer_each_and_bind_it(tmp_path, capsys):
     f"--out={target}/tokenizers/vocab=2048.model"
   )
   assert len(lines) == 3 + 6 and "model_config.vocab_size = 8192" in lines[-1]
+  # A balanced tokenizer per size instead (polylm-tokenizer balance and its flags).
+  balanced = spec.Sweep(
+    gin_files=["quickstart.gin"],
+    vocab_sizes=[4096],
+    tokenizer_command="balance",
+    tokenizer_flags=["--sample", "--dev_dir=dev"],
+  )
+  assert runner.tokenizer_args(balanced, "d", 4096) == [
+    "balance",
+    "--sample",
+    "--dev_dir=dev",
+    "--vocab_size=4096",
+    "--out=d/tokenizers/vocab=4096.model",
+  ]
+  with pytest.raises(ConfigError, match="Sweep.tokenizer_command = 'bpe': 'train' or 'balance'"):
+    spec.check(spec.Sweep(gin_files=["quickstart.gin"], tokenizer_command="bpe"))
   # The pod-scale file needs the tokenizer corpus named.
   assert (
     sweep_cli.main(["run", "--sweep=sweeps/vocabulary_1.7b.gin", f"--dir={tmp_path / 'x'}"]) == 2

@@ -60,7 +60,7 @@ def train_args(sweep: spec.Sweep, arm: spec.Arm, sweep_dir: str) -> list[str]:
 def tokenizer_args(sweep: spec.Sweep, sweep_dir: str, vocab_size: int) -> list[str]:
   """polylm-tokenizer's arguments for a vocabulary arm's tokenizer."""
   return [
-    "train",
+    sweep.tokenizer_command,
     *sweep.tokenizer_flags,
     f"--vocab_size={vocab_size}",
     f"--out={tokenizer_path(sweep_dir, vocab_size)}",

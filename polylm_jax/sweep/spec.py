@@ -41,6 +41,7 @@ class Sweep:
   # (train.tokenizer) and a model vocabulary of that size (model_config.vocab_size).
   vocab_sizes: Sequence[int] = ()
   tokenizer_flags: Sequence[str] = ("--sample",)
+  tokenizer_command: str = "train"  # or 'balance' (weights chosen on a parallel dev set)
 
   def __post_init__(self):
     for name in ("gin_files", "bindings", "seeds", "eval_tasks", "vocab_sizes", "tokenizer_flags"):
@@ -102,6 +103,11 @@ def check(sweep: Sweep) -> None:
   for key in common & set(SEED_BINDINGS):
     raise ConfigError(f"Sweep.bindings sets {key}; seeds are Sweep.seeds")
   sizes = list(sweep.vocab_sizes)
+  if sweep.tokenizer_command not in ("train", "balance"):
+    raise ConfigError(
+      f"Sweep.tokenizer_command = {sweep.tokenizer_command!r}: 'train' or 'balance' "
+      f"(polylm-tokenizer's commands)"
+    )
   if sizes:
     if len(set(sizes)) != len(sizes) or not all(
       isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes
