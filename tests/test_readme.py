@@ -97,10 +97,13 @@ def test_the_readme_commands_work_as_written(checkout):
   evals = [json.loads(line) for line in (run / "eval_metrics.jsonl").read_text().splitlines()]
   first, last = evals[0], evals[-1]
   assert (first["step"], last["step"]) == (100, 500)
+  # (In nats per token and in bits per byte of text.)
   rose = {
-    k: (first[k], last[k]) for k in first if k.startswith("val_loss/") and last[k] >= first[k]
+    k: (first[k], last[k])
+    for k in first
+    if k.startswith(("val_loss/", "val_bpb/")) and last[k] >= first[k]
   }
-  assert len(first) == 19 and not rose, rose
+  assert len(first) == 1 + 2 * 18 and not rose, rose
 
   # Export for transformers, checked (the command in the README's text).
   [export] = re.findall(r"`(polylm-export [^`]*--verify)`", README)
