@@ -153,14 +153,19 @@ def quiet_closed_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+def _drop_console_handlers(logger: logging.Logger) -> None:
+  """Removes the plain console handlers that imported libraries installed (handlers of other
+  kinds, e.g. a test's log capture, stay)."""
+  for handler in list(logger.handlers):
+    if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)
+      logger.removeHandler(handler)
+
+
 def one_handler_each(*names: str) -> None:
   """Libraries that give their logger a console handler of its own (huggingface_hub) and also
   pass its records on to the root's: each line shown once, formatted as the others."""
   for name in names:
-    logger = logging.getLogger(name)
-    for handler in list(logger.handlers):
-      if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)
-        logger.removeHandler(handler)
+    _drop_console_handlers(logging.getLogger(name))
 
 
 def _not_lm_eval_default_notice(record: logging.LogRecord) -> bool:
@@ -179,9 +184,7 @@ def quiet_logging() -> None:
   `Event loop is closed` reports after a failed checkpoint read."""
   quiet_closed_loop_reports()
   root = logging.getLogger()
-  for handler in list(root.handlers):
-    if type(handler) is logging.StreamHandler:  # noqa: E721 (exactly the plain console handler)
-      root.removeHandler(handler)
+  _drop_console_handlers(root)
   handler = logging.StreamHandler()
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler.addFilter(_not_gin_path_noise)
