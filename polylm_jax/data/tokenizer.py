@@ -210,12 +210,12 @@ def token_bytes(sp: spm.SentencePieceProcessor, size: int | None = None) -> np.n
   return table
 
 
-def bytes_exact(sp: spm.SentencePieceProcessor) -> bool:
+def bytes_exact(sp: spm.SentencePieceProcessor, table: np.ndarray | None = None) -> bool:
   """Does token_bytes count a text's own bytes? True for a tokenizer with identity
   normalization, no dummy prefix and no whitespace folding (polylm-tokenizer's); another one
-  counts the bytes of the text as it normalizes it."""
+  counts the bytes of the text as it normalizes it. `table`: its token_bytes, if already made."""
   ids = sp.encode(_BYTES_PROBE)
-  table = token_bytes(sp)
+  table = token_bytes(sp) if table is None else table
   return sp.decode(ids) == _BYTES_PROBE and int(table[ids].sum()) == len(_BYTES_PROBE.encode())
 
 

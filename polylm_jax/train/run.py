@@ -249,11 +249,12 @@ def _token_bytes(vocab):
   from polylm_jax.data import tokenizer
 
   sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(vocab.sentencepiece_model_file))
-  if not tokenizer.bytes_exact(sp):
+  table = tokenizer.token_bytes(sp)
+  if not tokenizer.bytes_exact(sp, table):
     logging.warning(
       "val_bpb counts the bytes of the text as the tokenizer %s normalizes it (it does not "
       "give every text back byte for byte: a dummy prefix, folded whitespace or a "
       "normalization rule), not the raw text's bytes",
       vocab.sentencepiece_model_file,
     )
-  return tokenizer.token_bytes(sp)
+  return table

@@ -114,10 +114,11 @@ def held_out_loss(eval_sets: Mapping[str, Any], token_bytes: np.ndarray | None =
   NLL over its batches, and with `token_bytes` (data.tokenizer.token_bytes: the UTF-8 bytes of
   each id) `val_bpb/<name>`: the summed NLL of the predicted tokens (a document's tokens and
   its EOS) in bits over the summed bytes of their text, comparable across tokenizers."""
-  counters: dict[int, Callable] = {}
+  text_bytes: dict[str, float] = {}  # per set: its batches are the same at every evaluation
+  counter: list = []  # [(step_fn, its jitted byte count)], made at the first evaluation
 
-  def count_bytes(step_fn: TrainStep, batch) -> jax.Array:
-    if id(step_fn) not in counters:
+  def count_bytes(step_fn: TrainStep, batch) -> float:
+    if not counter or counter[0][0] is not step_fn:
       import jax.numpy as jnp
       from jax.sharding import NamedSharding, PartitionSpec
 
@@ -128,23 +129,25 @@ def held_out_loss(eval_sets: Mapping[str, Any], token_bytes: np.ndarray | None =
         in_shardings=(replicated, step_fn.batch_sharding, step_fn.batch_sharding),
         out_shardings=replicated,
       )
-      counters.clear()  # one trainer at a time
-      counters[id(step_fn)] = lambda b: fn(table, b["targets"], b["weights"])
-    return counters[id(step_fn)](batch)
+      counter[:] = [(step_fn, lambda b: fn(table, b["targets"], b["weights"]))]
+    return float(counter[0][1](batch))
 
   def evaluate(step_fn: TrainStep, params) -> dict[str, float]:
     out, bpb = {}, {}
     for name, batches in eval_sets.items():
-      total, weight, text_bytes = 0.0, 0.0, 0.0
+      total, weight, counted = 0.0, 0.0, 0.0
+      counting = token_bytes is not None and name not in text_bytes
       for local in batches:
         batch = step_fn.place_batch(local)
         loss_sum, w = step_fn.eval_sums(params, batch)
         total, weight = total + float(loss_sum), weight + float(w)
-        if token_bytes is not None:
-          text_bytes += float(count_bytes(step_fn, batch))
+        if counting:
+          counted += count_bytes(step_fn, batch)
       out[f"val_loss/{name}"] = total / max(weight, 1.0)
+      if counting:
+        text_bytes[name] = counted
       if token_bytes is not None:
-        bpb[f"val_bpb/{name}"] = total / math.log(2) / max(text_bytes, 1.0)
+        bpb[f"val_bpb/{name}"] = total / math.log(2) / max(text_bytes[name], 1.0)
     return {**out, **bpb}  # the losses first, as the log line shows them
 
   return evaluate
