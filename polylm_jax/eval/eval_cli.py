@@ -140,10 +140,8 @@ def _run(args) -> int:
 
   wants_heldout = heldout.FAMILY in names
   names = [n for n in names if n != heldout.FAMILY]
-  if wants_heldout and args.heldout != "sample" and not os.path.isdir(args.heldout):
-    raise FileNotFoundError(
-      f"--heldout={args.heldout}: neither 'sample' nor a directory of <lang>.txt files"
-    )
+  if wants_heldout:
+    heldout.check_source(args.heldout)
   _offline(args.data_dir)
   import jax
   from lm_eval.tasks import TaskManager
@@ -232,7 +230,7 @@ def _heldout(lm, docs: dict[str, list[str]], out: str) -> dict[str, dict]:
   for lang, texts in docs.items():
     path = suite.task_record(out, heldout.task_name(lang))
     if not storage.exists(path):
-      [(task, record)] = heldout.evaluate(lm.scorer, lm.sp, {lang: texts}).items()
+      record = heldout.evaluate(lm.scorer, lm.sp, {lang: texts})[heldout.task_name(lang)]
       storage.write_text(path, json.dumps(record, indent=2))
       logging.info("heldout: %s bits per byte = %.4f", lang, record["value"])
     records[heldout.task_name(lang)] = json.loads(storage.read_text(path))

@@ -30,9 +30,18 @@ def task_name(language: str) -> str:
   return f"{FAMILY}_{language}"
 
 
+def check_source(source: str) -> None:
+  """`source` is 'sample' or a directory (checked before any model is loaded)."""
+  if source != "sample" and not pathlib.Path(source).is_dir():
+    raise FileNotFoundError(
+      f"--heldout={source}: neither 'sample' nor a directory of <lang>.txt files"
+    )
+
+
 def documents(source: str, languages: Sequence[str]) -> dict[str, list[str]]:
   """{language: documents} of `languages` that `source` has ('sample', or a directory of
   <lang>.txt files); a language it lacks is left out."""
+  check_source(source)
   if source == "sample":
     from polylm_jax.data import sample
 
@@ -42,10 +51,6 @@ def documents(source: str, languages: Sequence[str]) -> dict[str, list[str]]:
       if lang in sample.LANGUAGES
     }
   directory = pathlib.Path(source)
-  if not directory.is_dir():
-    raise FileNotFoundError(
-      f"--heldout={source}: neither 'sample' nor a directory of <lang>.txt files"
-    )
   out = {}
   for lang in languages:
     path = directory / f"{lang}.txt"
