@@ -101,7 +101,7 @@ def _claim(sweep: spec.Sweep, sweep_dir: str) -> None:
   storage.write_text(record, json.dumps(given, indent=2) + "\n")
 
 
-def check_arms(sweep: spec.Sweep, sweep_dir: str) -> None:
+def check_arms(sweep: spec.Sweep, sweep_dir: str, arms: Sequence[spec.Arm]) -> None:
   """Every arm's configuration parses, and the configurables its grid bindings set can be built
   with its values: a typo or a value of the wrong kind stops the sweep before anything trains."""
   import gin
@@ -110,7 +110,7 @@ def check_arms(sweep: spec.Sweep, sweep_dir: str) -> None:
 
   gin_setup.register_configurables()
   try:
-    for arm in spec.arms(sweep):
+    for arm in arms:
       try:
         gin_setup.parse_gin(list(sweep.gin_files), arm_bindings(arm, sweep_dir))
       except ConfigError as e:
@@ -134,7 +134,7 @@ def check_arms(sweep: spec.Sweep, sweep_dir: str) -> None:
 def prepare(sweep: spec.Sweep, sweep_dir: str) -> list[spec.Arm]:
   """Checks everything that can be checked, then claims the directory; returns the arms."""
   arms = spec.arms(sweep)
-  check_arms(sweep, sweep_dir)
+  check_arms(sweep, sweep_dir, arms)
   _claim(sweep, sweep_dir)
   return arms
 
