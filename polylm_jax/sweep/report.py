@@ -63,9 +63,7 @@ def collect(sweep: spec.Sweep, sweep_dir: str) -> dict[str, Any]:
   groups: dict[str, dict[str, Any]] = {}
   missing = []
   for arm in spec.arms(sweep):
-    group = groups.setdefault(
-      arm.group, {"values": arm.values, "bpb": {}, "bench": {}, "curves": [], "stages": []}
-    )
+    group = groups.setdefault(arm.group, {"bpb": {}, "bench": {}, "curves": [], "stages": []})
     results = _results(sweep_dir, arm)
     if results is None:
       missing.append(arm.name)
@@ -253,12 +251,13 @@ def charts(data: dict[str, Any], out_dir: str) -> list[str]:
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    starts = sorted({start for g in groups.values() for start in g["stages"]})
     for ax, lang in zip(axes.flat, panels):
       for name, g in groups.items():
         steps, values = _mean_curve(g["curves"], f"val_bpb/{lang}")
         ax.plot(steps, values, label=name)
-        for start in g["stages"]:
-          ax.axvline(start, linestyle="--", color="grey", linewidth=0.8)
+      for start in starts:
+        ax.axvline(start, linestyle="--", color="grey", linewidth=0.8)
       ax.set_title(lang, fontsize="small")
       ax.tick_params(labelsize="x-small")
     for ax in list(axes.flat)[len(panels) :]:
