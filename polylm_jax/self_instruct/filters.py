@@ -99,6 +99,15 @@ def detect_language(text: str) -> tuple[str, float]:
   return str(found["lang"]), float(found["score"])
 
 
+def in_language(text: str, lang: str, min_score: float) -> bool | None:
+  """Is `text` identified as `lang` with at least `min_score`? None for a text of under 10
+  letters, too short to judge."""
+  if sum(c.isalpha() for c in text) < 10:
+    return None
+  found, score = detect_language(text)
+  return found == lang and score >= min_score
+
+
 class Filters:
   """Decides per candidate; remembers what it kept (per language) and counts every decision."""
 
@@ -130,10 +139,8 @@ class Filters:
       return "banned_keyword"
     if cfg.check_language:
       for text in (instruction, output):
-        if sum(c.isalpha() for c in text) >= 10:
-          found, score = detect_language(text)
-          if found != lang or score < cfg.min_language_score:
-            return "wrong_language"
+        if in_language(text, lang, cfg.min_language_score) is False:
+          return "wrong_language"
     if normalize(instruction) in self.seen[lang]:
       return "duplicate"
     pool = self.pools.get(lang)

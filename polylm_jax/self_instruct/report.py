@@ -9,7 +9,8 @@ JSON list, one language per file unless the records say otherwise (the language 
   language (self-instruct's measure: low is diverse), its median and the share at or above the
   filter threshold 0.7;
 - language purity: the shares of instructions and of outputs identified as the file's language
-  (fastText language id, as the generation filter; texts with under 10 letters are not judged);
+  (fastText language id with the generation filter's rule and minimum score; texts with under 10
+  letters are not judged);
 - instruction and output lengths (words; characters for zh, ja and th);
 - the most frequent first words of instructions (the leading verb in most languages).
 
@@ -26,7 +27,9 @@ from typing import Any, Iterable
 
 from polylm_jax.self_instruct import filters, rouge
 
-THRESHOLD = 0.7  # the generation filter's ROUGE-L default
+# The generation filter's defaults: its ROUGE-L threshold and its language-id score.
+THRESHOLD = filters.FilterConfig().rouge_threshold
+MIN_LANGUAGE_SCORE = filters.FilterConfig().min_language_score
 
 
 def read_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -86,10 +89,12 @@ def language_stats(lang: str, records: list[dict[str, Any]], *, check_language: 
   purity: dict[str, float | None] = {"instruction": None, "output": None}
   if check_language:
     for field in purity:
-      texts = [str(r.get(field) or "") for r in records]
-      judged = [t for t in texts if sum(c.isalpha() for c in t) >= 10]
+      verdicts = [
+        filters.in_language(str(r.get(field) or ""), lang, MIN_LANGUAGE_SCORE) for r in records
+      ]
+      judged = [v for v in verdicts if v is not None]
       if judged:
-        purity[field] = sum(filters.detect_language(t)[0] == lang for t in judged) / len(judged)
+        purity[field] = sum(judged) / len(judged)
   lengths = [len(rouge.tokenize(r["instruction"], lang)) for r in records]
   outputs = [len(rouge.tokenize(str(r.get("output") or ""), lang)) for r in records]
   first = collections.Counter(_first_word(r["instruction"], lang) for r in records)
