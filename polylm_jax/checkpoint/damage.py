@@ -1,9 +1,10 @@
 """Reading a checkpoint: what its errors are, and which read errors prove it damaged.
 
 Only a checkpoint proven damaged (files missing, truncated or undecodable) is ever moved aside
-(checkpoint.py, to corrupt/). A read that fails for another reason (a 503 or a timeout from
+(manager.py, to corrupt/). A read that fails for another reason (a 503 or a timeout from
 object storage) is tried again, then reported; a configuration that does not fit
-(compat.CheckpointMismatchError) passes through at once.
+(fit.CheckpointMismatchError) passes through at once. With several processes, each reads its
+own shards and data streams, and all act on one outcome (agree_on_restore).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+
+import jax
+import numpy as np
 
 from polylm_jax.checkpoint.fit import CheckpointMismatchError
 from polylm_jax.errors import CheckpointReadError, CorruptCheckpointError
@@ -130,3 +134,41 @@ def _read(where, part: str, fn):
       )
       time.sleep(delay)
   raise AssertionError("unreachable")
+
+
+_RESTORED, _FAILED, _DAMAGED = 0, 1, 2
+
+
+def agree_on_restore(step: int, where: str, error: Exception | None) -> None:
+  """All processes act on one outcome of a checkpoint's restore, or they part ways (one moving
+  it to corrupt/ and waiting there while another trains): damage found by any process counts
+  for all (a process reads only its own shards and data streams); otherwise a failure on any
+  process stops all. Raises this process's own error, or one naming the other processes'."""
+  outcome = (
+    _RESTORED
+    if error is None
+    else _DAMAGED
+    if isinstance(error, CorruptCheckpointError)
+    else _FAILED
+  )
+  worst = outcome
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    seen = multihost_utils.process_allgather(np.array([outcome], np.int32))
+    worst = int(np.max(seen))
+    if worst != outcome:
+      logging.error(
+        "checkpoint step %d: restored here, but another process found it %s",
+        step,
+        "damaged" if worst == _DAMAGED else "unreadable or not fitting",
+      )
+  if worst == outcome and error is not None:
+    raise error
+  if worst == _DAMAGED:
+    raise CorruptCheckpointError(f"checkpoint {where}: another process found it damaged") from error
+  if worst == _FAILED:
+    raise CheckpointReadError(
+      f"checkpoint {where} could not be restored on another process (see that process's log); "
+      f"nothing was moved"
+    ) from error

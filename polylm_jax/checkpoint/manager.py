@@ -33,12 +33,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from polylm_jax.checkpoint import fit
-from polylm_jax.checkpoint.damage import _read
+from polylm_jax.checkpoint.damage import _read, agree_on_restore
 from polylm_jax.checkpoint.fit import check_model_compatible
 from polylm_jax.checkpoint.on_disk import complete_steps, finished
 from polylm_jax.config import ModelConfig
 from polylm_jax.errors import (
-  CheckpointReadError,
   CheckpointSaveError,
   CorruptCheckpointError,
   DataStateMismatchError,
@@ -437,7 +436,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 (every host must learn what the others saw)
         restored, error = None, e
       try:
-        _agree_on_restore(step, str(self.step_dir(step)), error)
+        agree_on_restore(step, str(self.step_dir(step)), error)
       except CorruptCheckpointError as e:
         target = self.quarantine(step)
         moved.append(str(target))
@@ -457,45 +456,6 @@ class Checkpointer:
         "are then moved to previous/, not deleted."
       )
     return None
-
-
-_RESTORED, _FAILED, _DAMAGED = 0, 1, 2
-
-
-def _agree_on_restore(step: int, where: str, error: Exception | None) -> None:
-  """All processes act on one outcome of a checkpoint's restore, or they part ways (one moving
-  it to corrupt/ and waiting there while another trains): damage found by any process counts
-  for all (a process reads only its own shards and data streams); otherwise a failure on any
-  process stops all. Raises this process's own error, or one naming the other processes'."""
-  outcome = (
-    _RESTORED
-    if error is None
-    else _DAMAGED
-    if isinstance(error, CorruptCheckpointError)
-    else _FAILED
-  )
-  worst = outcome
-  if jax.process_count() > 1:
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    seen = multihost_utils.process_allgather(np.array([outcome], np.int32))
-    worst = int(np.max(seen))
-    if worst != outcome:
-      logging.error(
-        "checkpoint step %d: restored here, but another process found it %s",
-        step,
-        "damaged" if worst == _DAMAGED else "unreadable or not fitting",
-      )
-  if worst == outcome and error is not None:
-    raise error
-  if worst == _DAMAGED:
-    raise CorruptCheckpointError(f"checkpoint {where}: another process found it damaged") from error
-  if worst == _FAILED:
-    raise CheckpointReadError(
-      f"checkpoint {where} could not be restored on another process (see that process's log); "
-      f"nothing was moved"
-    ) from error
 
 
 def with_shardings(abstract, shardings):
