@@ -122,3 +122,26 @@ def test_only_command_modules_exit_the_process():
       if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.exit", "os._exit", "exit"):
         exits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
   assert exits == []
+
+
+def test_the_trainer_loads_no_heavy_optional_package(tmp_path):
+  """torch, transformers, lm_eval and Beam load only where used: the training command, its loop
+  and its metrics writers (TensorBoard events included) start without them."""
+  import subprocess
+  import sys
+
+  script = f"""
+import sys
+from polylm_jax.train import train_cli
+from polylm_jax.trainer import loop
+from polylm_jax.trainer.metrics import MetricsWriter
+writer = MetricsWriter({str(tmp_path)!r}, tensorboard=True)
+writer.write(1, {{"loss": 1.0}})
+writer.close()
+print(sorted(m for m in ("torch", "transformers", "lm_eval", "apache_beam") if m in sys.modules))
+"""
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
+  )
+  assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -4,10 +4,12 @@ lines otherwise)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -42,6 +44,45 @@ def _drop_records_after(path: str, step: int) -> None:
     storage.write_text(path, "".join(line + "\n" for line in kept))
 
 
+class EventFile:
+  """A TensorBoard event file in a local directory: TFRecord records of TensorFlow `Event` protos,
+  scalars as `simple_value` (what TensorBoard's scalar dashboard reads). Written with TensorFlow,
+  which the data pipeline has loaded already, rather than tensorboardX (whose import loads torch
+  when it is installed: seconds at every start)."""
+
+  _count = itertools.count()
+
+  def __init__(self, logdir: str):
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    os.makedirs(logdir, mode=0o755, exist_ok=True)
+    name = (
+      f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+      f"{os.getpid()}.{next(self._count)}"
+    )
+    self._event = event_pb2.Event
+    self._file = tf.io.TFRecordWriter(os.path.join(logdir, name))
+    first = self._event(wall_time=time.time(), file_version="brain.Event:2")
+    self._file.write(first.SerializeToString())
+    self._file.flush()
+
+  def add_scalars(self, step: int, values: dict[str, float]) -> None:
+    if not values:
+      return
+    event = self._event(wall_time=time.time(), step=step)
+    for tag, value in values.items():
+      event.summary.value.add(tag=tag, simple_value=value)
+    self._file.write(event.SerializeToString())
+    self._file.flush()  # TensorBoard shows a running job's steps as they come
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
 class MetricsWriter:
   """Writes only where `enabled` (process 0 of a multi-host run); a no-op elsewhere."""
 
@@ -68,18 +109,11 @@ class MetricsWriter:
     self._tb_local: tempfile.TemporaryDirectory | None = None
     self._tb_uploaded = time.monotonic()
     if tensorboard and enabled:
-      try:
-        from tensorboardX import SummaryWriter
-      except ImportError as e:
-        raise ImportError(
-          "TrainerConfig.tensorboard=True needs the tensorboardX package "
-          "(pip install tensorboardX) or set it to False"
-        ) from e
       logdir = storage.join(self.workdir, "tensorboard")
       if storage.is_remote(logdir):
         self._tb_local = tempfile.TemporaryDirectory(prefix="polylm-tensorboard-")
         logdir = self._tb_local.name
-      self._tb = SummaryWriter(logdir)
+      self._tb = EventFile(logdir)
     use_bar = enabled and (sys.stderr.isatty() if progress_bar is None else progress_bar)
     self._bar = None
     if use_bar:
@@ -94,10 +128,17 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        plottable = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if k != "step" and k not in RECORD_ONLY and plottable:
-          self._tb.add_scalar(k, v, step)
+      self._tb.add_scalars(
+        step,
+        {
+          k: v
+          for k, v in record.items()
+          if k != "step"
+          and k not in RECORD_ONLY
+          and isinstance(v, (int, float))
+          and not isinstance(v, bool)
+        },
+      )
       due = time.monotonic() - self._tb_uploaded >= storage.UPLOAD_EVERY_S
       if self._tb_local is not None and due:
         self._upload_tensorboard()
