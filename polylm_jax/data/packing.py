@@ -39,14 +39,16 @@ def _empty_carry() -> dict[str, tf.Tensor]:
 
 
 def _stream(docs: dict[str, tf.RaggedTensor], first_doc: tf.Tensor) -> dict[str, tf.Tensor]:
-  """Flat token stream of a batch of documents: targets, inputs, document id, position in doc."""
+  """Flat token stream of a batch of documents: targets, inputs, document id, position in doc.
+  (Written in few graph ops: tf.data traces this for every task's pipeline at start.)"""
   targets = docs["targets"]
-  starts = targets.row_splits[:-1]
-  rowids = targets.value_rowids()
+  splits = targets.row_splits
   flat = tf.cast(targets.flat_values, tf.int32)
   index = tf.range(tf.shape(flat, out_type=tf.int64)[0])
-  pos = tf.cast(index - tf.gather(starts, rowids), tf.int32)
-  previous = tf.concat([[BOS_ID], flat[:-1]], axis=0)
+  # Each token's document: targets.value_rowids(), in one op.
+  rowids = tf.searchsorted(splits[1:], index, side="right", out_type=tf.int64)
+  pos = tf.cast(index - tf.gather(splits, rowids), tf.int32)
+  previous = tf.concat([tf.constant([BOS_ID], tf.int32), flat[:-1]], axis=0)
   # Untagged documents: language 0 ("none") on every token.
   lang = tf.cast(docs["lang"].flat_values, tf.int32) if "lang" in docs else tf.zeros_like(flat)
   return {
@@ -77,9 +79,10 @@ def _rows(stream: dict[str, tf.Tensor], seq_len: int, num_rows: tf.Tensor) -> di
   }
 
 
-def _pad(stream: dict[str, tf.Tensor], seq_len: int) -> dict[str, tf.Tensor]:
-  """Pads a stream shorter than a row up to seq_len (padding tokens: 0, doc -1)."""
+def _pad(stream: dict[str, tf.Tensor], seq_len: int, last: tf.Tensor) -> dict[str, tf.Tensor]:
+  """After the `last` element, pads the stream up to a whole row (padding tokens: 0, doc -1)."""
   short = (seq_len - tf.shape(stream["targets"])[0] % seq_len) % seq_len
+  short = tf.where(last, short, 0)
   return {
     k: tf.concat([v, tf.fill([short], tf.constant(-1 if k == "doc" else 0, v.dtype))], 0)
     for k, v in stream.items()
@@ -120,7 +123,7 @@ def pack(
     new = _stream(docs, next_doc)
     stream = {k: tf.concat([carry[k], new[k]], 0) for k in carry}
     if flush:
-      stream = tf.cond(last, lambda: _pad(stream, seq_len), lambda: stream)
+      stream = _pad(stream, seq_len, last)
     num_rows = tf.shape(stream["targets"], out_type=tf.int64)[0] // seq_len
     rows = _rows(stream, seq_len, num_rows)
     rest = {k: v[num_rows * seq_len :] for k, v in stream.items()}
