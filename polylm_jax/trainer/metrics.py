@@ -62,7 +62,7 @@ class EventFile:
       f"{os.getpid()}.{next(self._count)}"
     )
     self._event = event_pb2.Event
-    self._file = tf.io.TFRecordWriter(os.path.join(logdir, name))
+    self._file: Any = tf.io.TFRecordWriter(os.path.join(logdir, name))
     first = self._event(wall_time=time.time(), file_version="brain.Event:2")
     self._file.write(first.SerializeToString())
     self._file.flush()
@@ -70,6 +70,8 @@ class EventFile:
   def add_scalars(self, step: int, values: dict[str, float]) -> None:
     if not values:
       return
+    if self._file is None:
+      raise ValueError("EventFile.add_scalars after close()")
     event = self._event(wall_time=time.time(), step=step)
     for tag, value in values.items():
       event.summary.value.add(tag=tag, simple_value=value)
@@ -77,10 +79,14 @@ class EventFile:
     self._file.flush()  # TensorBoard shows a running job's steps as they come
 
   def flush(self) -> None:
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    """Writes what is left; a flush or close after it does nothing."""
+    if self._file is not None:
+      self._file.close()
+      self._file = None
 
 
 class MetricsWriter:
