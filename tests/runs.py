@@ -8,20 +8,30 @@ from typing import Any, Mapping, Sequence
 
 QUICKSTART = "gin_configs/quickstart.gin"
 
+# The quickstart curriculum over English, German and Thai instead of the sample's 18 languages:
+# each language is a pipeline the trainer traces, checks for data and evaluates on, so a short
+# run starts about four times sooner. Tests about the languages themselves (held-out loss per
+# language, a 19th language, the README's quickstart) train on all of them.
+FEW_LANGUAGES = ("stage1/Stage.tasks = ('de', 'th')", "final/Stage.tasks = ('de', 'th')")
+
 
 def train_args(
-  workdir, bindings: Mapping[str, Any] | Sequence[str] = (), *gin_files: str
+  workdir,
+  bindings: Mapping[str, Any] | Sequence[str] = (),
+  *gin_files: str,
+  all_languages: bool = False,
 ) -> list[str]:
   """`--gin_file=gin_configs/quickstart.gin` (then each of `gin_files`), `--workdir`, and one
   `--gin_bindings` per binding, given as {'TrainerConfig.num_steps': 6} or as
-  ['TrainerConfig.num_steps = 6']."""
+  ['TrainerConfig.num_steps = 6'], after FEW_LANGUAGES unless `all_languages`."""
   if isinstance(bindings, Mapping):
     bindings = [f"{k} = {v}" for k, v in bindings.items()]
+  few = () if all_languages else FEW_LANGUAGES
   return [
     f"--gin_file={QUICKSTART}",
     *(f"--gin_file={f}" for f in gin_files),
     f"--workdir={workdir}",
-  ] + [f"--gin_bindings={b}" for b in bindings]
+  ] + [f"--gin_bindings={b}" for b in (*few, *bindings)]
 
 
 def tiny_step(**overrides):

@@ -5,11 +5,12 @@ import os
 import pathlib
 
 import pytest
+from runs import FEW_LANGUAGES
 
 from polylm_jax.train import train_cli as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHORT = [
+ALL_LANGUAGES = [
   "TrainerConfig.num_steps = 6",
   "TrainerConfig.log_every = 2",
   "OptimizerConfig.warmup_steps = 2",
@@ -17,6 +18,7 @@ SHORT = [
   "DataConfig.batch_size = 8",
   "TrainerConfig.eval_every = 0",  # held-out sets cost seconds to build; one test turns them on
 ]
+SHORT = ALL_LANGUAGES + list(FEW_LANGUAGES)
 
 
 def _losses(workdir):
@@ -150,7 +152,7 @@ def test_held_out_loss_is_logged_per_language(tmp_path, caplog):
       [
         "--gin_file=gin_configs/quickstart.gin",
         f"--workdir={tmp_path}",
-        *[f"--gin_bindings={b}" for b in SHORT],
+        *[f"--gin_bindings={b}" for b in ALL_LANGUAGES],
         "--gin_bindings=TrainerConfig.eval_every = 3",
       ]
     )

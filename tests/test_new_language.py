@@ -55,7 +55,7 @@ def _train(gin_file, workdir, steps):
     "TrainerConfig.eval_every": 4,
     "CheckpointConfig.every_steps": 4,
   }
-  return cli.main(train_args(workdir, bindings, str(gin_file)))
+  return cli.main(train_args(workdir, bindings, str(gin_file), all_languages=True))
 
 
 @pytest.mark.slow
