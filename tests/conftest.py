@@ -116,3 +116,17 @@ def tiny_step():
   import runs
 
   return runs.tiny_step
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules with the most slow tests (multi-process runs, minutes each) first, each module's
+  tests in their own order: with several test processes (tests/run.sh runs pytest-xdist, one
+  module per process at a time) the longest modules start at once instead of ending the run
+  alone."""
+  slow: dict[str, int] = {}
+  for item in items:
+    slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(
+      item.get_closest_marker("slow")
+    )
+  order = {name: i for i, name in enumerate(slow)}
+  items.sort(key=lambda item: (-slow[item.module.__name__], order[item.module.__name__]))
