@@ -113,8 +113,17 @@ def test_packing_cuts_long_documents_without_losing_tokens():
 
 
 def test_same_seed_same_batches_other_seed_other_batches(pipeline):
+  import seqio
+
+  # A mixture of three of the sample's tasks (the seed drives both the shuffles and the mixing).
+  rates = [("polylm_pt_en", 0.5), ("polylm_pt_de", 0.3), ("polylm_pt_th", 0.2)]
+  seqio.MixtureRegistry.add("test_three_languages", rates)
+
   def first(seed, n=3):
-    it = pipeline.batches(pipeline.DataConfig(seq_len=64, batch_size=4, seed=seed))
+    config = pipeline.DataConfig(
+      mixture="test_three_languages", seq_len=64, batch_size=4, seed=seed
+    )
+    it = pipeline.batches(config)
     return [next(it)["targets"] for _ in range(n)]
 
   a, b, c = first(0), first(0), first(1)
