@@ -118,15 +118,32 @@ def tiny_step():
   return runs.tiny_step
 
 
+# The modules whose tests take minutes (docs/benchmarks.md, "The test suite"), longest first.
+LONGEST_MODULES = (
+  "test_readme",
+  "test_checkpoint",
+  "test_sweep",
+  "test_elastic_data",
+  "test_lm_eval",
+  "test_compile",
+  "test_multihost",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-  """Modules with the most slow tests (multi-process runs, minutes each) first, each module's
-  tests in their own order: with several test processes (tests/run.sh runs pytest-xdist, one
-  module per process at a time) the longest modules start at once instead of ending the run
-  alone."""
+  """LONGEST_MODULES first, then the modules with the most slow tests, each module's tests in
+  their own order: with several test processes (tests/run.sh runs pytest-xdist, one module per
+  process at a time) the longest modules start at once instead of ending the run alone."""
   slow: dict[str, int] = {}
   for item in items:
     slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(
       item.get_closest_marker("slow")
     )
   order = {name: i for i, name in enumerate(slow)}
-  items.sort(key=lambda item: (-slow[item.module.__name__], order[item.module.__name__]))
+
+  def key(item):
+    name = item.module.__name__
+    first = LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+    return (first, -slow[name], order[name])
+
+  items.sort(key=key)

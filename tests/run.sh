@@ -7,6 +7,6 @@ ruff check polylm_jax tests bench
 ruff format --check polylm_jax tests bench
 mypy
 # One test process per logical CPU, at most 4 (pytest-xdist; a module's tests stay in one
-# process, so the runs a module shares are trained once): most of a test is single-threaded
-# start-up work.
-python -m pytest -q -n logical --maxprocesses=4 --dist loadfile "$@"
+# process, so the runs a module shares are trained once; modules in conftest.py's order, longest
+# first): most of a test is single-threaded start-up work.
+python -m pytest -q -n logical --maxprocesses=4 --dist loadfile --no-loadscope-reorder "$@"
