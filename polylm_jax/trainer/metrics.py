@@ -62,31 +62,24 @@ class EventFile:
       f"{os.getpid()}.{next(self._count)}"
     )
     self._event = event_pb2.Event
-    self._file: Any = tf.io.TFRecordWriter(os.path.join(logdir, name))
+    self._file = tf.io.TFRecordWriter(os.path.join(logdir, name))
     first = self._event(wall_time=time.time(), file_version="brain.Event:2")
     self._file.write(first.SerializeToString())
     self._file.flush()
 
   def add_scalars(self, step: int, values: dict[str, float]) -> None:
+    """One event of these scalars, flushed: the file on disk always holds every step written
+    (TensorBoard shows a running job's steps as they come; an upload copies all of them)."""
     if not values:
       return
-    if self._file is None:
-      raise ValueError("EventFile.add_scalars after close()")
     event = self._event(wall_time=time.time(), step=step)
     for tag, value in values.items():
       event.summary.value.add(tag=tag, simple_value=value)
     self._file.write(event.SerializeToString())
-    self._file.flush()  # TensorBoard shows a running job's steps as they come
-
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
+    self._file.flush()
 
   def close(self) -> None:
-    """Writes what is left; a flush or close after it does nothing."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
+    self._file.close()
 
 
 class MetricsWriter:
@@ -161,7 +154,6 @@ class MetricsWriter:
 
   def _upload_tensorboard(self) -> None:
     assert self._tb is not None and self._tb_local is not None
-    self._tb.flush()
     storage.upload_dir(self._tb_local.name, storage.join(self.workdir, "tensorboard"))
     self._tb_uploaded = time.monotonic()
 
