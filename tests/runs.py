@@ -13,6 +13,8 @@ QUICKSTART = "gin_configs/quickstart.gin"
 # run starts about four times sooner. Tests about the languages themselves (held-out loss per
 # language, a 19th language, the README's quickstart) train on all of them.
 FEW_LANGUAGES = ("stage1/Stage.tasks = ('de', 'th')", "final/Stage.tasks = ('de', 'th')")
+# The same as command-line flags, for tests that write polylm-train's arguments out themselves.
+FEW_LANGUAGE_FLAGS = tuple(f"--gin_bindings={b}" for b in FEW_LANGUAGES)
 
 
 def train_args(
@@ -26,12 +28,12 @@ def train_args(
   ['TrainerConfig.num_steps = 6'], after FEW_LANGUAGES unless `all_languages`."""
   if isinstance(bindings, Mapping):
     bindings = [f"{k} = {v}" for k, v in bindings.items()]
-  few = () if all_languages else FEW_LANGUAGES
   return [
     f"--gin_file={QUICKSTART}",
     *(f"--gin_file={f}" for f in gin_files),
     f"--workdir={workdir}",
-  ] + [f"--gin_bindings={b}" for b in (*few, *bindings)]
+    *(() if all_languages else FEW_LANGUAGE_FLAGS),
+  ] + [f"--gin_bindings={b}" for b in bindings]
 
 
 def tiny_step(**overrides):

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from runs import FEW_LANGUAGES, tiny_step
+from runs import FEW_LANGUAGE_FLAGS, tiny_step
 
 from polylm_jax import sharding
 from polylm_jax.checkpoint.manager import CheckpointConfig, Checkpointer
@@ -33,7 +33,7 @@ RUN = [
   "--gin_bindings=OptimizerConfig.decay_steps = 30",
   "--gin_bindings=TrainerConfig.log_every = 5",
   "--gin_bindings=TrainerConfig.eval_every = 0",
-  *[f"--gin_bindings={b}" for b in FEW_LANGUAGES],
+  *FEW_LANGUAGE_FLAGS,
 ]
 
 

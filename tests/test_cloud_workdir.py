@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from runs import FEW_LANGUAGES
+from runs import FEW_LANGUAGE_FLAGS
 
 from polylm_jax import errors, sharding
 from polylm_jax.checkpoint import on_disk
@@ -40,7 +40,7 @@ RUN = [
   "--gin_bindings=OptimizerConfig.decay_steps = 30",
   "--gin_bindings=TrainerConfig.eval_every = 0",
   "--gin_bindings=CheckpointConfig.every_steps = 4",
-  *[f"--gin_bindings={b}" for b in FEW_LANGUAGES],
+  *FEW_LANGUAGE_FLAGS,
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
-from runs import FEW_LANGUAGES
+from runs import FEW_LANGUAGE_FLAGS
 
 from polylm_jax import framing, sharding
 from polylm_jax.config import PRESETS
@@ -184,7 +184,7 @@ def trained_workdir(tmp_path_factory):
       "--gin_bindings=DataConfig.batch_size = 8",
       "--gin_bindings=OptimizerConfig.warmup_steps = 1",
       "--gin_bindings=TrainerConfig.eval_every = 0",
-      *[f"--gin_bindings={b}" for b in FEW_LANGUAGES],
+      *FEW_LANGUAGE_FLAGS,
     ]
   )
   return workdir

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import sentencepiece as spm
-from runs import FEW_LANGUAGES
+from runs import FEW_LANGUAGE_FLAGS
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +53,7 @@ def run_and_export(tmp_path_factory):
       "--gin_bindings=DataConfig.batch_size = 8",
       "--gin_bindings=TrainerConfig.eval_every = 0",
       "--gin_bindings=OptimizerConfig.warmup_steps = 5",
-      *[f"--gin_bindings={b}" for b in FEW_LANGUAGES],
+      *FEW_LANGUAGE_FLAGS,
     ]
   )
   assert export_cli.main([f"--workdir={root / 'run'}", f"--out={root / 'hf'}"]) == 0
@@ -269,7 +269,7 @@ def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
       "--gin_bindings=TrainerConfig.lm_eval_every = 2",
       "--gin_bindings=TrainerConfig.lm_eval_tasks = ['polylm_test_mc_en', 'polylm_test_mc_th']",
       f"--gin_bindings=TrainerConfig.lm_eval_include_path = '{include}'",
-      *[f"--gin_bindings={b}" for b in FEW_LANGUAGES],
+      *FEW_LANGUAGE_FLAGS,
     ]
   )
   records = [

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from runs import FEW_LANGUAGES
+from runs import FEW_LANGUAGE_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def _start(process_id: int, num_processes: int, port: int, workdir, *extra: str)
       "--gin_file=gin_configs/quickstart.gin",
       f"--workdir={workdir}",
       "--gin_bindings=TrainerConfig.num_steps = 2",
-      *[f"--gin_bindings={b}" for b in FEW_LANGUAGES],
+      *FEW_LANGUAGE_FLAGS,
       *extra,
     ],
     cwd=REPO,
