@@ -328,6 +328,55 @@ def test_scores_are_the_same_on_a_sharded_mesh(run_and_export):
   assert [s.greedy for s in results[0]] == [s.greedy for s in results[1]]
 
 
+def test_polylm_eval_runs_the_translation_families_on_local_data(
+  run_and_export, tmp_path, monkeypatch
+):
+  """polylm-eval run --tasks=translation on local WMT20/FLORES files: a task per direction of the
+  model's languages, BLEU and chrF++ that are sacreBLEU's on the generated translations, tables
+  with directions as columns."""
+  import sacrebleu
+  from test_eval_families import EN, JA, write_flores, write_wmt20
+
+  from polylm_jax.eval import eval_cli
+
+  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SACREBLEU"):
+    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  workdir, hf_dir = run_and_export
+  data = tmp_path / "data"
+  write_flores(data, {"en": EN, "ja": JA})
+  write_wmt20(data / "sacrebleu", "en-ja", EN, JA)
+  write_wmt20(data / "sacrebleu", "ja-en", JA, EN)
+  out = tmp_path / "translation"
+  args = ["run", f"--hf_dir={hf_dir}", f"--out={out}", "--tasks=translation", "--languages=en,ja"]
+  assert eval_cli.main([*args, f"--data_dir={data}", "--dtype=float32", "--limit=3"]) == 0
+  results = json.loads((out / "results.json").read_text())["tasks"]
+  assert sorted(results) == ["flores_en-ja", "flores_ja-en", "wmt20_en-ja", "wmt20_ja-en"]
+  assert {r["metric"] for r in results.values()} == {"bleu", "chrf"}
+  table = (out / "results.md").read_text()
+  assert "### wmt20 (BLEU)" in table and "### flores (chrF++)" in table
+  assert "| run | en-ja | ja-en | avg |" in table
+  # The recorded scores are sacreBLEU's on the model's own translations (the same greedy texts
+  # through lm-eval with samples logged).
+  monkeypatch.setenv("HF_HOME", str(data))
+  from polylm_jax.eval import suite
+
+  ours = lm_eval_model.PolyLMJax(hf_dir=str(hf_dir), batch_size=16, dtype="float32")
+  run = evaluator.simple_evaluate(
+    model=ours,
+    tasks=["wmt20_ja-en"],
+    task_manager=suite.task_manager(),
+    log_samples=True,
+    bootstrap_iters=0,
+    limit=3,
+  )
+  texts = [s["filtered_resps"][0].strip() for s in run["samples"]["wmt20_ja-en"]]
+  assert len(texts) == 3 and all("\n" not in t for t in texts)
+  record = results["wmt20_ja-en"]
+  assert record["value"] == pytest.approx(sacrebleu.corpus_bleu(texts, [EN]).score)
+  chrf = sacrebleu.corpus_chrf(texts, [EN], word_order=2).score
+  assert chrf > 0 and record["metrics"]["chrf,none"] == pytest.approx(chrf)
+
+
 def test_fetch_failures_name_every_task_not_fetched(tmp_path):
   """polylm-eval fetch without the data (here: a task whose files are missing) says what was and
   was not fetched, and does not advise running fetch again."""

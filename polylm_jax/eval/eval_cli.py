@@ -2,8 +2,13 @@
 
   polylm-eval run --workdir=RUN --out=eval/step20000            # the whole suite, zero-shot
   polylm-eval run --hf_dir=hf/model --tasks=xnli,xcopa --num_fewshot=5 --out=eval/hf
+  polylm-eval run --workdir=RUN --tasks=wmt20,flores --out=eval/translation
   polylm-eval compare eval/stage1 eval/final --labels=stage1,final --out=eval/stage_switch
   polylm-eval fetch --tasks=xnli,xcopa --languages=th,vi --data_dir=/data/hf   (needs network)
+
+Families: the paper's xnli, xcopa, pawsx, xwinograd, xstorycloze, tydiqa (the default) and wmt20;
+flores (FLORES-200, every language with English); belebele, mgsm, mlqa, global_mmlu. Sets:
+translation (wmt20 + flores), paper, modern. heldout: bits per byte of held-out text.
 
 `run` writes <out>/results.json, results.md (family x language, with averages), one PNG chart per
 family, and <out>/tasks/<task>.json per finished task (an interrupted run, started again with the
@@ -30,6 +35,9 @@ def _offline(data_dir: str | None, *, offline: bool = True) -> None:
   if data_dir:
     os.environ["HF_HOME"] = str(pathlib.Path(data_dir).absolute())
     os.environ.pop("HF_DATASETS_CACHE", None)
+    # WMT20's files (eval/translation.py) live in the data directory too: sacreBLEU fetches them
+    # there (it reads $SACREBLEU once, when first imported: this runs before that).
+    os.environ["SACREBLEU"] = str(pathlib.Path(data_dir).absolute() / "sacrebleu")
   if offline:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -58,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
       "--tasks",
       default=",".join(_families() + ["heldout"]),
-      help="families (xnli, xcopa, pawsx, xwinograd, xstorycloze, tydiqa; heldout: bits per "
-      "byte of held-out text) and/or lm-eval task names, comma-separated",
+      help="families, sets (see above) and/or lm-eval task names, comma-separated (default: "
+      "the paper's understanding and QA families and heldout)",
     )
     p.add_argument(
       "--languages",
@@ -98,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _families() -> list[str]:
-  from polylm_jax.eval.suite import FAMILIES
+  from polylm_jax.eval.suite import DEFAULT
 
-  return list(FAMILIES)
+  return list(DEFAULT)
 
 
 def _languages(args, meta: dict) -> list[str]:
@@ -144,7 +152,7 @@ def _run(args) -> int:
     heldout.check_source(args.heldout)
   _offline(args.data_dir)
   import jax
-  from lm_eval.tasks import TaskManager
+  import lm_eval.tasks  # noqa: F401  (it gives huggingface_hub's logger a handler: tidied next)
 
   console.one_handler_each("huggingface_hub")
 
@@ -177,7 +185,7 @@ def _run(args) -> int:
   languages = _languages(args, loaded.meta)
   manager, specs, tasks = None, [], {}
   if names:
-    manager = TaskManager(include_path=args.include_path)
+    manager = suite.task_manager(args.include_path)
     specs = suite.resolve(names, languages, set(manager.all_tasks))
     tasks = suite.load_tasks(
       [s for s in specs if not storage.exists(suite.task_record(out, s.task))], manager
@@ -273,20 +281,22 @@ def _hub_resolves() -> None:
 
 def _fetch(args) -> int:
   _offline(args.data_dir, offline=False)
-  _hub_resolves()
-  from lm_eval.tasks import TaskManager
+  from polylm_jax import languages
+  from polylm_jax.eval import suite, translation
+
+  names = _split(args.tasks)
+  if not suite.shipped_only(names):
+    _hub_resolves()  # before indexing lm-eval's tasks: without network, fail at once
+  import lm_eval.tasks  # noqa: F401  (it gives huggingface_hub's logger a handler: tidied next)
 
   console.one_handler_each("huggingface_hub")
-
-  from polylm_jax import languages
-  from polylm_jax.eval import suite
-
-  manager = TaskManager()
+  manager = suite.task_manager()
   specs = suite.resolve(
-    _split(args.tasks),
-    _split(args.languages) or list(languages.DEFAULT_CODES),
-    set(manager.all_tasks),
+    names, _split(args.languages) or list(languages.DEFAULT_CODES), set(manager.all_tasks)
   )
+  # The shipped translation tasks' files (FLORES-200's release, sacreBLEU's WMT20), then every
+  # task loaded once: for the Hub's datasets that is the download.
+  translation.fetch([s.task for s in specs])
   suite.load_tasks(specs, manager, fetching=True)
   print(f"fetched {len(specs)} task(s) into {args.data_dir}")
   return 0

@@ -31,13 +31,12 @@ class Benchmark:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import sentencepiece as spm
-    from lm_eval.tasks import TaskManager
 
     from polylm_jax.eval import suite
 
     # One TaskManager for every evaluation: building one indexes lm-eval's ~14,000 task YAMLs
     # (about 12 s), which simple_evaluate would otherwise do at every call.
-    self.manager = manager = TaskManager(include_path=include_path)
+    self.manager = manager = suite.task_manager(include_path)
     self.specs = suite.resolve(list(task_names), list(languages), set(manager.all_tasks))
     self.tasks = suite.load_tasks(self.specs, manager)
     self.sp = spm.SentencePieceProcessor(model_proto=tokenizer_model)

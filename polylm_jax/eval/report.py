@@ -18,14 +18,19 @@ def _families(runs: Sequence[dict]) -> dict[str, list[str]]:
   return out
 
 
-# Metrics shown as they are (not as percentages): bits per byte, lower is better.
-_RAW = {"bpb": "bits per byte, lower is better"}
+# Metrics shown as they are (not as percentages): bits per byte (lower is better); sacreBLEU's
+# BLEU and chrF++, already on a 0-100 scale.
+_RAW = {
+  "bpb": ("bits per byte, lower is better", "{:.3f}"),
+  "bleu": ("BLEU", "{:.1f}"),
+  "chrf": ("chrF++", "{:.1f}"),
+}
 
 
 def _unit(metric: str) -> tuple[float, str, str]:
   """(scale, unit, format) of a metric in tables and charts."""
   if metric in _RAW:
-    return 1.0, _RAW[metric], "{:.3f}"
+    return 1.0, *_RAW[metric]
   return 100.0, "%", "{:.1f}"
 
 

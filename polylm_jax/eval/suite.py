@@ -1,9 +1,12 @@
 """PolyLM's multilingual benchmark suite, as lm-evaluation-harness names its tasks.
 
 The paper reports XNLI, XCOPA, PAWS-X, XWinograd, XStoryCloze (understanding), TyDiQA (QA), MTG and
-WMT20 (generation). lm-eval has the first six; MTG and WMT20 are not in lm-eval. `FAMILIES` maps
-each
-family to its task per language code; a run keeps the languages the model was trained on.
+WMT20 (generation). lm-eval has the first six; WMT20 and FLORES-200 translation are tasks this
+package ships (eval/translation.py); Belebele, MGSM, MLQA and Global-MMLU (lm-eval's) are today's
+multilingual set (lm-eval's XQuAD tasks import a module transformers 5 no longer has).
+`FAMILIES` maps each family to its task per language code (per direction, `src-tgt`, for
+translation); a run keeps the languages the model was trained on (a direction: both of its
+languages). `SETS` names several families at once.
 
 `run_suite` loads every task first (so missing data fails before any compute, naming the task and
 where it looked), prints a time estimate, then evaluates task by task, writing each task's result
@@ -21,10 +24,11 @@ import pathlib
 import time
 from typing import Any
 
-from polylm_jax.errors import MissingDataError
+from polylm_jax.errors import DataError, MissingDataError
+from polylm_jax.eval import translation
 from polylm_jax.io import storage
 
-# family -> {language code: lm-eval task}
+# family -> {language code (or direction src-tgt): lm-eval task or group}
 FAMILIES: dict[str, dict[str, str]] = {
   "xnli": {
     code: f"xnli_{code}" for code in ("ar", "de", "en", "es", "fr", "ru", "th", "tr", "vi", "zh")
@@ -41,8 +45,34 @@ FAMILIES: dict[str, dict[str, str]] = {
   },
   "xstorycloze": {code: f"xstorycloze_{code}" for code in ("ar", "en", "es", "id", "ru", "zh")},
   "tydiqa": {code: f"tydiqa_goldp_{code}" for code in ("ar", "en", "id", "ko", "ru")},
+  **translation.families(),
+  # Belebele's passages are FLORES-200's, its tasks named by FLORES codes (all of the table's).
+  "belebele": {code: f"belebele_{flores}" for code, flores in translation.FLORES_CODES.items()},
+  "mgsm": {
+    code: f"mgsm_direct_{code}"
+    for code in ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
+  },
+  "mlqa": {code: f"mlqa_{code}_{code}" for code in ("ar", "de", "en", "es", "hi", "vi", "zh")},
+  "global_mmlu": {  # lm-eval groups: the mean over their six subjects, weighted by size
+    code: f"global_mmlu_{code}"
+    for code in ("ar", "bn", "de", "en", "es", "fr", "hi", "id", "it", "ja", "ko", "pt", "sw", "zh")
+  },
 }
-METRIC = {"tydiqa": "f1"}  # the others: accuracy
+# The headline metric per family (lm-eval key; `metric,filter` picks a filter); the others: acc.
+METRIC = {
+  "tydiqa": "f1",
+  **translation.HEADLINE,
+  "mgsm": "exact_match,flexible-extract",
+  "mlqa": "f1",
+}
+# Names for several families at once.
+SETS: dict[str, list[str]] = {
+  "translation": ["wmt20", "flores"],
+  "paper": ["xnli", "xcopa", "pawsx", "xwinograd", "xstorycloze", "tydiqa", "wmt20"],
+  "modern": ["belebele", "mgsm", "mlqa", "global_mmlu", "flores"],
+}
+# Families run when --tasks is not given: the understanding and QA benchmarks.
+DEFAULT = ["xnli", "xcopa", "pawsx", "xwinograd", "xstorycloze", "tydiqa"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +95,24 @@ def _split_name(task: str, languages) -> tuple[str, str]:
   return (head, tail) if head and tail in languages else (task, "-")
 
 
+def shipped_only(names) -> bool:
+  """Whether the names (families, sets, tasks) are all translation tasks this package ships,
+  whose data comes from their own sources rather than the Hugging Face Hub."""
+  families = [family for name in names for family in SETS.get(name, [name])]
+  return all(f in translation.families() or translation.is_shipped(f) for f in families)
+
+
 def resolve(names, languages, known_tasks) -> list[Spec]:
   """Task specs for family names (expanded to the model's languages) and task names."""
   out: list[Spec] = []
+  names = [family for name in names for family in SETS.get(name, [name])]
   for name in names:
     if name in FAMILIES:
-      kept = {code: t for code, t in FAMILIES[name].items() if code in languages}
+      kept = {
+        code: t
+        for code, t in FAMILIES[name].items()
+        if all(part in languages for part in code.split("-"))
+      }
       if not kept:
         logging.warning(
           "suite: %s has no language this model was trained on (%s); skipped",
@@ -80,16 +122,39 @@ def resolve(names, languages, known_tasks) -> list[Spec]:
       out += [Spec(t, name, code, METRIC.get(name, "acc")) for code, t in sorted(kept.items())]
       continue
     if name not in known_tasks:
-      close = difflib.get_close_matches(name, list(FAMILIES) + list(known_tasks), n=5)
+      close = difflib.get_close_matches(name, [*SETS, *FAMILIES, *known_tasks], n=5)
       raise ValueError(
         f"unknown task {name!r}"
         + (f"; did you mean {', '.join(close)}?" if close else "")
-        + f" (families: {', '.join(FAMILIES)}; any lm-eval task name works, and "
-        f"--include_path adds your own)"
+        + f" (families: {', '.join(FAMILIES)}; sets: {', '.join(SETS)}; any lm-eval task "
+        f"name works, and --include_path adds your own)"
       )
     family, language = _split_name(name, languages)
     out.append(Spec(name, family, language, METRIC.get(family, "")))
   return out
+
+
+# Task YAMLs shipped in the package (always indexed, before a user's --include_path).
+TASK_DIRS = [translation.TASK_DIR]
+
+
+class _QuietCustomDatasets(logging.Filter):
+  """lm-eval logs a hint about --metadata for every task with a custom_dataset (all the shipped
+  ones); it is about lm-eval's own command line, not this one."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+def task_manager(include_path: str | None = None):
+  """lm-eval's TaskManager over its own tasks, the shipped ones and `include_path`'s."""
+  from lm_eval.tasks import TaskManager
+
+  task_logger = logging.getLogger("lm_eval.api.task")
+  if not any(isinstance(f, _QuietCustomDatasets) for f in task_logger.filters):
+    task_logger.addFilter(_QuietCustomDatasets())
+  paths = [str(d) for d in TASK_DIRS] + ([include_path] if include_path else [])
+  return TaskManager(include_path=paths)
 
 
 def datasets_cache() -> str:
@@ -99,12 +164,15 @@ def datasets_cache() -> str:
 
 
 def load_tasks(specs, task_manager, *, fetching: bool = False) -> dict[str, Any]:
-  """lm-eval Task objects (their data loaded now, so a missing dataset fails before any compute).
-  `fetching`: loading is the download itself (polylm-eval fetch, with network)."""
+  """lm-eval Task (or Group) objects, their data loaded now, so a missing dataset fails before any
+  compute. `fetching`: loading is the download itself (polylm-eval fetch, with network)."""
   out = {}
   for i, spec in enumerate(specs):
     try:
-      out[spec.task] = task_manager.load([spec.task])["tasks"][spec.task]
+      loaded = task_manager.load([spec.task])
+      out[spec.task] = loaded["tasks"].get(spec.task) or loaded["groups"][spec.task]
+    except DataError:  # a shipped task's reader: it names the task and the file
+      raise
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
       if fetching:
         left = [s.task for s in specs[i:]]
@@ -122,14 +190,21 @@ def load_tasks(specs, task_manager, *, fetching: bool = False) -> dict[str, Any]
   return out
 
 
+def leaves(task) -> list:
+  """The lm-eval tasks a Task or Group evaluates."""
+  return task.get_all_tasks() if hasattr(task, "get_all_tasks") else [task]
+
+
 def count_requests(task, limit: int | None) -> int:
-  docs = list(task.eval_docs)
-  if limit is not None:
-    docs = docs[: int(limit)]
-  if not docs:
-    return 0
-  per_doc = len(task.doc_to_choice(docs[0])) if task.OUTPUT_TYPE == "multiple_choice" else 1
-  return per_doc * len(docs)
+  total = 0
+  for leaf in leaves(task):
+    docs = list(leaf.eval_docs)
+    if limit is not None:
+      docs = docs[: int(limit)]
+    if docs:
+      per_doc = len(leaf.doc_to_choice(docs[0])) if leaf.OUTPUT_TYPE == "multiple_choice" else 1
+      total += per_doc * len(docs)
+  return total
 
 
 def task_record(out_dir: str | pathlib.Path, task: str) -> str:
@@ -206,8 +281,9 @@ def run_suite(
 def set_num_fewshot(task, num_fewshot: int | None) -> None:
   """lm-eval's rule for an asked number of shots (a task whose YAML says 0 keeps 0), applied
   to the task before evaluating: lm-eval then has nothing to override and no warning to give."""
-  if num_fewshot is not None and task.get_config("num_fewshot") != 0:
-    task.set_config(key="num_fewshot", value=num_fewshot)
+  for leaf in leaves(task):
+    if num_fewshot is not None and leaf.get_config("num_fewshot") != 0:
+      leaf.set_config(key="num_fewshot", value=num_fewshot)
 
 
 _NOT_METRICS = ("alias", "name", "sample_len", "samples")
@@ -217,12 +293,16 @@ def headline(spec: Spec, metrics: dict[str, Any]) -> tuple[str, str]:
   """(metric, lm-eval result key) of a task's headline number; for a task outside the suite's
   families the first metric it reports (logged)."""
   if spec.metric:
-    key = next((k for k in metrics if k.split(",")[0] == spec.metric), None)
+    # "metric" matches the first filter reporting it; "metric,filter" that filter's.
+    key = next(
+      (k for k in metrics if k == spec.metric or k.split(",")[0] == spec.metric),
+      None,
+    )
     if key is None:
       raise ValueError(
         f"task {spec.task} reported no {spec.metric!r} metric (it has {sorted(metrics)})"
       )
-    return spec.metric, key
+    return spec.metric.split(",")[0], key
   reported = [
     k
     for k in metrics
