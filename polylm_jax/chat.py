@@ -59,6 +59,30 @@ class InstructionFormat:
     )
 
 
+_USER = "{% if message['role'] == 'user' %}{{ "
+_CONTENT = " + message['content'] + "
+
+
+def format_of_chat_template(template: str) -> InstructionFormat | None:
+  """The InstructionFormat whose `chat_template()` is `template` (an export's tokenizer config);
+  None for any other template."""
+  head, found, rest = template.partition(_USER)
+  body = rest.partition(" }}{% elif")[0]
+  if not found or _CONTENT not in body:
+    return None
+  before, _, after = body.partition(_CONTENT)
+  quoted = (before, after)
+  if not all(len(q) >= 2 and q[0] == q[-1] == "'" for q in quoted):
+    return None
+  pre, post = (q[1:-1].replace("\\n", "\n") for q in quoted)
+  prompt = pre + "{instruction}" + post
+  try:
+    fmt = InstructionFormat(prompt=prompt)
+  except ValueError:
+    return None
+  return fmt if fmt.chat_template() == template else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Turn:
   instruction: str

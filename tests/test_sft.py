@@ -4,6 +4,7 @@ chat template reproduces the training ids."""
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -121,37 +122,36 @@ def test_truncation_keeps_responses_and_bad_records_are_counted(tmp_path, caplog
   }
 
 
-def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
-  """Fine-tuned from scratch on six examples, greedy decoding answers them as trained; the export
-  carries the chat template (same ids as training) and PolyLM's demo sampling defaults."""
-  import transformers
+RECORDS = [
+  {"instruction": q, "output": a}
+  for q, a in zip(
+    [
+      "Capital of France?",
+      "2 + 2 =",
+      "Color of the sky?",
+      "ทักทาย",
+      "Hallo auf Englisch",
+      "Say yes",
+    ],
+    ["Paris.", "4", "Blue.", "สวัสดี", "Hello", "Yes!"],
+  )
+]
 
-  from polylm_jax import sharding
-  from polylm_jax.decode import generate, loading
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+  """A model fine-tuned from scratch on RECORDS until it answers them, and its export."""
   from polylm_jax.export import export_cli
   from polylm_jax.train import train_cli as cli
 
-  records = [
-    {"instruction": q, "output": a}
-    for q, a in zip(
-      [
-        "Capital of France?",
-        "2 + 2 =",
-        "Color of the sky?",
-        "ทักทาย",
-        "Hallo auf Englisch",
-        "Say yes",
-      ],
-      ["Paris.", "4", "Blue.", "สวัสดี", "Hello", "Yes!"],
-    )
-  ]
-  _write(tmp_path / "en.jsonl", records)
+  root = tmp_path_factory.mktemp("sft")
+  _write(root / "en.jsonl", RECORDS)
   cli.main(
     [
       "--gin_file=gin_configs/sft/quickstart.gin",
-      f"--workdir={tmp_path / 'run'}",
+      f"--workdir={root / 'run'}",
       "--gin_bindings=TrainerConfig.init_params_from = None",
-      f"--gin_bindings=InstructionCorpora.files = {{'en': '{tmp_path / 'en.jsonl'}'}}",
+      f"--gin_bindings=InstructionCorpora.files = {{'en': '{root / 'en.jsonl'}'}}",
       "--gin_bindings=InstructionCorpora.embedded_sample = False",
       "--gin_bindings=InstructionCorpora.holdout_fraction = 0.0",
       "--gin_bindings=train.epochs = None",
@@ -162,16 +162,28 @@ def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
       "--gin_bindings=OptimizerConfig.peak_lr = 3e-3",
     ]
   )
+  assert export_cli.main([f"--workdir={root / 'run'}", f"--out={root / 'hf'}"]) == 0
+  return root
+
+
+def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tiny_sft):
+  """Fine-tuned from scratch on six examples, greedy decoding answers them as trained; the export
+  carries the chat template (same ids as training) and PolyLM's demo sampling defaults."""
+  import transformers
+
+  from polylm_jax import sharding
+  from polylm_jax.decode import generate, loading
+
+  records = RECORDS
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), __import__("jax").devices()[:1])
-  loaded = loading.load(workdir=str(tmp_path / "run"), mesh=mesh)
+  loaded = loading.load(workdir=str(tiny_sft / "run"), mesh=mesh)
   gen = generate.Generator(loaded.config, loaded.params, SP, mesh=mesh)
   prompts = [
     chat.encode_turns(SP, [chat.Turn(r["instruction"])], answer_last=False)[0] for r in records
   ]
   answers = [c.text for c in gen.generate(prompts, max_new_tokens=8)]
   assert answers == [r["output"] for r in records]
-  assert export_cli.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}"]) == 0
-  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_sft / "hf")
   messages = [
     {"role": "user", "content": "Capital of France?"},
     {"role": "assistant", "content": "Paris."},
@@ -180,8 +192,91 @@ def test_a_tiny_model_learns_its_examples_and_its_export_chats_alike(tmp_path):
   templated = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
   templated = templated["input_ids"] if hasattr(templated, "keys") else list(templated)
   assert templated == chat.chat_prompt_ids(SP, [("Capital of France?", "Paris.")], "Say yes")
-  generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+  generation = json.loads((tiny_sft / "hf" / "generation_config.json").read_text())
   assert generation["do_sample"] and generation["top_p"] == 0.8 and generation["temperature"] == 0.7
+
+
+_QA_TASK = """\
+task: sft_test_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{data}"
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{instruction}}}}"
+doc_to_target: "{{{{output}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def test_polylm_eval_chat_asks_in_the_instruction_format(tiny_sft, tmp_path, monkeypatch, capsys):
+  """polylm-eval run --chat wraps each request in the model's instruction format (from the
+  checkpoint, or read back from the export's chat template): the tiny model answers all six;
+  asked plainly it does not. Few-shot examples become earlier turns with the training ids. A
+  model that is not instruction-tuned is refused before its parameters are read."""
+  import shutil
+
+  from polylm_jax import sharding
+  from polylm_jax.decode import loading
+  from polylm_jax.eval import eval_cli, lm_eval_model
+
+  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  tasks = tmp_path / "tasks"
+  tasks.mkdir()
+  _write(tmp_path / "qa.jsonl", RECORDS)
+  (tasks / "sft_test_qa.yaml").write_text(_QA_TASK.format(data=tmp_path / "qa.jsonl"))
+  common = ["--tasks=sft_test_qa", f"--include_path={tasks}", "--dtype=float32"]
+
+  def accuracy(out, *source):
+    assert eval_cli.main(["run", *source, f"--out={tmp_path / out}", *common]) == 0
+    return json.loads((tmp_path / out / "results.json").read_text())["tasks"]["sft_test_qa"]
+
+  chat_run = accuracy("chat", f"--workdir={tiny_sft / 'run'}", "--chat")
+  assert chat_run["value"] == 1.0
+  assert accuracy("export", f"--hf_dir={tiny_sft / 'hf'}", "--chat")["value"] == 1.0
+  assert accuracy("plain", f"--workdir={tiny_sft / 'run'}")["value"] < 1.0
+  assert json.loads((tmp_path / "chat" / "run.json").read_text())["chat"] is True
+  # Few-shot as earlier turns: the ids SFT trained on (prompt, answer, EOS, next prompt).
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), __import__("jax").devices()[:1])
+  loaded = loading.load(workdir=str(tiny_sft / "run"), mesh=mesh)
+  lm = lm_eval_model.PolyLMJax.from_parts(
+    loaded.config, loaded.params, SP, mesh=mesh, instruction_format=loaded.instruction_format()
+  )
+  history = [
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "Say yes"},
+  ]
+  assert lm.tok_encode(lm.apply_chat_template(history)) == chat.chat_prompt_ids(
+    SP, [("Capital of France?", "Paris.")], "Say yes"
+  )
+  # An export without a chat template is not instruction-tuned: refused, nothing written.
+  plain = tmp_path / "plain_hf"
+  shutil.copytree(tiny_sft / "hf", plain)
+  config = json.loads((plain / "tokenizer_config.json").read_text())
+  del config["chat_template"]
+  (plain / "tokenizer_config.json").write_text(json.dumps(config))
+  capsys.readouterr()
+  args = ["run", f"--hf_dir={plain}", f"--out={tmp_path / 'refused'}", "--chat", *common]
+  assert eval_cli.main(args) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == (
+    f"polylm-eval: --chat: {plain} is not instruction-tuned (its checkpoint records no "
+    f"instruction format; an export of one has a chat template); evaluate it without --chat"
+  )
+  assert not (tmp_path / "refused" / "results.json").exists()
 
 
 def test_epochs_set_the_steps_and_a_constant_schedule_stays_at_peak():

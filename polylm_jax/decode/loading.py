@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from polylm_jax import framing, sharding
+from polylm_jax import chat, framing, sharding
 from polylm_jax.config import ModelConfig
 from polylm_jax.errors import CorruptCheckpointError
 from polylm_jax.io import storage
@@ -33,11 +33,43 @@ class LoadedModel:
   source: str
   meta: dict[str, Any]  # checkpoint metadata (empty for an export)
   framing: framing.Framing
+  chat_template: str = ""  # an export's (its tokenizer config's), if it has one
 
   def tokenizer(self):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_proto=self.tokenizer_model)
+
+  def instruction_format(self) -> chat.InstructionFormat | None:
+    """The prompt format an instruction-tuned model was trained with (None for one that is
+    not instruction-tuned)."""
+    return instruction_format_of(self.source, self.meta, self.chat_template)
+
+
+def instruction_format_of(
+  source: str, meta: dict[str, Any], chat_template: str
+) -> chat.InstructionFormat | None:
+  """An SFT checkpoint's format is in its metadata; an export's is read back from its chat
+  template (the one polylm-export writes)."""
+  if meta.get("instruction_format"):
+    return chat.InstructionFormat(**meta["instruction_format"])
+  if chat_template:
+    fmt = chat.format_of_chat_template(chat_template)
+    if fmt is None:
+      raise ValueError(
+        f"{source}: tokenizer_config.json's chat_template is not one polylm-export writes, so "
+        f"its instruction format is unknown"
+      )
+    return fmt
+  return None
+
+
+def _check_chat(source: str, meta: dict[str, Any], chat_template: str) -> None:
+  if instruction_format_of(source, meta, chat_template) is None:
+    raise ValueError(
+      f"--chat: {source} is not instruction-tuned (its checkpoint records no instruction "
+      f"format; an export of one has a chat template); evaluate it without --chat"
+    )
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> Any:
@@ -55,8 +87,10 @@ def load(
   mesh: Mesh,
   rules=sharding.DEFAULT_RULES,
   overrides: dict[str, Any] | None = None,
+  chat: bool = False,
 ) -> LoadedModel:
-  """`overrides`: ModelConfig fields to change for running (e.g. dtype, attention_impl)."""
+  """`overrides`: ModelConfig fields to change for running (e.g. dtype, attention_impl).
+  `chat`: the model must be instruction-tuned (checked before its parameters are read)."""
   given = [x for x in (workdir, checkpoint, hf_dir) if x]
   if len(given) != 1:
     raise ValueError(
@@ -64,7 +98,7 @@ def load(
       "directory (--checkpoint) or a Hugging Face directory (--hf_dir)"
     )
   if hf_dir:
-    return _load_export(pathlib.Path(hf_dir), mesh, rules, overrides or {})
+    return _load_export(pathlib.Path(hf_dir), mesh, rules, overrides or {}, chat)
   from polylm_jax.checkpoint import on_disk
   from polylm_jax.checkpoint.manager import restore_params
 
@@ -77,6 +111,8 @@ def load(
     raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
   sp_bytes = base64.b64decode(meta["tokenizer_model_b64"])
   check_tokenizer(sp_bytes, cfg, str(step_dir))
+  if chat:
+    _check_chat(str(step_dir), meta, "")
   try:
     params = restore_params(step_dir, cfg, param_shardings(cfg, mesh, rules))
   except CorruptCheckpointError as e:
@@ -89,7 +125,7 @@ def load(
   return LoadedModel(cfg, params, sp_bytes, str(step_dir), meta, framing.from_meta(meta))
 
 
-def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides) -> LoadedModel:
+def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides, chat: bool) -> LoadedModel:
   from polylm_jax.export import hf_export
 
   cfg = hf_export.config_from_hf(hf_dir, **overrides)
@@ -101,9 +137,19 @@ def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides) -> LoadedModel:
     )
   sp_bytes = sp_path.read_bytes()
   check_tokenizer(sp_bytes, cfg, str(hf_dir))
+  tokenizer_config = hf_dir / "tokenizer_config.json"
+  template = (
+    json.loads(tokenizer_config.read_text()).get("chat_template") or ""
+    if tokenizer_config.is_file()
+    else ""
+  )
+  if chat:
+    _check_chat(str(hf_dir), {}, template)
   host = hf_export.import_params(hf_dir, cfg, scanned=cfg.scan_layers)
   params = jax.device_put(host, param_shardings(cfg, mesh, rules))
-  return LoadedModel(cfg, params, sp_bytes, str(hf_dir), {}, framing.from_export(hf_dir))
+  return LoadedModel(
+    cfg, params, sp_bytes, str(hf_dir), {}, framing.from_export(hf_dir), chat_template=template
+  )
 
 
 def load_to_run(
@@ -115,6 +161,7 @@ def load_to_run(
   step: int | None = None,
   checkpoint: str | None = None,
   hf_dir: str | None = None,
+  chat: bool = False,
 ) -> tuple[Mesh, LoadedModel]:
   """What polylm-generate, polylm-eval and the lm-eval model run: the mesh (`data,fsdp,tensor`
   sizes; empty: every device on data) and the model placed on it, with the matmul `dtype` (None:
@@ -130,6 +177,7 @@ def load_to_run(
     hf_dir=hf_dir,
     mesh=mesh_obj,
     overrides=overrides,
+    chat=chat,
   )
   return mesh_obj, loaded
 

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     "directory of <lang>.txt files, one document per line",
   )
   run.add_argument("--num_fewshot", type=int, default=0)
+  run.add_argument(
+    "--chat",
+    action="store_true",
+    help="an instruction-tuned model: wrap every request in the instruction format it was "
+    "trained with (its checkpoint's, or its export's chat template); few-shot examples become "
+    "earlier turns",
+  )
   run.add_argument("--limit", type=int, default=None, help="documents per task (for a quick look)")
   run.add_argument("--batch_size", type=int, default=16)
   run.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, e.g. 1,1,8")
@@ -168,6 +175,7 @@ def _run(args) -> int:
     step=args.step,
     checkpoint=args.checkpoint,
     hf_dir=args.hf_dir,
+    chat=args.chat,
   )
   run_info = {
     "model": loaded.source,
@@ -175,6 +183,9 @@ def _run(args) -> int:
     "num_fewshot": args.num_fewshot,
     "limit": args.limit,
   }
+  if args.chat:
+    run_info["chat"] = True
+  fmt = loaded.instruction_format() if args.chat else None
   previous = storage.join(out, "run.json")
   if storage.exists(previous) and json.loads(storage.read_text(previous)) != run_info:
     raise ValueError(
@@ -207,6 +218,7 @@ def _run(args) -> int:
     framing=loaded.framing,
     batch_size=args.batch_size,
     decode_layout=args.decode_layout,
+    instruction_format=fmt,
   )
   loaded.params = None  # the model holds its own layout: the loaded arrays need not stay alive
   speed = lm.measure_speed() if tasks else None
@@ -219,6 +231,7 @@ def _run(args) -> int:
     limit=args.limit,
     requests_per_second=speed,
     task_manager=manager,
+    chat=args.chat,
   )
   records.update(_heldout(lm, docs, out))
   storage.write_text(

@@ -9,6 +9,12 @@ spaces move to the continuation, the pair is encoded whole and split), so per-re
 log-likelihoods equal those of lm-eval's `hf` model on the export (tested to 1e-3 in float32).
 `loglikelihood_rolling` scores each document once after one BOS (the `hf` model with a BOS-adding
 tokenizer scores an extra BOS after the prefix BOS; pass it `add_bos_token=False` to compare).
+
+An instruction-tuned model (an SFT checkpoint, or its export) carries its prompt format
+(chat.InstructionFormat); with lm-eval's `apply_chat_template` (`polylm-eval run --chat`) each
+request is wrapped in it: a user turn becomes the format's prompt, an assistant turn (a few-shot
+answer) its text and EOS, as SFT trained on them. EOS inside such text is `</s>`, which this
+model's tokenization then maps to the EOS id (as transformers does for the export).
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from polylm_jax import chat, sharding
 from polylm_jax import framing as framing_lib
-from polylm_jax import sharding
 from polylm_jax.decode import generate as gen_lib
 from polylm_jax.decode import loading, sampling
 from polylm_jax.eval.scoring import Scorer
+
+EOS_TEXT = "</s>"  # EOS in chat-template text, as the export's tokenizer writes it
 
 
 @register_model("polylm_jax")
@@ -67,6 +75,7 @@ class PolyLMJax(TemplateLM):
       int(batch_size),
       int(max_gen_toks),
       decode_layout,
+      loaded.instruction_format(),
     )
     self.source = loaded.source
 
@@ -83,20 +92,42 @@ class PolyLMJax(TemplateLM):
     batch_size: int = 16,
     max_gen_toks: int = 256,
     decode_layout: str = "auto",
+    instruction_format: chat.InstructionFormat | None = None,
   ) -> "PolyLMJax":
-    """Over parameters already in memory (in-training evaluation: no export, no reload)."""
+    """Over parameters already in memory (in-training evaluation: no export, no reload).
+    `instruction_format`: the model's, for lm-eval's apply_chat_template."""
     self = cls.__new__(cls)
     TemplateLM.__init__(self)
     self._setup(
-      config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks, decode_layout
+      config,
+      params,
+      tokenizer,
+      mesh,
+      rules,
+      framing,
+      batch_size,
+      max_gen_toks,
+      decode_layout,
+      instruction_format,
     )
     self.source = "live parameters"
     return self
 
   def _setup(
-    self, config, params, tokenizer, mesh, rules, framing, batch_size, max_gen_toks, decode_layout
+    self,
+    config,
+    params,
+    tokenizer,
+    mesh,
+    rules,
+    framing,
+    batch_size,
+    max_gen_toks,
+    decode_layout,
+    instruction_format=None,
   ):
     self.config, self.sp, self.framing = config, tokenizer, framing
+    self.instruction_format = instruction_format
     self.generator = gen_lib.Generator(
       config, params, tokenizer, mesh=mesh, rules=rules, framing=framing, layout=decode_layout
     )
@@ -145,8 +176,45 @@ class PolyLMJax(TemplateLM):
     return self.config.max_length
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-    ids = self.sp.encode(string)
+    if self.instruction_format is not None and EOS_TEXT in string:
+      ids: list[int] = []
+      for i, part in enumerate(string.split(EOS_TEXT)):
+        ids += ([framing_lib.EOS_ID] if i else []) + self.sp.encode(part)
+    else:
+      ids = self.sp.encode(string)
     return ids if add_special_tokens is False else self.framing.prompt(ids)
+
+  # --- chat (lm-eval's apply_chat_template) --------------------------------------------------
+  @property
+  def tokenizer_name(self) -> str:
+    return "polylm_jax"
+
+  def chat_template(self, chat_template: bool | str = False) -> str | None:
+    return self.instruction_format.chat_template() if self.instruction_format else ""
+
+  def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+    """The conversation in the model's instruction format (BOS comes from tok_encode). A system
+    message goes before the next user turn's instruction, on a line of its own."""
+    if self.instruction_format is None:
+      raise ValueError(
+        f"{getattr(self, 'source', 'this model')} is not instruction-tuned (no instruction "
+        f"format in its checkpoint, no chat template in its export): evaluate it without a "
+        f"chat template"
+      )
+    text, system = "", ""
+    for i, message in enumerate(chat_history):
+      role, content = message["role"], message["content"]
+      if role == "system":
+        system += content + "\n"
+      elif role == "user":
+        text += self.instruction_format.prompt.format(instruction=system + content)
+        system = ""
+      elif role == "assistant":
+        prefill = not add_generation_prompt and i == len(chat_history) - 1
+        text += content + ("" if prefill else EOS_TEXT)
+      else:
+        raise ValueError(f"chat message role {role!r}: expected system, user or assistant")
+    return text
 
   def tok_decode(self, tokens, **kwargs) -> str:
     return self.sp.decode(list(tokens))

@@ -222,8 +222,11 @@ def run_suite(
   limit: int | None = None,
   requests_per_second: float | None = None,
   task_manager=None,
+  chat: bool = False,
 ) -> dict[str, dict]:
-  """Evaluates task by task (skipping those already in <out>/tasks/); returns {task: record}."""
+  """Evaluates task by task (skipping those already in <out>/tasks/); returns {task: record}.
+  `chat`: requests in the model's instruction format (lm-eval's apply_chat_template), few-shot
+  examples as earlier turns."""
   from lm_eval import evaluator
 
   task_dir = storage.join(out_dir, "tasks")
@@ -258,6 +261,8 @@ def run_suite(
       bootstrap_iters=0,
       log_samples=False,
       task_manager=task_manager,
+      apply_chat_template=chat,
+      fewshot_as_multiturn=chat,
     )
     metrics = result["results"][spec.task]
     metric, key = headline(spec, metrics)
