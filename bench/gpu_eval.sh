@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU for the generation and evaluation figures (docs/benchmarks.md): decode
-# tokens/s and lm-eval log-likelihood requests/s of polylm_1.7b vs transformers / lm-eval's hf
-# model, and the 1.7B train step (bench/gpu_check.py section 3). Each part runs even if another
+# tokens/s, lm-eval log-likelihood and generate_until requests/s of polylm_1.7b vs transformers /
+# lm-eval's hf model, and the 1.7B train step (bench/gpu_check.py section 3). Each part runs even if another
 # fails. Output is saved to $OUT/gpu_eval.log when $OUT is set, else /tmp/gpu_eval.log.
 # A machine without lm-eval can bring it as wheels in .whl/ (installed to /tmp/site first).
 set -uo pipefail
@@ -19,6 +19,9 @@ status=0
     --device "$DEVICE" --batches 1,16 --new 64 --layouts scan,unrolled || status=1
   echo "== lm-eval loglikelihood ($PRESET)"; python3 bench/lm_eval_bench.py --preset "$PRESET" \
     --dtype "$DTYPE" --device "$DEVICE" --requests 256 || status=1
+  echo "== lm-eval generate_until ($PRESET)"; python3 bench/lm_eval_bench.py --preset "$PRESET" \
+    --dtype "$DTYPE" --device "$DEVICE" --kind generate_until --requests 128 --max_gen_toks 64 \
+    || status=1
   if [ -z "${SKIP_TRAIN:-}" ]; then
     echo "== train step"; python3 bench/gpu_check.py --sections 3 --train_reps 5 || status=1
   fi

@@ -282,6 +282,8 @@ class PolyLMJax(TemplateLM):
     return totals
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    """Requests grouped by their generation settings (stop strings, length, sampling), each
+    group in batches of similar prompt lengths; answers in the requests' order."""
     out: list[str | None] = [None] * len(requests)
     groups: dict[str, list[int]] = {}
     for i, req in enumerate(requests):
@@ -300,11 +302,13 @@ class PolyLMJax(TemplateLM):
         )
         # As lm-eval's hf model: the context keeps its last (context - max_gen_toks) tokens.
         keep = max(1, self.max_length - max_new)
+        prompts = {i: self.tok_encode(requests[i].args[0])[-keep:] for i in indices}
+        # Longest first: a batch's prompts are of similar lengths (little padding, few shapes).
+        indices = sorted(indices, key=lambda i: (-len(prompts[i]), i))
         for begin in range(0, len(indices), self.batch_size):
           chunk = indices[begin : begin + self.batch_size]
-          prompts = [self.tok_encode(requests[i].args[0])[-keep:] for i in chunk]
           results = self.generator.generate(
-            prompts, max_new_tokens=max_new, stop=until, sampling_config=config
+            [prompts[i] for i in chunk], max_new_tokens=max_new, stop=until, sampling_config=config
           )
           for i, r in zip(chunk, results):
             out[i] = r.text
