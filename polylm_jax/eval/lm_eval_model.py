@@ -65,18 +65,11 @@ class PolyLMJax(TemplateLM):
       checkpoint=checkpoint,
       hf_dir=hf_dir,
     )
+    cfg, sp, rules = loaded.config, loaded.tokenizer(), sharding.DEFAULT_RULES
     self._setup(
-      loaded.config,
-      loaded.params,
-      loaded.tokenizer(),
-      mesh_obj,
-      sharding.DEFAULT_RULES,
-      loaded.framing,
-      int(batch_size),
-      int(max_gen_toks),
-      decode_layout,
-      loaded.instruction_format(),
+      cfg, loaded.params, sp, mesh_obj, rules, loaded.framing, int(batch_size), decode_layout
     )
+    self._generation(int(max_gen_toks), loaded.instruction_format())
     self.source = loaded.source
 
   @classmethod
@@ -98,36 +91,13 @@ class PolyLMJax(TemplateLM):
     `instruction_format`: the model's, for lm-eval's apply_chat_template."""
     self = cls.__new__(cls)
     TemplateLM.__init__(self)
-    self._setup(
-      config,
-      params,
-      tokenizer,
-      mesh,
-      rules,
-      framing,
-      batch_size,
-      max_gen_toks,
-      decode_layout,
-      instruction_format,
-    )
+    self._setup(config, params, tokenizer, mesh, rules, framing, batch_size, decode_layout)
+    self._generation(max_gen_toks, instruction_format)
     self.source = "live parameters"
     return self
 
-  def _setup(
-    self,
-    config,
-    params,
-    tokenizer,
-    mesh,
-    rules,
-    framing,
-    batch_size,
-    max_gen_toks,
-    decode_layout,
-    instruction_format=None,
-  ):
+  def _setup(self, config, params, tokenizer, mesh, rules, framing, batch_size, decode_layout):
     self.config, self.sp, self.framing = config, tokenizer, framing
-    self.instruction_format = instruction_format
     self.generator = gen_lib.Generator(
       config, params, tokenizer, mesh=mesh, rules=rules, framing=framing, layout=decode_layout
     )
@@ -142,8 +112,11 @@ class PolyLMJax(TemplateLM):
       head_t=head_t,
     )
     self.batch_size = self.scorer.batch_size
-    self.max_gen_toks = max_gen_toks
     self.show_progress = True
+
+  def _generation(self, max_gen_toks: int, instruction_format) -> None:
+    self.max_gen_toks = max_gen_toks
+    self.instruction_format = instruction_format
 
   def set_params(self, params) -> None:
     """New parameters of the same shapes and shardings (compiled programs are kept)."""
