@@ -208,3 +208,24 @@ def test_translation_tables_show_directions_and_bleu_as_is(tmp_path):
   table = report.markdown([records], ["final"])
   assert "### wmt20 (BLEU)" in table
   assert "| run | en-de | de-en | avg |" in table and "| final | 21.4 | 30.0 | 25.7 |" in table
+
+
+def test_a_run_without_its_data_stops_before_the_model_is_read(tmp_path, monkeypatch, capsys):
+  """The tasks' data (and --chat's need for an instruction-tuned model) are checked from the
+  model's metadata alone: here the export directory has no weights at all, and the run still
+  stops on what is wrong with the data, writing nothing."""
+  from polylm_jax.eval import eval_cli
+
+  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SACREBLEU"):
+    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  empty = tmp_path / "hf"
+  empty.mkdir()
+  out = tmp_path / "out"
+  common = [f"--hf_dir={empty}", f"--out={out}", f"--data_dir={tmp_path / 'data'}"]
+  assert eval_cli.main(["run", *common, "--tasks=flores_en-de", "--languages=en,de"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("polylm-eval: task flores_en-de: ") and "eng_Latn.dev is missing" in err
+  assert eval_cli.main(["run", *common, "--tasks=flores_en-de", "--chat"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith(f"polylm-eval: --chat: {empty} is not instruction-tuned")
+  assert not out.exists()

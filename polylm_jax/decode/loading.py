@@ -64,7 +64,14 @@ def instruction_format_of(
   return None
 
 
-def _check_chat(source: str, meta: dict[str, Any], chat_template: str) -> None:
+def export_chat_template(hf_dir: str | pathlib.Path) -> str:
+  """The chat template in an export's tokenizer config ("" without one)."""
+  path = pathlib.Path(hf_dir) / "tokenizer_config.json"
+  return (json.loads(path.read_text()).get("chat_template") or "") if path.is_file() else ""
+
+
+def check_chat(source: str, meta: dict[str, Any], chat_template: str) -> None:
+  """A model asked for in its instruction format (--chat) must be instruction-tuned."""
   if instruction_format_of(source, meta, chat_template) is None:
     raise ValueError(
       f"--chat: {source} is not instruction-tuned (its checkpoint records no instruction "
@@ -102,8 +109,7 @@ def load(
   from polylm_jax.checkpoint import on_disk
   from polylm_jax.checkpoint.manager import restore_params
 
-  step_dir = on_disk.resolve_checkpoint(workdir, step, checkpoint)
-  meta = json.loads(storage.read_text(storage.join(step_dir, "meta", "metadata")))
+  step_dir, meta = peek(workdir=workdir, step=step, checkpoint=checkpoint)
   if "model_config" not in meta:
     raise ValueError(f"{step_dir}: checkpoint metadata has no model_config")
   cfg = ModelConfig.from_dict(meta["model_config"]).replace(**(overrides or {}))
@@ -112,7 +118,7 @@ def load(
   sp_bytes = base64.b64decode(meta["tokenizer_model_b64"])
   check_tokenizer(sp_bytes, cfg, str(step_dir))
   if chat:
-    _check_chat(str(step_dir), meta, "")
+    check_chat(str(step_dir), meta, "")
   try:
     params = restore_params(step_dir, cfg, param_shardings(cfg, mesh, rules))
   except CorruptCheckpointError as e:
@@ -123,6 +129,24 @@ def load(
     raise
   logging.info("loaded %s (step %s, %s)", step_dir, meta.get("step"), cfg.name)
   return LoadedModel(cfg, params, sp_bytes, str(step_dir), meta, framing.from_meta(meta))
+
+
+def peek(
+  *,
+  workdir: str | None = None,
+  step: int | None = None,
+  checkpoint: str | None = None,
+  hf_dir: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+  """(source, metadata) of the model `load` would load, without reading its parameters: the
+  checkpoint step directory and its metadata (the newest step of a workdir unless `step`), or an
+  export's directory and {}."""
+  if hf_dir:
+    return str(pathlib.Path(hf_dir)), {}
+  from polylm_jax.checkpoint import on_disk
+
+  step_dir = on_disk.resolve_checkpoint(workdir, step, checkpoint)
+  return str(step_dir), json.loads(storage.read_text(storage.join(step_dir, "meta", "metadata")))
 
 
 def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides, chat: bool) -> LoadedModel:
@@ -137,14 +161,9 @@ def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides, chat: bool) -> Lo
     )
   sp_bytes = sp_path.read_bytes()
   check_tokenizer(sp_bytes, cfg, str(hf_dir))
-  tokenizer_config = hf_dir / "tokenizer_config.json"
-  template = (
-    json.loads(tokenizer_config.read_text()).get("chat_template") or ""
-    if tokenizer_config.is_file()
-    else ""
-  )
+  template = export_chat_template(hf_dir)
   if chat:
-    _check_chat(str(hf_dir), {}, template)
+    check_chat(str(hf_dir), {}, template)
   host = hf_export.import_params(hf_dir, cfg, scanned=cfg.scan_layers)
   params = jax.device_put(host, param_shardings(cfg, mesh, rules))
   return LoadedModel(

@@ -166,34 +166,30 @@ def _run(args) -> int:
   from polylm_jax.decode import loading
   from polylm_jax.eval import lm_eval_model, suite
 
-  out = args.out
-  storage.makedirs(out)
-  mesh, loaded = loading.load_to_run(
-    mesh=args.mesh,
-    dtype=args.dtype,
-    workdir=args.workdir,
-    step=args.step,
-    checkpoint=args.checkpoint,
-    hf_dir=args.hf_dir,
-    chat=args.chat,
+  # Everything that can be wrong with the model's identity, the results directory or the tasks'
+  # data is found from the model's metadata, before its parameters are read.
+  source, meta = loading.peek(
+    workdir=args.workdir, step=args.step, checkpoint=args.checkpoint, hf_dir=args.hf_dir
   )
+  if args.chat:
+    check = loading.export_chat_template(args.hf_dir) if args.hf_dir else ""
+    loading.check_chat(source, meta, check)
+  out = args.out
   run_info = {
-    "model": loaded.source,
-    "step": loaded.meta.get("step"),
+    "model": source,
+    "step": meta.get("step"),
     "num_fewshot": args.num_fewshot,
     "limit": args.limit,
   }
   if args.chat:
     run_info["chat"] = True
-  fmt = loaded.instruction_format() if args.chat else None
   previous = storage.join(out, "run.json")
   if storage.exists(previous) and json.loads(storage.read_text(previous)) != run_info:
     raise ValueError(
       f"--out={out} holds results of another evaluation "
       f"({json.loads(storage.read_text(previous))}); choose another --out"
     )
-  storage.write_text(previous, json.dumps(run_info, indent=2))
-  languages = _languages(args, loaded.meta)
+  languages = _languages(args, meta)
   manager, specs, tasks = None, [], {}
   if names:
     manager = suite.task_manager(args.include_path)
@@ -210,6 +206,19 @@ def _run(args) -> int:
     )
   if not specs and not docs:
     raise ValueError("no task left to run (check --tasks and --languages)")
+  mesh, loaded = loading.load_to_run(
+    mesh=args.mesh,
+    dtype=args.dtype,
+    workdir=args.workdir,
+    # The step peeked at (checkpoints/<step>), even if a newer checkpoint has come since.
+    step=int(storage.name(source)) if args.workdir else args.step,
+    checkpoint=args.checkpoint,
+    hf_dir=args.hf_dir,
+    chat=args.chat,
+  )
+  fmt = loaded.instruction_format() if args.chat else None
+  storage.makedirs(out)
+  storage.write_text(previous, json.dumps(run_info, indent=2))
   lm = lm_eval_model.PolyLMJax.from_parts(
     loaded.config,
     loaded.params,
