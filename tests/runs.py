@@ -1,10 +1,28 @@
 """What the tests train, in one place: polylm-train arguments for short runs of the quickstart
 config, and a TrainStep of the tiny model. Test modules import these (`from runs import ...`);
-conftest.py also hands them over as the fixtures `train_args` and `tiny_step`."""
+conftest.py also hands them over as the fixtures `train_args` and `tiny_step`. Also: putting back
+the environment variables a command-line run sets (`restore_env`)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
+
+# What polylm-eval sets in the process's environment (--data_dir, offline mode).
+EVAL_ENV = ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SACREBLEU")
+
+
+def restore_env(monkeypatch, keys: Sequence[str] = EVAL_ENV) -> None:
+  """After the test, each variable is as it was: a set one keeps its value, an unset one is
+  unset again (not left empty: an empty Hugging Face cache variable means the current
+  directory, and a run would cache datasets in the checkout)."""
+  for key in keys:
+    if key in os.environ:
+      monkeypatch.setenv(key, os.environ[key])
+    else:  # recorded as unset, then removed: whatever the test sets is undone
+      monkeypatch.setenv(key, "")
+      monkeypatch.delenv(key)
+
 
 QUICKSTART = "gin_configs/quickstart.gin"
 

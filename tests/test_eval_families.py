@@ -8,6 +8,7 @@ import pathlib
 import tarfile
 
 import pytest
+from runs import restore_env
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,8 +173,7 @@ def test_fetch_gets_flores_from_its_release_and_keeps_files_already_there(
   --data_dir; a file already there is not replaced; no Hugging Face Hub is needed."""
   from polylm_jax.eval import eval_cli
 
-  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SACREBLEU"):
-    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  restore_env(monkeypatch)
   monkeypatch.setenv("HF_ENDPOINT", "https://no-such-hub.invalid")
   tarball = tmp_path / "flores200_dataset.tar.gz"
   _release_tarball(tarball, {"en": EN, "de": DE, "ja": JA})
@@ -216,8 +216,7 @@ def test_a_run_without_its_data_stops_before_the_model_is_read(tmp_path, monkeyp
   stops on what is wrong with the data, writing nothing."""
   from polylm_jax.eval import eval_cli
 
-  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SACREBLEU"):
-    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  restore_env(monkeypatch)
   empty = tmp_path / "hf"
   empty.mkdir()
   out = tmp_path / "out"

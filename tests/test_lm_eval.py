@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import sentencepiece as spm
-from runs import FEW_LANGUAGE_FLAGS
+from runs import FEW_LANGUAGE_FLAGS, restore_env
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,8 +165,7 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
 
   from polylm_jax.eval import eval_cli
 
-  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  restore_env(monkeypatch)
   workdir, hf_dir = run_and_export
   include = local_tasks(tmp_path)
   common = [
@@ -339,8 +338,7 @@ def test_polylm_eval_runs_the_translation_families_on_local_data(
 
   from polylm_jax.eval import eval_cli
 
-  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "SACREBLEU"):
-    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  restore_env(monkeypatch)
   workdir, hf_dir = run_and_export
   data = tmp_path / "data"
   write_flores(data, {"en": EN, "ja": JA})

@@ -4,11 +4,11 @@ chat template reproduces the training ids."""
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+from runs import restore_env
 
 from polylm_jax import chat, framing
 from polylm_jax.data import instructions, pipeline, sample, tasks
@@ -231,8 +231,7 @@ def test_polylm_eval_chat_asks_in_the_instruction_format(tiny_sft, tmp_path, mon
   from polylm_jax.decode import loading
   from polylm_jax.eval import eval_cli, lm_eval_model
 
-  for key in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-    monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+  restore_env(monkeypatch)
   tasks = tmp_path / "tasks"
   tasks.mkdir()
   _write(tmp_path / "qa.jsonl", RECORDS)
