@@ -138,21 +138,10 @@ def resolve(names, languages, known_tasks) -> list[Spec]:
 TASK_DIRS = [translation.TASK_DIR]
 
 
-class _QuietCustomDatasets(logging.Filter):
-  """lm-eval logs a hint about --metadata for every task with a custom_dataset (all the shipped
-  ones); it is about lm-eval's own command line, not this one."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
-
-
 def task_manager(include_path: str | None = None):
   """lm-eval's TaskManager over its own tasks, the shipped ones and `include_path`'s."""
   from lm_eval.tasks import TaskManager
 
-  task_logger = logging.getLogger("lm_eval.api.task")
-  if not any(isinstance(f, _QuietCustomDatasets) for f in task_logger.filters):
-    task_logger.addFilter(_QuietCustomDatasets())
   paths = [str(d) for d in TASK_DIRS] + ([include_path] if include_path else [])
   return TaskManager(include_path=paths)
 
