@@ -70,13 +70,15 @@ def export_chat_template(hf_dir: str | pathlib.Path) -> str:
   return (json.loads(path.read_text()).get("chat_template") or "") if path.is_file() else ""
 
 
-def check_chat(source: str, meta: dict[str, Any], chat_template: str) -> None:
-  """A model asked for in its instruction format (--chat) must be instruction-tuned."""
-  if instruction_format_of(source, meta, chat_template) is None:
+def check_chat(source: str, meta: dict[str, Any], chat_template: str) -> chat.InstructionFormat:
+  """The instruction format of a model asked for in it (--chat): it must be instruction-tuned."""
+  fmt = instruction_format_of(source, meta, chat_template)
+  if fmt is None:
     raise ValueError(
       f"--chat: {source} is not instruction-tuned (its checkpoint records no instruction "
       f"format; an export of one has a chat template); evaluate it without --chat"
     )
+  return fmt
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> Any:
@@ -94,10 +96,8 @@ def load(
   mesh: Mesh,
   rules=sharding.DEFAULT_RULES,
   overrides: dict[str, Any] | None = None,
-  chat: bool = False,
 ) -> LoadedModel:
-  """`overrides`: ModelConfig fields to change for running (e.g. dtype, attention_impl).
-  `chat`: the model must be instruction-tuned (checked before its parameters are read)."""
+  """`overrides`: ModelConfig fields to change for running (e.g. dtype, attention_impl)."""
   given = [x for x in (workdir, checkpoint, hf_dir) if x]
   if len(given) != 1:
     raise ValueError(
@@ -105,7 +105,7 @@ def load(
       "directory (--checkpoint) or a Hugging Face directory (--hf_dir)"
     )
   if hf_dir:
-    return _load_export(pathlib.Path(hf_dir), mesh, rules, overrides or {}, chat)
+    return _load_export(pathlib.Path(hf_dir), mesh, rules, overrides or {})
   from polylm_jax.checkpoint import on_disk
   from polylm_jax.checkpoint.manager import restore_params
 
@@ -117,8 +117,6 @@ def load(
     raise ValueError(f"{step_dir}: checkpoint metadata has no tokenizer model")
   sp_bytes = base64.b64decode(meta["tokenizer_model_b64"])
   check_tokenizer(sp_bytes, cfg, str(step_dir))
-  if chat:
-    check_chat(str(step_dir), meta, "")
   try:
     params = restore_params(step_dir, cfg, param_shardings(cfg, mesh, rules))
   except CorruptCheckpointError as e:
@@ -149,7 +147,7 @@ def peek(
   return str(step_dir), json.loads(storage.read_text(storage.join(step_dir, "meta", "metadata")))
 
 
-def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides, chat: bool) -> LoadedModel:
+def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides) -> LoadedModel:
   from polylm_jax.export import hf_export
 
   cfg = hf_export.config_from_hf(hf_dir, **overrides)
@@ -162,8 +160,6 @@ def _load_export(hf_dir: pathlib.Path, mesh, rules, overrides, chat: bool) -> Lo
   sp_bytes = sp_path.read_bytes()
   check_tokenizer(sp_bytes, cfg, str(hf_dir))
   template = export_chat_template(hf_dir)
-  if chat:
-    check_chat(str(hf_dir), {}, template)
   host = hf_export.import_params(hf_dir, cfg, scanned=cfg.scan_layers)
   params = jax.device_put(host, param_shardings(cfg, mesh, rules))
   return LoadedModel(
@@ -180,7 +176,6 @@ def load_to_run(
   step: int | None = None,
   checkpoint: str | None = None,
   hf_dir: str | None = None,
-  chat: bool = False,
 ) -> tuple[Mesh, LoadedModel]:
   """What polylm-generate, polylm-eval and the lm-eval model run: the mesh (`data,fsdp,tensor`
   sizes; empty: every device on data) and the model placed on it, with the matmul `dtype` (None:
@@ -196,7 +191,6 @@ def load_to_run(
     hf_dir=hf_dir,
     mesh=mesh_obj,
     overrides=overrides,
-    chat=chat,
   )
   return mesh_obj, loaded
 

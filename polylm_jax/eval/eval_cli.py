@@ -171,24 +171,12 @@ def _run(args) -> int:
   source, meta = loading.peek(
     workdir=args.workdir, step=args.step, checkpoint=args.checkpoint, hf_dir=args.hf_dir
   )
+  fmt = None
   if args.chat:
-    check = loading.export_chat_template(args.hf_dir) if args.hf_dir else ""
-    loading.check_chat(source, meta, check)
+    template = loading.export_chat_template(args.hf_dir) if args.hf_dir else ""
+    fmt = loading.check_chat(source, meta, template)
   out = args.out
-  run_info = {
-    "model": source,
-    "step": meta.get("step"),
-    "num_fewshot": args.num_fewshot,
-    "limit": args.limit,
-  }
-  if args.chat:
-    run_info["chat"] = True
-  previous = storage.join(out, "run.json")
-  if storage.exists(previous) and json.loads(storage.read_text(previous)) != run_info:
-    raise ValueError(
-      f"--out={out} holds results of another evaluation "
-      f"({json.loads(storage.read_text(previous))}); choose another --out"
-    )
+  run_info = _run_info(args, source, meta)
   languages = _languages(args, meta)
   manager, specs, tasks = None, [], {}
   if names:
@@ -214,11 +202,9 @@ def _run(args) -> int:
     step=int(storage.name(source)) if args.workdir else args.step,
     checkpoint=args.checkpoint,
     hf_dir=args.hf_dir,
-    chat=args.chat,
   )
-  fmt = loaded.instruction_format() if args.chat else None
   storage.makedirs(out)
-  storage.write_text(previous, json.dumps(run_info, indent=2))
+  storage.write_text(storage.join(out, "run.json"), json.dumps(run_info, indent=2))
   lm = lm_eval_model.PolyLMJax.from_parts(
     loaded.config,
     loaded.params,
@@ -250,6 +236,26 @@ def _run(args) -> int:
   print(storage.read_text(storage.join(out, "results.md")))
   logging.info("results in %s (devices: %d %s)", out, mesh.devices.size, jax.devices()[0].platform)
   return 0
+
+
+def _run_info(args, source: str, meta: dict) -> dict:
+  """What identifies an evaluation (model, step, shots, limit, chat); an --out holding another's
+  results is refused."""
+  run_info = {
+    "model": source,
+    "step": meta.get("step"),
+    "num_fewshot": args.num_fewshot,
+    "limit": args.limit,
+  }
+  if args.chat:
+    run_info["chat"] = True
+  previous = storage.join(args.out, "run.json")
+  if storage.exists(previous) and json.loads(storage.read_text(previous)) != run_info:
+    raise ValueError(
+      f"--out={args.out} holds results of another evaluation "
+      f"({json.loads(storage.read_text(previous))}); choose another --out"
+    )
+  return run_info
 
 
 def _heldout(lm, docs: dict[str, list[str]], out: str) -> dict[str, dict]:
