@@ -147,9 +147,7 @@ def task_manager(include_path: str | None = None):
 
 
 def datasets_cache() -> str:
-  return os.environ.get("HF_DATASETS_CACHE") or os.path.join(
-    os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets"
-  )
+  return os.environ.get("HF_DATASETS_CACHE") or str(translation.data_root() / "datasets")
 
 
 def load_tasks(specs, task_manager, *, fetching: bool = False) -> dict[str, Any]:

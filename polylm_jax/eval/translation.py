@@ -167,12 +167,14 @@ def _lines(path: pathlib.Path, task: str, fetch: str) -> list[str]:
   return path.read_text(encoding="utf-8").splitlines()
 
 
-def _pairs(task: str, sources: list[str], targets: list[str], where: pathlib.Path) -> dict:
+def _pairs(
+  task: str, direction: str, sources: list[str], targets: list[str], where: pathlib.Path
+) -> dict:
   if len(sources) != len(targets):
     raise DataError(
       f"task {task}: {len(sources)} source and {len(targets)} reference lines under {where}"
     )
-  src, tgt = task.rpartition("_")[2].split("-")
+  src, tgt = direction.split("-")
   n = len(sources)
   return {"source": sources, "target": targets, "source_code": [src] * n, "target_code": [tgt] * n}
 
@@ -185,6 +187,7 @@ def read_flores(direction: str) -> dict[str, dict[str, list[str]]]:
   return {
     split: _pairs(
       task,
+      direction,
       _lines(flores_file(src, split), task, "flores"),
       _lines(flores_file(tgt, split), task, "flores"),
       data_root() / "flores200_dataset" / split,
@@ -196,7 +199,8 @@ def read_flores(direction: str) -> dict[str, dict[str, list[str]]]:
 def read_wmt20(direction: str) -> dict[str, dict[str, list[str]]]:
   task = task_name("wmt20", direction)
   src, ref = wmt20_files(direction)
-  return {"test": _pairs(task, _lines(src, task, "wmt20"), _lines(ref, task, "wmt20"), src.parent)}
+  sources, references = _lines(src, task, "wmt20"), _lines(ref, task, "wmt20")
+  return {"test": _pairs(task, direction, sources, references, src.parent)}
 
 
 def prompt(source_code: str, target_code: str, text: str) -> str:
@@ -274,15 +278,14 @@ def write_task_yamls(directory: pathlib.Path = TASK_DIR) -> None:
 
 # --- fetch (polylm-eval fetch, on a machine with network) ---------------------------------------
 def _missing(task: str) -> list[pathlib.Path]:
+  """The files a shipped translation task reads that are not there."""
   benchmark, _, direction = task.partition("_")
-  if benchmark == "wmt20":
-    return [p for p in wmt20_files(direction) if not p.is_file()]
-  return [
-    flores_file(code, split)
-    for code in direction.split("-")
-    for split in ("dev", "devtest")
-    if not flores_file(code, split).is_file()
-  ]
+  files = (
+    wmt20_files(direction)
+    if benchmark == "wmt20"
+    else [flores_file(c, s) for c in direction.split("-") for s in ("dev", "devtest")]
+  )
+  return [p for p in files if not p.is_file()]
 
 
 def is_shipped(task: str) -> bool:
@@ -290,9 +293,9 @@ def is_shipped(task: str) -> bool:
   return direction in families().get(benchmark, {})
 
 
-def fetch(tasks: list[str]) -> list[str]:
-  """Downloads the files the given shipped translation tasks read (those not there yet);
-  returns the tasks that needed a download. FLORES-200 comes as its release tarball
+def fetch(tasks: list[str]) -> None:
+  """Downloads the files the given shipped translation tasks read (those not there yet; other
+  tasks are left to their own loading). FLORES-200 comes as its release tarball
   ($POLYLM_FLORES_URL overrides FLORES_URL, e.g. a mirror or a file:// copy), WMT20 through
   sacreBLEU into sacrebleu_dir()."""
   todo = [t for t in tasks if is_shipped(t) and _missing(t)]
@@ -311,7 +314,6 @@ def fetch(tasks: list[str]) -> list[str]:
           else ""
         )
       )
-  return todo
 
 
 def _fetch_flores() -> None:
