@@ -24,4 +24,17 @@ if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
   fi
   echo "$want" >> "$stamp"
 fi
+# Where JAX runs on the CPU, XLA allocates a step's temporaries afresh every step; glibc serves
+# allocations over 32 MiB with new mappings, which the kernel then faults in 4 KiB at a time (on
+# a small model as much CPU time as the step's own work, docs/benchmarks.md). With hugetlb=1
+# glibc asks for transparent huge pages for those mappings (where the kernel allows them:
+# `madvise` or `always` in /sys/kernel/mm/transparent_hugepage/enabled); on an accelerator host
+# it only concerns large host buffers. Added to any tunables already set (a hugetlb setting of
+# your own stands); glibc before 2.35 and other C libraries ignore it. It takes effect in the
+# processes started from here: export it in a shell of your own to get it there.
+case "${GLIBC_TUNABLES:-}" in
+  *glibc.malloc.hugetlb=*) ;;
+  "") export GLIBC_TUNABLES=glibc.malloc.hugetlb=1 ;;
+  *) export GLIBC_TUNABLES="$GLIBC_TUNABLES:glibc.malloc.hugetlb=1" ;;
+esac
 cd "$ROOT"

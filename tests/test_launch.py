@@ -230,3 +230,46 @@ def test_gke_jobset_with_a_gs_workdir_mounts_no_volume():
   assert "--workdir=gs://runs-bucket/13b" in pod["containers"][0]["command"]
   refused = _jobset(*args, "--workdir=gs://runs-bucket/13b", "--pvc=polylm-runs")
   assert refused.returncode == 2 and "--pvc is not used with it" in refused.stderr
+
+
+@pytest.mark.parametrize(
+  "given, exported",
+  [
+    (None, "glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the user's own choice stands
+  ],
+)
+def test_the_setup_asks_for_huge_pages_and_keeps_the_users_tunables(tmp_path, given, exported):
+  """What launch/env.sh exports to the trainers it starts (a stand-in checkout whose .venv is
+  installed already, so nothing is installed)."""
+  root = tmp_path / "checkout"
+  (root / "launch").mkdir(parents=True)
+  (root / "launch" / "env.sh").write_text((ROOT / "launch" / "env.sh").read_text())
+  for name in ("requirements.txt", "pyproject.toml"):
+    (root / name).write_text("")
+  venv = root / ".venv" / "bin"
+  venv.mkdir(parents=True)
+  (venv / "python").symlink_to(sys.executable)
+  (venv / "activate").write_text("")
+  want = subprocess.run(
+    "cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16",
+    shell=True,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
+  (root / ".venv" / ".polylm-installed").write_text(f"{want} requirements.txt \n")
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if given is not None:
+    env["GLIBC_TUNABLES"] = given
+  out = subprocess.run(
+    ["bash", "-c", 'source launch/env.sh requirements.txt && printf %s "$GLIBC_TUNABLES"'],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stdout == exported
