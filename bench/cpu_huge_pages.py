@@ -20,36 +20,17 @@ import subprocess
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+BENCH = os.path.dirname(os.path.abspath(__file__))
 
 CHILD = r"""
-import json, sys, time
-import jax
-import numpy as np
-from polylm_jax import sharding
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from train_step_cpu import jax_steps
 from polylm_jax.config import PRESETS
-from polylm_jax.optimizer import OptimizerConfig
-from polylm_jax.trainer.step import TrainStep
 
-preset, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-cfg = PRESETS[preset].replace(dtype="float32")
-mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-step = TrainStep(model_config=cfg, optimizer_config=OptimizerConfig(warmup_steps=1), mesh=mesh,
-                 rules=sharding.DEFAULT_RULES, total_steps=10_000)
-state = step.init(0)
-toks = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-data = step.place_batch({
-  "inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq), np.float32),
-  "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-  "segment_ids": np.ones((batch, seq), np.int32),
-})
-for _ in range(3):
-  state, m = step(state, data)
-jax.block_until_ready(m)
-t = time.perf_counter()
-for _ in range(steps):
-  state, m = step(state, data)
-jax.block_until_ready(m)
-print(json.dumps({"step_s": (time.perf_counter() - t) / steps, "loss": float(m["loss"])}))
+preset, batch, seq, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+tokens_per_s, loss = jax_steps(PRESETS[preset].replace(dtype="float32"), batch, seq, steps, 3)
+print(json.dumps({"step_s": batch * seq / tokens_per_s, "loss": loss}))
 """
 
 
@@ -59,8 +40,9 @@ def run(tunables: str | None, args) -> dict:
   if tunables:
     env["GLIBC_TUNABLES"] = tunables
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  shape = map(str, (args.batch, args.seq, args.steps))
   out = subprocess.run(
-    [sys.executable, "-c", CHILD, args.preset, str(args.batch), str(args.seq), str(args.steps)],
+    [sys.executable, "-c", CHILD, BENCH, args.preset, *shape],
     env=env,
     capture_output=True,
     text=True,

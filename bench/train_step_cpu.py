@@ -34,6 +34,11 @@ def measured_matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 
 def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
+  return jax_steps(cfg, batch, seq, steps, warmup)[0]
+
+
+def jax_steps(cfg, batch: int, seq: int, steps: int, warmup: int) -> tuple[float, float]:
+  """Tokens/s of `steps` timed train steps on one batch of random tokens, and the last loss."""
   from polylm_jax import sharding
   from polylm_jax.optimizer import OptimizerConfig
   from polylm_jax.trainer.step import TrainStep
@@ -65,7 +70,7 @@ def bench_jax(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
   for _ in range(steps):
     state, m = step(state, data)
   jax.block_until_ready(m)
-  return batch * seq * steps / (time.perf_counter() - t)
+  return batch * seq * steps / (time.perf_counter() - t), float(m["loss"])
 
 
 def bench_torch(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:

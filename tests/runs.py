@@ -6,6 +6,7 @@ the environment variables a command-line run sets (`restore_env`)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Any, Mapping, Sequence
 
 # What polylm-eval sets in the process's environment (--data_dir, offline mode).
@@ -22,6 +23,21 @@ def restore_env(monkeypatch, keys: Sequence[str] = EVAL_ENV) -> None:
     else:  # recorded as unset, then removed: whatever the test sets is undone
       monkeypatch.setenv(key, "")
       monkeypatch.delenv(key)
+
+
+def install_stamp(root, requirements: str = "requirements.txt") -> str:
+  """The line launch/env.sh records in .venv/.polylm-installed once `requirements` (and the
+  package) are installed from the checkout at `root`: with it there, sourcing env.sh with that
+  file installs nothing."""
+  digest = subprocess.run(
+    "cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16",
+    shell=True,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
+  return f"{digest} {requirements} \n"
 
 
 QUICKSTART = "gin_configs/quickstart.gin"

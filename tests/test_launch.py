@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from runs import install_stamp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -252,15 +253,7 @@ def test_the_setup_asks_for_huge_pages_and_keeps_the_users_tunables(tmp_path, gi
   venv.mkdir(parents=True)
   (venv / "python").symlink_to(sys.executable)
   (venv / "activate").write_text("")
-  want = subprocess.run(
-    "cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16",
-    shell=True,
-    cwd=root,
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout.strip()
-  (root / ".venv" / ".polylm-installed").write_text(f"{want} requirements.txt \n")
+  (root / ".venv" / ".polylm-installed").write_text(install_stamp(root))
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   if given is not None:
     env["GLIBC_TUNABLES"] = given

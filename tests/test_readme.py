@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+from runs import install_stamp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -51,16 +52,8 @@ def checkout(tmp_path_factory):
   # launch/env.sh skips pip for requirement files already installed into this .venv (a re-run):
   # the test suite's install holds requirements.txt's. Without this line it would install the
   # package again, editable, from this copy, into the shared .venv.
-  digest = subprocess.run(
-    "cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16",
-    shell=True,
-    cwd=root,
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout.strip()
   with open(REPO / ".venv" / ".polylm-installed", "a") as stamp:
-    stamp.write(f"{digest} requirements.txt \n")
+    stamp.write(install_stamp(root))
   return root
 
 
