@@ -23,14 +23,15 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 BENCH = os.path.dirname(os.path.abspath(__file__))
 
 CHILD = r"""
-import json, sys
+import json, resource, sys
 sys.path.insert(0, sys.argv[1])
 from train_step_cpu import jax_steps
 from polylm_jax.config import PRESETS
 
 preset, batch, seq, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 tokens_per_s, loss = jax_steps(PRESETS[preset].replace(dtype="float32"), batch, seq, steps, 3)
-print(json.dumps({"step_s": batch * seq / tokens_per_s, "loss": loss}))
+peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this process's own
+print(json.dumps({"step_s": batch * seq / tokens_per_s, "loss": loss, "max_rss_gib": peak_gib}))
 """
 
 
@@ -52,7 +53,6 @@ def run(tunables: str | None, args) -> dict:
   result = json.loads(out.stdout.strip().splitlines()[-1])
   result["faults"] = after.ru_minflt - before.ru_minflt
   result["sys_s"] = after.ru_stime - before.ru_stime
-  result["max_rss_gib"] = after.ru_maxrss / 2**20  # the largest child so far
   return result
 
 
