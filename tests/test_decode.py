@@ -4,6 +4,7 @@ never truncated silently; polylm-generate from a workdir and from an export."""
 
 import json
 import logging
+import os
 
 import jax
 import numpy as np
@@ -121,6 +122,46 @@ def test_decode_layout_auto_is_logged_and_a_wrong_name_is_refused(params, caplog
     ValueError, match="decode layout 'stacked' is not one of auto, scan, unrolled"
   ):
     _generator(params, layout="stacked")
+
+
+def _decode_programs(gen, batch=2, prompt_len=32, slots=64, steps=4):
+  """The compiled prefill and decode-step programs of `gen` (the text XLA compiled them to)."""
+  cfg = sampling.SamplingConfig()
+  tokens = np.full((batch, prompt_len), framing.BOS_ID, np.int32)
+  start = np.zeros(batch, np.int32)
+  prefill = gen._prefill_fn(batch, prompt_len, slots, cfg)
+  state = prefill(gen.params, tokens, start, jax.random.key(0))
+  step = gen._chunk_fn(batch, slots, steps, cfg)
+  texts = [
+    f.lower(*args).compile().as_text()
+    for f, args in (
+      (prefill, (gen.params, tokens, start, jax.random.key(0))),
+      (step, (gen.params, state)),
+    )
+  ]
+  return texts
+
+
+def test_the_cpu_decode_step_runs_without_ynnpack_unless_xla_flags_choose(
+  params, caplog, monkeypatch
+):
+  """On CPU the decode step's products (a row per sequence) are compiled without XLA's YNNPACK
+  library, which reads the weights at about half Eigen's speed there; the prefill keeps it; an
+  `xla_cpu_experimental_ynn_fusion_type` in the user's XLA_FLAGS is left to decide."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  with caplog.at_level(logging.INFO):
+    gen = _generator(params)
+  assert "decode step on CPU: YNNPACK dots off" in caplog.text
+  prefill, step = _decode_programs(gen)
+  assert "__ynn_fusion" in prefill and "__ynn_fusion" not in step
+  # the user's own setting (here: the library's default, YNNPACK dots) is what the step gets
+  monkeypatch.setenv("XLA_FLAGS", f"{flags} --{generate.YNN_FLAG}=individual_dot")
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    gen = _generator(params)
+  assert f"decode step on CPU: {generate.YNN_FLAG} as set in XLA_FLAGS" in caplog.text
+  assert "__ynn_fusion" in _decode_programs(gen)[1]
+  assert generate.decode_compiler_options("gpu") is None
 
 
 @pytest.mark.parametrize("vocab", [300, 512])  # blocks of 128 (512) and the plain form (300)

@@ -17,6 +17,12 @@ Two layouts of the weights and the cache (`layout=`), the same numbers:
   caller's arrays are left as they are).
 `auto` picks `unrolled` on CPU and `scan` elsewhere, and logs it.
 
+On CPU the decode step's matrix products have one row per sequence: XLA's default library for them
+(YNNPACK) reads the weights at about 60% of the memory bandwidth that its Eigen products reach at
+such shapes (docs/benchmarks.md), so the decode-step program is compiled with YNNPACK off
+(`decode_compiler_options`; logged; an `xla_cpu_experimental_ynn_fusion_type` of the user's own in
+XLA_FLAGS is kept). The prefill, with a row per prompt token, keeps the default.
+
 Shapes are bucketed (prompt length to a multiple of 32, cache length to a multiple of 64), so a
 stream of requests compiles a handful of programs, not one per request. Decoding runs `chunk`
 steps per dispatch; between chunks the host streams tokens and checks stop strings.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -89,6 +96,22 @@ def choose_layout(layout: str, mesh: Mesh) -> str:
   return chosen
 
 
+YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def decode_compiler_options(platform: str) -> dict[str, str] | None:
+  """XLA options for the decode-step program on `platform` (see the module docstring)."""
+  if platform != "cpu":
+    return None
+  if YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+    logging.info("decode step on CPU: %s as set in XLA_FLAGS", YNN_FLAG)
+    return None
+  logging.info(
+    "decode step on CPU: YNNPACK dots off (%s=''), Eigen's are faster at its rows", YNN_FLAG
+  )
+  return {YNN_FLAG: ""}
+
+
 class Generator:
   """Generates from one model on one mesh. `tokenizer`: a SentencePiece processor. `params` are
   in `config`'s layout (stacked when config.scan_layers); `layout`: see the module docstring."""
@@ -112,6 +135,7 @@ class Generator:
     self.batch_parts = sharding.parts("cache_batch", mesh, self.rules)[0]
     self._prefills: dict = {}
     self._chunks: dict = {}
+    self._chunk_options = decode_compiler_options(mesh.devices.flat[0].platform)
     self._relayout: Callable | None = None
     self._head: Callable | None = None  # the embedding, transposed (`unrolled`)
     if self.layout == "unrolled":
@@ -250,6 +274,7 @@ class Generator:
         in_shardings=(self._param_shardings(), state_sh),
         out_shardings=(state_sh, NamedSharding(self.mesh, P())),
         donate_argnums=1,
+        compiler_options=self._chunk_options,
       )
     return self._chunks[key]
 
