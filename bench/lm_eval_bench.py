@@ -2,8 +2,9 @@
 
 `--kind loglikelihood` (default): both score the same distinct requests (sentences of the embedded
 sample corpus in all 18 languages as contexts and continuations), with the same batch size, after
-a warm-up pass over all of them; requests/s of each (the best of `--repeats` passes) and the
-ratio, and the largest difference between their log-likelihoods.
+a warm-up pass over all of them; requests/s of each (the best of `--repeats` rounds, each round
+running both models in turn), the ratio (and its range over the rounds), and the largest
+difference between their log-likelihoods.
 `--kind generate_until`: both answer the same generation requests (the shipped translation
 tasks' prompt around `--sentences` sample sentences of the 17 non-English languages, stop at a
 newline, at most `--max_gen_toks` tokens, greedy); requests/s, the ratio, and how many of the
@@ -68,14 +69,22 @@ def generation_requests(n: int, max_gen_toks: int, sentences: int = 1) -> list[_
   return out
 
 
-def timed(lm, reqs, repeats: int, kind: str = "loglikelihood") -> float:
-  """Requests/s of the best of `repeats` passes (a loaded machine only ever adds time)."""
-  from decode_bench import best_of
+def timed(lms: dict, reqs, repeats: int, kind: str = "loglikelihood") -> dict[str, list[float]]:
+  """Requests/s of each of `lms` in each of `repeats` rounds, after a warm-up pass of each that
+  compiles every shape once. A round runs every model once in turn, so that a slow spell of a
+  shared machine falls on both sides rather than on whichever happened to be running."""
+  import time
 
-  run = getattr(lm, kind)
-  run(reqs, disable_tqdm=True)  # warm-up: compiles every shape once
-  took, _ = best_of(lambda: run(reqs, disable_tqdm=True), repeats)
-  return len(reqs) / took
+  runs = {name: getattr(lm, kind) for name, lm in lms.items()}
+  for run in runs.values():
+    run(reqs, disable_tqdm=True)
+  rates: dict[str, list[float]] = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run(reqs, disable_tqdm=True)
+      rates[name].append(len(reqs) / (time.perf_counter() - start))
+  return rates
 
 
 def main() -> None:
@@ -93,7 +102,7 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--device", default="cpu")
   parser.add_argument(
-    "--repeats", type=int, default=3, help="timed passes per side; the best counts"
+    "--repeats", type=int, default=3, help="timed rounds (each model once); the best counts"
   )
   args = parser.parse_args()
   import jax
@@ -135,14 +144,15 @@ def main() -> None:
       hf_dir=str(out), batch_size=args.batch_size, dtype=args.dtype, max_gen_toks=args.max_gen_toks
     )
     ours.show_progress = False
-    mine = timed(ours, reqs, args.repeats, args.kind)
     theirs_lm = HFLM(
       pretrained=str(out),
       dtype=args.dtype,
       batch_size=args.batch_size,
       device=args.device,
     )
-    theirs = timed(theirs_lm, reqs, args.repeats, args.kind)
+    rates = timed({"ours": ours, "theirs": theirs_lm}, reqs, args.repeats, args.kind)
+    mine, theirs = max(rates["ours"]), max(rates["theirs"])
+    rounds = [a / b for a, b in zip(rates["ours"], rates["theirs"])]
     if generating:
       a, b = (
         ours.generate_until(reqs, disable_tqdm=True),
@@ -155,7 +165,7 @@ def main() -> None:
       same = f"max |loglik diff| on 32 requests {np.max(np.abs(np.subtract(a, b))):.2e}"
     print(
       f"polylm_jax {mine:8.1f} requests/s | hf {theirs:8.1f} requests/s | ratio "
-      f"{mine / theirs:.2f}x | {same}"
+      f"{mine / theirs:.2f}x (rounds {min(rounds):.2f}-{max(rounds):.2f}x) | {same}"
     )
 
 
