@@ -24,7 +24,7 @@ from lm_eval import evaluator  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from polylm_jax.errors import MissingDataError  # noqa: E402
-from polylm_jax.eval import lm_eval_model  # noqa: E402
+from polylm_jax.eval import lm_eval_model, suite  # noqa: E402
 from polylm_jax.export import export_cli  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
@@ -64,10 +64,42 @@ def _evaluate(model, tasks, include, **kwargs):
   return evaluator.simple_evaluate(
     model=model,
     tasks=tasks,
-    task_manager=TaskManager(include_path=str(include)),
+    task_manager=suite.task_manager(str(include)),
     log_samples=True,
     bootstrap_iters=0,
     **kwargs,
+  )
+
+
+def _entries(manager):
+  return {k: (e.kind, e.yaml_path, e.tags) for k, e in manager.task_index.items()}
+
+
+def test_the_task_index_is_lm_evals_own_and_sees_tasks_added_since_the_last_call(tmp_path):
+  """polylm-eval's TaskManager indexes lm-eval's own ~14,000 YAMLs once per process and the
+  shipped and included directories at every call: its index is the one lm-eval's TaskManager
+  builds over the same directories (an included task overriding one of lm-eval's by name, a tag
+  of its own), and a task added to the include path after a first call is found by the next."""
+  include = local_tasks(tmp_path)
+  yaml = (include / "polylm_test_mc_en.yaml").read_text()
+  assert "task: polylm_test_mc_en" in yaml
+  mine = yaml.replace("task: polylm_test_mc_en", "task: arc_easy\ntag: polylm_test_tag")
+  (include / "own_arc_easy.yaml").write_text(mine)
+  paths = [*(str(d) for d in suite.TASK_DIRS), str(include)]
+  theirs = TaskManager(include_path=paths)
+  ours = suite.task_manager(str(include))
+  assert _entries(ours) == _entries(theirs)
+  for names in ("all_tasks", "all_subtasks", "all_groups", "all_tags"):
+    assert getattr(ours, names) == getattr(theirs, names), names
+  assert ours.task_index["arc_easy"].yaml_path == include / "own_arc_easy.yaml"
+  assert "polylm_test_tag" in ours.all_tags and "wmt20_de-en" in ours.all_tasks
+  assert "polylm_test_added" not in ours.all_tasks
+  added = yaml.replace("task: polylm_test_mc_en", "task: polylm_test_added")
+  (include / "added.yaml").write_text(added)
+  again = suite.task_manager(str(include))
+  assert "polylm_test_added" in again.all_tasks
+  assert again.load(["polylm_test_added"])["tasks"]["polylm_test_added"].config.task == (
+    "polylm_test_added"
   )
 
 
@@ -356,8 +388,6 @@ def test_polylm_eval_runs_the_translation_families_on_local_data(
   # The recorded scores are sacreBLEU's on the model's own translations (the same greedy texts
   # through lm-eval with samples logged).
   monkeypatch.setenv("HF_HOME", str(data))
-  from polylm_jax.eval import suite
-
   ours = lm_eval_model.PolyLMJax(hf_dir=str(hf_dir), batch_size=16, dtype="float32")
   run = evaluator.simple_evaluate(
     model=ours,
@@ -378,10 +408,6 @@ def test_polylm_eval_runs_the_translation_families_on_local_data(
 def test_fetch_failures_name_every_task_not_fetched(tmp_path):
   """polylm-eval fetch without the data (here: a task whose files are missing) says what was and
   was not fetched, and does not advise running fetch again."""
-  from lm_eval.tasks import TaskManager
-
-  from polylm_jax.eval import suite
-
   include = local_tasks(tmp_path)
   yaml = (include / "polylm_test_mc_en.yaml").read_text()
   for lang in ("aa", "bb"):
@@ -395,7 +421,7 @@ def test_fetch_failures_name_every_task_not_fetched(tmp_path):
     for t in ("polylm_test_mc_en", "polylm_test_missing_aa", "polylm_test_missing_bb")
   ]
   with pytest.raises(MissingDataError) as e:
-    suite.load_tasks(specs, TaskManager(include_path=str(include)), fetching=True)
+    suite.load_tasks(specs, suite.task_manager(str(include)), fetching=True)
   message = str(e.value)
   assert "task polylm_test_missing_aa: its data could not be downloaded" in message
   assert "Fetched: 1 of 3 task(s); not fetched: polylm_test_missing_aa, polylm_test_missing_bb" in (
