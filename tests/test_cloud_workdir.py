@@ -101,6 +101,7 @@ def _losses(workdir: str) -> dict[int, float]:
   }
 
 
+@pytest.mark.slow  # three runs and an evaluation against the emulator: a minute on 2 cores
 def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   remote = f"gs://{BUCKET}/run"
   every_2 = ["--gin_bindings=CheckpointConfig.every_steps = 2"]
