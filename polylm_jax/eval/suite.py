@@ -146,18 +146,19 @@ def task_manager(include_path: str | None = None):
   (the installed package's files do not change while it runs) and the shipped and included
   directories are indexed afresh at every call, so a task added or edited there is seen."""
   from lm_eval.tasks import TaskManager
+  from lm_eval.tasks._index import Kind
 
   paths = [str(d) for d in TASK_DIRS] + ([include_path] if include_path else [])
   manager = TaskManager(include_path=paths, include_defaults=False)
   # TaskIndex.build indexes each directory on its own, then lets later ones override: the
   # defaults' index first, then these, is the index TaskManager(include_path=paths) builds.
+  # (TaskManager keeps it in `_index` and its name lists in `_all_*`; tests/test_lm_eval.py
+  # checks the result against TaskManager's own, so an lm-eval that changes this shows there.)
   index = {**_default_index(), **manager._index}
   manager._index = index
   kinds: dict[Any, list[str]] = {}
   for name, entry in index.items():
     kinds.setdefault(entry.kind, []).append(name)
-  from lm_eval.tasks._index import Kind
-
   manager._all_tasks = sorted(index)
   manager._all_subtasks = sorted([*kinds.get(Kind.TASK, []), *kinds.get(Kind.PY_TASK, [])])
   manager._all_groups = sorted(kinds.get(Kind.GROUP, []))
