@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -166,17 +167,13 @@ def task_manager(include_path: str | None = None):
   return manager
 
 
-_DEFAULT_INDEX: dict[str, Any] = {}
-
-
+@functools.cache
 def _default_index() -> dict[str, Any]:
   """lm-eval's index of its own task directory, built at the first call in this process."""
-  if not _DEFAULT_INDEX:
-    import lm_eval.tasks
-    from lm_eval.tasks._index import TaskIndex
+  import lm_eval.tasks
+  from lm_eval.tasks._index import TaskIndex
 
-    _DEFAULT_INDEX.update(TaskIndex.build([pathlib.Path(lm_eval.tasks.__file__).parent]))
-  return _DEFAULT_INDEX
+  return TaskIndex.build([pathlib.Path(lm_eval.tasks.__file__).parent])
 
 
 def datasets_cache() -> str:
