@@ -24,6 +24,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,8 +74,6 @@ def timed(lms: dict, reqs, repeats: int, kind: str = "loglikelihood") -> dict[st
   """Requests/s of each of `lms` in each of `repeats` rounds, after a warm-up pass of each that
   compiles every shape once. A round runs every model once in turn, so that a slow spell of a
   shared machine falls on both sides rather than on whichever happened to be running."""
-  import time
-
   runs = {name: getattr(lm, kind) for name, lm in lms.items()}
   for run in runs.values():
     run(reqs, disable_tqdm=True)

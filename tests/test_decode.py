@@ -146,7 +146,7 @@ def test_the_cpu_decode_step_runs_without_ynnpack_unless_xla_flags_choose(
   params, caplog, monkeypatch
 ):
   """On CPU the decode step's products (a row per sequence) are compiled without XLA's YNNPACK
-  library, which reads the weights at about half Eigen's speed there; the prefill keeps it; an
+  library, which reads the weights at about 60% of Eigen's speed there; the prefill keeps it; an
   `xla_cpu_experimental_ynn_fusion_type` in the user's XLA_FLAGS is left to decide."""
   flags = os.environ.get("XLA_FLAGS", "")
   with caplog.at_level(logging.INFO):
