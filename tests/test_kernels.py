@@ -113,7 +113,7 @@ def test_model_loss_and_gradients_match_xla(impl, make_batch):
 
 @pytest.mark.parametrize(
   "kernel",
-  # The TPU interpreter simulates the Mosaic kernel on each of 8 devices: 1.5 minutes on 2 cores.
+  # The TPU interpreter simulates the Mosaic kernel on each of 8 devices: 0.7-1.5 min on 2 cores.
   [pytest.param(k, marks=pytest.mark.slow) if k == "pallas_tpu" else k for k in sorted(KERNELS)],
 )
 def test_sharded_model_with_kernel_matches_xla(kernel, make_batch):
