@@ -1,7 +1,8 @@
 """What the tests train, in one place: polylm-train arguments for short runs of the quickstart
-config, and a TrainStep of the tiny model. Test modules import these (`from runs import ...`);
-conftest.py also hands them over as the fixtures `train_args` and `tiny_step`. Also: putting back
-the environment variables a command-line run sets (`restore_env`)."""
+config (one shape and schedule for all of them, SHORT), and a TrainStep of the tiny model. Test
+modules import these (`from runs import ...`); conftest.py also hands them over as the fixtures
+`train_args` and `tiny_step`. Also: putting back the environment variables a command-line run
+sets (`restore_env`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ def install_stamp(root, requirements: str = "requirements.txt") -> str:
 
 
 QUICKSTART = "gin_configs/quickstart.gin"
+
+# What a short run of the tiny model trains with unless a test is about one of these settings:
+# rows of 64 tokens, 8 rows a batch, a 2-step warmup and a 30-step schedule whatever num_steps
+# is. The schedule is compiled into the train step, so with one schedule the short runs of all
+# tests share one compiled step per mesh and language set (read back from JAX's compilation
+# cache instead of compiled again).
+SHORT = {
+  "DataConfig.seq_len": 64,
+  "DataConfig.batch_size": 8,
+  "OptimizerConfig.warmup_steps": 2,
+  "OptimizerConfig.decay_steps": 30,
+}
+# The same as command-line flags.
+SHORT_FLAGS = tuple(f"--gin_bindings={k} = {v}" for k, v in SHORT.items())
 
 # The quickstart curriculum over English, German and Thai instead of the sample's 18 languages:
 # each language is a pipeline the trainer traces, checks for data and evaluates on, so a short

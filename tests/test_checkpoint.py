@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from runs import FEW_LANGUAGE_FLAGS, tiny_step
+from runs import FEW_LANGUAGE_FLAGS, SHORT_FLAGS, tiny_step
 
 from polylm_jax import sharding
 from polylm_jax.checkpoint.manager import CheckpointConfig, Checkpointer
@@ -27,10 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
 RUN = [
   "--gin_file=gin_configs/quickstart.gin",
-  "--gin_bindings=DataConfig.seq_len = 64",
-  "--gin_bindings=DataConfig.batch_size = 8",
-  "--gin_bindings=OptimizerConfig.warmup_steps = 3",
-  "--gin_bindings=OptimizerConfig.decay_steps = 30",
+  *SHORT_FLAGS,
   "--gin_bindings=TrainerConfig.log_every = 5",
   "--gin_bindings=TrainerConfig.eval_every = 0",
   *FEW_LANGUAGE_FLAGS,
@@ -47,7 +44,7 @@ def _final(workdir, cfg=TINY, mesh_shape=(1, 1, 1)):
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
   step = TrainStep(
     model_config=cfg,
-    optimizer_config=OptimizerConfig(warmup_steps=3, decay_steps=30),
+    optimizer_config=OptimizerConfig(warmup_steps=2, decay_steps=30),
     mesh=mesh,
     rules=sharding.DEFAULT_RULES,
     total_steps=30,

@@ -5,7 +5,7 @@ import os
 import pathlib
 
 import pytest
-from runs import FEW_LANGUAGES
+from runs import FEW_LANGUAGES, SHORT
 
 from polylm_jax.train import train_cli as cli
 
@@ -13,10 +13,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ALL_LANGUAGES = [
   "TrainerConfig.num_steps = 6",
   "TrainerConfig.log_every = 2",
-  "OptimizerConfig.warmup_steps = 2",
-  "DataConfig.seq_len = 64",
-  "DataConfig.batch_size = 8",
   "TrainerConfig.eval_every = 0",  # held-out sets cost seconds to build; one test turns them on
+  *(f"{k} = {v}" for k, v in SHORT.items()),
 ]
 SHORT = ALL_LANGUAGES + list(FEW_LANGUAGES)
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from runs import FEW_LANGUAGE_FLAGS
+from runs import FEW_LANGUAGE_FLAGS, SHORT_FLAGS
 
 from polylm_jax import errors, sharding
 from polylm_jax.checkpoint import on_disk
@@ -34,10 +34,7 @@ LM_EVAL_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_ev
 BUCKET = "polylm-test"
 RUN = [
   "--gin_file=gin_configs/quickstart.gin",
-  "--gin_bindings=DataConfig.seq_len = 64",
-  "--gin_bindings=DataConfig.batch_size = 8",
-  "--gin_bindings=OptimizerConfig.warmup_steps = 3",
-  "--gin_bindings=OptimizerConfig.decay_steps = 30",
+  *SHORT_FLAGS,
   "--gin_bindings=TrainerConfig.eval_every = 0",
   "--gin_bindings=CheckpointConfig.every_steps = 4",
   *FEW_LANGUAGE_FLAGS,

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
-from runs import FEW_LANGUAGE_FLAGS
+from runs import FEW_LANGUAGE_FLAGS, SHORT_FLAGS
 
 from polylm_jax import framing, sharding
 from polylm_jax.config import PRESETS
@@ -221,9 +221,7 @@ def trained_workdir(tmp_path_factory):
       "--gin_file=gin_configs/quickstart.gin",
       f"--workdir={workdir}",
       "--gin_bindings=TrainerConfig.num_steps = 2",
-      "--gin_bindings=DataConfig.seq_len = 64",
-      "--gin_bindings=DataConfig.batch_size = 8",
-      "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+      *SHORT_FLAGS,
       "--gin_bindings=TrainerConfig.eval_every = 0",
       *FEW_LANGUAGE_FLAGS,
     ]

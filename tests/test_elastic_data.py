@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import runs
 
 from polylm_jax.data import pipeline, resumable, tasks  # noqa: F401 (registers the sample tasks)
 
@@ -101,10 +102,8 @@ def test_a_batch_the_streams_cannot_split_is_refused():
 
 SHORT = [
   "TrainerConfig.num_steps = 6",
-  "OptimizerConfig.warmup_steps = 2",
-  "OptimizerConfig.decay_steps = 6",  # the same schedule whichever num_steps a leg stops at
-  "DataConfig.seq_len = 64",
-  "DataConfig.batch_size = 8",
+  # the same schedule whichever num_steps a leg stops at
+  *(f"{k} = {v}" for k, v in runs.SHORT.items()),
   "DataConfig.streams = 4",
   "TrainerConfig.eval_every = 0",
   "TrainerConfig.tensorboard = False",

@@ -6,6 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import runs
 import torch
 import transformers
 from runs import train_args
@@ -16,13 +17,7 @@ from polylm_jax.errors import CheckpointMismatchError
 from polylm_jax.export import export_cli, hf_export, hf_layout, import_cli
 from polylm_jax.train import train_cli
 
-SHORT = {
-  "TrainerConfig.num_steps": 6,
-  "OptimizerConfig.warmup_steps": 2,
-  "DataConfig.seq_len": 64,
-  "DataConfig.batch_size": 8,
-  "TrainerConfig.eval_every": 0,
-}
+SHORT = {**runs.SHORT, "TrainerConfig.num_steps": 6, "TrainerConfig.eval_every": 0}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +148,6 @@ def test_import_then_train_from_the_imported_parameters(tmp_path, capsys):
   bindings = {
     **SHORT,
     "TrainerConfig.num_steps": 1,
-    "OptimizerConfig.decay_steps": 10,
     "TrainerConfig.init_params_from": f"'{tmp_path / 'init'}'",
   }
   result = train_cli.main(train_args(tmp_path / "run", bindings))

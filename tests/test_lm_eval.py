@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import sentencepiece as spm
-from runs import FEW_LANGUAGE_FLAGS, restore_env
+from runs import FEW_LANGUAGE_FLAGS, SHORT_FLAGS, restore_env
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,10 +49,8 @@ def run_and_export(tmp_path_factory):
       "--gin_file=gin_configs/quickstart.gin",
       f"--workdir={root / 'run'}",
       "--gin_bindings=TrainerConfig.num_steps = 30",
-      "--gin_bindings=DataConfig.seq_len = 64",
-      "--gin_bindings=DataConfig.batch_size = 8",
       "--gin_bindings=TrainerConfig.eval_every = 0",
-      "--gin_bindings=OptimizerConfig.warmup_steps = 5",
+      *SHORT_FLAGS,
       *FEW_LANGUAGE_FLAGS,
     ]
   )
@@ -293,10 +291,8 @@ def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
       "--gin_file=gin_configs/quickstart.gin",
       f"--workdir={tmp_path / 'run'}",
       "--gin_bindings=TrainerConfig.num_steps = 4",
-      "--gin_bindings=DataConfig.seq_len = 64",
-      "--gin_bindings=DataConfig.batch_size = 8",
       "--gin_bindings=TrainerConfig.eval_every = 2",
-      "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+      *SHORT_FLAGS,
       "--gin_bindings=TrainerConfig.lm_eval_every = 2",
       "--gin_bindings=TrainerConfig.lm_eval_tasks = ['polylm_test_mc_en', 'polylm_test_mc_th']",
       f"--gin_bindings=TrainerConfig.lm_eval_include_path = '{include}'",

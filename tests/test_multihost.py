@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from runs import FEW_LANGUAGE_FLAGS
+from runs import FEW_LANGUAGE_FLAGS, SHORT_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,9 +82,7 @@ def _run_both(workdir, steps: int) -> list[str]:
   settings = [
     f"--gin_bindings=TrainerConfig.num_steps = {steps}",
     "--gin_bindings=CheckpointConfig.every_steps = 2",
-    "--gin_bindings=DataConfig.seq_len = 64",
-    "--gin_bindings=DataConfig.batch_size = 8",
-    "--gin_bindings=OptimizerConfig.warmup_steps = 1",
+    *SHORT_FLAGS,
     "--gin_bindings=TrainerConfig.eval_every = 0",
   ]
   procs = [_start(i, 2, port, workdir, *settings) for i in range(2)]
