@@ -1,8 +1,8 @@
 """What the tests train, in one place: polylm-train arguments for short runs of the quickstart
-config (one shape and schedule for all of them, SHORT), and a TrainStep of the tiny model. Test
-modules import these (`from runs import ...`); conftest.py also hands them over as the fixtures
-`train_args` and `tiny_step`. Also: putting back the environment variables a command-line run
-sets (`restore_env`)."""
+config (one shape and schedule for all of them, SHORT; with frequent checkpoints, CHECKPOINTED),
+and a TrainStep of the tiny model. Test modules import these (`from runs import ...`); conftest.py
+also hands them over as the fixtures `train_args` and `tiny_step`. Also: putting back the
+environment variables a command-line run sets (`restore_env`)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,18 @@ def tiny_step(**overrides):
   if "mesh" not in kwargs:
     kwargs["mesh"] = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   return TrainStep(**kwargs)
+
+
+# A short run that saves a checkpoint every 2 steps and keeps 5 (the fault-injection tests).
+CHECKPOINTED = {
+  **SHORT,
+  "TrainerConfig.eval_every": 0,
+  "TrainerConfig.log_every": 2,
+  "CheckpointConfig.every_steps": 2,
+  "CheckpointConfig.keep_last": 5,
+}
+
+
+def checkpointed_args(workdir, steps: int, **extra) -> list[str]:
+  """train_args of a `steps`-step CHECKPOINTED run, `extra` bindings on top."""
+  return train_args(workdir, {**CHECKPOINTED, "TrainerConfig.num_steps": steps, **extra})
