@@ -1,6 +1,7 @@
 """Test setup: 8 host CPU devices for the sharding tests (must be set before jax is imported)."""
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -147,3 +148,15 @@ def pytest_collection_modifyitems(config, items):
     return (first, -slow[name], order[name])
 
   items.sort(key=key)
+
+
+@pytest.fixture
+def lm_eval_tasks(tmp_path):
+  """tests/fixtures/lm_eval's task YAMLs with their data paths filled in, in tmp_path/tasks: an
+  include path of local lm-eval tasks (no network)."""
+  fixtures = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
+  out = tmp_path / "tasks"
+  out.mkdir()
+  for yaml in fixtures.glob("*.yaml"):
+    (out / yaml.name).write_text(yaml.read_text().replace("{FIXTURES}", str(fixtures)))
+  return out

@@ -30,7 +30,6 @@ from polylm_jax.model import params as P
 from polylm_jax.train import train_cli as cli
 
 EMULATOR = pathlib.Path(__file__).with_name("gcs_emulator.py")
-LM_EVAL_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
 BUCKET = "polylm-test"
 RUN = [
   "--gin_file=gin_configs/quickstart.gin",
@@ -99,7 +98,7 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 @pytest.mark.slow  # three runs and an evaluation against the emulator: a minute on 2 cores
-def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
+def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog, lm_eval_tasks):
   remote = f"gs://{BUCKET}/run"
   every_2 = ["--gin_bindings=CheckpointConfig.every_steps = 2"]
   cli.main(RUN + every_2 + _steps(8) + [f"--workdir={remote}"])
@@ -162,10 +161,7 @@ def test_run_on_object_storage_resumes_and_quarantines(gcs, tmp_path, caplog):
   with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite"):
     import_cli.import_checkpoint(tmp_path / "hf", init)
   # polylm-eval from the bucket into the bucket: results, table and chart, then reused.
-  tasks = tmp_path / "tasks"
-  tasks.mkdir()
-  for yaml in LM_EVAL_FIXTURES.glob("*.yaml"):
-    (tasks / yaml.name).write_text(yaml.read_text().replace("{FIXTURES}", str(LM_EVAL_FIXTURES)))
+  tasks = lm_eval_tasks
   evaluation = [
     "run",
     f"--workdir={remote}",

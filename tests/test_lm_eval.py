@@ -5,10 +5,6 @@ compiled shapes; generation tasks run."""
 import collections
 import json
 import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -23,20 +19,8 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval import evaluator  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from polylm_jax.errors import MissingDataError  # noqa: E402
 from polylm_jax.eval import lm_eval_model, suite  # noqa: E402
 from polylm_jax.export import export_cli  # noqa: E402
-
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "lm_eval"
-
-
-def local_tasks(tmp_path) -> pathlib.Path:
-  """The fixture task YAMLs with their data paths filled in."""
-  out = tmp_path / "tasks"
-  out.mkdir(exist_ok=True)
-  for yaml in FIXTURES.glob("*.yaml"):
-    (out / yaml.name).write_text(yaml.read_text().replace("{FIXTURES}", str(FIXTURES)))
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +57,12 @@ def _entries(manager):
   return {k: (e.kind, e.yaml_path, e.tags) for k, e in manager.task_index.items()}
 
 
-def test_the_task_index_is_lm_evals_own_and_sees_tasks_added_since_the_last_call(tmp_path):
+def test_the_task_index_is_lm_evals_own_and_sees_tasks_added_since_the_last_call(lm_eval_tasks):
   """polylm-eval's TaskManager indexes lm-eval's own ~14,000 YAMLs once per process and the
   shipped and included directories at every call: its index is the one lm-eval's TaskManager
   builds over the same directories (an included task overriding one of lm-eval's by name, a tag
   of its own), and a task added to the include path after a first call is found by the next."""
-  include = local_tasks(tmp_path)
+  include = lm_eval_tasks
   yaml = (include / "polylm_test_mc_en.yaml").read_text()
   assert "task: polylm_test_mc_en" in yaml
   mine = yaml.replace("task: polylm_test_mc_en", "task: arc_easy\ntag: polylm_test_tag")
@@ -101,9 +85,9 @@ def test_the_task_index_is_lm_evals_own_and_sees_tasks_added_since_the_last_call
   )
 
 
-def test_loglikelihoods_and_accuracy_equal_lm_evals_hf_model(run_and_export, tmp_path):
+def test_loglikelihoods_and_accuracy_equal_lm_evals_hf_model(run_and_export, lm_eval_tasks):
   workdir, hf_dir = run_and_export
-  include = local_tasks(tmp_path)
+  include = lm_eval_tasks
   tasks = ["polylm_test_mc_en", "polylm_test_mc_th"]
   ours = lm_eval_model.PolyLMJax(workdir=str(workdir), batch_size=8, dtype="float32")
   mine = _evaluate(ours, tasks, include)
@@ -122,10 +106,10 @@ def test_loglikelihoods_and_accuracy_equal_lm_evals_hf_model(run_and_export, tmp
   assert len(ours.scorer.compiled_shapes) <= 6
 
 
-def test_rolling_loglikelihood_and_generation_tasks(run_and_export, tmp_path):
+def test_rolling_loglikelihood_and_generation_tasks(run_and_export, lm_eval_tasks):
   workdir, hf_dir = run_and_export
   ours = lm_eval_model.PolyLMJax(hf_dir=str(hf_dir), batch_size=4)
-  result = _evaluate(ours, ["polylm_test_gen_en"], local_tasks(tmp_path))
+  result = _evaluate(ours, ["polylm_test_gen_en"], lm_eval_tasks)
   samples = result["samples"]["polylm_test_gen_en"]
   assert len(samples) == 10 and all(isinstance(s["resps"][0][0], str) for s in samples)
   assert 0.0 <= result["results"]["polylm_test_gen_en"]["exact_match,none"] <= 1.0
@@ -148,12 +132,14 @@ def test_rolling_loglikelihood_and_generation_tasks(run_and_export, tmp_path):
   assert rolling[1] < rolling[0] < 0
 
 
-def test_generated_answers_equal_lm_evals_hf_model_cut_at_the_first_stop(run_and_export, tmp_path):
+def test_generated_answers_equal_lm_evals_hf_model_cut_at_the_first_stop(
+  run_and_export, lm_eval_tasks
+):
   """`until` cuts the text at the first stop string whatever ended the generation: also where
   the stop string came in the same chunk of tokens as the length limit, as lm-eval's `hf` model
   cuts it."""
   workdir, hf_dir = run_and_export
-  include = local_tasks(tmp_path)
+  include = lm_eval_tasks
   ours = lm_eval_model.PolyLMJax(workdir=str(workdir), batch_size=4, dtype="float32")
   from lm_eval.models.huggingface import HFLM
 
@@ -189,7 +175,7 @@ def test_generated_answers_equal_lm_evals_hf_model_cut_at_the_first_stop(run_and
 
 
 def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
-  run_and_export, tmp_path, monkeypatch, caplog, capsys
+  run_and_export, tmp_path, monkeypatch, caplog, capsys, lm_eval_tasks
 ):
   import logging
 
@@ -197,7 +183,7 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
 
   restore_env(monkeypatch)
   workdir, hf_dir = run_and_export
-  include = local_tasks(tmp_path)
+  include = lm_eval_tasks
   common = [
     "--tasks=polylm_test_mc_en,polylm_test_mc_th",
     f"--include_path={include}",
@@ -282,10 +268,10 @@ def test_polylm_eval_runs_resumes_compares_and_names_bad_input(
     assert sorted(p.name for p in into.iterdir()) == before
 
 
-def test_in_training_evaluation_logs_accuracy_per_task(tmp_path):
+def test_in_training_evaluation_logs_accuracy_per_task(tmp_path, lm_eval_tasks):
   from polylm_jax.train import train_cli as cli
 
-  include = local_tasks(tmp_path)
+  include = lm_eval_tasks
   cli.main(
     [
       "--gin_file=gin_configs/quickstart.gin",
@@ -399,68 +385,6 @@ def test_polylm_eval_runs_the_translation_families_on_local_data(
   assert record["value"] == pytest.approx(sacrebleu.corpus_bleu(texts, [EN]).score)
   chrf = sacrebleu.corpus_chrf(texts, [EN], word_order=2).score
   assert chrf > 0 and record["metrics"]["chrf,none"] == pytest.approx(chrf)
-
-
-def test_fetch_failures_name_every_task_not_fetched(tmp_path):
-  """polylm-eval fetch without the data (here: a task whose files are missing) says what was and
-  was not fetched, and does not advise running fetch again."""
-  include = local_tasks(tmp_path)
-  yaml = (include / "polylm_test_mc_en.yaml").read_text()
-  for lang in ("aa", "bb"):
-    (include / f"polylm_test_missing_{lang}.yaml").write_text(
-      yaml.replace("task: polylm_test_mc_en", f"task: polylm_test_missing_{lang}").replace(
-        "mc_en.jsonl", f"missing_{lang}.jsonl"
-      )
-    )
-  specs = [
-    suite.Spec(t, "missing", t[-2:], "acc")
-    for t in ("polylm_test_mc_en", "polylm_test_missing_aa", "polylm_test_missing_bb")
-  ]
-  with pytest.raises(MissingDataError) as e:
-    suite.load_tasks(specs, suite.task_manager(str(include)), fetching=True)
-  message = str(e.value)
-  assert "task polylm_test_missing_aa: its data could not be downloaded" in message
-  assert "Fetched: 1 of 3 task(s); not fetched: polylm_test_missing_aa, polylm_test_missing_bb" in (
-    message
-  )
-  assert "polylm-eval fetch" not in message
-
-
-def _fetch(tmp_path, endpoint: str) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper() and k != "XLA_FLAGS"}
-  env.update(HF_ENDPOINT=endpoint, HF_DATASETS_OFFLINE="0", HF_HUB_OFFLINE="0")
-  return subprocess.run(
-    [sys.executable, "-m", "polylm_jax.eval", "fetch", "--tasks=xcopa_id"]
-    + [f"--data_dir={tmp_path / 'hf'}"],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=1800,
-  )
-
-
-def test_fetch_without_network_fails_at_once_naming_the_hub(tmp_path):
-  """A Hub that does not resolve: one line before lm-eval is even loaded, no retries."""
-  proc = _fetch(tmp_path, "https://no-such-hub.invalid")
-  assert proc.returncode == 2
-  assert "Retrying" not in proc.stderr
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("polylm-eval: fetch needs network access to the Hugging Face Hub")
-  assert "no-such-hub.invalid does not resolve" in last and "nothing was fetched" in last
-
-
-@pytest.mark.slow
-def test_fetch_from_a_hub_that_refuses_shows_each_retry_once_and_names_every_task(tmp_path):
-  with socket.socket() as s:  # a port nothing listens on
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  proc = _fetch(tmp_path, f"http://127.0.0.1:{port}")
-  assert proc.returncode == 2
-  retries = [line for line in proc.stderr.splitlines() if "Retrying in" in line]
-  assert retries and len(retries) == len(set(retries)), proc.stderr  # the Hub client's, once each
-  assert all(" WARNING " in line for line in retries)  # formatted as every other line
-  assert "aggregation is not" not in proc.stderr
-  assert "not fetched: xcopa_id" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_heldout_bits_per_byte_equal_a_direct_computation_with_transformers(
