@@ -42,14 +42,7 @@ def _final(workdir, cfg=TINY, mesh_shape=(1, 1, 1)):
   """The newest checkpoint's state, restored on a mesh of the given shape."""
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), devices)
-  step = TrainStep(
-    model_config=cfg,
-    optimizer_config=OptimizerConfig(warmup_steps=2, decay_steps=30),
-    mesh=mesh,
-    rules=sharding.DEFAULT_RULES,
-    total_steps=30,
-  )
-  ckpt = Checkpointer(workdir, CheckpointConfig(), step)
+  ckpt = Checkpointer(workdir, CheckpointConfig(), tiny_step(model_config=cfg, mesh=mesh))
   state, meta = ckpt.restore(ckpt.steps()[-1], None)
   ckpt.close()
   return jax.device_get(state), meta

@@ -30,7 +30,6 @@ from polylm_jax.io import locks
 from polylm_jax.optimizer import OptimizerConfig
 from polylm_jax.train import train_cli as cli
 from polylm_jax.trainer.loop import TrainerConfig, train
-from polylm_jax.trainer.step import TrainStep
 
 pytestmark = pytest.mark.faults
 
@@ -69,15 +68,7 @@ def test_a_failed_save_leaves_every_earlier_checkpoint_restorable(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "CheckpointSaveError: saving checkpoint step 6" in last, proc.stderr[-3000:]
     assert "earlier checkpoints are untouched: [2, 4]" in last
-    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-    step = TrainStep(
-      model_config=TINY,
-      optimizer_config=OptimizerConfig(warmup_steps=2, decay_steps=30),
-      mesh=mesh,
-      rules=sharding.DEFAULT_RULES,
-      total_steps=30,
-    )
-    ckpt = Checkpointer(work, CheckpointConfig(), step)
+    ckpt = Checkpointer(work, CheckpointConfig(), tiny_step())
     assert ckpt.steps() == [2, 4]
     for s in (2, 4):
       state, meta = ckpt.restore(s, None)
