@@ -40,6 +40,21 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
   assert type(auto).__name__ == "GPT2LMHeadModel"
 
 
+def test_verify_compares_rows_of_any_length_and_catches_a_changed_weight(tmp_path):
+  """--verify's comparison (rows right-padded and run a few at a time): rows of other lengths and
+  a last, partial call each match transformers; a changed weight shows on every row."""
+  from polylm_jax.export.verify import logits_differences
+
+  params = P.init_params(CFG, 6)
+  out = hf_export.export_params(params, CFG, tmp_path / "hf")
+  rows = [TOKENS[0, :3].tolist(), TOKENS[1].tolist(), TOKENS[0, :11].tolist()]
+  diffs = logits_differences(out, CFG, params, rows, rows_per_call=2)
+  assert len(diffs) == 3 and max(diffs) < 1e-4, diffs
+  changed = jax.tree.map(np.array, jax.device_get(params))
+  changed["ln_f"]["bias"] += 0.5
+  assert min(logits_differences(out, CFG, changed, rows, rows_per_call=2)) > 1e-2
+
+
 def test_multi_shard_and_bf16_exports(tmp_path):
   params = P.init_params(CFG, 4)
   sharded = hf_export.export_params(params, CFG, tmp_path / "sharded", max_shard_bytes=200_000)
