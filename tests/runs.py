@@ -54,8 +54,9 @@ SHORT = {
   "OptimizerConfig.warmup_steps": 2,
   "OptimizerConfig.decay_steps": 30,
 }
-# The same as command-line flags.
-SHORT_FLAGS = tuple(f"--gin_bindings={k} = {v}" for k, v in SHORT.items())
+# The same as gin bindings ('DataConfig.seq_len = 64', ...) and as command-line flags.
+SHORT_BINDINGS = tuple(f"{k} = {v}" for k, v in SHORT.items())
+SHORT_FLAGS = tuple(f"--gin_bindings={b}" for b in SHORT_BINDINGS)
 
 # The quickstart curriculum over English, German and Thai instead of the sample's 18 languages:
 # each language is a pipeline the trainer traces, checks for data and evaluates on, so a short

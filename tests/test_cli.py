@@ -5,7 +5,7 @@ import os
 import pathlib
 
 import pytest
-from runs import FEW_LANGUAGES, SHORT
+from runs import FEW_LANGUAGES, SHORT_BINDINGS
 
 from polylm_jax.train import train_cli as cli
 
@@ -14,7 +14,7 @@ ALL_LANGUAGES = [
   "TrainerConfig.num_steps = 6",
   "TrainerConfig.log_every = 2",
   "TrainerConfig.eval_every = 0",  # held-out sets cost seconds to build; one test turns them on
-  *(f"{k} = {v}" for k, v in SHORT.items()),
+  *SHORT_BINDINGS,
 ]
 SHORT = ALL_LANGUAGES + list(FEW_LANGUAGES)
 

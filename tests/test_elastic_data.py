@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-import runs
+from runs import SHORT_BINDINGS
 
 from polylm_jax.data import pipeline, resumable, tasks  # noqa: F401 (registers the sample tasks)
 
@@ -103,7 +103,7 @@ def test_a_batch_the_streams_cannot_split_is_refused():
 SHORT = [
   "TrainerConfig.num_steps = 6",
   # the same schedule whichever num_steps a leg stops at
-  *(f"{k} = {v}" for k, v in runs.SHORT.items()),
+  *SHORT_BINDINGS,
   "DataConfig.streams = 4",
   "TrainerConfig.eval_every = 0",
   "TrainerConfig.tensorboard = False",

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from runs import FEW_LANGUAGES, SHORT
+from runs import FEW_LANGUAGES, SHORT_BINDINGS
 
 from polylm_jax.data import sample
 from polylm_jax.errors import ConfigError
@@ -24,7 +24,7 @@ CPU = "sweeps/curriculum_cpu.gin"
 TINY = (
   "Sweep.bindings = ['TrainerConfig.num_steps = 8', 'final/Stage.start_step = 4', "
   "'TrainerConfig.eval_every = 4', 'CheckpointConfig.every_steps = 4', "
-  + ", ".join(f"'{k} = {v}'" for k, v in SHORT.items())
+  + ", ".join(f"'{b}'" for b in SHORT_BINDINGS)
   + ", "
   + ", ".join(f'"{b}"' for b in FEW_LANGUAGES)
   + "]"

@@ -74,14 +74,14 @@ def logits_differences(hf_dir, cfg, params, id_rows, *, rows_per_call: int = 8) 
   The JAX model runs compiled once, on `rows_per_call` rows at a time, each right-padded to the
   longest row: attention is causal, so padding after a row's tokens leaves its logits as they
   are, and only the row's own positions are compared."""
+  if not id_rows:
+    return []
   import torch
   import transformers
 
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   model.eval()
   gdef = model_params.graphdef(cfg.replace(dtype="float32", attention_impl="xla"))
-  if not id_rows:
-    return []
   forward = jax.jit(lambda p, ids: model_params.apply(gdef, p, ids))
   length = max(len(row) for row in id_rows)
   rows_per_call = min(rows_per_call, len(id_rows))
